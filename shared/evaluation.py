@@ -1,0 +1,126 @@
+"""Full-ranking evaluation (RecBole's protocol) and the two training-free baselines.
+
+Every user's held-out item is ranked against the domain's whole catalogue;
+history items are not masked (RecBole does not mask them for sequential
+recommendation, so numbers compare with published ones). Ties count against the
+model: rank = number of items scoring at least as high as the target.
+
+With rank r of the single target item:
+
+- Recall@K = 1[r <= K]
+- NDCG@K   = 1[r <= K] / log2(r + 1)   (one relevant item, so IDCG = 1)
+- MRR      = 1 / r                      (untruncated)
+
+each averaged over evaluated users.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+
+from shared.data.split import DomainSplit
+
+KS = (10, 20, 50)
+METRIC_NAMES = tuple(f"{m}@{k}" for k in KS for m in ("recall", "ndcg")) + ("mrr",)
+
+Scorer = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (seqs [B, L], lengths [B]) -> [B, N]
+
+
+def ranks_from_scores(scores: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """1-based rank of each target. scores [B, N], targets [B] (0-based columns)."""
+    target_scores = scores.gather(1, targets.unsqueeze(1))  # [B, 1]
+    return (scores >= target_scores).sum(1)  # [B]; the target counts itself
+
+
+def metrics_from_ranks(ranks: torch.Tensor | np.ndarray, ks: Sequence[int] = KS) -> dict[str, float]:
+    r = torch.as_tensor(ranks, dtype=torch.float64)
+    if r.numel() == 0:
+        return {**{f"{m}@{k}": 0.0 for k in ks for m in ("recall", "ndcg")}, "mrr": 0.0}
+    out: dict[str, float] = {}
+    for k in ks:
+        hit = r <= k
+        out[f"recall@{k}"] = float(hit.double().mean())
+        out[f"ndcg@{k}"] = float((hit.double() / torch.log2(r + 1)).mean())
+    out["mrr"] = float((1.0 / r).mean())
+    return out
+
+
+def pad_histories(histories: list[np.ndarray], max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Most recent ``max_len`` items, right-padded: seqs [B, L], lengths [B]."""
+    cut = [h[-max_len:] for h in histories]
+    lengths = torch.tensor([len(h) for h in cut], dtype=torch.long)
+    seqs = torch.zeros(len(cut), int(lengths.max()) if len(cut) else 1, dtype=torch.long)
+    for i, h in enumerate(cut):
+        seqs[i, : len(h)] = torch.as_tensor(h)
+    return seqs, lengths
+
+
+@torch.no_grad()
+def evaluate(
+    scorer: Scorer,
+    split: DomainSplit,
+    which: str,
+    *,
+    max_len: int = 50,
+    batch_size: int = 512,
+    device: str | torch.device = "cpu",
+) -> dict[str, float]:
+    """Metrics of ``scorer`` on the ``which`` ("valid"/"test") targets of ``split``."""
+    users = split.eval_users(which)
+    targets = split.valid if which == "valid" else split.test
+    ranks = []
+    for start in range(0, len(users), batch_size):
+        batch = users[start : start + batch_size]
+        users_with_history = [u for u in batch if len(split.history(u, which))]
+        if not users_with_history:
+            continue
+        seqs, lengths = pad_histories([split.history(u, which) for u in users_with_history], max_len)
+        scores = scorer(seqs.to(device), lengths.to(device))  # [B, N]
+        t = torch.as_tensor(targets[users_with_history] - 1, device=scores.device)
+        ranks.append(ranks_from_scores(scores, t).cpu())
+    return metrics_from_ranks(torch.cat(ranks) if ranks else torch.zeros(0))
+
+
+def popularity_scorer(split: DomainSplit) -> Scorer:
+    """Scores every item by its training interaction count."""
+    pop = torch.as_tensor(split.item_popularity()[1:], dtype=torch.float32)
+
+    def score(seqs: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        return pop.to(seqs.device).expand(len(seqs), -1)
+
+    return score
+
+
+def text_similarity_scorer(vectors: np.ndarray | torch.Tensor, *, last: int = 1) -> Scorer:
+    """Cosine between the mean frozen text vector of the last ``last`` items and every item.
+
+    ``vectors`` [N + 1, d_enc] with row 0 = padding.
+    """
+    v = torch.nn.functional.normalize(torch.as_tensor(vectors, dtype=torch.float32), dim=-1)
+
+    def score(seqs: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        vv = v.to(seqs.device)
+        idx = torch.arange(seqs.shape[1], device=seqs.device)
+        recent = (idx < lengths.unsqueeze(1)) & (idx >= (lengths - last).unsqueeze(1))  # [B, L]
+        query = (vv[seqs] * recent.unsqueeze(-1)).sum(1)  # [B, d]
+        return torch.nn.functional.normalize(query, dim=-1) @ vv[1:].T
+
+    return score
+
+
+def baselines(split: DomainSplit, vectors: np.ndarray, *, max_len: int = 50) -> dict[str, dict[str, dict[str, float]]]:
+    """Popularity and text similarity (last 1, 2 or 3 items; the best on valid is kept)."""
+    out = {"popularity": {w: evaluate(popularity_scorer(split), split, w, max_len=max_len) for w in ("valid", "test")}}
+    best: dict[str, dict[str, float]] | None = None
+    for last in (1, 2, 3):
+        scorer = text_similarity_scorer(vectors, last=last)
+        res = {w: evaluate(scorer, split, w, max_len=max_len) for w in ("valid", "test")}
+        res["last_items"] = {"n": float(last)}
+        if best is None or res["valid"]["ndcg@10"] > best["valid"]["ndcg@10"]:
+            best = res
+    assert best is not None
+    out["text_similarity"] = best
+    return out

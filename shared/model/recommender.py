@@ -1,0 +1,132 @@
+"""One partner's recommender: shared adapter + private head (+ optional item ids).
+
+Scores are cosine similarities divided by a temperature, between the head's
+user state and the adapted item vectors.
+
+Under DP (Opacus), every trainable module must see inputs whose first dimension
+is the batch, or its per-sample gradients are silently wrong. So the DP-safe
+loss, :meth:`DomainModel.sampled_loss`, applies the adapter to candidates
+gathered per sample ([B, L, 1 + K, d_enc]); :meth:`DomainModel.full_loss`
+applies it to the whole catalogue (no batch dimension) and is for training
+without DP only. Evaluation ranks the full catalogue without gradients.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from shared.model.adapters import Adapter, LoraAdapter
+from shared.model.head import HeadConfig, SequenceHead
+
+
+class ItemFeatures(nn.Module):
+    """A domain's frozen item inputs, row 0 = padding. Buffers are never sent or saved.
+
+    ``vectors`` [N + 1, d_enc] for the moe adapter; ``input_ids`` and
+    ``attention_mask`` [N + 1, T] for the lora adapter.
+    """
+
+    def __init__(self, vectors: torch.Tensor | None = None, tokens: dict[str, torch.Tensor] | None = None) -> None:
+        super().__init__()
+        self.register_buffer("vectors", vectors, persistent=False)
+        self.register_buffer("input_ids", tokens["input_ids"] if tokens else None, persistent=False)
+        self.register_buffer("attention_mask", tokens["attention_mask"] if tokens else None, persistent=False)
+
+    @property
+    def n_items(self) -> int:
+        source = self.vectors if self.vectors is not None else self.input_ids
+        assert source is not None
+        return int(source.shape[0]) - 1
+
+
+class DomainModel(nn.Module):
+    def __init__(
+        self,
+        *,
+        adapter: Adapter,
+        features: ItemFeatures,
+        head_config: HeadConfig,
+        temperature: float = 0.07,
+        item_ids: bool = False,
+    ) -> None:
+        super().__init__()
+        self.adapter = adapter
+        self.features = features
+        self.dim = adapter.out_dim
+        self.head = SequenceHead(self.dim, head_config)
+        self.temperature = temperature
+        self.max_len = head_config.max_len
+        # Transductive option: a private per-item residual, zero at the start.
+        self.item_ids: nn.Embedding | None = None
+        if item_ids:
+            self.item_ids = nn.Embedding(features.n_items + 1, self.dim, padding_idx=0)
+            nn.init.zeros_(self.item_ids.weight)
+
+    # ------------------------------------------------------------------ items
+    def item_vectors(self, index: torch.Tensor) -> torch.Tensor:
+        """Adapted item vectors for item indices [...] -> [..., d]."""
+        if isinstance(self.adapter, LoraAdapter):
+            assert self.features.input_ids is not None and self.features.attention_mask is not None
+            flat = index.reshape(-1)
+            ids, mask = self.features.input_ids[flat], self.features.attention_mask[flat]
+            width = int(mask.sum(1).max().clamp(min=1))
+            out = self.adapter(ids[:, :width], mask[:, :width]).reshape(*index.shape, -1)
+        else:
+            assert self.features.vectors is not None
+            out = self.adapter(self.features.vectors[index])
+        if self.item_ids is not None:
+            out = out + self.item_ids(index)
+        return out
+
+    def catalogue(self, *, chunk: int = 4096) -> torch.Tensor:
+        """All items, normalised, [N, d] (index 1..N). No per-sample gradients: not for DP."""
+        n = self.features.n_items
+        device = next(self.parameters()).device
+        index = torch.arange(1, n + 1, device=device)
+        parts = [self.item_vectors(index[i : i + chunk]) for i in range(0, n, chunk)]
+        return F.normalize(torch.cat(parts), dim=-1)
+
+    # ------------------------------------------------------------------ users
+    def user_states(self, seqs: torch.Tensor) -> torch.Tensor:
+        """Right-padded histories [B, L] -> normalised states at every position [B, L, d]."""
+        positions = torch.arange(seqs.shape[1], device=seqs.device).expand_as(seqs)
+        return F.normalize(self.head(self.item_vectors(seqs), positions), dim=-1)
+
+    def last_states(self, seqs: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """States after each history's last item [B, d]."""
+        states = self.user_states(seqs)
+        return states[torch.arange(len(seqs), device=seqs.device), lengths - 1]
+
+    # ------------------------------------------------------------------ losses
+    def full_loss(self, seqs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy over the whole catalogue at every real position. Not DP-safe."""
+        mask = targets > 0  # [B, L]
+        states = self.user_states(seqs)[mask]  # [P, d]
+        logits = states @ self.catalogue().T / self.temperature  # [P, N]
+        return F.cross_entropy(logits, targets[mask] - 1)
+
+    def sampled_loss(self, seqs: torch.Tensor, targets: torch.Tensor, negatives: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy over the target and K negatives gathered per sample.
+
+        seqs, targets [B, L]; negatives [B, L, K] item indices (uniform samples; a
+        negative equal to its target is masked out). Returns the mean over real
+        positions of each user, then over users: one user is one example.
+        """
+        mask = targets > 0  # [B, L]
+        states = self.user_states(seqs)  # [B, L, d]
+        candidates = torch.cat([targets.unsqueeze(-1), negatives], dim=-1)  # [B, L, 1 + K]
+        vectors = F.normalize(self.item_vectors(candidates), dim=-1)  # [B, L, 1 + K, d]
+        logits = torch.einsum("bld,blkd->blk", states, vectors) / self.temperature  # [B, L, 1 + K]
+        clash = torch.cat([torch.zeros_like(targets, dtype=torch.bool).unsqueeze(-1), negatives == targets.unsqueeze(-1)], -1)
+        logits = logits.masked_fill(clash, float("-inf"))
+        per_position = -F.log_softmax(logits, dim=-1)[..., 0] * mask  # [B, L]
+        per_user = per_position.sum(1) / mask.sum(1).clamp(min=1)  # [B]
+        return per_user.mean()
+
+    @torch.no_grad()
+    def score_all(self, seqs: torch.Tensor, lengths: torch.Tensor, catalogue: torch.Tensor | None = None) -> torch.Tensor:
+        """Scores of every catalogue item [B, N] for histories [B, L]."""
+        cat = self.catalogue() if catalogue is None else catalogue
+        return self.last_states(seqs, lengths) @ cat.T / self.temperature

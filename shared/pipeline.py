@@ -1,0 +1,233 @@
+"""From data folders to a trained, evaluated and saved model (``fedxrec train``).
+
+Saved model layout (what ``fedxrec recommend`` loads)::
+
+    OUT/metrics.json                 {domain: {"valid": {...}, "test": {...}}}
+    OUT/report.json                  baselines, epoch-0 metrics, history, timing, sizes
+    OUT/model/model.json             configs, mode, encoder fingerprint, domains
+    OUT/model/<domain>/adapter.safetensors   the shared adapter (wire format)
+    OUT/model/<domain>/head.safetensors      the private head (+ item-id residual)
+    OUT/model/<domain>/items.tsv             the catalogue: index, item id, text
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import resource
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from shared.data.readers import read_domain
+from shared.data.split import DomainSplit, split_domain
+from shared.data.tables import DomainData
+from shared.encoder import TextEncoder
+from shared.evaluation import baselines
+from shared.model.adapters import (
+    AdapterConfig,
+    MoEAdapterConfig,
+    adapter_config_from_dict,
+    build_adapter,
+    load_adapter,
+    n_parameters,
+    save_adapter,
+)
+from shared.model.head import HeadConfig
+from shared.model.recommender import DomainModel, ItemFeatures
+from shared.training import DomainRun, TrainConfig, evaluate_model, seed_everything, train
+from shared.vector_cache import CacheStats, VectorCache, encode_texts
+
+
+@dataclass
+class ModelConfig:
+    adapter: AdapterConfig = field(default_factory=MoEAdapterConfig, metadata={"help": "the shared adapter"})
+    head: HeadConfig = field(default_factory=HeadConfig, metadata={"help": "the private head"})
+    temperature: float = field(default=0.07, metadata={"help": "softmax temperature on cosine scores"})
+    item_ids: bool = field(default=False, metadata={"help": "add a private item-id residual (transductive)"})
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
+        return cls(
+            adapter=adapter_config_from_dict(d["adapter"]),
+            head=HeadConfig(**d["head"]),
+            temperature=float(d["temperature"]),
+            item_ids=bool(d["item_ids"]),
+        )
+
+
+@dataclass
+class PreparedDomain:
+    data: DomainData
+    split: DomainSplit
+    vectors: np.ndarray  # [N + 1, d_enc], row 0 = padding
+    cache: CacheStats
+
+
+def prepare_domain(path: str | Path, *, encoder: TextEncoder, cache: VectorCache | None, progress: bool = True) -> PreparedDomain:
+    data = read_domain(path)
+    split = split_domain(data)
+    vectors, stats = encode_texts(split.item_texts, encoder=encoder, cache=cache, progress=progress)
+    padded = np.concatenate([np.zeros((1, vectors.shape[1]), np.float32), vectors])
+    return PreparedDomain(data, split, padded, stats)
+
+
+def build_model(domain: PreparedDomain, config: ModelConfig, *, adapter: torch.nn.Module, encoder: TextEncoder) -> DomainModel:
+    if isinstance(config.adapter, MoEAdapterConfig):
+        features = ItemFeatures(vectors=torch.as_tensor(domain.vectors))
+    else:
+        tokens = encoder.tokenize(["", *domain.split.item_texts])
+        features = ItemFeatures(tokens=tokens)
+    return DomainModel(adapter=adapter, features=features, head_config=config.head, temperature=config.temperature, item_ids=config.item_ids)  # type: ignore[arg-type]
+
+
+def new_adapter(config: ModelConfig, encoder: TextEncoder) -> torch.nn.Module:
+    if isinstance(config.adapter, MoEAdapterConfig):
+        return build_adapter(config.adapter, in_dim=encoder.dim)
+    import copy
+
+    return build_adapter(config.adapter, in_dim=encoder.dim, encoder_model=copy.deepcopy(encoder.model))
+
+
+def peak_memory_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def train_and_evaluate(
+    data_paths: list[str | Path],
+    out: str | Path,
+    *,
+    mode: str = "local",
+    model_config: ModelConfig | None = None,
+    train_config: TrainConfig | None = None,
+    encoder: TextEncoder | None = None,
+    cache: VectorCache | None = None,
+    log: Any = print,
+) -> dict[str, dict[str, dict[str, float]]]:
+    """Trains (``local``: each domain alone; ``pooled``: one shared adapter), evaluates, saves."""
+    if mode not in ("local", "pooled"):
+        raise ValueError(f"--mode must be 'local' or 'pooled', got {mode!r}")
+    mcfg = model_config or ModelConfig()
+    tcfg = train_config or TrainConfig()
+    out = Path(out)
+    (out / "model").mkdir(parents=True, exist_ok=True)
+    t0 = time.monotonic()
+    encoder = encoder or TextEncoder()
+    cache = cache if cache is not None else VectorCache()
+    domains = [prepare_domain(p, encoder=encoder, cache=cache) for p in data_paths]
+    names = [d.split.name for d in domains]
+    if len(set(names)) != len(names):
+        raise ValueError(f"two --data folders have the same name {names}; domains are named after their folder")
+    prep_seconds = time.monotonic() - t0
+    for d in domains:
+        log(f"{d.split.name}: {len(d.split.users)} users, {d.split.n_items} items; encoder cache hit rate {d.cache.hit_rate:.0%} ({d.cache.encoded} texts encoded)")
+
+    seed_everything(tcfg.seed)
+    groups: list[list[PreparedDomain]] = [domains] if mode == "pooled" else [[d] for d in domains]
+    runs_by_group = []
+    for group in groups:
+        adapter = new_adapter(mcfg, encoder)
+        runs_by_group.append([DomainRun(d.split, build_model(d, mcfg, adapter=adapter, encoder=encoder)) for d in group])
+
+    base = {d.split.name: baselines(d.split, d.vectors, max_len=mcfg.head.max_len) for d in domains}
+    epoch0: dict[str, dict[str, float]] = {}
+    histories = []
+    t1 = time.monotonic()
+    for runs in runs_by_group:
+        for r in runs:
+            epoch0[r.split.name] = evaluate_model(r, "test")
+        histories.append(train(runs, tcfg, log=log))
+    train_seconds = time.monotonic() - t1
+
+    metrics: dict[str, dict[str, dict[str, float]]] = {}
+    for runs in runs_by_group:
+        for r in runs:
+            metrics[r.split.name] = {"valid": evaluate_model(r, "valid"), "test": evaluate_model(r, "test")}
+            _save_domain_model(out / "model" / r.split.name, r, mcfg)
+    adapter_params = n_parameters(runs_by_group[0][0].model.adapter)
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    (out / "model" / "model.json").write_text(
+        json.dumps({"mode": mode, "model": mcfg.to_dict(), "encoder_fingerprint": encoder.fingerprint, "domains": names, "data": [str(Path(p).resolve()) for p in data_paths]}, indent=2)
+    )
+    report = {
+        "mode": mode,
+        "model": mcfg.to_dict(),
+        "train": asdict(tcfg),
+        "adapter_parameters": adapter_params,
+        "adapter_bytes": adapter_params * 4,
+        "encoder_bytes": encoder.n_bytes,
+        "adapter_share_of_encoder": adapter_params * 4 / encoder.n_bytes,
+        "baselines": base,
+        "epoch0_test": epoch0,
+        "metrics": metrics,
+        "history": histories,
+        "seconds": {"prepare": round(prep_seconds, 1), "train": round(train_seconds, 1), "total": round(time.monotonic() - t0, 1)},
+        "peak_memory_mb": round(peak_memory_mb(), 1),
+        "cache": {d.split.name: asdict(d.cache) for d in domains},
+        "encoder_fingerprint": encoder.fingerprint,
+    }
+    (out / "report.json").write_text(json.dumps(report, indent=2))
+    return metrics
+
+
+def _save_domain_model(folder: Path, run: DomainRun, config: ModelConfig) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    save_adapter(run.model.adapter, folder / "adapter.safetensors", config=config.adapter)
+    head = {k: v.detach().contiguous() for k, v in run.model.state_dict().items() if not k.startswith("adapter.")}
+    save_file(head, str(folder / "head.safetensors"))
+    with (folder / "items.tsv").open("w", newline="", encoding="utf-8") as fh:
+        w = csv.writer(fh, delimiter="\t")
+        w.writerow(["index", "item_id", "text"])
+        for i, (item, text) in enumerate(zip(run.split.item_ids, run.split.item_texts, strict=True), start=1):
+            w.writerow([i, item, text])
+
+
+@dataclass
+class LoadedModel:
+    model: DomainModel
+    item_ids: list[str]
+    item_texts: list[str]
+
+
+def load_domain_model(model_dir: str | Path, domain: str | None = None, *, encoder: TextEncoder | None = None, cache: VectorCache | None = None) -> LoadedModel:
+    """Loads one domain's model saved by :func:`train_and_evaluate`."""
+    model_dir = Path(model_dir)
+    meta_path = model_dir / "model.json"
+    if not meta_path.is_file():
+        raise FileNotFoundError(f"{meta_path} not found: --model must be the 'model' folder written by 'fedxrec train' (OUT/model)")
+    meta = json.loads(meta_path.read_text())
+    names = meta["domains"]
+    if domain is None:
+        if len(names) != 1:
+            raise ValueError(f"the model has domains {names}; choose one with --domain")
+        domain = names[0]
+    if domain not in names:
+        raise ValueError(f"--domain {domain!r} is not in this model; it has {names}")
+    encoder = encoder or TextEncoder()
+    if encoder.fingerprint != meta["encoder_fingerprint"]:
+        raise ValueError(f"the encoder's fingerprint {encoder.fingerprint[:12]} differs from the model's {meta['encoder_fingerprint'][:12]}: vectors would not match")
+    config = ModelConfig.from_dict(meta["model"])
+    folder = model_dir / domain
+    with (folder / "items.tsv").open(encoding="utf-8", newline="") as fh:
+        rows = list(csv.reader(fh, delimiter="\t"))[1:]
+    item_ids, texts = [r[1] for r in rows], [r[2] for r in rows]
+    vectors, _ = encode_texts(texts, encoder=encoder, cache=cache if cache is not None else VectorCache(), progress=True)
+    split = DomainSplit(domain, item_ids, texts, [], [], np.zeros(0, np.int64), np.zeros(0, np.int64))
+    prepared = PreparedDomain(None, split, np.concatenate([np.zeros((1, vectors.shape[1]), np.float32), vectors]), CacheStats())  # type: ignore[arg-type]
+    model = build_model(prepared, config, adapter=new_adapter(config, encoder), encoder=encoder)
+    load_adapter(model.adapter, folder / "adapter.safetensors")
+    head = load_file(str(folder / "head.safetensors"))
+    missing, unexpected = model.load_state_dict(head, strict=False)
+    missing = [k for k in missing if not k.startswith("adapter.")]
+    if missing or unexpected:
+        raise ValueError(f"{folder / 'head.safetensors'} does not fit the model config: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    model.eval()
+    return LoadedModel(model, item_ids, texts)

@@ -1,0 +1,125 @@
+"""Training without DP: one partner alone (``local``) or all domains pooled.
+
+``pooled`` is the centralised, non-private upper bound for the federation: the
+same architecture (one shared adapter, a private head per domain) trained on all
+domains' raw data in one place. Batches of each domain are interleaved, each
+scored against its own catalogue.
+
+Early stopping on the mean valid NDCG@10 over domains; the best epoch's weights
+are restored. ``max_minutes`` bounds the training wall time.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from shared.data.split import DomainSplit
+from shared.evaluation import evaluate
+from shared.model.recommender import DomainModel
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = field(default=40, metadata={"help": "most passes over the training users"})
+    batch_size: int = field(default=128, metadata={"help": "users per batch"})
+    lr: float = field(default=1e-3, metadata={"help": "AdamW learning rate"})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
+    loss: str = field(default="full", metadata={"help": "'full' softmax over the catalogue, or 'sampled' (per-sample negatives; DP-safe)"})
+    negatives: int = field(default=256, metadata={"help": "uniform negatives per position for the sampled loss"})
+    patience: int = field(default=5, metadata={"help": "epochs without a better valid NDCG@10 before stopping"})
+    max_minutes: float | None = field(default=None, metadata={"help": "stop training after this many minutes"})
+    seed: int = field(default=0, metadata={"help": "seed for initialisation, batching and dropout"})
+
+
+@dataclass
+class DomainRun:
+    split: DomainSplit
+    model: DomainModel
+
+
+def seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+
+
+def training_batches(
+    split: DomainSplit, rng: np.random.Generator, *, batch_size: int, max_len: int
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Shuffled batches of users: (inputs, next-item targets), both [B, L] right-padded."""
+    users = np.array([u for u, s in enumerate(split.train) if len(s) >= 2])
+    rng.shuffle(users)
+    for start in range(0, len(users), batch_size):
+        seqs = [split.train[u][-(max_len + 1) :] for u in users[start : start + batch_size]]
+        width = max(len(s) for s in seqs) - 1
+        inputs = torch.zeros(len(seqs), width, dtype=torch.long)
+        targets = torch.zeros(len(seqs), width, dtype=torch.long)
+        for i, s in enumerate(seqs):
+            inputs[i, : len(s) - 1] = torch.as_tensor(s[:-1])
+            targets[i, : len(s) - 1] = torch.as_tensor(s[1:])
+        yield inputs, targets
+
+
+def evaluate_model(run: DomainRun, which: str) -> dict[str, float]:
+    model = run.model
+    model.eval()
+    catalogue = model.catalogue()
+    return evaluate(lambda s, n: model.score_all(s, n, catalogue), run.split, which, max_len=model.max_len)
+
+
+def train(runs: list[DomainRun], config: TrainConfig, *, log: Callable[[str], None] = print) -> list[dict[str, object]]:
+    """Trains all ``runs`` together; returns one history record per epoch (epoch 0 = untrained)."""
+    rng = np.random.default_rng(config.seed)
+    params = list({id(p): p for r in runs for p in r.model.parameters() if p.requires_grad}.values())
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    history: list[dict[str, object]] = []
+    started = time.monotonic()
+    deadline = started + 60 * config.max_minutes if config.max_minutes else float("inf")
+
+    def record(epoch: int, loss: float | None) -> float:
+        valid = {r.split.name: evaluate_model(r, "valid")["ndcg@10"] for r in runs}
+        score = float(np.mean(list(valid.values())))
+        history.append({"epoch": epoch, "loss": loss, "valid_ndcg@10": valid, "mean_valid_ndcg@10": score, "seconds": round(time.monotonic() - started, 1)})
+        log(f"epoch {epoch:3d}  loss {'-' if loss is None else f'{loss:.4f}'}  valid NDCG@10 " + "  ".join(f"{k} {v:.4f}" for k, v in valid.items()) + f"  ({history[-1]['seconds']}s)")
+        return score
+
+    best_score = record(0, None)
+    best_state = [copy.deepcopy(r.model.state_dict()) for r in runs]
+    best_epoch, stale = 0, 0
+    for epoch in range(1, config.epochs + 1):
+        for r in runs:
+            r.model.train()
+        work = [(i, b) for i, r in enumerate(runs) for b in training_batches(r.split, rng, batch_size=config.batch_size, max_len=r.model.max_len)]
+        order = rng.permutation(len(work))
+        losses = []
+        for j in order:
+            i, (inputs, targets) = work[j]
+            model = runs[i].model
+            if config.loss == "full":
+                loss = model.full_loss(inputs, targets)
+            else:
+                negatives = torch.randint(1, model.features.n_items + 1, (*targets.shape, config.negatives))
+                loss = model.sampled_loss(inputs, targets, negatives)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            losses.append(float(loss))
+            if time.monotonic() > deadline:
+                break
+        score = record(epoch, float(np.mean(losses)))
+        if score > best_score:
+            best_score, best_epoch, stale = score, epoch, 0
+            best_state = [copy.deepcopy(r.model.state_dict()) for r in runs]
+        else:
+            stale += 1
+        if stale >= config.patience or time.monotonic() > deadline:
+            break
+    for r, state in zip(runs, best_state, strict=True):
+        r.model.load_state_dict(state)
+    log(f"best epoch {best_epoch} (mean valid NDCG@10 {best_score:.4f})")
+    return history

@@ -108,7 +108,7 @@ def train(runs: list[DomainRun], config: TrainConfig, *, log: Callable[[str], No
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            losses.append(float(loss))
+            losses.append(loss.detach().item())
             if time.monotonic() > deadline:
                 break
         score = record(epoch, float(np.mean(losses)))

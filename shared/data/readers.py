@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from shared.data.problems import DataError, Problems
+from shared.data.problems import DataError, Problem, Problems
 from shared.data.tables import DomainData, check_tables
 from shared.data.textfiles import Table, read_delimited, read_text, suggest
 
@@ -92,7 +92,7 @@ def read_domain(path: str | Path, *, name: str | None = None, format: str | None
     return data
 
 
-def _one(path: Path, message: str, *, kind: str = "invalid") -> list:  # type: ignore[type-arg]
+def _one(path: Path, message: str, *, kind: str = "invalid") -> list[Problem]:
     p = Problems()
     p.add(path, message, kind=kind)
     return list(p)
@@ -199,7 +199,9 @@ def _read_recbole(folder: Path, name: str, problems: Problems) -> DomainData | N
     with_text = set(items["item_id"])
     for asin, _, line in index_t:
         if asin not in with_text:
-            problems.add(paths["item2index"], f"item {asin!r} has no text in {paths['text'].name}", line=line, field="item_id", kind="unknown item")
+            problems.add(
+                paths["item2index"], f"item {asin!r} has no text in {paths['text'].name}", line=line, field="item_id", kind="unknown item"
+            )
 
     # One row per prefix in train, one per user in valid and test; rebuild each user's sequence.
     rows: dict[str, dict[str, list[tuple[list[str], str, int]]]] = defaultdict(lambda: defaultdict(list))
@@ -211,23 +213,43 @@ def _read_recbole(folder: Path, name: str, problems: Problems) -> DomainData | N
             tokens = hist.split()
             for tok in [*tokens, target]:
                 if tok not in asin_of:
-                    problems.add(table.path, f"item index {tok!r} is not in {paths['item2index'].name}", line=line, field="item_id", kind="unknown item")
+                    problems.add(
+                        table.path,
+                        f"item index {tok!r} is not in {paths['item2index'].name}",
+                        line=line,
+                        field="item_id",
+                        kind="unknown item",
+                    )
             rows[user.strip()][part].append((tokens, target.strip(), line))
     records: list[tuple[str, str, int, str, int, str]] = []
     for user, by_part in rows.items():
         for part in ("valid", "test"):
             if len(by_part[part]) != 1:
                 path = paths[f"{part}.inter"]
-                problems.add(path, f"user {user!r} has {len(by_part[part])} rows; expected exactly 1", field="user_id", kind="inconsistent split")
+                problems.add(
+                    path, f"user {user!r} has {len(by_part[part])} rows; expected exactly 1", field="user_id", kind="inconsistent split"
+                )
         if problems:
             continue
         (vh, vt, vline), (th, tt, tline) = by_part["valid"][0], by_part["test"][0]
-        train = [h + [t] for h, t, _ in by_part["train"]]
+        train = [[*h, t] for h, t, _ in by_part["train"]]
         base = max(train, key=len) if train else vh
         if base[-len(vh) :] != vh if vh else False:
-            problems.add(paths["valid.inter"], f"user {user!r}: history does not continue the train sequence", line=vline, field="item_id_list", kind="inconsistent split")
-        if (base + [vt])[-len(th) :] != th:
-            problems.add(paths["test.inter"], f"user {user!r}: history is not train sequence + valid item", line=tline, field="item_id_list", kind="inconsistent split")
+            problems.add(
+                paths["valid.inter"],
+                f"user {user!r}: history does not continue the train sequence",
+                line=vline,
+                field="item_id_list",
+                kind="inconsistent split",
+            )
+        if [*base, vt][-len(th) :] != th:
+            problems.add(
+                paths["test.inter"],
+                f"user {user!r}: history is not train sequence + valid item",
+                line=tline,
+                field="item_id_list",
+                kind="inconsistent split",
+            )
         full = [*base, vt, tt]
         for pos, tok in enumerate(full):
             split = "train" if pos < len(base) else ("valid" if pos == len(base) else "test")
@@ -262,7 +284,7 @@ def _read_headerless_map(path: Path, problems: Problems) -> list[tuple[str, str,
 _JSON_TEXT_FIELDS = ("title", "brand", "categories", "description")
 
 
-def _read_json_file(path: Path, problems: Problems) -> dict | None:  # type: ignore[type-arg]
+def _read_json_file(path: Path, problems: Problems) -> dict[str, object] | None:
     text = read_text(path, problems)
     if text is None:
         return None
@@ -291,7 +313,9 @@ def _read_json(folder: Path, name: str, problems: Problems) -> DomainData | None
     records = []
     for user, seq in seqs.items():
         if not isinstance(seq, list):
-            problems.add(inter_path, f"expected a list of item ids, found {type(seq).__name__}", field=f"[{user!r}]", kind="unparsable value")
+            problems.add(
+                inter_path, f"expected a list of item ids, found {type(seq).__name__}", field=f"[{user!r}]", kind="unparsable value"
+            )
             continue
         for pos, item in enumerate(seq):
             if isinstance(item, bool) or not isinstance(item, (int, str)):
@@ -301,7 +325,12 @@ def _read_json(folder: Path, name: str, problems: Problems) -> DomainData | None
     item_rows = []
     for item, info in meta.items():
         if not isinstance(info, dict):
-            problems.add(items_path, f"expected an object with {list(_JSON_TEXT_FIELDS)}, found {type(info).__name__}", field=f"[{item!r}]", kind="unparsable value")
+            problems.add(
+                items_path,
+                f"expected an object with {list(_JSON_TEXT_FIELDS)}, found {type(info).__name__}",
+                field=f"[{item!r}]",
+                kind="unparsable value",
+            )
             continue
         parts = [html.unescape(str(info.get(k) or "")).strip() for k in _JSON_TEXT_FIELDS]
         item_rows.append((str(item), ". ".join(p for p in parts if p), 0, f"[{item!r}]"))
@@ -365,7 +394,9 @@ class MappedFormat:
                 continue
             for k in table:
                 if k not in allowed[section]:
-                    problems.add(path, f"unknown key {k!r}{suggest(k, sorted(allowed[section]))}", field=f"{section}.{k}", kind="invalid config")
+                    problems.add(
+                        path, f"unknown key {k!r}{suggest(k, sorted(allowed[section]))}", field=f"{section}.{k}", kind="invalid config"
+                    )
             for k in keys:
                 if k not in table:
                     problems.add(path, f"missing key {k!r}", field=f"{section}.{k}", kind="invalid config")
@@ -401,14 +432,19 @@ def _read_any_table(path: Path, problems: Problems, *, required: list[str]) -> T
             return None
         missing = [c for c in required if c not in frame.columns]
         for col in missing:
-            problems.add(path, f"missing column {col!r} (columns: {list(frame.columns)}){suggest(col, list(map(str, frame.columns)))}", field=col, kind="missing column")
+            problems.add(
+                path,
+                f"missing column {col!r} (columns: {list(frame.columns)}){suggest(col, list(map(str, frame.columns)))}",
+                field=col,
+                kind="missing column",
+            )
         if missing:
             return None
         if frame.empty:
             problems.add(path, "has no rows", kind="empty file")
             return None
-        cols = {c: ["" if pd.isna(v) else str(v) for v in frame[c].tolist()] for c in required}
-        return Table(path, cols, list(range(1, len(frame) + 1)))
+        values = {c: ["" if pd.isna(v) else str(v) for v in frame[c].tolist()] for c in required}
+        return Table(path, values, list(range(1, len(frame) + 1)))
     name = path.name.removesuffix(".gz")
     sep = "\t" if name.endswith(".tsv") else ","
     if sep == "\t":
@@ -441,16 +477,26 @@ def _read_any_table(path: Path, problems: Problems, *, required: list[str]) -> T
 
 
 def _parse_times(table: Table, column: str, problems: Problems) -> np.ndarray:
+    """Unix seconds or ISO-8601 date-times (both may occur in one column) -> seconds."""
     values = pd.Series(table.columns[column], dtype="string").str.strip()
     as_int = pd.to_numeric(values, errors="coerce")
-    if as_int.notna().all():
-        return as_int.to_numpy().astype(np.int64)
-    as_dt = pd.to_datetime(values, errors="coerce", utc=True, format="ISO8601")
-    bad = as_dt.isna().to_numpy()
-    for i in np.flatnonzero(bad):
-        problems.add(table.path, f"{values.iloc[i]!r} is neither Unix seconds nor an ISO-8601 date-time", line=table.lines[i], field=column, kind="unparsable value")
-    seconds = (as_dt - pd.Timestamp(0, tz="UTC")) // pd.Timedelta(seconds=1)
-    return seconds.fillna(0).to_numpy().astype(np.int64)
+    is_int = as_int.notna().to_numpy()
+    seconds = np.zeros(len(values), dtype=np.int64)
+    seconds[is_int] = as_int[is_int].to_numpy().astype(np.int64)
+    if not is_int.all():
+        rest = values[~is_int]
+        as_dt = pd.to_datetime(rest, errors="coerce", utc=True, format="ISO8601")
+        for i in np.flatnonzero(as_dt.isna().to_numpy()):
+            problems.add(
+                table.path,
+                f"{rest.iloc[i]!r} is neither Unix seconds nor an ISO-8601 date-time",
+                line=table.lines[rest.index[i]],
+                field=column,
+                kind="unparsable value",
+            )
+        parsed = ((as_dt - pd.Timestamp(0, tz="UTC")) // pd.Timedelta(seconds=1)).fillna(0)
+        seconds[~is_int] = parsed.to_numpy().astype(np.int64)
+    return seconds
 
 
 def _read_mapped(folder: Path, name: str, problems: Problems) -> DomainData | None:

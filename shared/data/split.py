@@ -55,7 +55,7 @@ def split_domain(data: DomainData) -> DomainSplit:
     items = data.items
     index = {item: i + 1 for i, item in enumerate(items["item_id"])}
     inter = data.interactions
-    item_idx = inter["item_id"].map(index).to_numpy(dtype=np.int64)
+    item_idx = inter["item_id"].map(index).to_numpy(dtype=np.int64, copy=True)  # writable: torch shares it
     users: list[str] = []
     train: list[np.ndarray] = []
     valid: list[int] = []

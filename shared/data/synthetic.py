@@ -1,7 +1,9 @@
 """Synthetic multi-domain data with item text, written in the ``tsv`` format.
 
 What carries across domains is what the federation should learn: people have
-tastes over topics (space, cooking, ...), the same tastes in every domain, and an
+tastes over topics (space, cooking, ...); user number u of every domain is the
+same person with the same taste (as when one population shops at several
+partners), and an
 item's title names its topics among words that say nothing about taste (brand,
 colour, edition). A model must learn which words matter; a domain that has seen
 many users teaches a small domain. User and item ids are per domain, as in real
@@ -14,6 +16,7 @@ Sequences: a user picks a topic from their taste, stays on it with probability
 from __future__ import annotations
 
 import gzip
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -65,16 +68,23 @@ def generate(out: Path, config: SyntheticConfig | None = None) -> list[Path]:
         raise ValueError(f"need users >= 1, items >= {len(TOPICS)}, mean_length >= 5; got {cfg}")
     rng = np.random.default_rng(cfg.seed)
     topics = list(TOPICS)
+    tastes = user_tastes(cfg)
     folders = []
     for name in list(DOMAINS)[: cfg.domains]:
         folder = Path(out) / name
         folder.mkdir(parents=True, exist_ok=True)
         titles, item_topic = _items(rng, name, cfg.items, topics)
-        rows = _interactions(rng, cfg, item_topic, len(topics))
+        rows = _interactions(rng, cfg, item_topic, tastes)
         _write_tsv(folder / "items.tsv.gz", ["ItemID", "Title"], [(100 + i, t) for i, t in enumerate(titles)])
         _write_tsv(folder / "interactions.tsv.gz", ["UserID", "ItemID", "Timestamp"], rows)
         folders.append(folder)
     return folders
+
+
+def user_tastes(config: SyntheticConfig) -> np.ndarray:
+    """[users, topics] taste distributions, the same in every domain."""
+    rng = np.random.default_rng([config.seed, 1])
+    return rng.dirichlet(np.full(len(TOPICS), config.taste_concentration), size=config.users)
 
 
 def _items(rng: np.random.Generator, domain: str, n: int, topics: list[str]) -> tuple[list[str], np.ndarray]:
@@ -92,15 +102,14 @@ def _items(rng: np.random.Generator, domain: str, n: int, topics: list[str]) -> 
     return titles, item_topic
 
 
-def _interactions(
-    rng: np.random.Generator, cfg: SyntheticConfig, item_topic: np.ndarray, n_topics: int
-) -> list[tuple[int, int, int]]:
+def _interactions(rng: np.random.Generator, cfg: SyntheticConfig, item_topic: np.ndarray, tastes: np.ndarray) -> list[tuple[int, int, int]]:
+    n_topics = tastes.shape[1]
     by_topic = [np.flatnonzero(item_topic == t) for t in range(n_topics)]
     zipf = [1.0 / np.arange(1, len(ix) + 1) ** 0.8 for ix in by_topic]
     zipf = [z / z.sum() for z in zipf]
     rows = []
     for u in range(cfg.users):
-        taste = rng.dirichlet(np.full(n_topics, cfg.taste_concentration))
+        taste = tastes[u]
         length = 5 + rng.geometric(1.0 / (cfg.mean_length - 4)) - 1
         length = int(min(length, 60))
         t = int(rng.choice(n_topics, p=taste))
@@ -118,7 +127,7 @@ def _interactions(
     return rows
 
 
-def _write_tsv(path: Path, header: list[str], rows: list[tuple[object, ...]]) -> None:
+def _write_tsv(path: Path, header: list[str], rows: Sequence[tuple[object, ...]]) -> None:
     body = "\t".join(header) + "\n" + "".join("\t".join(map(str, r)) + "\n" for r in rows)
     # mtime=0: same seed, byte-identical files (gzip stores a timestamp otherwise).
     path.write_bytes(gzip.compress(body.encode("utf-8"), mtime=0))

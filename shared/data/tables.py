@@ -45,9 +45,9 @@ class DomainData:
             "format": self.format,
             "source": str(self.source),
             "users": int(inter["user_id"].nunique()),
-            "items": int(len(self.items)),
-            "items_with_interactions": int(len(used)),
-            "interactions": int(len(inter)),
+            "items": len(self.items),
+            "items_with_interactions": len(used),
+            "interactions": len(inter),
             "text_coverage": float((texts.str.strip() != "").mean()) if len(texts) else 0.0,
             "distinct_texts": int(texts.nunique()),
             "mean_text_chars": float(texts.str.len().mean()) if len(texts) else 0.0,
@@ -90,8 +90,7 @@ def check_tables(
     for row in empty.itertuples(index=False):
         problems.add(
             items_file,
-            f"item {row.item_id!r} has empty text; the encoder needs some text for every item "
-            "(drop the item or give it a title)",
+            f"item {row.item_id!r} has empty text; the encoder needs some text for every item (drop the item or give it a title)",
             line=int(row.line) or None,
             field=_field(row, "text"),
             kind="empty text",

@@ -35,8 +35,7 @@ def read_text(path: Path, problems: Problems) -> str | None:
         line = raw[: err.start].count(b"\n") + 1
         problems.add(
             path,
-            f"is not UTF-8 (byte 0x{raw[err.start]:02x} at offset {err.start}); "
-            "re-save the file as UTF-8",
+            f"is not UTF-8 (byte 0x{raw[err.start]:02x} at offset {err.start}); re-save the file as UTF-8",
             line=line,
             kind="not UTF-8",
         )

@@ -20,7 +20,7 @@ buffers, no catalogue, no Opacus ``_module.`` prefix), saved with safetensors.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -55,7 +55,7 @@ def adapter_config_from_dict(d: dict[str, Any]) -> AdapterConfig:
     cls = {"moe": MoEAdapterConfig, "lora": LoraAdapterConfig}.get(kind)
     if cls is None:
         raise ValueError(f"unknown adapter kind {kind!r}; expected 'moe' or 'lora'")
-    known = {f for f in cls.__dataclass_fields__}
+    known = {f.name for f in fields(cls)}
     unknown = sorted(set(d) - known)
     if unknown:
         raise ValueError(f"unknown {kind} adapter option(s) {unknown}; expected some of {sorted(known)}")
@@ -107,7 +107,7 @@ class LoraAdapter(nn.Module):
         self.config = config
         lora = LoraConfig(r=config.r, lora_alpha=config.alpha, lora_dropout=config.dropout, target_modules=list(config.target_modules))
         self.model = get_peft_model(encoder_model, lora)
-        self.in_dim = self.out_dim = int(encoder_model.config.hidden_size)
+        self.in_dim = self.out_dim = int(encoder_model.config.hidden_size)  # type: ignore[arg-type,union-attr]
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         from shared.encoder import mean_pool
@@ -145,7 +145,11 @@ def load_adapter_weights(adapter: nn.Module, state: dict[str, torch.Tensor], *, 
     ours = adapter_state(module)
     problems = [f"missing {k}" for k in ours if k not in state]
     problems += [f"unexpected {k}" for k in state if k not in ours]
-    problems += [f"{k}: shape {tuple(state[k].shape)}, expected {tuple(ours[k].shape)}" for k in ours if k in state and state[k].shape != ours[k].shape]
+    problems += [
+        f"{k}: shape {tuple(state[k].shape)}, expected {tuple(ours[k].shape)}"
+        for k in ours
+        if k in state and state[k].shape != ours[k].shape
+    ]
     if problems:
         raise ValueError(f"{source}: not an adapter of this kind and size: {'; '.join(problems[:5])}")
     if isinstance(module, LoraAdapter):

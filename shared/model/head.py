@@ -75,6 +75,7 @@ class SequenceHead(nn.Module):
         with torch.no_grad():
             self.positions.weight.zero_()
             for block in self.blocks:
+                assert isinstance(block, Block)
                 for proj in (block.attn.out, block.ffn_out):
                     proj.weight.zero_()
                     proj.bias.zero_()

@@ -28,6 +28,10 @@ class ItemFeatures(nn.Module):
     ``attention_mask`` [N + 1, T] for the lora adapter.
     """
 
+    vectors: torch.Tensor | None
+    input_ids: torch.Tensor | None
+    attention_mask: torch.Tensor | None
+
     def __init__(self, vectors: torch.Tensor | None = None, tokens: dict[str, torch.Tensor] | None = None) -> None:
         super().__init__()
         self.register_buffer("vectors", vectors, persistent=False)

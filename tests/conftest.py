@@ -1,0 +1,43 @@
+"""Shared fixtures: a tiny random encoder, small synthetic domains, the real data."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from shared.data.synthetic import SyntheticConfig, generate
+from shared.encoder import make_tiny_encoder
+
+REAL_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Never write into the user's ~/.cache from a test.
+    monkeypatch.setenv("FEDXREC_CACHE", str(tmp_path_factory.getbasetemp() / "fedxrec-cache"))
+
+
+@pytest.fixture(scope="session")
+def real_data() -> Path:
+    """``../shared/data`` beside the checkout (CI always has it)."""
+    if not REAL_DATA.is_dir():
+        pytest.skip(f"real data not found at {REAL_DATA}")
+    return REAL_DATA
+
+
+@pytest.fixture(scope="session")
+def tiny_encoder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 2-layer, 32-wide random BERT with its tokenizer: fast stand-in for MiniLM."""
+    return make_tiny_encoder(tmp_path_factory.mktemp("tiny-encoder"))
+
+
+@pytest.fixture(scope="session")
+def synthetic(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    """Three small synthetic domains in the tsv format."""
+    return generate(tmp_path_factory.mktemp("synthetic"), SyntheticConfig(users=120, items=60, seed=1))
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -1,0 +1,65 @@
+"""Model pieces that the federation and DP will rely on."""
+
+from __future__ import annotations
+
+import torch
+from torch.nn import functional as F
+
+from shared.model.adapters import MoEAdapter, MoEAdapterConfig
+from shared.model.head import HeadConfig
+from shared.model.recommender import DomainModel, ItemFeatures
+
+
+def small_model(item_ids: bool = False) -> DomainModel:
+    torch.manual_seed(0)
+    vectors = F.normalize(torch.randn(31, 48), dim=-1)
+    vectors[0] = 0
+    adapter = MoEAdapter(48, MoEAdapterConfig(n_experts=2, dim=16))
+    return DomainModel(adapter=adapter, features=ItemFeatures(vectors=vectors), head_config=HeadConfig(max_len=8), item_ids=item_ids)
+
+
+def batch() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    seqs = torch.tensor([[1, 2, 3, 0], [4, 5, 6, 7], [8, 9, 0, 0]])
+    targets = torch.tensor([[2, 3, 10, 0], [5, 6, 7, 11], [9, 12, 0, 0]])
+    negatives = torch.randint(1, 31, (3, 4, 5), generator=torch.Generator().manual_seed(1))
+    return seqs, targets, negatives
+
+
+def test_untrained_head_returns_the_last_items_own_vector() -> None:
+    model = small_model().eval()
+    seqs, _, _ = batch()
+    states = model.user_states(seqs)  # [B, L, d]
+    own = F.normalize(model.item_vectors(seqs), dim=-1)
+    real = seqs > 0
+    torch.testing.assert_close(states[real], own[real])
+
+
+def test_sampled_loss_is_a_mean_of_independent_per_user_losses() -> None:
+    """What DP-SGD needs: one user's loss never depends on another's rows."""
+    model = small_model().eval()
+    seqs, targets, negatives = batch()
+    together = model.sampled_loss(seqs, targets, negatives)
+    alone = torch.stack([model.sampled_loss(seqs[i : i + 1], targets[i : i + 1], negatives[i : i + 1]) for i in range(3)])
+    torch.testing.assert_close(together, alone.mean())
+
+
+def test_sampled_loss_ignores_negatives_equal_to_the_target() -> None:
+    model = small_model().eval()
+    seqs, targets, negatives = batch()
+    clashing = negatives.clone()
+    clashing[..., 0] = targets
+    base = model.sampled_loss(seqs, targets, negatives[..., 1:])
+    torch.testing.assert_close(model.sampled_loss(seqs, targets, torch.cat([clashing[..., :1], negatives[..., 1:]], -1)), base)
+
+
+def test_full_loss_and_scores_agree_with_catalogue() -> None:
+    model = small_model(item_ids=True).eval()
+    seqs, targets, _ = batch()
+    lengths = (seqs > 0).sum(1)
+    scores = model.score_all(seqs, lengths)  # [B, N]
+    assert scores.shape == (3, 30)
+    last = model.last_states(seqs, lengths)
+    torch.testing.assert_close(scores, last @ model.catalogue().T / model.temperature)
+    loss = model.full_loss(seqs, targets)
+    loss.backward()
+    assert model.item_ids is not None and model.item_ids.weight.grad is not None

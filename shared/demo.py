@@ -16,7 +16,7 @@ from shared.training import TrainConfig
 def run_demo(*, out: Path) -> int:
     folders = generate(out / "data", SyntheticConfig())
     print(f"generated {len(folders)} domains in {out / 'data'}")
-    train = TrainConfig(epochs=15, patience=3)
+    train = TrainConfig(epochs=8, patience=3)
     results = {mode: train_and_evaluate(folders, out / mode, mode=mode, train_config=train) for mode in ("local", "pooled")}
     print(f"\n{'domain':<14} {'local NDCG@10':>14} {'pooled NDCG@10':>15}")
     for name in results["local"]:

@@ -1,0 +1,29 @@
+"""Helpers shared by the benchmark scripts: where the real data is, table printing."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+from pathlib import Path
+
+import torch
+
+REAL_DATA = Path(os.environ.get("FEDXREC_REAL_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+
+
+def real_domain(name: str) -> Path:
+    folder = REAL_DATA / name
+    if not folder.is_dir():
+        raise SystemExit(f"{folder} not found: the benchmarks read ../shared/data (or set FEDXREC_REAL_DATA)")
+    return folder
+
+
+def machine() -> str:
+    return f"{platform.machine()}, {os.cpu_count()} CPU(s), torch {torch.__version__}, {torch.get_num_threads()} thread(s)"
+
+
+def write_json(path: Path, obj: object) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj, indent=2))
+    print(f"\nwrote {path}")

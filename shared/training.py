@@ -31,7 +31,7 @@ class TrainConfig:
     lr: float = field(default=1e-3, metadata={"help": "AdamW learning rate"})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
     loss: str = field(default="full", metadata={"help": "'full' softmax over the catalogue, or 'sampled' (per-sample negatives; DP-safe)"})
-    negatives: int = field(default=256, metadata={"help": "uniform negatives per position for the sampled loss"})
+    negatives: int = field(default=256, metadata={"help": "uniform negatives per user for the sampled loss"})
     patience: int = field(default=5, metadata={"help": "epochs without a better valid NDCG@10 before stopping"})
     max_minutes: float | None = field(default=None, metadata={"help": "stop training after this many minutes"})
     seed: int = field(default=0, metadata={"help": "seed for initialisation, batching and dropout"})
@@ -119,7 +119,7 @@ def train(runs: list[DomainRun], config: TrainConfig, *, log: Callable[[str], No
             if config.loss == "full":
                 loss = model.full_loss(inputs, targets)
             else:
-                negatives = torch.randint(1, model.features.n_items + 1, (*targets.shape, config.negatives))
+                negatives = torch.randint(1, model.features.n_items + 1, (targets.shape[0], config.negatives))
                 loss = model.sampled_loss(inputs, targets, negatives)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

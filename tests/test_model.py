@@ -21,7 +21,7 @@ def small_model(item_ids: bool = False) -> DomainModel:
 def batch() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     seqs = torch.tensor([[1, 2, 3, 0], [4, 5, 6, 7], [8, 9, 0, 0]])
     targets = torch.tensor([[2, 3, 10, 0], [5, 6, 7, 11], [9, 12, 0, 0]])
-    negatives = torch.randint(1, 31, (3, 4, 5), generator=torch.Generator().manual_seed(1))
+    negatives = torch.randint(1, 31, (3, 5), generator=torch.Generator().manual_seed(1))
     return seqs, targets, negatives
 
 
@@ -46,10 +46,14 @@ def test_sampled_loss_is_a_mean_of_independent_per_user_losses() -> None:
 def test_sampled_loss_ignores_negatives_equal_to_the_target() -> None:
     model = small_model().eval()
     seqs, targets, negatives = batch()
-    clashing = negatives.clone()
-    clashing[..., 0] = targets
-    base = model.sampled_loss(seqs, targets, negatives[..., 1:])
-    torch.testing.assert_close(model.sampled_loss(seqs, targets, torch.cat([clashing[..., :1], negatives[..., 1:]], -1)), base)
+    with_clash = torch.cat([negatives, targets[:, :1]], dim=1)  # each user's first target as a negative
+    manual = model.per_user_loss(seqs, targets, negatives)
+    clashing = model.per_user_loss(seqs, targets, with_clash)
+    # the clashing negative is masked at the position whose target it is, so position 0
+    # is unchanged; other positions see one more negative and a larger loss
+    assert torch.all(clashing >= manual - 1e-6)
+    single = model.per_user_loss(seqs[:, :1], targets[:, :1], with_clash)
+    torch.testing.assert_close(single, model.per_user_loss(seqs[:, :1], targets[:, :1], negatives))
 
 
 def test_full_loss_and_scores_agree_with_catalogue() -> None:

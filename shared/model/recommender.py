@@ -6,7 +6,7 @@ user state and the adapted item vectors.
 Under DP (Opacus), every trainable module must see inputs whose first dimension
 is the batch, or its per-sample gradients are silently wrong. So the DP-safe
 loss, :meth:`DomainModel.sampled_loss`, applies the adapter to candidates
-gathered per sample ([B, L, 1 + K, d_enc]); :meth:`DomainModel.full_loss`
+gathered per user ([B, K, d_enc] and [B, L, d_enc]); :meth:`DomainModel.full_loss`
 applies it to the whole catalogue (no batch dimension) and is for training
 without DP only. Evaluation ranks the full catalogue without gradients.
 """
@@ -112,22 +112,32 @@ class DomainModel(nn.Module):
         return F.cross_entropy(logits, targets[mask] - 1)
 
     def sampled_loss(self, seqs: torch.Tensor, targets: torch.Tensor, negatives: torch.Tensor) -> torch.Tensor:
-        """Cross-entropy over the target and K negatives gathered per sample.
+        """Cross-entropy over each position's target and K negatives gathered per user.
 
-        seqs, targets [B, L]; negatives [B, L, K] item indices (uniform samples; a
-        negative equal to its target is masked out). Returns the mean over real
-        positions of each user, then over users: one user is one example.
+        seqs, targets [B, L]; negatives [B, K] item indices, drawn uniformly for each
+        user and shared by that user's positions (a negative equal to a position's
+        target is masked out there). The adapter thus runs on B x (L + K) rows, not
+        B x L x K. Returns the mean over real positions of each user, then over
+        users: one user is one example.
         """
+        return self.per_user_loss(seqs, targets, negatives).mean()
+
+    def per_user_loss(self, seqs: torch.Tensor, targets: torch.Tensor, negatives: torch.Tensor) -> torch.Tensor:
+        """[B] sampled-softmax loss of each user (see :meth:`sampled_loss`)."""
         mask = targets > 0  # [B, L]
         states = self.user_states(seqs)  # [B, L, d]
-        candidates = torch.cat([targets.unsqueeze(-1), negatives], dim=-1)  # [B, L, 1 + K]
-        vectors = F.normalize(self.item_vectors(candidates), dim=-1)  # [B, L, 1 + K, d]
-        logits = torch.einsum("bld,blkd->blk", states, vectors) / self.temperature  # [B, L, 1 + K]
-        clash = torch.cat([torch.zeros_like(targets, dtype=torch.bool).unsqueeze(-1), negatives == targets.unsqueeze(-1)], -1)
-        logits = logits.masked_fill(clash, float("-inf"))
+        positives = F.normalize(self.item_vectors(targets), dim=-1)  # [B, L, d]
+        negative_vectors = F.normalize(self.item_vectors(negatives), dim=-1)  # [B, K, d]
+        positive_logits = (states * positives).sum(-1, keepdim=True)  # [B, L, 1]
+        negative_logits = torch.einsum("bld,bkd->blk", states, negative_vectors)  # [B, L, K]
+        clash = negatives.unsqueeze(1) == targets.unsqueeze(-1)  # [B, L, K]
+        logits = torch.cat([positive_logits, negative_logits.masked_fill(clash, float("-inf"))], -1) / self.temperature
         per_position = -F.log_softmax(logits, dim=-1)[..., 0] * mask  # [B, L]
-        per_user = per_position.sum(1) / mask.sum(1).clamp(min=1)  # [B]
-        return per_user.mean()
+        return per_position.sum(1) / mask.sum(1).clamp(min=1)  # [B]
+
+    def forward(self, seqs: torch.Tensor, targets: torch.Tensor, negatives: torch.Tensor) -> torch.Tensor:
+        """The DP-safe training loss, as ``forward`` so that Opacus' wrapper calls it."""
+        return self.sampled_loss(seqs, targets, negatives)
 
     @torch.no_grad()
     def score_all(self, seqs: torch.Tensor, lengths: torch.Tensor, catalogue: torch.Tensor | None = None) -> torch.Tensor:

@@ -1,0 +1,55 @@
+"""fedxrec ClientApp: Message in, a plain call into :mod:`client.partner`, Message out.
+
+Only the adapter's arrays (``"arrays"``), the declared metrics (``"metrics"``)
+and the partner's public name and note (``"partner"``) are sent back; see
+:mod:`shared.federation.wire`.
+"""
+
+from __future__ import annotations
+
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from client import partner
+from shared.federation import wire
+from shared.federation.settings import settings_from_run_config
+
+app = ClientApp()
+
+STATE_KEY = "fedxrec-partner"
+
+
+def _setup(msg: Message, context: Context) -> tuple:  # type: ignore[type-arg]
+    config = dict(msg.content[wire.CONFIG])
+    server_round = int(config.pop("server-round"))
+    settings = settings_from_run_config(config)
+    node_config = dict(context.node_config)
+    spec = partner.resolve_partner(node_config, settings)
+    folder = partner.state_dir(node_config, settings, spec)
+    blob = context.state[STATE_KEY]["blob"] if STATE_KEY in context.state else None
+    state = partner.newest_state(blob, folder)  # type: ignore[arg-type]
+    arrays = msg.content[wire.ARRAYS].to_torch_state_dict()
+    return settings, server_round, spec, folder, state, arrays
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    settings, server_round, spec, folder, state, arrays = _setup(msg, context)
+    reply, new_state = partner.train(settings=settings, server_round=server_round, spec=spec, arrays=arrays, state=state, folder=folder)
+    context.state[STATE_KEY] = ConfigRecord({"blob": new_state.to_bytes()})
+    content = RecordDict(
+        {
+            wire.ARRAYS: ArrayRecord(reply.arrays),
+            wire.METRICS: MetricRecord(reply.metrics),
+            wire.PARTNER: ConfigRecord({"name": spec.name, "note": reply.note}),
+        }
+    )
+    return Message(content=content, reply_to=msg)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    settings, _, spec, _, state, arrays = _setup(msg, context)
+    metrics = partner.evaluate_global(settings=settings, spec=spec, arrays=arrays, state=state)
+    content = RecordDict({wire.METRICS: MetricRecord(metrics), wire.PARTNER: ConfigRecord({"name": spec.name, "note": ""})})
+    return Message(content=content, reply_to=msg)

@@ -1,0 +1,130 @@
+"""One partner's local training for one round: DP-SGD (Opacus) or plain.
+
+Under DP (see DESIGN.md, "Differential-privacy correctness"):
+
+- one example is one user's whole training sequence; users are Poisson-sampled
+  by Opacus' data loader (the accountant assumes it);
+- adapter *and* private head are trained by the same DP optimizer;
+- the loss is the sampled softmax with negatives gathered per user, so every
+  trainable module sees batch-first inputs and per-sample gradients are exact;
+- negatives are uniform (popularity-weighted sampling would be an unaccounted
+  release) and the number of steps is fixed in advance (no early stopping).
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from client.privacy import PrivacyLedger
+from shared.data.split import DomainSplit
+from shared.model.recommender import DomainModel
+
+
+def user_sequences(split: DomainSplit, *, max_len: int) -> TensorDataset:
+    """One example per user with >= 2 training items: (inputs, targets), each [U, L] right-padded."""
+    seqs = [s[-(max_len + 1) :] for s in split.train if len(s) >= 2]
+    inputs = torch.zeros(len(seqs), max_len, dtype=torch.long)
+    targets = torch.zeros(len(seqs), max_len, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        inputs[i, : len(s) - 1] = torch.as_tensor(np.asarray(s[:-1]))
+        targets[i, : len(s) - 1] = torch.as_tensor(np.asarray(s[1:]))
+    return TensorDataset(inputs, targets)
+
+
+@dataclass
+class RoundOutcome:
+    loss: float
+    steps: int
+    examples: int  # users sampled (with repetition over epochs)
+
+
+@dataclass
+class DPPlan:
+    noise_multiplier: float
+    max_grad_norm: float
+    ledger: PrivacyLedger
+
+
+def _trim(inputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    width = int((targets > 0).sum(1).max().clamp(min=1))
+    return inputs[:, :width], targets[:, :width]  # [B, W]: right-padded, so the tail is padding
+
+
+def train_round(
+    model: DomainModel,
+    data: TensorDataset,
+    *,
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    negatives: int,
+    seed: int,
+    dp: DPPlan | None,
+    optimizer_state: dict[str, Any] | None = None,
+    params: list[torch.nn.Parameter] | None = None,
+) -> tuple[RoundOutcome, dict[str, Any]]:
+    """Trains ``model`` in place for ``epochs`` passes; returns the outcome and the optimizer state.
+
+    ``params`` (default: all trainable) restricts what is trained, e.g. the head
+    only for a local fine-tune.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    trainable = params if params is not None else [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=0.0)
+    if optimizer_state:
+        try:
+            optimizer.load_state_dict(optimizer_state)
+        except (ValueError, KeyError):  # the parameter set changed (e.g. fine-tune): start afresh
+            pass
+    loader = DataLoader(data, batch_size=batch_size, shuffle=True, generator=generator)
+    module: torch.nn.Module = model
+    if dp is not None:
+        from opacus import PrivacyEngine
+
+        engine = PrivacyEngine(accountant=dp.ledger.budget.accountant)
+        engine.accountant = dp.ledger.accountant  # one accountant for the whole run
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*[Ss]ecure RNG.*")
+            module, optimizer, loader = engine.make_private(
+                module=model,
+                optimizer=optimizer,
+                data_loader=loader,
+                noise_multiplier=dp.noise_multiplier,
+                max_grad_norm=dp.max_grad_norm,
+                poisson_sampling=True,
+            )
+    model.train()
+    warnings.filterwarnings("ignore", message="Full backward hook is firing")  # Opacus on the first layer: harmless
+    n_items = model.features.n_items
+    losses, steps, examples = [], 0, 0
+    for _ in range(epochs):
+        for inputs, targets in loader:
+            if len(inputs) == 0:  # an empty Poisson batch: the model stays as it is, nothing is released
+                continue
+            inputs, targets = _trim(inputs, targets)
+            negative_items = torch.randint(1, n_items + 1, (len(inputs), negatives), generator=generator)
+            loss = module(inputs, targets, negative_items)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            losses.append(float(loss.detach()))
+            steps += 1
+            examples += len(inputs)
+    if dp is not None:
+        module.remove_hooks()  # type: ignore[operator]
+        state = optimizer.original_optimizer.state_dict()  # type: ignore[attr-defined]
+    else:
+        state = optimizer.state_dict()
+    return RoundOutcome(float(np.mean(losses)) if losses else 0.0, steps, examples), state
+
+
+def poisson_schedule(n_users: int, batch_size: int) -> tuple[float, int]:
+    """(sample rate, steps per epoch) of Opacus' Poisson loader over ``n_users`` examples."""
+    n_batches = max(1, -(-n_users // batch_size))
+    return 1.0 / n_batches, n_batches

@@ -1,0 +1,260 @@
+"""A partner's side of a round: its data, its private state, training and evaluation.
+
+Plain functions of plain values (state dicts, dicts of settings), so that the
+ClientApp stays a thin Message in / Message out layer and tests call these
+directly. Everything private stays here: the head, the optimizer state and the
+privacy ledger live in the partner's state folder (and in Flower's
+``Context.state`` between rounds of one process); only the adapter's arrays and
+the declared metrics are returned for sending.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from client.local_training import DPPlan, poisson_schedule, train_round, user_sequences
+from client.privacy import PrivacyLedger, calibrate_noise, partner_budget
+from shared.data.readers import read_domain
+from shared.data.split import DomainSplit, split_domain
+from shared.encoder import TextEncoder
+from shared.evaluation import evaluate
+from shared.federation.scenario import PartnerSpec, scenario_partners
+from shared.federation.settings import FederationSettings
+from shared.federation.adapter import adapter_config
+from shared.model.adapters import MoEAdapter, adapter_state, load_adapter_weights
+from shared.model.head import HeadConfig
+from shared.model.recommender import DomainModel, ItemFeatures
+from shared.vector_cache import VectorCache, encode_texts
+
+NO_DP = -1.0  # epsilon and delta reported when DP is off
+
+
+# --------------------------------------------------------------------------- who am I
+
+
+def resolve_partner(node_config: dict[str, Any], settings: FederationSettings) -> PartnerSpec:
+    """Deployment: node config ``data-path`` (+ ``domain``, ``max-epsilon``, ``max-users``).
+    Simulation: partner ``partition-id`` of the run's scenario."""
+    if "data-path" in node_config:
+        data = Path(str(node_config["data-path"]))
+        cap = node_config.get("max-epsilon")
+        users = node_config.get("max-users")
+        return PartnerSpec(str(node_config.get("domain") or data.name), data, float(cap) if cap is not None else None, int(users) if users else None)
+    if "partition-id" not in node_config:
+        raise ValueError("node config needs 'data-path' (a deployed partner) or 'partition-id' (a simulated one)")
+    pid, n = int(node_config["partition-id"]), int(node_config.get("num-partitions", 3))
+    partners = scenario_partners(settings.scenario, root=Path(settings.runs_dir) / "_data", n_partners=n, seed=settings.seed)
+    if pid >= len(partners):
+        raise ValueError(f"simulated partner {pid} has no entry: scenario {settings.scenario!r} has {len(partners)} partners; run with num-supernodes={len(partners)}")
+    return partners[pid]
+
+
+def state_dir(node_config: dict[str, Any], settings: FederationSettings, spec: PartnerSpec) -> Path:
+    if node_config.get("state-dir"):
+        return Path(str(node_config["state-dir"]))
+    return Path(settings.runs_dir) / settings.run_id / "partners" / spec.name
+
+
+# --------------------------------------------------------------------------- data (cached per process)
+
+
+@dataclass
+class PartnerData:
+    split: DomainSplit
+    vectors: torch.Tensor  # [N + 1, d_enc], row 0 = padding
+    examples: Any  # TensorDataset of users' sequences
+    fingerprint: str
+
+
+_ENCODER: TextEncoder | None = None
+_DATA: dict[tuple[str, int | None], PartnerData] = {}
+
+
+def encoder() -> TextEncoder:
+    global _ENCODER
+    if _ENCODER is None:
+        _ENCODER = TextEncoder()
+    return _ENCODER
+
+
+def keep_first_users(split: DomainSplit, n: int) -> DomainSplit:
+    """The first ``n`` users only (a cold-start partner); the catalogue is unchanged."""
+    return DomainSplit(split.name, split.item_ids, split.item_texts, split.users[:n], split.train[:n], split.valid[:n], split.test[:n])
+
+
+def partner_data(spec: PartnerSpec, *, max_len: int) -> PartnerData:
+    key = (str(spec.data), spec.max_users)
+    if key not in _DATA:
+        split = split_domain(read_domain(spec.data, name=spec.name))
+        if spec.max_users:
+            split = keep_first_users(split, spec.max_users)
+        enc = encoder()
+        vectors, _ = encode_texts(split.item_texts, encoder=enc, cache=VectorCache(), progress=False)
+        padded = torch.as_tensor(np.concatenate([np.zeros((1, vectors.shape[1]), np.float32), vectors]))
+        _DATA[key] = PartnerData(split, padded, user_sequences(split, max_len=max_len), enc.fingerprint)
+    return _DATA[key]
+
+
+# --------------------------------------------------------------------------- private state
+
+
+@dataclass
+class PartnerState:
+    """What never leaves the partner. Saved after every round it takes part in."""
+
+    head: dict[str, torch.Tensor] | None = None
+    optimizer: dict[str, Any] | None = None
+    ledger: dict[str, Any] = field(default_factory=lambda: {"history": []})
+    noise_multiplier: float | None = None
+    last_round: int = 0
+
+    def to_bytes(self) -> bytes:
+        buffer = io.BytesIO()
+        torch.save(self.__dict__, buffer)
+        return buffer.getvalue()
+
+    @classmethod
+    def from_bytes(cls, blob: bytes) -> PartnerState:
+        return cls(**torch.load(io.BytesIO(blob), weights_only=False))
+
+    def save(self, folder: Path) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = folder / f".state.pt.{os.getpid()}"
+        tmp.write_bytes(self.to_bytes())
+        tmp.replace(folder / "state.pt")  # atomic: a crash leaves the previous state
+
+    @classmethod
+    def load(cls, folder: Path) -> PartnerState:
+        path = folder / "state.pt"
+        return cls.from_bytes(path.read_bytes()) if path.is_file() else cls()
+
+
+def newest_state(in_memory: bytes | None, folder: Path) -> PartnerState:
+    """Context.state within a process, the state folder after a restart: whichever is newer."""
+    on_disk = PartnerState.load(folder)
+    if in_memory is None:
+        return on_disk
+    memory = PartnerState.from_bytes(in_memory)
+    return memory if memory.last_round >= on_disk.last_round else on_disk
+
+
+# --------------------------------------------------------------------------- the model
+
+
+HEAD = HeadConfig(n_layers=2, n_heads=2, max_len=50, dropout=0.2)
+
+
+def build_model(settings: FederationSettings, data: PartnerData, *, adapter_arrays: dict[str, torch.Tensor], head: dict[str, torch.Tensor] | None) -> DomainModel:
+    adapter = MoEAdapter(int(data.vectors.shape[1]), adapter_config(settings))
+    load_adapter_weights(adapter, adapter_arrays, source="the server's arrays")
+    model = DomainModel(adapter=adapter, features=ItemFeatures(vectors=data.vectors), head_config=HEAD)
+    if head is not None:
+        missing, unexpected = model.load_state_dict(head, strict=False)
+        if unexpected or [k for k in missing if not k.startswith("adapter.")]:
+            raise ValueError(f"the stored private head does not fit this model (unexpected {unexpected[:3]})")
+    return model
+
+
+def head_state(model: DomainModel) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items() if not k.startswith("adapter.")}
+
+
+# --------------------------------------------------------------------------- one round
+
+
+@dataclass
+class TrainReply:
+    arrays: dict[str, torch.Tensor]
+    metrics: dict[str, float]
+    note: str
+
+
+def train(
+    *,
+    settings: FederationSettings,
+    server_round: int,
+    spec: PartnerSpec,
+    arrays: dict[str, torch.Tensor],
+    state: PartnerState,
+    folder: Path,
+) -> tuple[TrainReply, PartnerState]:
+    """Local training from the global adapter; returns the reply and the new private state."""
+    data = partner_data(spec, max_len=HEAD.max_len)
+    n_users = len(data.examples)
+    sample_rate, per_epoch = poisson_schedule(n_users, settings.batch_size)
+    steps = settings.local_epochs * per_epoch
+    plan: DPPlan | None = None
+    budget = partner_budget(server_epsilon=settings.target_epsilon, partner_cap=spec.max_epsilon, delta=settings.delta, n_users=n_users, accountant=settings.accountant)
+    ledger = PrivacyLedger(budget, state.ledger)
+    if settings.dp:
+        if state.noise_multiplier is None:  # calibrated once, for every planned round
+            state.noise_multiplier = calibrate_noise(budget=budget, sample_rate=sample_rate, steps=settings.rounds * steps)
+        if not ledger.can_afford(noise_multiplier=state.noise_multiplier, sample_rate=sample_rate, steps=steps):
+            after = ledger.epsilon_after(noise_multiplier=state.noise_multiplier, sample_rate=sample_rate, steps=steps)
+            note = f"declined round {server_round}: epsilon would reach {after:.3f}, above this partner's budget {budget.epsilon:g} (spent {ledger.epsilon():.3f})"
+            metrics = _train_metrics(0, 0.0, 0, ledger.epsilon(), budget.delta, state.noise_multiplier, sample_rate, declined=True)
+            _log_round(folder, server_round, metrics, note)
+            return TrainReply(arrays, metrics, note), state
+        plan = DPPlan(state.noise_multiplier, settings.max_grad_norm, ledger)
+
+    model = build_model(settings, data, adapter_arrays=arrays, head=state.head)
+    started = time.monotonic()
+    outcome, optimizer_state = train_round(
+        model,
+        data.examples,
+        epochs=settings.local_epochs,
+        batch_size=settings.batch_size,
+        lr=settings.lr,
+        negatives=settings.negatives,
+        seed=settings.seed * 100_003 + server_round,
+        dp=plan,
+        optimizer_state=state.optimizer,
+    )
+    new_state = PartnerState(head_state(model), optimizer_state, ledger.state_dict(), state.noise_multiplier, server_round)
+    new_state.save(folder)
+    epsilon = ledger.epsilon() if settings.dp else NO_DP
+    metrics = _train_metrics(outcome.examples, outcome.loss, outcome.steps, epsilon, budget.delta if settings.dp else NO_DP, state.noise_multiplier or 0.0, sample_rate)
+    _log_round(folder, server_round, {**metrics, "seconds": round(time.monotonic() - started, 2)}, "")
+    return TrainReply(adapter_state(model.adapter), metrics, ""), new_state
+
+
+def _train_metrics(examples: int, loss: float, steps: int, epsilon: float, delta: float, noise: float, rate: float, *, declined: bool = False) -> dict[str, float]:
+    return {
+        "num-examples": int(examples),
+        "loss": float(loss),
+        "steps": int(steps),
+        "epsilon": float(epsilon),
+        "delta": float(delta),
+        "noise-multiplier": float(noise),
+        "sample-rate": float(rate),
+        "declined": int(declined),
+    }
+
+
+def _log_round(folder: Path, server_round: int, metrics: dict[str, float], note: str) -> None:
+    """The partner's own privacy ledger: one line per round, kept beside its state."""
+    folder.mkdir(parents=True, exist_ok=True)
+    with (folder / "ledger.jsonl").open("a", encoding="utf-8") as fh:
+        fh.write(json.dumps({"round": server_round, **metrics, "note": note, "time": time.time()}) + "\n")
+
+
+def evaluate_global(*, settings: FederationSettings, spec: PartnerSpec, arrays: dict[str, torch.Tensor], state: PartnerState) -> dict[str, float]:
+    """Valid and test NDCG@10 / Recall@10 of the global adapter with the private head."""
+    data = partner_data(spec, max_len=HEAD.max_len)
+    model = build_model(settings, data, adapter_arrays=arrays, head=state.head).eval()
+    catalogue = model.catalogue()
+    out: dict[str, float] = {"num-examples": int(len(data.split.eval_users("test")))}
+    with torch.no_grad():
+        for which in ("valid", "test"):
+            m = evaluate(lambda s, n: model.score_all(s, n, catalogue), data.split, which, max_len=HEAD.max_len)
+            out[f"{which}-ndcg@10"], out[f"{which}-recall@10"] = m["ndcg@10"], m["recall@10"]
+    return out

@@ -1,0 +1,60 @@
+"""What the server does at the end of each round: checkpoint, metrics lines, ledger, a printout."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from server.run_folder import RunFolder
+from server.strategy import RoundLog
+from shared.federation.wire import EVALUATE_METRICS, TRAIN_METRICS
+
+NO_DP = -1.0
+
+
+def _key(name: str) -> str:
+    return name.replace("-", "_")
+
+
+def round_rows(server_round: int, log: RoundLog) -> list[dict[str, Any]]:
+    """One row per partner: its training reply (if sampled) joined with its evaluation reply."""
+    rows: dict[str, dict[str, Any]] = {}
+    for reply in log.train:
+        row = rows.setdefault(reply.partner, {"round": server_round, "partner": reply.partner})
+        for name in TRAIN_METRICS:
+            value = reply.metrics.get(name)
+            row[_key(name)] = None if value == NO_DP and name in ("epsilon", "delta") else value
+        row["declined"] = bool(reply.metrics.get("declined"))
+        row["note"] = reply.note
+        row["bytes_sent"] = log.bytes_sent_each
+        row["bytes_received"] = reply.bytes_received
+    for reply in log.evaluate:
+        row = rows.setdefault(reply.partner, {"round": server_round, "partner": reply.partner, "num_examples": 0, "steps": 0, "declined": False, "note": "not sampled this round"})
+        for name in EVALUATE_METRICS:
+            if name != "num-examples":
+                row[_key(name)] = reply.metrics.get(name)
+    return list(rows.values())
+
+
+def end_round(run: RunFolder, server_round: int, arrays: dict[str, Any], log: RoundLog, *, encoder_bytes: int) -> list[dict[str, Any]]:
+    run.save_adapter(server_round, arrays)
+    rows = round_rows(server_round, log)
+    run.append_metrics(rows)
+    for row in rows:
+        if "epsilon" in row:
+            run.append_ledger(
+                row["partner"],
+                {k: row.get(k) for k in ("round", "epsilon", "delta", "noise_multiplier", "sample_rate", "steps", "num_examples", "declined", "note")},
+            )
+    print(f"\nround {server_round}")
+    print(f"  {'partner':<24} {'loss':>7} {'epsilon':>8} {'valid NDCG@10':>14} {'test NDCG@10':>13} {'sent B':>9} {'received B':>11}")
+    for row in rows:
+        eps = row.get("epsilon")
+        print(
+            f"  {row['partner']:<24} {row.get('loss') or 0:>7.3f} {'-' if eps is None else format(eps, '.3f'):>8} "
+            f"{row.get('valid_ndcg@10') or 0:>14.4f} {row.get('test_ndcg@10') or 0:>13.4f} {row.get('bytes_sent', 0):>9,} {row.get('bytes_received', 0):>11,}"
+            + (f"  ({row['note']})" if row.get("note") else "")
+        )
+    print(f"  the full encoder would be {encoder_bytes:,} bytes; each partner sent and received {log.bytes_sent_each / encoder_bytes:.2%} of that")
+    for failure in log.failures:
+        print(f"  failure: {failure}")
+    return rows

@@ -1,0 +1,172 @@
+"""The run folder ``runs/<run-id>/``: everything a run leaves behind, and how it resumes.
+
+::
+
+    config.json                 the resolved run settings
+    manifest.json               package versions, encoder and data fingerprints, seeds, git commit
+    metrics.jsonl               one line per round per partner (training and evaluation)
+    ledger/<partner>.jsonl      each partner's privacy events as it reported them, one line per round
+    adapter/round-<N>.safetensors   the global adapter after round N
+    summary.md, summary.json    final per-partner results
+    partners/<name>/            simulation only: each simulated partner's private state folder
+                                (head, optimizer, accountant); a deployed partner keeps its own
+
+A run resumes from its last saved round: the newest ``adapter/round-N`` is the
+starting point and rounds N+1 ... are run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+import re
+import subprocess
+import time
+from dataclasses import asdict
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from shared.federation.settings import FederationSettings
+
+PACKAGES = ("fedxrec", "flwr", "torch", "opacus", "transformers", "peft", "numpy", "pandas", "safetensors", "grpcio", "ray")
+
+
+def new_run_id() -> str:
+    return time.strftime("%Y%m%d-%H%M%S")
+
+
+def folder_fingerprint(folder: Path) -> str:
+    """SHA-256 over a data folder's file names and bytes."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        digest.update(path.relative_to(folder).as_posix().encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, cwd=Path(__file__).parent)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
+
+
+class RunFolder:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        (root / "adapter").mkdir(parents=True, exist_ok=True)
+        (root / "ledger").mkdir(exist_ok=True)
+
+    # ------------------------------------------------------------- start / resume
+    @classmethod
+    def open(cls, settings: FederationSettings) -> RunFolder:
+        return cls(Path(settings.runs_dir) / settings.run_id)
+
+    def last_round(self) -> int:
+        rounds = [int(m.group(1)) for p in (self.root / "adapter").glob("round-*.safetensors") if (m := re.fullmatch(r"round-(\d+)\.safetensors", p.name))]
+        return max(rounds, default=0)
+
+    def adapter(self, server_round: int) -> dict[str, torch.Tensor]:
+        return load_file(str(self.root / "adapter" / f"round-{server_round}.safetensors"))
+
+    def write_config(self, settings: FederationSettings) -> None:
+        path = self.root / "config.json"
+        if path.is_file():
+            previous = json.loads(path.read_text())
+            changed = {k: (previous.get(k), v) for k, v in settings.to_run_config().items() if previous.get(k) != v and k != "rounds"}
+            if changed:
+                raise ValueError(f"run {self.root} exists with other settings {changed}; resume with the same settings (only 'rounds' may grow) or choose another run-id")
+        path.write_text(json.dumps(settings.to_run_config(), indent=2))
+
+    def write_manifest(self, *, settings: FederationSettings, encoder_fingerprint: str, data: dict[str, Path]) -> None:
+        versions = {}
+        for name in PACKAGES:
+            try:
+                versions[name] = metadata.version(name)
+            except metadata.PackageNotFoundError:
+                versions[name] = None
+        manifest = {
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "python": platform.python_version(),
+            "platform": platform.platform(),
+            "packages": versions,
+            "git_commit": git_commit(),
+            "encoder_fingerprint": encoder_fingerprint,
+            "data_fingerprints": {name: folder_fingerprint(path) for name, path in data.items() if path.is_dir()},
+            "seeds": {"adapter_init": settings.seed, "local_sampling": f"seed * 100003 + round ({settings.seed} * 100003 + r)"},
+        }
+        (self.root / "manifest.json").write_text(json.dumps(manifest, indent=2))
+
+    # ------------------------------------------------------------- per round
+    def save_adapter(self, server_round: int, state: dict[str, torch.Tensor]) -> None:
+        save_file({k: v.contiguous() for k, v in state.items()}, str(self.root / "adapter" / f"round-{server_round}.safetensors"))
+
+    def append_metrics(self, rows: list[dict[str, Any]]) -> None:
+        with (self.root / "metrics.jsonl").open("a", encoding="utf-8") as fh:
+            for row in rows:
+                fh.write(json.dumps(row) + "\n")
+
+    def append_ledger(self, partner: str, row: dict[str, Any]) -> None:
+        with (self.root / "ledger" / f"{_safe(partner)}.jsonl").open("a", encoding="utf-8") as fh:
+            fh.write(json.dumps(row) + "\n")
+
+    def metrics(self) -> list[dict[str, Any]]:
+        path = self.root / "metrics.jsonl"
+        return [json.loads(line) for line in path.read_text().splitlines() if line] if path.is_file() else []
+
+    # ------------------------------------------------------------- the end
+    def write_summary(self, *, settings: FederationSettings, adapter_bytes: int, encoder_bytes: int) -> dict[str, Any]:
+        rows = self.metrics()
+        partners: dict[str, dict[str, Any]] = {}
+        for row in rows:
+            p = partners.setdefault(row["partner"], {"rounds_trained": 0, "rounds_declined": 0})
+            if row.get("declined"):
+                p["rounds_declined"] += 1
+            elif row.get("steps"):
+                p["rounds_trained"] += 1
+            for key in ("valid_ndcg@10", "valid_recall@10", "test_ndcg@10", "test_recall@10", "epsilon", "delta", "noise_multiplier"):
+                if row.get(key) is not None:
+                    p[key] = row[key]
+            p["last_round"] = row["round"]
+        summary = {
+            "run": self.root.name,
+            "rounds": self.last_round(),
+            "dp": settings.dp,
+            "target_epsilon": settings.target_epsilon if settings.dp else None,
+            "adapter_bytes_per_round": adapter_bytes,
+            "encoder_bytes": encoder_bytes,
+            "partners": partners,
+        }
+        (self.root / "summary.json").write_text(json.dumps(summary, indent=2))
+        lines = [
+            f"# Run {self.root.name}",
+            "",
+            f"{summary['rounds']} rounds; DP {'on, target epsilon ' + format(settings.target_epsilon, 'g') if settings.dp else 'off'}; "
+            f"adapter {adapter_bytes:,} bytes per round each way ({adapter_bytes / encoder_bytes:.2%} of the encoder's {encoder_bytes:,}).",
+            "",
+            "| partner | test NDCG@10 | test Recall@10 | valid NDCG@10 | epsilon | delta | rounds trained | declined |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for name, p in partners.items():
+            eps = "no DP" if p.get("epsilon") is None else f"{p['epsilon']:.3f}"
+            delta = "" if p.get("delta") is None else f"{p['delta']:.1e}"
+            lines.append(
+                f"| {name} | {p.get('test_ndcg@10', float('nan')):.4f} | {p.get('test_recall@10', float('nan')):.4f} | "
+                f"{p.get('valid_ndcg@10', float('nan')):.4f} | {eps} | {delta} | {p['rounds_trained']} | {p['rounds_declined']} |"
+            )
+        (self.root / "summary.md").write_text("\n".join(lines) + "\n")
+        return summary
+
+
+def _safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]", "_", name)
+
+
+def settings_dict(settings: FederationSettings) -> dict[str, Any]:
+    return asdict(settings)

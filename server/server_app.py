@@ -1,0 +1,65 @@
+"""fedxrec ServerApp: read the run config, build Flower's FedAvg, start, save.
+
+Only adapter weights travel; the average is Flower's FedAvg weighted by the
+number of users each partner trained on. Everything the run leaves is in the run
+folder (see :mod:`server.run_folder`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from flwr.app import ArrayRecord, ConfigRecord, Context
+from flwr.serverapp import Grid, ServerApp
+
+from server.rounds import end_round
+from server.run_folder import RunFolder, new_run_id
+from server.strategy import PartnerFedAvg
+from shared.encoder import TextEncoder
+from shared.federation.adapter import initial_adapter
+from shared.federation.scenario import load_scenario
+from shared.federation.settings import settings_from_run_config
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    settings = settings_from_run_config(dict(context.run_config))
+    settings.run_id = settings.run_id or new_run_id()
+    run = RunFolder.open(settings)
+    run.write_config(settings)
+    encoder = TextEncoder()  # for its fingerprint, width and size; it never leaves anyone
+    data = {} if settings.scenario == "synthetic" else {p.name: p.data for p in load_scenario(settings.scenario)}
+    run.write_manifest(settings=settings, encoder_fingerprint=encoder.fingerprint, data=data)
+
+    done = run.last_round()
+    arrays = run.adapter(done) if done else initial_adapter(settings, in_dim=encoder.dim)
+    print(f"run folder {run.root}" + (f"; resuming after round {done}" if done else ""))
+    strategy = PartnerFedAvg(
+        first_round=done + 1,
+        fraction_train=settings.fraction_train,
+        fraction_evaluate=1.0,
+        min_train_nodes=settings.min_partners,
+        min_evaluate_nodes=settings.min_partners,
+        min_available_nodes=settings.min_partners,
+    )
+    config = ConfigRecord(settings.to_run_config())
+
+    def after_round(server_round: int, record: ArrayRecord) -> None:
+        r = server_round + done
+        end_round(run, r, record.to_torch_state_dict(), strategy.round_log(server_round), encoder_bytes=encoder.n_bytes)
+
+    if settings.rounds > done:
+        strategy.start(
+            grid=grid,
+            initial_arrays=ArrayRecord(arrays),
+            num_rounds=settings.rounds - done,
+            train_config=config,
+            evaluate_config=config,
+            evaluate_fn=lambda rnd, rec: after_round(rnd, rec) if rnd > 0 else None,
+        )
+    adapter_bytes = sum(v.numel() * v.element_size() for v in arrays.values())
+    summary = run.write_summary(settings=settings, adapter_bytes=adapter_bytes, encoder_bytes=encoder.n_bytes)
+    print("\n" + (Path(run.root) / "summary.md").read_text())
+    del summary

@@ -1,0 +1,106 @@
+"""The federation's run settings: ``[tool.flwr.app.config]`` keys, validated once.
+
+Keys are kebab-case in the run config (``local-epochs``) and snake_case here
+(``local_epochs``). :func:`settings_from_run_config` collects every problem
+(unknown key with a suggestion, wrong type, value out of range) into one error,
+instead of failing on the first or silently using a default for a typo.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+
+@dataclass
+class FederationSettings:
+    rounds: int = field(default=3, metadata={"help": "federated rounds"})
+    local_epochs: int = field(default=1, metadata={"help": "passes over a partner's users per round"})
+    fraction_train: float = field(default=1.0, metadata={"help": "fraction of partners sampled per round"})
+    min_partners: int = field(default=2, metadata={"help": "fewest partners a round needs"})
+    adapter: str = field(default="moe", metadata={"help": "shared adapter kind: 'moe'"})
+    moe_n_experts: int = field(default=4, metadata={"help": "moe adapter: experts"})
+    moe_dim: int = field(default=128, metadata={"help": "moe adapter: output width"})
+    lr: float = field(default=1e-3, metadata={"help": "AdamW learning rate"})
+    batch_size: int = field(default=64, metadata={"help": "expected users per step (Poisson sampling under DP)"})
+    negatives: int = field(default=128, metadata={"help": "uniform negatives per position (sampled softmax)"})
+    dp: bool = field(default=True, metadata={"help": "train under user-level DP-SGD (Opacus)"})
+    target_epsilon: float = field(default=8.0, metadata={"help": "epsilon each partner may spend over the whole run"})
+    delta: float = field(default=0.0, metadata={"help": "delta; 0 means 1 / (10 x a partner's users)"})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "per-user gradient clipping norm"})
+    accountant: str = field(default="rdp", metadata={"help": "Opacus accountant: 'rdp' or 'prv'"})
+    seed: int = field(default=0, metadata={"help": "seed for the initial adapter and local sampling"})
+    scenario: str = field(default="synthetic", metadata={"help": "'synthetic' (generated data) or a scenario TOML file"})
+    run_id: str = field(default="", metadata={"help": "run folder name under runs-dir; empty: a new time-stamped one; an existing one resumes"})
+    runs_dir: str = field(default="runs", metadata={"help": "where run folders are written"})
+
+    def validate(self) -> list[str]:
+        problems = []
+        positive = ["rounds", "local_epochs", "min_partners", "moe_n_experts", "moe_dim", "batch_size", "negatives"]
+        problems += [f"{_key(k)} must be >= 1, got {getattr(self, k)}" for k in positive if getattr(self, k) < 1]
+        if not 0 < self.fraction_train <= 1:
+            problems.append(f"fraction-train must be in (0, 1], got {self.fraction_train}")
+        if self.adapter != "moe":
+            problems.append(
+                f"adapter must be 'moe' in a federation, got {self.adapter!r} ('lora' trains the encoder inside the loop "
+                "and is available to 'fedxrec train' only; its DP version is not built yet)"
+            )
+        if self.accountant not in ("rdp", "prv"):
+            problems.append(f"accountant must be 'rdp' or 'prv', got {self.accountant!r}")
+        if self.dp and self.target_epsilon <= 0:
+            problems.append(f"target-epsilon must be > 0 with dp on, got {self.target_epsilon}")
+        if not 0 <= self.delta < 1:
+            problems.append(f"delta must be in [0, 1), got {self.delta}")
+        if self.max_grad_norm <= 0 or self.lr <= 0:
+            problems.append("max-grad-norm and lr must be > 0")
+        return problems
+
+    def to_run_config(self) -> dict[str, Any]:
+        return {_key(k): v for k, v in asdict(self).items()}
+
+
+class SettingsError(ValueError):
+    pass
+
+
+def _key(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def settings_from_run_config(run_config: dict[str, Any], *, ignore: tuple[str, ...] = ()) -> FederationSettings:
+    """Reads and checks the run config; raises SettingsError listing every problem."""
+    known = {_key(f.name): f for f in fields(FederationSettings)}
+    problems: list[str] = []
+    values: dict[str, Any] = {}
+    for key, value in run_config.items():
+        if key in ignore:
+            continue
+        f = known.get(key)
+        if f is None:
+            close = difflib.get_close_matches(key, list(known), n=1)
+            problems.append(f"unknown run-config key {key!r}" + (f"; did you mean {close[0]!r}?" if close else f"; known keys: {sorted(known)}"))
+            continue
+        default = f.default
+        if isinstance(default, bool):
+            ok = isinstance(value, bool)
+        elif isinstance(default, float):
+            ok = isinstance(value, int | float) and not isinstance(value, bool)
+            value = float(value) if ok else value
+        elif isinstance(default, int):
+            ok = isinstance(value, int) and not isinstance(value, bool)
+        else:
+            ok = isinstance(value, str)
+        if not ok:
+            problems.append(f"run-config key {key!r}: expected {type(default).__name__}, got {value!r}")
+            continue
+        values[f.name] = value
+    settings = FederationSettings(**values)
+    problems += settings.validate()
+    if problems:
+        raise SettingsError("invalid run config:\n  " + "\n  ".join(problems))
+    return settings
+
+
+def settings_help() -> str:
+    return "\n".join(f"  {_key(f.name)} = {f.default!r}: {f.metadata['help']}" for f in fields(FederationSettings))

@@ -1,0 +1,111 @@
+"""DP correctness: per-sample gradients, a DP step's effect, composition, restarts."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from opacus import GradSampleModule
+from torch.nn import functional as F
+from torch.utils.data import TensorDataset
+
+from client.local_training import DPPlan, poisson_schedule, train_round
+from client.privacy import Budget, PrivacyLedger, calibrate_noise, partner_budget
+from shared.model.adapters import MoEAdapter, MoEAdapterConfig, adapter_state
+from shared.model.head import HeadConfig
+from shared.model.recommender import DomainModel, ItemFeatures
+
+
+def tiny_model(*, dropout: float = 0.0, seed: int = 0) -> DomainModel:
+    torch.manual_seed(seed)
+    vectors = F.normalize(torch.randn(41, 24), dim=-1)
+    vectors[0] = 0
+    adapter = MoEAdapter(24, MoEAdapterConfig(n_experts=2, dim=8, dropout=dropout))
+    model = DomainModel(adapter=adapter, features=ItemFeatures(vectors=vectors), head_config=HeadConfig(n_layers=1, max_len=6, dropout=dropout))
+    with torch.no_grad():  # move off the zero initialisation so that every parameter has a gradient
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return model
+
+
+def users(n: int = 5, *, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(2, 6, (n,), generator=g)
+    items = torch.randint(1, 41, (n, 6), generator=g)
+    inputs, targets = torch.zeros(n, 5, dtype=torch.long), torch.zeros(n, 5, dtype=torch.long)
+    for i, k in enumerate(lengths.tolist()):
+        inputs[i, : k - 1], targets[i, : k - 1] = items[i, : k - 1], items[i, 1:k]
+    negatives = torch.randint(1, 41, (n, 7), generator=g)
+    return inputs, targets, negatives
+
+
+def test_per_sample_gradients_equal_one_example_batches() -> None:
+    model = tiny_model()
+    inputs, targets, negatives = users()
+    wrapped = GradSampleModule(model, loss_reduction="mean")
+    wrapped(inputs, targets, negatives).backward()
+    per_sample = {name: p.grad_sample.clone() for name, p in model.named_parameters()}
+    assert set(per_sample) == {n for n, p in model.named_parameters() if p.requires_grad}
+    wrapped._close()
+    reference = tiny_model()
+    for i in range(len(inputs)):
+        reference.zero_grad()
+        reference(inputs[i : i + 1], targets[i : i + 1], negatives[i : i + 1]).backward()
+        for name, p in reference.named_parameters():
+            torch.testing.assert_close(per_sample[name][i], p.grad, atol=1e-5, rtol=1e-4, msg=f"{name}, user {i}")
+
+
+def _dp_round(model: DomainModel, ledger: PrivacyLedger, *, noise: float = 1.0, epochs: int = 1) -> None:
+    inputs, targets, _ = users(40, seed=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        train_round(model, TensorDataset(inputs, targets), epochs=epochs, batch_size=8, lr=1e-2, negatives=7, seed=0, dp=DPPlan(noise, 1.0, ledger))
+
+
+def test_a_dp_step_changes_the_adapter_and_the_head() -> None:
+    model = tiny_model(dropout=0.1)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    ledger = PrivacyLedger(Budget(epsilon=8.0, delta=1e-3))
+    _dp_round(model, ledger)
+    after = model.state_dict()
+    for key in adapter_state(model.adapter):
+        assert not torch.equal(before[f"adapter.{key}"], after[f"adapter.{key}"]), key
+    assert not torch.equal(before["head.blocks.0.attn.qkv.weight"], after["head.blocks.0.attn.qkv.weight"])
+    assert ledger.steps == 5 and ledger.epsilon() > 0  # 40 users, batch 8: 5 Poisson steps
+
+
+def test_epsilon_composes_across_rounds_like_one_accountant() -> None:
+    budget = Budget(epsilon=8.0, delta=1e-5)
+    per_round = PrivacyLedger(budget)
+    for _ in range(4):  # four rounds, each saving and reloading the ledger as a partner does
+        model = tiny_model()
+        _dp_round(model, per_round)
+        per_round = PrivacyLedger(budget, per_round.state_dict())
+    one = PrivacyLedger(budget)
+    one.accountant.history.append((1.0, 1 / 5, 4 * 5))  # one accountant, all 20 steps at once
+    assert per_round.steps == 20
+    assert per_round.epsilon() == pytest.approx(one.epsilon(), rel=1e-9)
+
+
+def test_calibration_spends_the_budget_over_the_planned_rounds() -> None:
+    budget = partner_budget(server_epsilon=8.0, partner_cap=3.0, delta=0.0, n_users=1000, accountant="rdp")
+    assert budget.epsilon == 3.0 and budget.delta == pytest.approx(1e-4)  # the partner's cap binds
+    rate, steps = poisson_schedule(1000, 64)
+    noise = calibrate_noise(budget=budget, sample_rate=rate, steps=5 * steps)
+    ledger = PrivacyLedger(budget)
+    for _ in range(5):
+        assert ledger.can_afford(noise_multiplier=noise, sample_rate=rate, steps=steps)
+        ledger.accountant.history.append((noise, rate, steps))
+    assert 2.9 <= ledger.epsilon() <= 3.0 * 1.011
+    assert not ledger.can_afford(noise_multiplier=noise, sample_rate=rate, steps=steps)  # a 6th round would overspend
+
+
+def test_ledger_state_is_small_and_checked(tmp_path: Path) -> None:
+    ledger = PrivacyLedger(Budget(epsilon=1.0, delta=1e-5))
+    ledger.accountant.history.append((1.2, 0.01, 100))
+    state = ledger.state_dict()
+    assert state == {"mechanism": "rdp", "history": [[1.2, 0.01, 100]]}
+    with pytest.raises(ValueError, match="kept by the 'rdp' accountant"):
+        PrivacyLedger(Budget(epsilon=1.0, delta=1e-5, accountant="prv"), state)

@@ -7,6 +7,8 @@ and the partner's public name and note (``"partner"``) are sent back; see
 
 from __future__ import annotations
 
+from typing import Any
+
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
@@ -19,16 +21,16 @@ app = ClientApp()
 STATE_KEY = "fedxrec-partner"
 
 
-def _setup(msg: Message, context: Context) -> tuple:  # type: ignore[type-arg]
-    config = dict(msg.content[wire.CONFIG])
-    server_round = int(config.pop("server-round"))
+def _setup(msg: Message, context: Context) -> tuple[Any, ...]:
+    config = dict(msg.content.config_records[wire.CONFIG])
+    server_round = int(config.pop("server-round"))  # type: ignore[arg-type]
     settings = settings_from_run_config(config)
     node_config = dict(context.node_config)
     spec = partner.resolve_partner(node_config, settings)
     folder = partner.state_dir(node_config, settings, spec)
     blob = context.state[STATE_KEY]["blob"] if STATE_KEY in context.state else None
     state = partner.newest_state(blob, folder)  # type: ignore[arg-type]
-    arrays = msg.content[wire.ARRAYS].to_torch_state_dict()
+    arrays = msg.content.array_records[wire.ARRAYS].to_torch_state_dict()
     return settings, server_round, spec, folder, state, arrays
 
 
@@ -40,7 +42,7 @@ def train(msg: Message, context: Context) -> Message:
     content = RecordDict(
         {
             wire.ARRAYS: ArrayRecord(reply.arrays),
-            wire.METRICS: MetricRecord(reply.metrics),
+            wire.METRICS: MetricRecord(dict(reply.metrics)),
             wire.PARTNER: ConfigRecord({"name": spec.name, "note": reply.note}),
         }
     )
@@ -51,5 +53,5 @@ def train(msg: Message, context: Context) -> Message:
 def evaluate(msg: Message, context: Context) -> Message:
     settings, _, spec, _, state, arrays = _setup(msg, context)
     metrics = partner.evaluate_global(settings=settings, spec=spec, arrays=arrays, state=state)
-    content = RecordDict({wire.METRICS: MetricRecord(metrics), wire.PARTNER: ConfigRecord({"name": spec.name, "note": ""})})
+    content = RecordDict({wire.METRICS: MetricRecord(dict(metrics)), wire.PARTNER: ConfigRecord({"name": spec.name, "note": ""})})
     return Message(content=content, reply_to=msg)

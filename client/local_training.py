@@ -13,6 +13,7 @@ Under DP (see DESIGN.md, "Differential-privacy correctness"):
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -78,10 +79,8 @@ def train_round(
     trainable = params if params is not None else [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=0.0)
     if optimizer_state:
-        try:
+        with contextlib.suppress(ValueError, KeyError):  # the parameter set changed (e.g. fine-tune): start afresh
             optimizer.load_state_dict(optimizer_state)
-        except (ValueError, KeyError):  # the parameter set changed (e.g. fine-tune): start afresh
-            pass
     loader = DataLoader(data, batch_size=batch_size, shuffle=True, generator=generator)
     module: torch.nn.Module = model
     if dp is not None:

@@ -27,9 +27,9 @@ from shared.data.readers import read_domain
 from shared.data.split import DomainSplit, split_domain
 from shared.encoder import TextEncoder
 from shared.evaluation import evaluate
+from shared.federation.adapter import adapter_config
 from shared.federation.scenario import PartnerSpec, scenario_partners
 from shared.federation.settings import FederationSettings
-from shared.federation.adapter import adapter_config
 from shared.model.adapters import MoEAdapter, adapter_state, load_adapter_weights
 from shared.model.head import HeadConfig
 from shared.model.recommender import DomainModel, ItemFeatures
@@ -48,13 +48,17 @@ def resolve_partner(node_config: dict[str, Any], settings: FederationSettings) -
         data = Path(str(node_config["data-path"]))
         cap = node_config.get("max-epsilon")
         users = node_config.get("max-users")
-        return PartnerSpec(str(node_config.get("domain") or data.name), data, float(cap) if cap is not None else None, int(users) if users else None)
+        return PartnerSpec(
+            str(node_config.get("domain") or data.name), data, float(cap) if cap is not None else None, int(users) if users else None
+        )
     if "partition-id" not in node_config:
         raise ValueError("node config needs 'data-path' (a deployed partner) or 'partition-id' (a simulated one)")
     pid, n = int(node_config["partition-id"]), int(node_config.get("num-partitions", 3))
     partners = scenario_partners(settings.scenario, root=Path(settings.runs_dir) / "_data", n_partners=n, seed=settings.seed)
     if pid >= len(partners):
-        raise ValueError(f"simulated partner {pid} has no entry: scenario {settings.scenario!r} has {len(partners)} partners; run with num-supernodes={len(partners)}")
+        raise ValueError(
+            f"simulated partner {pid} has no entry: scenario {settings.scenario!r} has {len(partners)} partners; run with num-supernodes={len(partners)}"
+        )
     return partners[pid]
 
 
@@ -153,7 +157,9 @@ def newest_state(in_memory: bytes | None, folder: Path) -> PartnerState:
 HEAD = HeadConfig(n_layers=2, n_heads=2, max_len=50, dropout=0.2)
 
 
-def build_model(settings: FederationSettings, data: PartnerData, *, adapter_arrays: dict[str, torch.Tensor], head: dict[str, torch.Tensor] | None) -> DomainModel:
+def build_model(
+    settings: FederationSettings, data: PartnerData, *, adapter_arrays: dict[str, torch.Tensor], head: dict[str, torch.Tensor] | None
+) -> DomainModel:
     adapter = MoEAdapter(int(data.vectors.shape[1]), adapter_config(settings))
     load_adapter_weights(adapter, adapter_arrays, source="the server's arrays")
     model = DomainModel(adapter=adapter, features=ItemFeatures(vectors=data.vectors), head_config=HEAD)
@@ -193,7 +199,13 @@ def train(
     sample_rate, per_epoch = poisson_schedule(n_users, settings.batch_size)
     steps = settings.local_epochs * per_epoch
     plan: DPPlan | None = None
-    budget = partner_budget(server_epsilon=settings.target_epsilon, partner_cap=spec.max_epsilon, delta=settings.delta, n_users=n_users, accountant=settings.accountant)
+    budget = partner_budget(
+        server_epsilon=settings.target_epsilon,
+        partner_cap=spec.max_epsilon,
+        delta=settings.delta,
+        n_users=n_users,
+        accountant=settings.accountant,
+    )
     ledger = PrivacyLedger(budget, state.ledger)
     if settings.dp:
         if state.noise_multiplier is None:  # calibrated once, for every planned round
@@ -222,12 +234,22 @@ def train(
     new_state = PartnerState(head_state(model), optimizer_state, ledger.state_dict(), state.noise_multiplier, server_round)
     new_state.save(folder)
     epsilon = ledger.epsilon() if settings.dp else NO_DP
-    metrics = _train_metrics(outcome.examples, outcome.loss, outcome.steps, epsilon, budget.delta if settings.dp else NO_DP, state.noise_multiplier or 0.0, sample_rate)
+    metrics = _train_metrics(
+        outcome.examples,
+        outcome.loss,
+        outcome.steps,
+        epsilon,
+        budget.delta if settings.dp else NO_DP,
+        state.noise_multiplier or 0.0,
+        sample_rate,
+    )
     _log_round(folder, server_round, {**metrics, "seconds": round(time.monotonic() - started, 2)}, "")
     return TrainReply(adapter_state(model.adapter), metrics, ""), new_state
 
 
-def _train_metrics(examples: int, loss: float, steps: int, epsilon: float, delta: float, noise: float, rate: float, *, declined: bool = False) -> dict[str, float]:
+def _train_metrics(
+    examples: int, loss: float, steps: int, epsilon: float, delta: float, noise: float, rate: float, *, declined: bool = False
+) -> dict[str, float]:
     return {
         "num-examples": int(examples),
         "loss": float(loss),
@@ -247,12 +269,14 @@ def _log_round(folder: Path, server_round: int, metrics: dict[str, float], note:
         fh.write(json.dumps({"round": server_round, **metrics, "note": note, "time": time.time()}) + "\n")
 
 
-def evaluate_global(*, settings: FederationSettings, spec: PartnerSpec, arrays: dict[str, torch.Tensor], state: PartnerState) -> dict[str, float]:
+def evaluate_global(
+    *, settings: FederationSettings, spec: PartnerSpec, arrays: dict[str, torch.Tensor], state: PartnerState
+) -> dict[str, float]:
     """Valid and test NDCG@10 / Recall@10 of the global adapter with the private head."""
     data = partner_data(spec, max_len=HEAD.max_len)
     model = build_model(settings, data, adapter_arrays=arrays, head=state.head).eval()
     catalogue = model.catalogue()
-    out: dict[str, float] = {"num-examples": int(len(data.split.eval_users("test")))}
+    out: dict[str, float] = {"num-examples": len(data.split.eval_users("test"))}
     with torch.no_grad():
         for which in ("valid", "test"):
             m = evaluate(lambda s, n: model.score_all(s, n, catalogue), data.split, which, max_len=HEAD.max_len)

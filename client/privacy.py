@@ -58,7 +58,9 @@ class PrivacyLedger:
         self.accountant: IAccountant = create_accountant(budget.accountant)
         if state and state.get("history"):
             if state.get("mechanism", budget.accountant) != budget.accountant:
-                raise ValueError(f"the stored ledger was kept by the {state['mechanism']!r} accountant, this run asks for {budget.accountant!r}")
+                raise ValueError(
+                    f"the stored ledger was kept by the {state['mechanism']!r} accountant, this run asks for {budget.accountant!r}"
+                )
             self.accountant.history = [tuple(h) for h in state["history"]]
 
     def state_dict(self) -> dict[str, Any]:

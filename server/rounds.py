@@ -28,7 +28,17 @@ def round_rows(server_round: int, log: RoundLog) -> list[dict[str, Any]]:
         row["bytes_sent"] = log.bytes_sent_each
         row["bytes_received"] = reply.bytes_received
     for reply in log.evaluate:
-        row = rows.setdefault(reply.partner, {"round": server_round, "partner": reply.partner, "num_examples": 0, "steps": 0, "declined": False, "note": "not sampled this round"})
+        row = rows.setdefault(
+            reply.partner,
+            {
+                "round": server_round,
+                "partner": reply.partner,
+                "num_examples": 0,
+                "steps": 0,
+                "declined": False,
+                "note": "not sampled this round",
+            },
+        )
         for name in EVALUATE_METRICS:
             if name != "num-examples":
                 row[_key(name)] = reply.metrics.get(name)
@@ -43,7 +53,10 @@ def end_round(run: RunFolder, server_round: int, arrays: dict[str, Any], log: Ro
         if "epsilon" in row:
             run.append_ledger(
                 row["partner"],
-                {k: row.get(k) for k in ("round", "epsilon", "delta", "noise_multiplier", "sample_rate", "steps", "num_examples", "declined", "note")},
+                {
+                    k: row.get(k)
+                    for k in ("round", "epsilon", "delta", "noise_multiplier", "sample_rate", "steps", "num_examples", "declined", "note")
+                },
             )
     print(f"\nround {server_round}")
     print(f"  {'partner':<24} {'loss':>7} {'epsilon':>8} {'valid NDCG@10':>14} {'test NDCG@10':>13} {'sent B':>9} {'received B':>11}")
@@ -54,7 +67,9 @@ def end_round(run: RunFolder, server_round: int, arrays: dict[str, Any], log: Ro
             f"{row.get('valid_ndcg@10') or 0:>14.4f} {row.get('test_ndcg@10') or 0:>13.4f} {row.get('bytes_sent', 0):>9,} {row.get('bytes_received', 0):>11,}"
             + (f"  ({row['note']})" if row.get("note") else "")
         )
-    print(f"  the full encoder would be {encoder_bytes:,} bytes; each partner sent and received {log.bytes_sent_each / encoder_bytes:.2%} of that")
+    print(
+        f"  the full encoder would be {encoder_bytes:,} bytes; each partner sent and received {log.bytes_sent_each / encoder_bytes:.2%} of that"
+    )
     for failure in log.failures:
         print(f"  failure: {failure}")
     return rows

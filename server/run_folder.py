@@ -69,7 +69,11 @@ class RunFolder:
         return cls(Path(settings.runs_dir) / settings.run_id)
 
     def last_round(self) -> int:
-        rounds = [int(m.group(1)) for p in (self.root / "adapter").glob("round-*.safetensors") if (m := re.fullmatch(r"round-(\d+)\.safetensors", p.name))]
+        rounds = [
+            int(m.group(1))
+            for p in (self.root / "adapter").glob("round-*.safetensors")
+            if (m := re.fullmatch(r"round-(\d+)\.safetensors", p.name))
+        ]
         return max(rounds, default=0)
 
     def adapter(self, server_round: int) -> dict[str, torch.Tensor]:
@@ -81,11 +85,13 @@ class RunFolder:
             previous = json.loads(path.read_text())
             changed = {k: (previous.get(k), v) for k, v in settings.to_run_config().items() if previous.get(k) != v and k != "rounds"}
             if changed:
-                raise ValueError(f"run {self.root} exists with other settings {changed}; resume with the same settings (only 'rounds' may grow) or choose another run-id")
+                raise ValueError(
+                    f"run {self.root} exists with other settings {changed}; resume with the same settings (only 'rounds' may grow) or choose another run-id"
+                )
         path.write_text(json.dumps(settings.to_run_config(), indent=2))
 
     def write_manifest(self, *, settings: FederationSettings, encoder_fingerprint: str, data: dict[str, Path]) -> None:
-        versions = {}
+        versions: dict[str, str | None] = {}
         for name in PACKAGES:
             try:
                 versions[name] = metadata.version(name)

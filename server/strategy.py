@@ -43,13 +43,15 @@ class RoundLog:
 
 
 def _reply(msg: Message, *, with_arrays: bool) -> PartnerReply:
-    info = msg.content[wire.PARTNER] if wire.PARTNER in msg.content else ConfigRecord({"name": f"node-{msg.metadata.src_node_id}", "note": ""})
+    info = (
+        msg.content[wire.PARTNER] if wire.PARTNER in msg.content else ConfigRecord({"name": f"node-{msg.metadata.src_node_id}", "note": ""})
+    )
     return PartnerReply(
         node_id=msg.metadata.src_node_id,
         partner=str(info["name"]),
         note=str(info.get("note", "")),
         metrics=dict(msg.content[wire.METRICS]),
-        bytes_received=record_bytes(msg.content[wire.ARRAYS]) if with_arrays else 0,
+        bytes_received=record_bytes(msg.content.array_records[wire.ARRAYS]) if with_arrays else 0,
     )
 
 

@@ -37,7 +37,12 @@ def main() -> None:
             t0 = time.perf_counter()
             _, stats = encode_texts(texts, encoder=encoder, cache=VectorCache(Path(tmp)), progress=False)
             seconds = time.perf_counter() - t0
-            results[f"run{run}"] = {"seconds": round(seconds, 2), "encoded": stats.encoded, "hit_rate": stats.hit_rate, "texts_per_s": round(len(texts) / seconds, 1)}
+            results[f"run{run}"] = {
+                "seconds": round(seconds, 2),
+                "encoded": stats.encoded,
+                "hit_rate": stats.hit_rate,
+                "texts_per_s": round(len(texts) / seconds, 1),
+            }
     # Fixed padding for comparison: every batch padded to 128 tokens.
     encoder = TextEncoder(max_length=128)
     sample = texts[:500]
@@ -45,12 +50,19 @@ def main() -> None:
     encoder.encode(sample)
     dynamic = time.perf_counter() - t0
     tokenize = encoder.tokenize
-    encoder.tokenize = lambda batch: dict(encoder.tokenizer(batch, padding="max_length", truncation=True, max_length=128, return_tensors="pt"))  # type: ignore[method-assign]
+    encoder.tokenize = lambda batch: dict(
+        encoder.tokenizer(batch, padding="max_length", truncation=True, max_length=128, return_tensors="pt")
+    )  # type: ignore[method-assign]
     t0 = time.perf_counter()
     encoder.encode(sample)
     fixed = time.perf_counter() - t0
     encoder.tokenize = tokenize  # type: ignore[method-assign]
-    results["padding"] = {"texts": len(sample), "dynamic_s": round(dynamic, 2), "fixed_128_s": round(fixed, 2), "speedup": round(fixed / dynamic, 2)}
+    results["padding"] = {
+        "texts": len(sample),
+        "dynamic_s": round(dynamic, 2),
+        "fixed_128_s": round(fixed, 2),
+        "speedup": round(fixed / dynamic, 2),
+    }
     r1, r2 = results["run1"], results["run2"]
     print(f"\n{args.domain}: {len(texts):,} item texts, {results['mean_tokens']:.0f} tokens on average; {machine()}")
     print(f"run 1 (empty cache): {r1['texts_per_s']:>9,.1f} texts/s, {r1['encoded']:,} encoded, hit rate {r1['hit_rate']:.0%}")  # type: ignore[index]

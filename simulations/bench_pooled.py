@@ -31,9 +31,18 @@ def main() -> None:
     local: dict[str, dict[str, dict[str, float]]] = {}
     seconds = {}
     for folder in folders:
-        local.update(train_and_evaluate([folder], out / "local" / folder.name, mode="local", train_config=TrainConfig(epochs=200, patience=5, max_minutes=args.minutes)))
+        local.update(
+            train_and_evaluate(
+                [folder],
+                out / "local" / folder.name,
+                mode="local",
+                train_config=TrainConfig(epochs=200, patience=5, max_minutes=args.minutes),
+            )
+        )
         seconds[folder.name] = json.loads((out / "local" / folder.name / "report.json").read_text())["seconds"]["train"]
-    pooled = train_and_evaluate(folders, out / "pooled", mode="pooled", train_config=TrainConfig(epochs=200, patience=5, max_minutes=3 * args.minutes))
+    pooled = train_and_evaluate(
+        folders, out / "pooled", mode="pooled", train_config=TrainConfig(epochs=200, patience=5, max_minutes=3 * args.minutes)
+    )
     seconds["pooled"] = json.loads((out / "pooled" / "report.json").read_text())["seconds"]["train"]
     print(f"\nlocal vs pooled, test split, full ranking; {machine()}")
     print(f"{'domain':<20} {'local NDCG@10':>14} {'pooled NDCG@10':>15} {'change':>8}   {'local R@10':>10} {'pooled R@10':>11}")
@@ -42,7 +51,9 @@ def main() -> None:
         lo, po = local[name]["test"], pooled[name]["test"]
         change = po["ndcg@10"] / lo["ndcg@10"] - 1
         rows[name] = {"local": lo, "pooled": po, "ndcg@10_change": change}
-        print(f"{name:<20} {lo['ndcg@10']:>14.4f} {po['ndcg@10']:>15.4f} {change:>+8.1%}   {lo['recall@10']:>10.4f} {po['recall@10']:>11.4f}")
+        print(
+            f"{name:<20} {lo['ndcg@10']:>14.4f} {po['ndcg@10']:>15.4f} {change:>+8.1%}   {lo['recall@10']:>10.4f} {po['recall@10']:>11.4f}"
+        )
     print("training seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in seconds.items()))
     write_json(out / "benchmark.json", {"domains": rows, "train_seconds": seconds, "machine": machine()})
 

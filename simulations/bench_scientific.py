@@ -51,7 +51,17 @@ def main() -> None:
         f"{epochs} epochs, training {report['seconds']['train']:.0f} s, total {report['seconds']['total']:.0f} s; "
         f"peak memory {report['peak_memory_mb']:.0f} MB"
     )
-    write_json(out / "benchmark.json", {"test": test, "published": PUBLISHED, "baselines": base, "seconds": report["seconds"], "peak_memory_mb": report["peak_memory_mb"], "machine": machine()})
+    write_json(
+        out / "benchmark.json",
+        {
+            "test": test,
+            "published": PUBLISHED,
+            "baselines": base,
+            "seconds": report["seconds"],
+            "peak_memory_mb": report["peak_memory_mb"],
+            "machine": machine(),
+        },
+    )
 
 
 if __name__ == "__main__":

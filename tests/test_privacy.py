@@ -23,7 +23,9 @@ def tiny_model(*, dropout: float = 0.0, seed: int = 0) -> DomainModel:
     vectors = F.normalize(torch.randn(41, 24), dim=-1)
     vectors[0] = 0
     adapter = MoEAdapter(24, MoEAdapterConfig(n_experts=2, dim=8, dropout=dropout))
-    model = DomainModel(adapter=adapter, features=ItemFeatures(vectors=vectors), head_config=HeadConfig(n_layers=1, max_len=6, dropout=dropout))
+    model = DomainModel(
+        adapter=adapter, features=ItemFeatures(vectors=vectors), head_config=HeadConfig(n_layers=1, max_len=6, dropout=dropout)
+    )
     with torch.no_grad():  # move off the zero initialisation so that every parameter has a gradient
         for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))
@@ -61,7 +63,9 @@ def _dp_round(model: DomainModel, ledger: PrivacyLedger, *, noise: float = 1.0, 
     inputs, targets, _ = users(40, seed=1)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        train_round(model, TensorDataset(inputs, targets), epochs=epochs, batch_size=8, lr=1e-2, negatives=7, seed=0, dp=DPPlan(noise, 1.0, ledger))
+        train_round(
+            model, TensorDataset(inputs, targets), epochs=epochs, batch_size=8, lr=1e-2, negatives=7, seed=0, dp=DPPlan(noise, 1.0, ledger)
+        )
 
 
 def test_a_dp_step_changes_the_adapter_and_the_head() -> None:

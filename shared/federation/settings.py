@@ -32,7 +32,9 @@ class FederationSettings:
     accountant: str = field(default="rdp", metadata={"help": "Opacus accountant: 'rdp' or 'prv'"})
     seed: int = field(default=0, metadata={"help": "seed for the initial adapter and local sampling"})
     scenario: str = field(default="synthetic", metadata={"help": "'synthetic' (generated data) or a scenario TOML file"})
-    run_id: str = field(default="", metadata={"help": "run folder name under runs-dir; empty: a new time-stamped one; an existing one resumes"})
+    run_id: str = field(
+        default="", metadata={"help": "run folder name under runs-dir; empty: a new time-stamped one; an existing one resumes"}
+    )
     runs_dir: str = field(default="runs", metadata={"help": "where run folders are written"})
 
     def validate(self) -> list[str]:
@@ -79,7 +81,9 @@ def settings_from_run_config(run_config: dict[str, Any], *, ignore: tuple[str, .
         f = known.get(key)
         if f is None:
             close = difflib.get_close_matches(key, list(known), n=1)
-            problems.append(f"unknown run-config key {key!r}" + (f"; did you mean {close[0]!r}?" if close else f"; known keys: {sorted(known)}"))
+            problems.append(
+                f"unknown run-config key {key!r}" + (f"; did you mean {close[0]!r}?" if close else f"; known keys: {sorted(known)}")
+            )
             continue
         default = f.default
         if isinstance(default, bool):

@@ -1,0 +1,67 @@
+"""Helpers to check that a test leaves no process behind and listens on loopback only (Linux /proc)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import struct
+from pathlib import Path
+
+
+def descendants(pid: int | None = None) -> set[int]:
+    """PIDs of every live descendant of ``pid`` (default: this process)."""
+    root = pid or os.getpid()
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if fields[0] != "Z":
+            children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    out, todo = set(), [root]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.add(child)
+            todo.append(child)
+    return out
+
+
+def _socket_inodes(pids: set[int]) -> set[str]:
+    inodes = set()
+    for pid in pids:
+        try:
+            for fd in Path(f"/proc/{pid}/fd").iterdir():
+                target = os.readlink(fd)
+                if target.startswith("socket:["):
+                    inodes.add(target[8:-1])
+        except OSError:
+            continue
+    return inodes
+
+
+def _address(hex_address: str, family: int) -> str:
+    raw = bytes.fromhex(hex_address)
+    if family == socket.AF_INET:
+        return socket.inet_ntop(family, struct.pack("<I", struct.unpack(">I", raw)[0]))
+    words = struct.unpack(">4I", raw)
+    return socket.inet_ntop(family, struct.pack("<4I", *words))
+
+
+def listening_addresses(pids: set[int]) -> set[str]:
+    """Local addresses of TCP sockets in LISTEN state owned by ``pids``."""
+    inodes = _socket_inodes(pids)
+    found = set()
+    for name, family in (("tcp", socket.AF_INET), ("tcp6", socket.AF_INET6)):
+        for line in Path(f"/proc/net/{name}").read_text().splitlines()[1:]:
+            parts = line.split()
+            local, state, inode = parts[1], parts[3], parts[9]
+            if state == "0A" and inode in inodes:
+                host, port = local.split(":")
+                found.add(f"{_address(host, family)}:{int(port, 16)}")
+    return found
+
+
+def is_loopback(address: str) -> bool:
+    host = address.rsplit(":", 1)[0].removeprefix("::ffff:")  # IPv4-mapped IPv6
+    return host.startswith("127.") or host == "::1"

@@ -1,0 +1,124 @@
+"""The ClientApp's replies (wire contract), private state across restarts, budgets."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+
+from client import partner
+from client.client_app import STATE_KEY, evaluate, train
+from shared.federation import wire
+from shared.federation.adapter import initial_adapter
+from shared.federation.settings import FederationSettings, SettingsError, settings_from_run_config
+from shared.model.adapters import MoEAdapter
+
+ENCODER_DIM = 384
+
+
+@pytest.fixture(autouse=True)
+def _task_identity() -> Iterator[None]:
+    # Flower stamps messages with the running task's identity; a test is its own task.
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
+    yield
+
+
+def settings_for(tmp_path: Path, **overrides: object) -> FederationSettings:
+    values: dict[str, object] = {"runs_dir": str(tmp_path), "run_id": "test", "rounds": 2, "batch_size": 128, **overrides}
+    return FederationSettings(**values)  # type: ignore[arg-type]
+
+
+def message(kind: str, arrays: dict[str, torch.Tensor], settings: FederationSettings, server_round: int) -> Message:
+    config = ConfigRecord({**settings.to_run_config(), "server-round": server_round})
+    return Message(content=RecordDict({wire.ARRAYS: ArrayRecord(arrays), wire.CONFIG: config}), dst_node_id=1, message_type=kind)
+
+
+def context(partition: int = 0, state: RecordDict | None = None) -> Context:
+    return Context(
+        run_id=1, node_id=1, node_config={"partition-id": partition, "num-partitions": 3}, state=state or RecordDict(), run_config={}
+    )
+
+
+@pytest.mark.slow
+def test_every_reply_holds_exactly_the_declared_records(tmp_path: Path) -> None:
+    settings = settings_for(tmp_path)
+    arrays = initial_adapter(settings, in_dim=ENCODER_DIM)
+    expected = {k: tuple(v.shape) for k, v in arrays.items()}
+    ctx = context()
+    for server_round in (1, 2, 3):  # round 3 is beyond the plan: declined, and still well-formed
+        reply = train(message(MessageType.TRAIN, arrays, settings, server_round), ctx)
+        content = reply.content
+        assert set(content.keys()) == {wire.ARRAYS, wire.METRICS, wire.PARTNER}
+        sent = content[wire.ARRAYS].to_torch_state_dict()
+        assert {k: tuple(v.shape) for k, v in sent.items()} == expected
+        assert all(v.dtype == torch.float32 for v in sent.values())
+        assert set(content[wire.METRICS].keys()) == set(wire.TRAIN_METRICS)
+        assert set(content[wire.PARTNER].keys()) == set(wire.PARTNER_FIELDS)
+        metrics = dict(content[wire.METRICS])
+        assert metrics["declined"] == (1 if server_round == 3 else 0)
+        if server_round == 3:
+            assert "declined round 3" in content[wire.PARTNER]["note"]
+            assert all(torch.equal(sent[k], arrays[k]) for k in arrays)  # nothing new is released
+        else:
+            assert metrics["steps"] > 0 and 0 < metrics["epsilon"] <= settings.target_epsilon * 1.011
+        arrays = sent
+        evaluated = evaluate(message(MessageType.EVALUATE, arrays, settings, server_round), ctx)
+        assert set(evaluated.content.keys()) == {wire.METRICS, wire.PARTNER}
+        assert set(evaluated.content[wire.METRICS].keys()) == set(wire.EVALUATE_METRICS)
+    # nothing private travels: the head and the ledger are only in the state folder
+    folder = tmp_path / "test" / "partners" / "books"
+    assert (folder / "state.pt").is_file() and len((folder / "ledger.jsonl").read_text().splitlines()) == 3
+
+
+@pytest.mark.slow
+def test_a_restarted_partner_keeps_its_spent_epsilon(tmp_path: Path) -> None:
+    settings = settings_for(tmp_path, rounds=3)
+    arrays = initial_adapter(settings, in_dim=ENCODER_DIM)
+    first = train(message(MessageType.TRAIN, arrays, settings, 1), context())
+    spent = dict(first.content[wire.METRICS])["epsilon"]
+    # a new process: empty Context.state, same state folder
+    second = train(message(MessageType.TRAIN, first.content[wire.ARRAYS].to_torch_state_dict(), settings, 2), context())
+    metrics = dict(second.content[wire.METRICS])
+    assert metrics["epsilon"] > spent
+    state = partner.PartnerState.load(tmp_path / "test" / "partners" / "books")
+    assert state.last_round == 2 and sum(h[2] for h in state.ledger["history"]) == 2 * metrics["steps"]
+    # and a Context.state newer than the folder wins within a process
+    ctx = context(state=RecordDict({STATE_KEY: ConfigRecord({"blob": state.to_bytes()})}))
+    assert partner.newest_state(ctx.state[STATE_KEY]["blob"], tmp_path / "nowhere").last_round == 2  # type: ignore[arg-type]
+
+
+@pytest.mark.slow
+def test_a_partner_cap_below_the_server_target_binds(tmp_path: Path) -> None:
+    settings = settings_for(tmp_path, target_epsilon=8.0)
+    spec = partner.resolve_partner({"partition-id": 1, "num-partitions": 3}, settings)
+    capped = partner.PartnerSpec(spec.name, spec.data, max_epsilon=1.0)
+    arrays = initial_adapter(settings, in_dim=ENCODER_DIM)
+    state = partner.PartnerState()
+    for server_round in (1, 2):
+        reply, state = partner.train(
+            settings=settings, server_round=server_round, spec=capped, arrays=arrays, state=state, folder=tmp_path / "capped"
+        )
+        assert reply.metrics["epsilon"] <= 1.0 * 1.011
+    assert reply.metrics["epsilon"] > 0.9
+
+
+def test_run_config_errors_name_every_key() -> None:
+    with pytest.raises(SettingsError) as info:
+        settings_from_run_config({"round": 3, "lr": "fast", "fraction-train": 1.5, "adapter": "lora"})
+    text = str(info.value)
+    assert "unknown run-config key 'round'; did you mean 'rounds'?" in text
+    assert "'lr': expected float, got 'fast'" in text
+    assert "fraction-train must be in (0, 1]" in text
+    assert "adapter must be 'moe'" in text
+
+
+def test_default_adapter_bytes_per_round_are_under_one_percent_of_the_encoder() -> None:
+    arrays = initial_adapter(FederationSettings(), in_dim=ENCODER_DIM)
+    sent = sum(v.numel() * v.element_size() for v in arrays.values())
+    assert sent <= 0.01 * 90_852_864  # all-MiniLM-L6-v2's float32 weights
+    adapter = MoEAdapter(ENCODER_DIM, partner.adapter_config(FederationSettings()))
+    assert set(arrays) == set(adapter.state_dict())

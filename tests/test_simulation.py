@@ -1,0 +1,103 @@
+"""A 2-round, 3-partner DP federation through Flower's real simulation engine (Ray)."""
+
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+
+import pytest
+from flwr.app import Context
+from flwr.clientapp import ClientApp
+from flwr.serverapp import Grid, ServerApp
+from flwr.simulation import run_simulation
+
+from client.client_app import app as client_app
+from server.server_app import main as server_main
+from tests.processes import descendants, is_loopback, listening_addresses
+
+
+def server_with_config(run_config: dict[str, object]) -> ServerApp:
+    """The real ServerApp main, given the run config `flwr run` would give it."""
+    app = ServerApp()
+
+    @app.main()
+    def _main(grid: Grid, context: Context) -> None:
+        context.run_config = run_config  # type: ignore[assignment]
+        server_main(grid, context)
+
+    return app
+
+
+def simulate(client: ClientApp, run_config: dict[str, object], *, partners: int = 3) -> set[str]:
+    """Runs the simulation; returns every address our process tree listened on meanwhile."""
+    seen: set[str] = set()
+    done = threading.Event()
+
+    def watch() -> None:
+        while not done.wait(0.5):
+            seen.update(listening_addresses(descendants() | {__import__("os").getpid()}))
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        run_simulation(
+            server_app=server_with_config(run_config),
+            client_app=client,
+            num_supernodes=partners,
+            backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}, "init_args": {"num_cpus": 2, "include_dashboard": False}},
+        )
+    finally:
+        done.set()
+        watcher.join()
+    return seen
+
+
+@pytest.fixture
+def ray_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    ray_tmp = Path("/tmp") / f"fedxrec-ray-{tmp_path.name[-20:]}"  # Ray's socket paths must stay short
+    monkeypatch.setenv("RAY_TMPDIR", str(ray_tmp))
+    monkeypatch.setenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    monkeypatch.setenv("RAY_DEDUP_LOGS", "0")
+    monkeypatch.setenv("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+    monkeypatch.setenv("FLWR_DISABLE_UPDATE_CHECK", "1")
+    return ray_tmp
+
+
+@pytest.mark.slow
+def test_dp_federation_writes_a_complete_run_folder(tmp_path: Path, ray_env: Path) -> None:
+    before = descendants()
+    config = {"rounds": 2, "runs-dir": str(tmp_path / "runs"), "run-id": "ci", "batch-size": 128, "target-epsilon": 8.0}
+    addresses = simulate(client_app, config)
+    run = tmp_path / "runs" / "ci"
+
+    assert json.loads((run / "config.json").read_text())["rounds"] == 2
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert manifest["packages"]["flwr"] == "1.41.0" and len(manifest["encoder_fingerprint"]) == 64
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert sorted((r["round"], r["partner"]) for r in rows) == [(r, p) for r in (1, 2) for p in ("books", "games", "gear")]
+    for row in rows:
+        assert 0 < row["epsilon"] <= 8.0 * 1.011 and row["delta"] > 0 and row["noise_multiplier"] > 0
+        assert row["steps"] > 0 and row["num_examples"] > 0 and row["declined"] is False
+        assert row["test_ndcg@10"] > 0 and row["valid_recall@10"] > 0
+        assert row["bytes_sent"] == row["bytes_received"] <= 0.01 * 90_852_864
+    for name in ("books", "games", "gear"):
+        ledger = [json.loads(line) for line in (run / "ledger" / f"{name}.jsonl").read_text().splitlines()]
+        assert [e["round"] for e in ledger] == [1, 2]
+        assert ledger[1]["epsilon"] > ledger[0]["epsilon"]
+    assert sorted(p.name for p in (run / "adapter").iterdir()) == ["round-1.safetensors", "round-2.safetensors"]
+    summary = json.loads((run / "summary.json").read_text())
+    assert set(summary["partners"]) == {"books", "games", "gear"}
+    assert "| books |" in (run / "summary.md").read_text()
+
+    # resuming a finished run trains nothing more; raising rounds continues at round 3,
+    # where each partner's budget (planned for 2 rounds) makes it decline
+    simulate(client_app, {**config, "rounds": 3})
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    third = [r for r in rows if r["round"] == 3]
+    assert len(third) == 3 and all(r["declined"] for r in third)
+    assert all("declined round 3" in r["note"] for r in third)
+
+    assert addresses and all(is_loopback(a) for a in addresses), addresses
+    leftover = descendants() - before
+    assert not leftover, f"processes left behind: {leftover}"

@@ -189,7 +189,7 @@ def cmd_recommend(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from shared.demo import run_demo
 
-    return run_demo(out=Path(args.out))
+    return run_demo(out=Path(args.out), rounds=args.rounds, epsilon=args.epsilon)
 
 
 # ---------------------------------------------------------------- parser
@@ -246,7 +246,9 @@ def build_parser() -> argparse.ArgumentParser:
     rec.set_defaults(handler=cmd_recommend)
 
     demo = sub.add_parser("demo", help="the quick-start job on generated data (what 'make demo' runs)")
-    demo.add_argument("--out", default="runs/demo", help="output folder (default: runs/demo)")
+    demo.add_argument("--out", default="runs", help="folder for the run folder (default: runs)")
+    demo.add_argument("--rounds", type=int, default=3, help="federated rounds (default: 3)")
+    demo.add_argument("--epsilon", type=float, default=8.0, help="each partner's privacy budget (default: 8)")
     demo.set_defaults(handler=cmd_demo)
     return parser
 

@@ -1,0 +1,91 @@
+"""Runs the Flower app with ``flwr run`` on a private local SuperLink, then stops it.
+
+``flwr run`` with the ``:local:`` address starts a detached SuperLink (simulation
+mode, Ray) and leaves it running. Here it gets its own ``FLWR_HOME`` and its own
+free ports on 127.0.0.1, so it never meets another user's SuperLink, and it is
+stopped by its PID when the run ends.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+PROJECT = Path(__file__).resolve().parents[1]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def simulation_env(flwr_home: Path, ray_tmp: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(
+        {
+            "FLWR_HOME": str(flwr_home),
+            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",  # else uv downloads a CUDA torch
+            "FLWR_DISABLE_UPDATE_CHECK": "1",
+            "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(_free_port()),
+            "FLWR_LOCAL_CONTROL_API_PORT": str(_free_port()),
+            "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",  # keeps every Ray socket on loopback
+            "RAY_TMPDIR": str(ray_tmp),
+            "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
+            "PYTHONWARNINGS": "ignore",
+            # flwr starts `flower-superlink` by name: this environment's scripts come first
+            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
+        }
+    )
+    return env
+
+
+def write_federation(flwr_home: Path) -> str:
+    flwr_home.mkdir(parents=True, exist_ok=True)
+    (flwr_home / "config.toml").write_text('[superlink]\ndefault = "local-sim"\n\n[superlink.local-sim]\naddress = ":local:"\n')
+    return "local-sim"
+
+
+def _superlink_pids(flwr_home: Path) -> list[int]:
+    marker = str(flwr_home / "local-superlink")
+    pids = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            args = cmdline.read_bytes().decode(errors="replace").split("\0")
+        except OSError:
+            continue
+        if any("flower-superlink" in a for a in args[:2]) and any(a.startswith(marker) for a in args):
+            pids.append(int(cmdline.parent.name))
+    return pids
+
+
+def flwr_run(*, run_config: dict[str, object], partners: int, flwr_home: Path, client_cpus: int = 1, client_gpus: float = 0.0) -> int:
+    """``flwr run PROJECT local-sim --stream`` with ``run_config``; returns its exit status."""
+    federation = write_federation(flwr_home)
+    ray_tmp = Path("/tmp") / f"fedxrec-ray-{os.getpid()}"
+    env = simulation_env(flwr_home, ray_tmp)
+    pairs = " ".join(f"{k}={_toml(v)}" for k, v in run_config.items())
+    flwr = Path(sys.executable).parent / "flwr"
+    resources = f"num-supernodes={partners} client-resources-num-cpus={client_cpus} client-resources-num-gpus={client_gpus}"
+    command = [str(flwr), "run", str(PROJECT), federation, "--stream", "--run-config", pairs, "--federation-config", resources]
+    try:
+        return subprocess.run(command, env=env, cwd=PROJECT, check=False).returncode
+    finally:
+        for pid in _superlink_pids(flwr_home):  # ours only: matched by our FLWR_HOME
+            os.kill(pid, signal.SIGTERM)
+        time.sleep(1)
+        for pid in _superlink_pids(flwr_home):
+            os.kill(pid, signal.SIGKILL)
+
+
+def _toml(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return repr(value)

@@ -60,7 +60,11 @@ def main() -> None:
         warnings.simplefilter("ignore")
         engine = PrivacyEngine(accountant="rdp")
         dp_model, dp_opt, _ = engine.make_private(
-            module=private, optimizer=torch.optim.AdamW(private.parameters(), lr=1e-3), data_loader=loader, noise_multiplier=1.0, max_grad_norm=1.0
+            module=private,
+            optimizer=torch.optim.AdamW(private.parameters(), lr=1e-3),
+            data_loader=loader,
+            noise_multiplier=1.0,
+            max_grad_norm=1.0,
         )
     n_items = data.split.n_items
     times: dict[str, list[float]] = {"plain": [], "dp": []}
@@ -81,7 +85,17 @@ def main() -> None:
     print(f"step without DP: {plain_ms:8.1f} ms (median)")
     print(f"step with DP:    {dp_ms:8.1f} ms (median)")
     print(f"DP / no DP:      {dp_ms / plain_ms:8.2f}x")
-    write_json(Path(args.out) / "benchmark.json", {"plain_ms": plain_ms, "dp_ms": dp_ms, "ratio": dp_ms / plain_ms, "steps": args.steps, "batch_size": args.batch_size, "machine": machine()})
+    write_json(
+        Path(args.out) / "benchmark.json",
+        {
+            "plain_ms": plain_ms,
+            "dp_ms": dp_ms,
+            "ratio": dp_ms / plain_ms,
+            "steps": args.steps,
+            "batch_size": args.batch_size,
+            "machine": machine(),
+        },
+    )
 
 
 if __name__ == "__main__":

@@ -7,26 +7,11 @@ import threading
 from pathlib import Path
 
 import pytest
-from flwr.app import Context
 from flwr.clientapp import ClientApp
-from flwr.serverapp import Grid, ServerApp
-from flwr.simulation import run_simulation
 
 from client.client_app import app as client_app
-from server.server_app import main as server_main
+from simulations.runner import simulate as run_federation
 from tests.processes import descendants, is_loopback, listening_addresses
-
-
-def server_with_config(run_config: dict[str, object]) -> ServerApp:
-    """The real ServerApp main, given the run config `flwr run` would give it."""
-    app = ServerApp()
-
-    @app.main()
-    def _main(grid: Grid, context: Context) -> None:
-        context.run_config = run_config  # type: ignore[assignment]
-        server_main(grid, context)
-
-    return app
 
 
 def simulate(client: ClientApp, run_config: dict[str, object], *, partners: int = 3) -> set[str]:
@@ -41,12 +26,7 @@ def simulate(client: ClientApp, run_config: dict[str, object], *, partners: int 
     watcher = threading.Thread(target=watch, daemon=True)
     watcher.start()
     try:
-        run_simulation(
-            server_app=server_with_config(run_config),
-            client_app=client,
-            num_supernodes=partners,
-            backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}, "init_args": {"num_cpus": 2, "include_dashboard": False}},
-        )
+        run_federation(run_config, partners=partners)
     finally:
         done.set()
         watcher.join()

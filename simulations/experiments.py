@@ -1,0 +1,220 @@
+"""Experiments: local vs federated (no DP, DP at several epsilons) vs pooled, fine-tune, cold start.
+
+    python -m simulations.experiments [--scenario simulations/scenarios/scientific-office.toml]
+        [--rounds 3] [--local-epochs 1] [--epsilons 8 3 1] [--out runs/experiments]
+
+Every federated and local result runs the real ServerApp and ClientApp in
+Flower's simulation engine with the same training code; ``local`` is each
+partner in a federation of one (DP off). ``pooled`` is the centralised,
+non-private upper bound (``fedxrec train --mode pooled``, full softmax, early
+stopping on valid). ``+ fine-tune`` continues each partner's final DP model
+locally without DP for ``--finetune-epochs``; nothing of it is sent, so it spends
+none of the federation's budget. The cold-start part puts a 300-user partner in
+a federation and alone. Writes ``results.md`` (tables), ``results.json`` and
+``ndcg_vs_epsilon.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from client import partner
+from client.local_training import train_round
+from shared.evaluation import evaluate
+from shared.federation.scenario import PartnerSpec, load_scenario
+from shared.federation.settings import FederationSettings
+from shared.pipeline import train_and_evaluate
+from shared.training import TrainConfig
+from simulations.common import machine, write_json
+from simulations.runner import simulate
+
+
+def final_metrics(run: Path) -> dict[str, dict[str, Any]]:
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    last = max(r["round"] for r in rows)
+    out = {}
+    for r in rows:
+        if r["round"] == last:
+            out[r["partner"]] = {"ndcg@10": r["test_ndcg@10"], "recall@10": r["test_recall@10"], "epsilon": r.get("epsilon")}
+    # epsilon: the last value each partner reported (a partner not sampled in the last round keeps its earlier one)
+    for r in rows:
+        if r.get("epsilon") is not None and r["partner"] in out:
+            out[r["partner"]]["epsilon"] = r["epsilon"]
+    return out
+
+
+def one_partner_scenario(spec: PartnerSpec, folder: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{spec.name}.toml"
+    lines = ["[[partner]]", f'name = "{spec.name}"', f'data = "{spec.data}"'] + (
+        [f"max-users = {spec.max_users}"] if spec.max_users else []
+    )
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def federate(name: str, scenario: Path, n: int, base: dict[str, Any], out: Path, **overrides: Any) -> dict[str, dict[str, Any]]:
+    config = {
+        **base,
+        "scenario": str(scenario.resolve()),
+        "runs-dir": str(out.resolve()),
+        "run-id": name,
+        "min-partners": min(n, 2),
+        **overrides,
+    }
+    started = time.monotonic()
+    run = simulate(config, partners=n)
+    print(f"[{name}] {time.monotonic() - started:.0f} s")
+    return final_metrics(run)
+
+
+def finetune(run: Path, specs: list[PartnerSpec], settings: FederationSettings, epochs: int) -> dict[str, dict[str, Any]]:
+    """Each partner's final model, trained further on its own data without DP; never sent."""
+    rounds = max(int(p.stem.split("-")[1]) for p in (run / "adapter").glob("round-*.safetensors"))
+    from safetensors.torch import load_file
+
+    adapter = load_file(str(run / "adapter" / f"round-{rounds}.safetensors"))
+    out = {}
+    for spec in specs:
+        state = partner.PartnerState.load(run / "partners" / spec.name)
+        data = partner.partner_data(spec, max_len=partner.HEAD.max_len)
+        model = partner.build_model(settings, data, adapter_arrays=adapter, head=state.head)
+        train_round(
+            model,
+            data.examples,
+            epochs=epochs,
+            batch_size=settings.batch_size,
+            lr=settings.lr,
+            negatives=settings.negatives,
+            seed=settings.seed,
+            dp=None,
+        )
+        model.eval()
+        catalogue = model.catalogue()
+        with torch.no_grad():
+            m = evaluate(lambda s, n: model.score_all(s, n, catalogue), data.split, "test", max_len=partner.HEAD.max_len)
+        out[spec.name] = {"ndcg@10": m["ndcg@10"], "recall@10": m["recall@10"]}
+    return out
+
+
+def plot(results: dict[str, dict[str, dict[str, Any]]], epsilons: list[float], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    domains = list(results["local"])
+    fig, axes = plt.subplots(1, len(domains), figsize=(4.2 * len(domains), 3.4), squeeze=False)
+    for ax, d in zip(axes[0], domains, strict=True):
+        xs = sorted(epsilons)
+        ax.plot(xs, [results[f"federated DP eps={e:g}"][d]["ndcg@10"] for e in xs], "o-", label="federated, DP")
+        if any(k.startswith("federated DP eps=") and k.endswith("+ fine-tune") for k in results):
+            ax.plot(
+                xs,
+                [results[f"federated DP eps={e:g} + fine-tune"][d]["ndcg@10"] for e in xs],
+                "s--",
+                label="federated, DP + local fine-tune",
+            )
+        for key, style in (("local", ":"), ("federated, no DP", "-."), ("pooled", "--")):
+            if d in results.get(key, {}):
+                ax.axhline(results[key][d]["ndcg@10"], linestyle=style, color="gray" if key == "local" else None, label=key)
+        ax.set_xscale("log")
+        ax.set_title(d)
+        ax.set_xlabel("epsilon (per partner, whole run)")
+        ax.set_ylabel("test NDCG@10")
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def table(results: dict[str, dict[str, dict[str, Any]]]) -> str:
+    domains = list(results["local"])
+    lines = []
+    for d in domains:
+        lines += [f"**{d}**", "", "| method | test NDCG@10 | test Recall@10 | epsilon |", "|---|---|---|---|"]
+        for method, by_domain in results.items():
+            if d in by_domain:
+                r = by_domain[d]
+                eps = r.get("epsilon")
+                lines.append(f"| {method} | {r['ndcg@10']:.4f} | {r['recall@10']:.4f} | {'-' if eps is None else format(eps, '.2f')} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[1])
+    parser.add_argument("--scenario", default="simulations/scenarios/scientific-office.toml")
+    parser.add_argument("--coldstart-scenario", default="simulations/scenarios/scientific-office-coldstart.toml")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--local-epochs", type=int, default=1)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--epsilons", type=float, nargs="+", default=[8.0, 3.0, 1.0])
+    parser.add_argument("--finetune-epochs", type=int, default=2)
+    parser.add_argument("--pooled-minutes", type=float, default=5.0)
+    parser.add_argument("--out", default="runs/experiments")
+    args = parser.parse_args()
+    out = Path(args.out)
+    scenario = Path(args.scenario)
+    specs = load_scenario(scenario)
+    base: dict[str, Any] = {"rounds": args.rounds, "local-epochs": args.local_epochs, "batch-size": args.batch_size}
+    settings = FederationSettings(rounds=args.rounds, local_epochs=args.local_epochs, batch_size=args.batch_size)
+    results: dict[str, dict[str, dict[str, Any]]] = {"local": {}}
+    started = time.monotonic()
+
+    for spec in specs:
+        results["local"].update(federate(f"local-{spec.name}", one_partner_scenario(spec, out / "scenarios"), 1, base, out, dp=False))
+    results["federated, no DP"] = federate("federated-nodp", scenario, len(specs), base, out, dp=False)
+    for eps in args.epsilons:
+        key = f"federated DP eps={eps:g}"
+        results[key] = federate(f"federated-dp-{eps:g}", scenario, len(specs), base, out, dp=True, **{"target-epsilon": eps})
+        if args.finetune_epochs:
+            tuned = finetune(out / f"federated-dp-{eps:g}", specs, settings, args.finetune_epochs)
+            results[f"{key} + fine-tune"] = {d: {**tuned[d], "epsilon": results[key][d]["epsilon"]} for d in tuned}
+    pooled = train_and_evaluate(
+        [s.data for s in specs],
+        out / "pooled",
+        mode="pooled",
+        train_config=TrainConfig(epochs=200, patience=5, max_minutes=args.pooled_minutes),
+    )
+    results["pooled"] = {
+        d: {"ndcg@10": m["test"]["ndcg@10"], "recall@10": m["test"]["recall@10"], "epsilon": None} for d, m in pooled.items()
+    }
+
+    cold_specs = load_scenario(Path(args.coldstart_scenario))
+    cold = next(s for s in cold_specs if s.max_users)
+    cold_results = {
+        "alone": federate(f"cold-alone-{cold.name}", one_partner_scenario(cold, out / "scenarios"), 1, base, out, dp=False)[cold.name],
+        "in the federation": federate("cold-federated", Path(args.coldstart_scenario), len(cold_specs), base, out, dp=False)[cold.name],
+    }
+
+    text = [
+        f"Scenario {scenario.name}: {args.rounds} rounds x {args.local_epochs} local epoch(s), batch {args.batch_size}; {machine()}",
+        "",
+        table(results),
+    ]
+    gain = cold_results["in the federation"]["ndcg@10"] / cold_results["alone"]["ndcg@10"] - 1
+    text += [
+        f"**cold start: {cold.name}** (no DP)",
+        "",
+        "| | test NDCG@10 | test Recall@10 |",
+        "|---|---|---|",
+        *(f"| {k} | {v['ndcg@10']:.4f} | {v['recall@10']:.4f} |" for k, v in cold_results.items()),
+        "",
+        f"federation vs alone: {gain:+.1%} NDCG@10",
+        "",
+        f"total time {time.monotonic() - started:.0f} s",
+    ]
+    (out / "results.md").write_text("\n".join(text) + "\n")
+    print("\n" + "\n".join(text))
+    plot(results, args.epsilons, out / "ndcg_vs_epsilon.png")
+    write_json(out / "results.json", {"results": results, "cold_start": cold_results, "args": vars(args)})
+
+
+if __name__ == "__main__":
+    main()

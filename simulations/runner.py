@@ -1,0 +1,47 @@
+"""Run the real ServerApp and ClientApp in Flower's simulation engine, in this process.
+
+``flwr.simulation.run_simulation`` gives the ServerApp an empty run config; here
+the ServerApp's ``main`` receives the run config that ``flwr run`` would give it.
+Used by the experiments and by the CI simulation test.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+from flwr.simulation import run_simulation
+
+from client.client_app import app as client_app
+from server.server_app import main as server_main
+
+
+def server_with_config(run_config: dict[str, object]) -> ServerApp:
+    app = ServerApp()
+
+    @app.main()
+    def _main(grid: Grid, context: Context) -> None:
+        context.run_config = run_config  # type: ignore[assignment]
+        server_main(grid, context)
+
+    return app
+
+
+def simulate(run_config: dict[str, object], *, partners: int, client_cpus: float = 1.0, client_gpus: float = 0.0) -> Path:
+    """Runs one federation; returns its run folder."""
+    os.environ.setdefault("RAY_TMPDIR", f"/tmp/fedxrec-ray-{os.getpid()}")
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+    os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
+    run_simulation(
+        server_app=server_with_config(run_config),
+        client_app=client_app,
+        num_supernodes=partners,
+        backend_config={
+            "client_resources": {"num_cpus": client_cpus, "num_gpus": client_gpus},
+            "init_args": {"num_cpus": os.cpu_count() or 2, "include_dashboard": False},
+        },
+    )
+    return Path(str(run_config["runs-dir"])) / str(run_config["run-id"])

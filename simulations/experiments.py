@@ -98,7 +98,12 @@ def finetune(run: Path, specs: list[PartnerSpec], settings: FederationSettings, 
         model.eval()
         catalogue = model.catalogue()
         with torch.no_grad():
-            m = evaluate(lambda s, n, model=model, catalogue=catalogue: model.score_all(s, n, catalogue), data.split, "test", max_len=partner.HEAD.max_len)
+            m = evaluate(
+                lambda s, n, model=model, catalogue=catalogue: model.score_all(s, n, catalogue),
+                data.split,
+                "test",
+                max_len=partner.HEAD.max_len,
+            )
         out[spec.name] = {"ndcg@10": m["ndcg@10"], "recall@10": m["recall@10"]}
     return out
 

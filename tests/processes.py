@@ -27,6 +27,19 @@ def descendants(pid: int | None = None) -> set[int]:
     return out
 
 
+def wait_for_exit(before: set[int], *, timeout: float = 60.0) -> set[int]:
+    """Descendants that appeared since ``before`` and are still alive after ``timeout`` s.
+
+    Ray's processes stop asynchronously after the simulation returns; give them time.
+    """
+    import time
+
+    deadline = time.monotonic() + timeout
+    while (left := descendants() - before) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    return left
+
+
 def _socket_inodes(pids: set[int]) -> set[str]:
     inodes = set()
     for pid in pids:

@@ -11,7 +11,7 @@ from flwr.clientapp import ClientApp
 
 from client.client_app import app as client_app
 from simulations.runner import simulate as run_federation
-from tests.processes import descendants, is_loopback, listening_addresses
+from tests.processes import descendants, is_loopback, listening_addresses, wait_for_exit
 
 
 def simulate(client: ClientApp, run_config: dict[str, object], *, partners: int = 3) -> set[str]:
@@ -79,5 +79,5 @@ def test_dp_federation_writes_a_complete_run_folder(tmp_path: Path, ray_env: Pat
     assert all("declined round 3" in r["note"] for r in third)
 
     assert addresses and all(is_loopback(a) for a in addresses), addresses
-    leftover = descendants() - before
+    leftover = wait_for_exit(before)
     assert not leftover, f"processes left behind: {leftover}"

@@ -25,17 +25,13 @@ from torch.utils.data import DataLoader, TensorDataset
 from client.privacy import PrivacyLedger
 from shared.data.split import DomainSplit
 from shared.model.recommender import DomainModel
+from shared.training import next_item_pairs
 
 
 def user_sequences(split: DomainSplit, *, max_len: int) -> TensorDataset:
     """One example per user with >= 2 training items: (inputs, targets), each [U, L] right-padded."""
     seqs = [s[-(max_len + 1) :] for s in split.train if len(s) >= 2]
-    inputs = torch.zeros(len(seqs), max_len, dtype=torch.long)
-    targets = torch.zeros(len(seqs), max_len, dtype=torch.long)
-    for i, s in enumerate(seqs):
-        inputs[i, : len(s) - 1] = torch.as_tensor(np.asarray(s[:-1]))
-        targets[i, : len(s) - 1] = torch.as_tensor(np.asarray(s[1:]))
-    return TensorDataset(inputs, targets)
+    return TensorDataset(*next_item_pairs(seqs, max_len))
 
 
 @dataclass

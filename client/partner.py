@@ -18,13 +18,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from client.local_training import DPPlan, poisson_schedule, train_round, user_sequences
 from client.privacy import PrivacyLedger, calibrate_noise, partner_budget
-from shared.data.readers import read_domain
-from shared.data.split import DomainSplit, split_domain
+from shared.data.split import DomainSplit
 from shared.encoder import TextEncoder
 from shared.evaluation import evaluate
 from shared.federation.adapter import adapter_config
@@ -33,7 +31,8 @@ from shared.federation.settings import FederationSettings
 from shared.model.adapters import MoEAdapter, adapter_state, load_adapter_weights
 from shared.model.head import HeadConfig
 from shared.model.recommender import DomainModel, ItemFeatures
-from shared.vector_cache import VectorCache, encode_texts
+from shared.pipeline import prepare_domain
+from shared.vector_cache import VectorCache
 
 NO_DP = -1.0  # epsilon and delta reported when DP is off
 
@@ -98,13 +97,10 @@ def keep_first_users(split: DomainSplit, n: int) -> DomainSplit:
 def partner_data(spec: PartnerSpec, *, max_len: int) -> PartnerData:
     key = (str(spec.data), spec.max_users)
     if key not in _DATA:
-        split = split_domain(read_domain(spec.data, name=spec.name))
-        if spec.max_users:
-            split = keep_first_users(split, spec.max_users)
         enc = encoder()
-        vectors, _ = encode_texts(split.item_texts, encoder=enc, cache=VectorCache(), progress=False)
-        padded = torch.as_tensor(np.concatenate([np.zeros((1, vectors.shape[1]), np.float32), vectors]))
-        _DATA[key] = PartnerData(split, padded, user_sequences(split, max_len=max_len), enc.fingerprint)
+        prepared = prepare_domain(spec.data, encoder=enc, cache=VectorCache(), progress=False, name=spec.name)
+        split = keep_first_users(prepared.split, spec.max_users) if spec.max_users else prepared.split
+        _DATA[key] = PartnerData(split, torch.as_tensor(prepared.vectors), user_sequences(split, max_len=max_len), enc.fingerprint)
     return _DATA[key]
 
 

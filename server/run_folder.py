@@ -23,7 +23,6 @@ import platform
 import re
 import subprocess
 import time
-from dataclasses import asdict
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -172,7 +171,3 @@ class RunFolder:
 
 def _safe(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]", "_", name)
-
-
-def settings_dict(settings: FederationSettings) -> dict[str, Any]:
-    return asdict(settings)

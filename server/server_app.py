@@ -7,8 +7,6 @@ folder (see :mod:`server.run_folder`).
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
@@ -60,6 +58,5 @@ def main(grid: Grid, context: Context) -> None:
             evaluate_fn=lambda rnd, rec: after_round(rnd, rec) if rnd > 0 else None,
         )
     adapter_bytes = sum(v.numel() * v.element_size() for v in arrays.values())
-    summary = run.write_summary(settings=settings, adapter_bytes=adapter_bytes, encoder_bytes=encoder.n_bytes)
-    print("\n" + (Path(run.root) / "summary.md").read_text())
-    del summary
+    run.write_summary(settings=settings, adapter_bytes=adapter_bytes, encoder_bytes=encoder.n_bytes)
+    print("\n" + (run.root / "summary.md").read_text())

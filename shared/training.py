@@ -48,6 +48,16 @@ def seed_everything(seed: int) -> None:
     np.random.seed(seed)
 
 
+def next_item_pairs(seqs: list[np.ndarray], width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(inputs, next-item targets), both [B, width] right-padded, from sequences of >= 2 items."""
+    inputs = torch.zeros(len(seqs), width, dtype=torch.long)
+    targets = torch.zeros(len(seqs), width, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        inputs[i, : len(s) - 1] = torch.as_tensor(np.asarray(s[:-1]))
+        targets[i, : len(s) - 1] = torch.as_tensor(np.asarray(s[1:]))
+    return inputs, targets
+
+
 def training_batches(
     split: DomainSplit, rng: np.random.Generator, *, batch_size: int, max_len: int
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -56,13 +66,7 @@ def training_batches(
     rng.shuffle(users)
     for start in range(0, len(users), batch_size):
         seqs = [split.train[u][-(max_len + 1) :] for u in users[start : start + batch_size]]
-        width = max(len(s) for s in seqs) - 1
-        inputs = torch.zeros(len(seqs), width, dtype=torch.long)
-        targets = torch.zeros(len(seqs), width, dtype=torch.long)
-        for i, s in enumerate(seqs):
-            inputs[i, : len(s) - 1] = torch.as_tensor(s[:-1])
-            targets[i, : len(s) - 1] = torch.as_tensor(s[1:])
-        yield inputs, targets
+        yield next_item_pairs(seqs, max(len(s) for s in seqs) - 1)
 
 
 def evaluate_model(run: DomainRun, which: str) -> dict[str, float]:

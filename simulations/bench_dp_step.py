@@ -21,25 +21,16 @@ from opacus import PrivacyEngine
 from torch.utils.data import DataLoader
 
 from client.local_training import _trim, user_sequences
-from client.partner import HEAD, PartnerData, partner_data
+from client.partner import HEAD, PartnerData, build_model, partner_data
 from shared.federation.adapter import initial_adapter
 from shared.federation.scenario import PartnerSpec
 from shared.federation.settings import FederationSettings
-from shared.model.adapters import MoEAdapter, load_adapter_weights
-from shared.model.recommender import DomainModel, ItemFeatures
+from shared.model.recommender import DomainModel
 from simulations.common import machine, real_domain, write_json
 
 
 def model_for(data: PartnerData, settings: FederationSettings) -> DomainModel:
-    adapter = MoEAdapter(int(data.vectors.shape[1]), partner_adapter_config(settings))
-    load_adapter_weights(adapter, initial_adapter(settings, in_dim=int(data.vectors.shape[1])))
-    return DomainModel(adapter=adapter, features=ItemFeatures(vectors=data.vectors), head_config=HEAD)
-
-
-def partner_adapter_config(settings: FederationSettings):  # type: ignore[no-untyped-def]
-    from shared.federation.adapter import adapter_config
-
-    return adapter_config(settings)
+    return build_model(settings, data, adapter_arrays=initial_adapter(settings, in_dim=int(data.vectors.shape[1])), head=None)
 
 
 def main() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import threading
 from pathlib import Path
 
@@ -21,7 +22,7 @@ def simulate(client: ClientApp, run_config: dict[str, object], *, partners: int 
 
     def watch() -> None:
         while not done.wait(0.5):
-            seen.update(listening_addresses(descendants() | {__import__("os").getpid()}))
+            seen.update(listening_addresses(descendants() | {os.getpid()}))
 
     watcher = threading.Thread(target=watch, daemon=True)
     watcher.start()

@@ -10,7 +10,7 @@ import pytest
 from shared.data.synthetic import SyntheticConfig, generate
 from shared.encoder import make_tiny_encoder
 
-REAL_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+REAL_DATA = Path(os.environ.get("FEDXREC_REAL_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data"))
 
 
 @pytest.fixture(autouse=True)
@@ -21,9 +21,15 @@ def _isolated_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytes
 
 @pytest.fixture(scope="session")
 def real_data() -> Path:
-    """``../shared/data`` beside the checkout (CI always has it)."""
+    """``../shared/data`` beside the checkout, or $FEDXREC_REAL_DATA.
+
+    Skipped where absent, except under $FEDXREC_REQUIRE_REAL_DATA (CI sets it), where that fails.
+    """
     if not REAL_DATA.is_dir():
-        pytest.skip(f"real data not found at {REAL_DATA}")
+        message = f"real data not found at {REAL_DATA} (put ../shared beside the checkout or set FEDXREC_REAL_DATA)"
+        if os.environ.get("FEDXREC_REQUIRE_REAL_DATA"):
+            pytest.fail(message)
+        pytest.skip(message)
     return REAL_DATA
 
 

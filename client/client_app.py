@@ -1,7 +1,7 @@
 """fedxrec ClientApp: Message in, a plain call into :mod:`client.partner`, Message out.
 
 Only the adapter's arrays (``"arrays"``), the declared metrics (``"metrics"``)
-and the partner's public name and note (``"partner"``) are sent back; see
+and the partner's public name, note and privacy-ledger line (``"partner"``) are sent back; see
 :mod:`shared.federation.wire`.
 """
 
@@ -43,7 +43,7 @@ def train(msg: Message, context: Context) -> Message:
         {
             wire.ARRAYS: ArrayRecord(reply.arrays),
             wire.METRICS: MetricRecord(dict(reply.metrics)),
-            wire.PARTNER: ConfigRecord({"name": spec.name, "note": reply.note}),
+            wire.PARTNER: ConfigRecord({"name": spec.name, "note": reply.note, "ledger-line": reply.ledger_line}),
         }
     )
     return Message(content=content, reply_to=msg)

@@ -22,9 +22,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from client.privacy import PrivacyLedger
 from shared.data.split import DomainSplit
 from shared.model.recommender import DomainModel
+from shared.privacy.accounting import PartnerAccountant
 from shared.training import next_item_pairs
 
 
@@ -45,7 +45,7 @@ class RoundOutcome:
 class DPPlan:
     noise_multiplier: float
     max_grad_norm: float
-    ledger: PrivacyLedger
+    ledger: PartnerAccountant
 
 
 def _trim(inputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

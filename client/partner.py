@@ -11,9 +11,7 @@ the declared metrics are returned for sending.
 from __future__ import annotations
 
 import io
-import json
 import os
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,7 +19,6 @@ from typing import Any
 import torch
 
 from client.local_training import DPPlan, poisson_schedule, train_round, user_sequences
-from client.privacy import PrivacyLedger, calibrate_noise, partner_budget
 from shared.data.split import DomainSplit
 from shared.encoder import TextEncoder
 from shared.evaluation import evaluate
@@ -32,6 +29,8 @@ from shared.model.adapters import MoEAdapter, adapter_state, load_adapter_weight
 from shared.model.head import HeadConfig
 from shared.model.recommender import DomainModel, ItemFeatures
 from shared.pipeline import prepare_domain
+from shared.privacy import ledger
+from shared.privacy.accounting import Budget, PartnerAccountant, calibrate_noise, partner_budget
 from shared.vector_cache import VectorCache
 
 NO_DP = -1.0  # epsilon and delta reported when DP is off
@@ -113,7 +112,7 @@ class PartnerState:
 
     head: dict[str, torch.Tensor] | None = None
     optimizer: dict[str, Any] | None = None
-    ledger: dict[str, Any] = field(default_factory=lambda: {"history": []})
+    accountant: dict[str, Any] = field(default_factory=lambda: {"history": []})
     noise_multiplier: float | None = None
     last_round: int = 0
 
@@ -178,6 +177,7 @@ class TrainReply:
     arrays: dict[str, torch.Tensor]
     metrics: dict[str, float]
     note: str
+    ledger_line: str  # this round's line of the partner's privacy ledger ("" without DP)
 
 
 def train(
@@ -202,20 +202,21 @@ def train(
         n_users=n_users,
         accountant=settings.accountant,
     )
-    ledger = PrivacyLedger(budget, state.ledger)
+    accountant = PartnerAccountant(budget, state.accountant)
+    ledger_path = folder / "ledger.jsonl"
     if settings.dp:
         if state.noise_multiplier is None:  # calibrated once, for every planned round
             state.noise_multiplier = calibrate_noise(budget=budget, sample_rate=sample_rate, steps=settings.rounds * steps)
-        if not ledger.can_afford(noise_multiplier=state.noise_multiplier, sample_rate=sample_rate, steps=steps):
-            after = ledger.epsilon_after(noise_multiplier=state.noise_multiplier, sample_rate=sample_rate, steps=steps)
-            note = f"declined round {server_round}: epsilon would reach {after:.3f}, above this partner's budget {budget.epsilon:g} (spent {ledger.epsilon():.3f})"
-            metrics = _train_metrics(0, 0.0, 0, ledger.epsilon(), budget.delta, state.noise_multiplier, sample_rate, declined=True)
-            _log_round(folder, server_round, metrics, note)
-            return TrainReply(arrays, metrics, note), state
-        plan = DPPlan(state.noise_multiplier, settings.max_grad_norm, ledger)
+        if not accountant.can_afford(noise_multiplier=state.noise_multiplier, sample_rate=sample_rate, steps=steps):
+            after = accountant.epsilon_after(noise_multiplier=state.noise_multiplier, sample_rate=sample_rate, steps=steps)
+            spent = accountant.epsilon()
+            note = f"declined round {server_round}: epsilon would reach {after:.3f}, above this partner's budget {budget.epsilon:g} (spent {spent:.3f})"
+            metrics = _train_metrics(0, 0.0, 0, spent, budget.delta, state.noise_multiplier, sample_rate, declined=True)
+            line = ledger.append(ledger_path, _ledger_entry(spec, settings, budget, server_round, [], spent, 0, note))
+            return TrainReply(arrays, metrics, note, line), state
+        plan = DPPlan(state.noise_multiplier, settings.max_grad_norm, accountant)
 
     model = build_model(settings, data, adapter_arrays=arrays, head=state.head)
-    started = time.monotonic()
     outcome, optimizer_state = train_round(
         model,
         data.examples,
@@ -227,20 +228,56 @@ def train(
         dp=plan,
         optimizer_state=state.optimizer,
     )
-    new_state = PartnerState(head_state(model), optimizer_state, ledger.state_dict(), state.noise_multiplier, server_round)
+    line = ""
+    if settings.dp:
+        assert state.noise_multiplier is not None
+        event = {
+            "noise_multiplier": state.noise_multiplier,
+            "sample_rate": sample_rate,
+            "steps": outcome.steps,
+            "max_grad_norm": settings.max_grad_norm,
+        }
+        # The ledger line is written before the state: a crash in between leaves the
+        # ledger ahead of the state (it overstates, never understates, what was spent).
+        line = ledger.append(
+            ledger_path, _ledger_entry(spec, settings, budget, server_round, [event], accountant.epsilon(), outcome.examples, "")
+        )
+    new_state = PartnerState(head_state(model), optimizer_state, accountant.state_dict(), state.noise_multiplier, server_round)
     new_state.save(folder)
-    epsilon = ledger.epsilon() if settings.dp else NO_DP
     metrics = _train_metrics(
         outcome.examples,
         outcome.loss,
         outcome.steps,
-        epsilon,
+        accountant.epsilon() if settings.dp else NO_DP,
         budget.delta if settings.dp else NO_DP,
         state.noise_multiplier or 0.0,
         sample_rate,
     )
-    _log_round(folder, server_round, {**metrics, "seconds": round(time.monotonic() - started, 2)}, "")
-    return TrainReply(adapter_state(model.adapter), metrics, ""), new_state
+    return TrainReply(adapter_state(model.adapter), metrics, "", line), new_state
+
+
+def _ledger_entry(
+    spec: PartnerSpec,
+    settings: FederationSettings,
+    budget: Budget,
+    server_round: int,
+    events: list[dict[str, float]],
+    epsilon: float,
+    examples: int,
+    note: str,
+) -> dict[str, Any]:
+    return ledger.make_entry(
+        round=server_round,
+        partner=spec.name,
+        status="trained" if events else "declined",
+        accountant=budget.accountant,
+        delta=budget.delta,
+        budget_epsilon=budget.epsilon,
+        events=events,
+        epsilon=epsilon,
+        examples=examples,
+        note=note,
+    )
 
 
 def _train_metrics(
@@ -256,13 +293,6 @@ def _train_metrics(
         "sample-rate": float(rate),
         "declined": int(declined),
     }
-
-
-def _log_round(folder: Path, server_round: int, metrics: dict[str, float], note: str) -> None:
-    """The partner's own privacy ledger: one line per round, kept beside its state."""
-    folder.mkdir(parents=True, exist_ok=True)
-    with (folder / "ledger.jsonl").open("a", encoding="utf-8") as fh:
-        fh.write(json.dumps({"round": server_round, **metrics, "note": note, "time": time.time()}) + "\n")
 
 
 def evaluate_global(

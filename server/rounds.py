@@ -49,15 +49,9 @@ def end_round(run: RunFolder, server_round: int, arrays: dict[str, Any], log: Ro
     run.save_adapter(server_round, arrays)
     rows = round_rows(server_round, log)
     run.append_metrics(rows)
-    for row in rows:
-        if "epsilon" in row:
-            run.append_ledger(
-                row["partner"],
-                {
-                    k: row.get(k)
-                    for k in ("round", "epsilon", "delta", "noise_multiplier", "sample_rate", "steps", "num_examples", "declined", "note")
-                },
-            )
+    for reply in log.train:
+        if reply.ledger_line:
+            run.append_ledger(reply.partner, reply.ledger_line)
     print(f"\nround {server_round}")
     print(f"  {'partner':<24} {'loss':>7} {'epsilon':>8} {'valid NDCG@10':>14} {'test NDCG@10':>13} {'sent B':>9} {'received B':>11}")
     for row in rows:

@@ -5,7 +5,7 @@
     config.json                 the resolved run settings
     manifest.json               package versions, encoder and data fingerprints, seeds, git commit
     metrics.jsonl               one line per round per partner (training and evaluation)
-    ledger/<partner>.jsonl      each partner's privacy events as it reported them, one line per round
+    ledger/<partner>.jsonl      each partner's hash-chained privacy ledger lines as it sent them (shared.privacy.ledger)
     adapter/round-<N>.safetensors   the global adapter after round N
     summary.md, summary.json    final per-partner results
     partners/<name>/            simulation only: each simulated partner's private state folder
@@ -31,6 +31,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from shared.federation.settings import FederationSettings
+from shared.privacy import ledger
 
 PACKAGES = ("fedxrec", "flwr", "torch", "opacus", "transformers", "peft", "numpy", "pandas", "safetensors", "grpcio", "ray")
 
@@ -117,9 +118,12 @@ class RunFolder:
             for row in rows:
                 fh.write(json.dumps(row) + "\n")
 
-    def append_ledger(self, partner: str, row: dict[str, Any]) -> None:
-        with (self.root / "ledger" / f"{_safe(partner)}.jsonl").open("a", encoding="utf-8") as fh:
-            fh.write(json.dumps(row) + "\n")
+    def ledger_path(self, partner: str) -> Path:
+        return self.root / "ledger" / f"{_safe(partner)}.jsonl"
+
+    def append_ledger(self, partner: str, line: str) -> None:
+        """The partner's ledger line, verbatim: the copy matches the partner's own file byte for byte."""
+        ledger.append_line(self.ledger_path(partner), line)
 
     def metrics(self) -> list[dict[str, Any]]:
         path = self.root / "metrics.jsonl"
@@ -148,6 +152,9 @@ class RunFolder:
             "encoder_bytes": encoder_bytes,
             "partners": partners,
         }
+        for name, p in partners.items():  # where each ledger ends: truncation is caught against this
+            if self.ledger_path(name).is_file():
+                p["ledger_head"] = ledger.head_of(self.ledger_path(name)).to_dict()
         (self.root / "summary.json").write_text(json.dumps(summary, indent=2))
         lines = [
             f"# Run {self.root.name}",

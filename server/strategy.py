@@ -32,6 +32,7 @@ class PartnerReply:
     note: str
     metrics: dict[str, Any]
     bytes_received: int = 0
+    ledger_line: str = ""  # the partner's own ledger line for the round, copied verbatim
 
 
 @dataclass
@@ -50,6 +51,7 @@ def _reply(msg: Message, *, with_arrays: bool) -> PartnerReply:
         node_id=msg.metadata.src_node_id,
         partner=str(info["name"]),
         note=str(info.get("note", "")),
+        ledger_line=str(info.get("ledger-line", "")),
         metrics=dict(msg.content[wire.METRICS]),
         bytes_received=record_bytes(msg.content.array_records[wire.ARRAYS]) if with_arrays else 0,
     )

@@ -250,6 +250,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--rounds", type=int, default=3, help="federated rounds (default: 3)")
     demo.add_argument("--epsilon", type=float, default=8.0, help="each partner's privacy budget (default: 8)")
     demo.set_defaults(handler=cmd_demo)
+
+    from shared.privacy.cli import add_privacy_commands
+
+    add_privacy_commands(sub)
     return parser
 
 

@@ -12,10 +12,10 @@ from torch.nn import functional as F
 from torch.utils.data import TensorDataset
 
 from client.local_training import DPPlan, poisson_schedule, train_round
-from client.privacy import Budget, PrivacyLedger, calibrate_noise, partner_budget
 from shared.model.adapters import MoEAdapter, MoEAdapterConfig, adapter_state
 from shared.model.head import HeadConfig
 from shared.model.recommender import DomainModel, ItemFeatures
+from shared.privacy.accounting import Budget, PartnerAccountant, calibrate_noise, partner_budget
 
 
 def tiny_model(*, dropout: float = 0.0, seed: int = 0) -> DomainModel:
@@ -59,7 +59,7 @@ def test_per_sample_gradients_equal_one_example_batches() -> None:
             torch.testing.assert_close(per_sample[name][i], p.grad, atol=1e-5, rtol=1e-4, msg=f"{name}, user {i}")
 
 
-def _dp_round(model: DomainModel, ledger: PrivacyLedger, *, noise: float = 1.0, epochs: int = 1) -> None:
+def _dp_round(model: DomainModel, ledger: PartnerAccountant, *, noise: float = 1.0, epochs: int = 1) -> None:
     inputs, targets, _ = users(40, seed=1)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -71,7 +71,7 @@ def _dp_round(model: DomainModel, ledger: PrivacyLedger, *, noise: float = 1.0, 
 def test_a_dp_step_changes_the_adapter_and_the_head() -> None:
     model = tiny_model(dropout=0.1)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    ledger = PrivacyLedger(Budget(epsilon=8.0, delta=1e-3))
+    ledger = PartnerAccountant(Budget(epsilon=8.0, delta=1e-3))
     _dp_round(model, ledger)
     after = model.state_dict()
     for key in adapter_state(model.adapter):
@@ -82,12 +82,12 @@ def test_a_dp_step_changes_the_adapter_and_the_head() -> None:
 
 def test_epsilon_composes_across_rounds_like_one_accountant() -> None:
     budget = Budget(epsilon=8.0, delta=1e-5)
-    per_round = PrivacyLedger(budget)
+    per_round = PartnerAccountant(budget)
     for _ in range(4):  # four rounds, each saving and reloading the ledger as a partner does
         model = tiny_model()
         _dp_round(model, per_round)
-        per_round = PrivacyLedger(budget, per_round.state_dict())
-    one = PrivacyLedger(budget)
+        per_round = PartnerAccountant(budget, per_round.state_dict())
+    one = PartnerAccountant(budget)
     one.accountant.history.append((1.0, 1 / 5, 4 * 5))  # one accountant, all 20 steps at once
     assert per_round.steps == 20
     assert per_round.epsilon() == pytest.approx(one.epsilon(), rel=1e-9)
@@ -98,7 +98,7 @@ def test_calibration_spends_the_budget_over_the_planned_rounds() -> None:
     assert budget.epsilon == 3.0 and budget.delta == pytest.approx(1e-4)  # the partner's cap binds
     rate, steps = poisson_schedule(1000, 64)
     noise = calibrate_noise(budget=budget, sample_rate=rate, steps=5 * steps)
-    ledger = PrivacyLedger(budget)
+    ledger = PartnerAccountant(budget)
     for _ in range(5):
         assert ledger.can_afford(noise_multiplier=noise, sample_rate=rate, steps=steps)
         ledger.accountant.history.append((noise, rate, steps))
@@ -107,9 +107,9 @@ def test_calibration_spends_the_budget_over_the_planned_rounds() -> None:
 
 
 def test_ledger_state_is_small_and_checked(tmp_path: Path) -> None:
-    ledger = PrivacyLedger(Budget(epsilon=1.0, delta=1e-5))
+    ledger = PartnerAccountant(Budget(epsilon=1.0, delta=1e-5))
     ledger.accountant.history.append((1.2, 0.01, 100))
     state = ledger.state_dict()
     assert state == {"mechanism": "rdp", "history": [[1.2, 0.01, 100]]}
     with pytest.raises(ValueError, match="kept by the 'rdp' accountant"):
-        PrivacyLedger(Budget(epsilon=1.0, delta=1e-5, accountant="prv"), state)
+        PartnerAccountant(Budget(epsilon=1.0, delta=1e-5, accountant="prv"), state)

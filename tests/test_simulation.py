@@ -11,7 +11,10 @@ import pytest
 from flwr.clientapp import ClientApp
 
 from client.client_app import app as client_app
+from shared.cli import main as cli_main
+from shared.privacy import ledger
 from simulations.runner import simulate as run_federation
+from tests.browser import assert_page_shows_every_partner
 from tests.processes import descendants, is_loopback, listening_addresses, wait_for_exit
 
 
@@ -63,12 +66,15 @@ def test_dp_federation_writes_a_complete_run_folder(tmp_path: Path, ray_env: Pat
         assert row["test_ndcg@10"] > 0 and row["valid_recall@10"] > 0
         assert row["bytes_sent"] == row["bytes_received"] <= 0.01 * 90_852_864
     for name in ("books", "games", "gear"):
-        ledger = [json.loads(line) for line in (run / "ledger" / f"{name}.jsonl").read_text().splitlines()]
-        assert [e["round"] for e in ledger] == [1, 2]
-        assert ledger[1]["epsilon"] > ledger[0]["epsilon"]
+        copy = run / "ledger" / f"{name}.jsonl"
+        check = ledger.verify(copy)
+        assert check.ok, check.problems
+        assert [e["round"] for e in check.entries] == [1, 2] and check.entries[1]["epsilon"] > check.entries[0]["epsilon"]
+        assert copy.read_bytes() == (run / "partners" / name / "ledger.jsonl").read_bytes()  # the partner's own, verbatim
     assert sorted(p.name for p in (run / "adapter").iterdir()) == ["round-1.safetensors", "round-2.safetensors"]
     summary = json.loads((run / "summary.json").read_text())
     assert set(summary["partners"]) == {"books", "games", "gear"}
+    assert all(p["ledger_head"]["lines"] == 2 for p in summary["partners"].values())
     assert "| books |" in (run / "summary.md").read_text()
 
     # resuming a finished run trains nothing more; raising rounds continues at round 3,
@@ -78,6 +84,16 @@ def test_dp_federation_writes_a_complete_run_folder(tmp_path: Path, ray_env: Pat
     third = [r for r in rows if r["round"] == 3]
     assert len(third) == 3 and all(r["declined"] for r in third)
     assert all("declined round 3" in r["note"] for r in third)
+    for name in ("books", "games", "gear"):
+        assert ledger.verify(run / "ledger" / f"{name}.jsonl").entries[-1]["status"] == "declined"
+
+    # the privacy officer's report of this run, rendered by a real browser
+    report_dir = tmp_path / "report"
+    assert cli_main(["privacy", "report", str(run), "--out", str(report_dir)]) == 0
+    report = json.loads((report_dir / "report.json").read_text())
+    assert report["verified"] and report["anchored"]
+    assert [p["rounds_declined"] for p in report["partners"]] == [[3], [3], [3]]
+    assert_page_shows_every_partner(report_dir / "report.html", ["books", "games", "gear"], tmp_path)
 
     assert addresses and all(is_loopback(a) for a in addresses), addresses
     leftover = wait_for_exit(before)

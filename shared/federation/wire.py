@@ -3,7 +3,9 @@
 Flower's record keys are fixed: ``"arrays"`` (the adapter's weights, exactly its
 state dict), ``"metrics"`` (exactly the names below) and ``"config"`` (the
 server's instructions). A partner's reply also carries ``"partner"``: its
-public name and a human-readable note (why it declined a round, for example).
+public name, a human-readable note (why it declined a round, for example) and,
+under DP, its privacy-ledger line for the round (:mod:`shared.privacy.ledger`),
+which holds only what the metrics already say plus the hash chain.
 """
 
 from __future__ import annotations
@@ -24,4 +26,4 @@ TRAIN_METRICS = (
     "declined",  # 1 when the partner skipped the round to stay within its budget
 )
 EVALUATE_METRICS = ("num-examples", "valid-ndcg@10", "valid-recall@10", "test-ndcg@10", "test-recall@10")
-PARTNER_FIELDS = ("name", "note")
+PARTNER_FIELDS = ("name", "note", "ledger-line")  # ledger-line: on train replies under DP, the round's privacy-ledger line

@@ -1,0 +1,167 @@
+"""``fedxrec privacy plan | verify | report``: the privacy officer's commands."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from shared.privacy.accounting import ACCOUNTANTS
+
+
+class PlanUsageError(ValueError):
+    pass
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from shared.privacy.accounting import plan, schedule_from_users
+
+    by_rate = args.sample_rate is not None or args.steps is not None
+    by_users = any(x is not None for x in (args.users, args.batch_size, args.local_epochs))
+    problems = []
+    if by_rate == by_users:
+        problems.append("give either --sample-rate Q --steps S, or the run's terms --users N --batch-size B --rounds R --local-epochs E")
+    if by_rate and (args.sample_rate is None or args.steps is None):
+        problems.append("--sample-rate and --steps go together")
+    if by_users and None in (args.users, args.batch_size, args.local_epochs):
+        problems.append("--users, --batch-size and --local-epochs go together (with --rounds, default 1)")
+    if args.epsilon <= 0:
+        problems.append(f"--epsilon must be > 0, got {args.epsilon}")
+    if args.sample_rate is not None and not 0 < args.sample_rate <= 1:
+        problems.append(f"--sample-rate must be in (0, 1], got {args.sample_rate}")
+    for flag in ("steps", "users", "batch_size", "local_epochs", "rounds"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            problems.append(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
+    delta = args.delta
+    if delta is None and args.users:
+        delta = 1.0 / (10 * args.users)
+    if delta is None:
+        problems.append("--delta is needed (with --users it defaults to 1 / (10 N))")
+    elif not 0 < delta < 1:
+        problems.append(f"--delta must be in (0, 1), got {delta}")
+    if problems:
+        raise PlanUsageError("; ".join(problems))
+    assert delta is not None
+    if by_users:
+        rate, steps = schedule_from_users(users=args.users, batch_size=args.batch_size, rounds=args.rounds, local_epochs=args.local_epochs)
+    else:
+        rate, steps = args.sample_rate, args.steps
+    result = plan(epsilon=args.epsilon, delta=delta, sample_rate=rate, steps=steps, rounds=args.rounds, accountant=args.accountant)
+    out: dict[str, Any] = {
+        "noise_multiplier": result.noise_multiplier,
+        "epsilon": result.epsilon,
+        "target_epsilon": args.epsilon,
+        "delta": delta,
+        "sample_rate": rate,
+        "steps": steps,
+        "rounds": args.rounds,
+        "steps_per_round": steps // args.rounds,
+        "accountant": args.accountant,
+        "epsilon_per_round": result.per_round,
+        "noise_multiplier_by_accountant": result.multipliers,
+    }
+    if args.json:
+        print(json.dumps(out, indent=2))
+        return 0
+    print(
+        f"target epsilon {args.epsilon:g} at delta {delta:.3g}; Poisson sample rate {rate:.6g}; {steps} steps ({steps // args.rounds} per round)"
+    )
+    print(f"noise multiplier ({args.accountant}): {result.noise_multiplier:.4f}  -> epsilon {result.epsilon:.4f} (never above the target)")
+    others = ", ".join(f"{k} {v:.4f}" for k, v in result.multipliers.items() if k != args.accountant)
+    print(f"(the multiplier each accountant alone would pick: {args.accountant} {result.noise_multiplier:.4f}, {others})")
+    print(f"\nepsilon after each round with noise multiplier {result.noise_multiplier:.4f}:")
+    print(f"{'round':>6} " + " ".join(f"{name:>10}" for name in ACCOUNTANTS))
+    for r in range(args.rounds):
+        print(f"{r + 1:>6} " + " ".join(f"{result.per_round[name][r]:>10.4f}" for name in ACCOUNTANTS))
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from shared.privacy import ledger
+
+    path = Path(args.ledger)
+    head = _head(args, path)
+    result = ledger.verify(path, head=head)
+    if not result.ok:
+        for problem in result.problems:
+            print(f"FAILED: {problem}")
+        return 1
+    print(f"{path}: OK: {result.lines} lines, hash chain intact, every epsilon recomputed from its events (last {result.epsilon:.4f})")
+    print(f"head: {result.lines} lines, {result.head}" + ("" if head else "  (keep this to detect removal of lines at the end later)"))
+    if head is None:
+        print(
+            "no recorded head was given (--head LINES:HASH) or found in the run's summary.json: removal of lines at the end cannot be ruled out"
+        )
+    return 0
+
+
+def _head(args: argparse.Namespace, path: Path) -> Any:
+    from shared.privacy import ledger
+
+    if args.head:
+        lines, _, digest = args.head.partition(":")
+        if not lines.isdigit() or len(digest) != 64:
+            raise ValueError(f"--head {args.head!r}: expected LINES:SHA256 (as 'fedxrec privacy verify' prints it)")
+        return ledger.Head(int(lines), digest)
+    summary = path.parent.parent / "summary.json"  # runs/<id>/ledger/<partner>.jsonl -> runs/<id>/summary.json
+    if path.parent.name == "ledger" and summary.is_file():
+        first = path.read_text(encoding="utf-8").split("\n", 1)[0] if path.is_file() else ""
+        try:
+            name = json.loads(first)["partner"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            return None  # verify reports the broken first line
+        recorded = json.loads(summary.read_text()).get("partners", {}).get(name, {}).get("ledger_head")
+        return ledger.Head(**recorded) if recorded else None
+    return None
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from shared.privacy.report import build_report, write_report
+
+    source = Path(args.source)
+    if not source.exists():
+        raise FileNotFoundError(f"{source}: no such run folder or ledger file")
+    head = _head(args, source) if source.is_file() else None
+    report = build_report(source, head=head)
+    out = Path(args.out) if args.out else (source if source.is_dir() else source.parent) / "privacy-report"
+    paths = write_report(report, out)
+    for p in report["partners"]:
+        state = "verified" if p["verified"] else "VERIFICATION FAILED"
+        print(
+            f"{p['partner']:<24} epsilon {p['epsilon']:.4f} of {p['budget_epsilon'] if p['budget_epsilon'] is not None else 'n/a'} "
+            f"(dp-accounting RDP {p['independent_epsilon'].get('dp_accounting_rdp', 0):.4f}, PLD {p['independent_epsilon'].get('dp_accounting_pld', 0):.4f}); "
+            f"rounds joined {len(p['rounds_joined'])}, declined {len(p['rounds_declined'])}; {state}"
+        )
+    print("wrote " + ", ".join(str(p) for p in paths))
+    return 0 if report["verified"] else 1
+
+
+def add_privacy_commands(sub: Any) -> None:
+    privacy = sub.add_parser("privacy", help="plan a privacy budget, verify a ledger, report what partners spent")
+    cmds = privacy.add_subparsers(dest="privacy_command", required=True, metavar="SUBCOMMAND")
+
+    p = cmds.add_parser("plan", help="the noise multiplier for a target epsilon, and epsilon after each round (RDP and PRV)")
+    p.add_argument("--epsilon", type=float, required=True, help="target epsilon over the whole run")
+    p.add_argument("--delta", type=float, help="target delta (default with --users: 1 / (10 N))")
+    p.add_argument("--sample-rate", type=float, help="Poisson sample rate Q (with --steps)")
+    p.add_argument("--steps", type=int, help="DP-SGD steps over the whole run (with --sample-rate)")
+    p.add_argument("--users", type=int, help="the partner's users N (with --batch-size, --local-epochs)")
+    p.add_argument("--batch-size", type=int, help="expected users per step B")
+    p.add_argument("--local-epochs", type=int, help="passes over the users per round E")
+    p.add_argument("--rounds", type=int, default=1, help="rounds R the steps are spread over (default: 1)")
+    p.add_argument("--accountant", choices=ACCOUNTANTS, default="rdp", help="whose multiplier is returned (default: rdp)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(handler=cmd_plan)
+
+    v = cmds.add_parser("verify", help="check a ledger's hash chain and recompute its epsilon; non-zero exit naming the first bad line")
+    v.add_argument("ledger", help="a ledger file: runs/<id>/ledger/<partner>.jsonl or a partner's <state-dir>/ledger.jsonl")
+    v.add_argument("--head", metavar="LINES:HASH", help="where the ledger must end (default: the run's summary.json, if any)")
+    v.set_defaults(handler=cmd_verify)
+
+    r = cmds.add_parser("report", help="the privacy officer's report: report.md, report.html, report.json, ledger.csv")
+    r.add_argument("source", help="a run folder (runs/<id>) or one partner's own ledger file")
+    r.add_argument("--out", metavar="DIR", help="output folder (default: SOURCE/privacy-report, or beside the ledger file)")
+    r.add_argument("--head", metavar="LINES:HASH", help="for a ledger file: where it must end")
+    r.set_defaults(handler=cmd_report)

@@ -1,0 +1,250 @@
+"""The privacy ledger: append-only JSON lines, each chained to the one before by a hash.
+
+One line per round a partner took part in or declined, written by the partner
+itself (``<state-dir>/ledger.jsonl``) and copied verbatim by the coordinator into
+``runs/<run-id>/ledger/<partner>.jsonl``::
+
+    {"seq": 1, "round": 1, "partner": "books", "status": "trained",
+     "accountant": "rdp", "delta": 1e-05, "budget_epsilon": 8.0,
+     "events": [{"noise_multiplier": 0.9, "sample_rate": 0.02, "steps": 50, "max_grad_norm": 1.0}],
+     "epsilon": 3.1, "examples": 1012, "note": "", "time": "2026-11-24T20:00:00+0000",
+     "prev": "<sha256 of the previous line's text; 64 zeros on the first line>"}
+
+``epsilon`` is what the partner's accountant says after all events so far, at
+``delta``. :func:`verify` recomputes it from the events and checks the chain, so
+an edited, deleted, inserted or reordered line is found and named. Removing lines
+at the *end* leaves a valid chain: that is caught against a recorded head (the
+number of lines and the last line's hash), which the run's ``summary.json`` keeps
+for every partner and which ``fedxrec privacy verify`` prints for an officer to
+keep elsewhere.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from shared.privacy.accounting import ACCOUNTANTS, Event, epsilon_of
+
+GENESIS = "0" * 64
+STATUSES = ("trained", "declined")
+EVENT_FIELDS = ("noise_multiplier", "sample_rate", "steps", "max_grad_norm")
+FIELDS = (
+    "seq",
+    "round",
+    "partner",
+    "status",
+    "accountant",
+    "delta",
+    "budget_epsilon",
+    "events",
+    "epsilon",
+    "examples",
+    "note",
+    "time",
+    "prev",
+)
+
+
+def line_hash(line: str) -> str:
+    return hashlib.sha256(line.rstrip("\n").encode("utf-8")).hexdigest()
+
+
+@dataclass(frozen=True)
+class Head:
+    """Where a ledger ends: how many lines, and the last line's hash."""
+
+    lines: int
+    hash: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"lines": self.lines, "hash": self.hash}
+
+
+def head_of(path: Path) -> Head:
+    lines = [x for x in path.read_text(encoding="utf-8").splitlines() if x.strip()] if path.is_file() else []
+    return Head(len(lines), line_hash(lines[-1]) if lines else GENESIS)
+
+
+def make_entry(
+    *,
+    round: int,
+    partner: str,
+    status: str,
+    accountant: str,
+    delta: float,
+    budget_epsilon: float,
+    events: list[dict[str, float]],
+    epsilon: float,
+    examples: int,
+    note: str = "",
+) -> dict[str, Any]:
+    """A ledger entry without its place in the chain (``seq`` and ``prev`` are set on append)."""
+    return {
+        "round": int(round),
+        "partner": partner,
+        "status": status,
+        "accountant": accountant,
+        "delta": float(delta),
+        "budget_epsilon": float(budget_epsilon),
+        "events": [{k: (int(e[k]) if k == "steps" else float(e[k])) for k in EVENT_FIELDS} for e in events],
+        "epsilon": float(epsilon),
+        "examples": int(examples),
+        "note": note,
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+
+def append(path: Path, entry: dict[str, Any]) -> str:
+    """Appends ``entry`` after the ledger's current head; returns the line written (no newline)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    head = head_of(path)
+    chained = {"seq": head.lines + 1, **{k: v for k, v in entry.items() if k not in ("seq", "prev")}, "prev": head.hash}
+    line = json.dumps({k: chained[k] for k in FIELDS}, separators=(", ", ": "))
+    with path.open("a", encoding="utf-8") as fh:
+        fh.write(line + "\n")
+    return line
+
+
+def append_line(path: Path, line: str) -> None:
+    """Appends a line written by a partner, verbatim (the coordinator's copy)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a", encoding="utf-8") as fh:
+        fh.write(line.rstrip("\n") + "\n")
+
+
+def events_of(entries: list[dict[str, Any]]) -> list[Event]:
+    return [(float(e["noise_multiplier"]), float(e["sample_rate"]), int(e["steps"])) for x in entries for e in x["events"]]
+
+
+def read(path: Path) -> list[dict[str, Any]]:
+    """The entries of a ledger that :func:`verify` passed (raises ValueError naming the line otherwise)."""
+    result = verify(path)
+    if not result.ok:
+        raise ValueError(result.problems[0])
+    return result.entries
+
+
+# --------------------------------------------------------------------------- verification
+
+
+@dataclass
+class Verification:
+    path: Path
+    ok: bool = True
+    lines: int = 0
+    head: str = GENESIS
+    first_bad_line: int | None = None
+    problems: list[str] = field(default_factory=list)
+    entries: list[dict[str, Any]] = field(default_factory=list)
+    epsilon: float = 0.0  # recomputed after the last good line
+
+    def fail(self, line: int | None, message: str) -> None:
+        self.ok = False
+        if self.first_bad_line is None:
+            self.first_bad_line = line
+        where = f"{self.path}, line {line}" if line else str(self.path)
+        self.problems.append(f"{where}: {message}")
+
+
+def _shape_problems(entry: Any) -> list[str]:
+    if not isinstance(entry, dict):
+        return ["is not a JSON object"]
+    problems = [f"field {k!r} is missing" for k in FIELDS if k not in entry]
+    problems += [f"unexpected field {k!r}" for k in entry if k not in FIELDS]
+    if problems:
+        return problems
+    if entry["status"] not in STATUSES:
+        problems.append(f"status {entry['status']!r}: expected one of {list(STATUSES)}")
+    if entry["accountant"] not in ACCOUNTANTS:
+        problems.append(f"accountant {entry['accountant']!r}: expected one of {list(ACCOUNTANTS)}")
+    if not isinstance(entry["events"], list) or not all(isinstance(e, dict) and set(e) == set(EVENT_FIELDS) for e in entry["events"]):
+        problems.append(f"events: expected a list of objects with exactly {list(EVENT_FIELDS)}")
+    else:
+        for e in entry["events"]:
+            if not (e["noise_multiplier"] > 0 and 0 < e["sample_rate"] <= 1 and e["steps"] >= 0 and e["max_grad_norm"] > 0):
+                problems.append(f"event {e}: expected noise_multiplier > 0, 0 < sample_rate <= 1, steps >= 0, max_grad_norm > 0")
+    if entry["status"] == "declined" and entry["events"]:
+        problems.append("a declined round lists DP events; a declined round releases nothing")
+    if not (isinstance(entry["delta"], int | float) and 0 < entry["delta"] < 1):
+        problems.append(f"delta {entry['delta']!r}: expected 0 < delta < 1")
+    return problems
+
+
+def verify(path: str | Path, *, head: Head | None = None, tolerance: float = 1e-6) -> Verification:
+    """Checks the chain, the fields and every recorded epsilon; ``head``: where the ledger must end.
+
+    Epsilon is recomputed from the events of all lines so far with the accountant
+    named on the line; ``tolerance`` is relative.
+    """
+    path = Path(path)
+    result = Verification(path)
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except FileNotFoundError:
+        result.fail(None, "no such ledger file")
+        return result
+    except UnicodeDecodeError as err:
+        result.fail(None, f"not UTF-8 text ({err.reason} at byte {err.start})")
+        return result
+    if text and not text.endswith("\n"):
+        result.fail(text.count("\n") + 1, "the last line is incomplete (no newline): the file was cut off")
+    prev, rounds = GENESIS, -1
+    hashes = {line_hash(line): n for n, line in enumerate(text.splitlines(), start=1)}
+    for number, line in enumerate(text.splitlines(), start=1):
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError as err:
+            result.fail(number, f"not valid JSON ({err.msg} at column {err.colno})")
+            break
+        shape = _shape_problems(entry)
+        if shape:
+            result.fail(number, "; ".join(shape))
+            break
+        if entry["seq"] != number:
+            result.fail(
+                number, f"seq is {entry['seq']}, expected {number}: a line before it was removed or inserted, or lines were reordered"
+            )
+            break
+        if entry["prev"] != prev:
+            if entry["prev"] in hashes and hashes[entry["prev"]] != number - 1:
+                result.fail(number, f"its prev is the hash of line {hashes[entry['prev']]}, not of line {number - 1}: lines were reordered")
+            else:
+                result.fail(
+                    number - 1,
+                    f"its hash is not the prev recorded on line {number}: line {number - 1} was edited, or line {number} was edited or moved",
+                )
+            break
+        if entry["round"] <= rounds:
+            result.fail(number, f"round {entry['round']} after round {rounds}: rounds must increase")
+            break
+        first = result.entries[0] if result.entries else entry
+        if (entry["partner"], entry["accountant"], entry["delta"]) != (first["partner"], first["accountant"], first["delta"]):
+            result.fail(number, "partner, accountant or delta differs from line 1: one ledger is one partner under one accountant")
+            break
+        recomputed = epsilon_of(events_of([*result.entries, entry]), delta=entry["delta"], accountant=entry["accountant"])
+        if abs(recomputed - entry["epsilon"]) > tolerance * max(1.0, recomputed):
+            result.fail(number, f"epsilon is recorded as {entry['epsilon']:.6g} but its events give {recomputed:.6g}")
+            break
+        result.entries.append(entry)
+        result.epsilon, prev, rounds = recomputed, line_hash(line), entry["round"]
+    result.lines, result.head = len(result.entries), prev
+    if result.ok and head is not None and (head.lines, head.hash) != (result.lines, result.head):
+        if head.lines > result.lines:
+            result.fail(
+                result.lines + 1,
+                f"the ledger ends after line {result.lines}, but its recorded head has {head.lines} lines: it was truncated",
+            )
+        elif head.lines == result.lines:
+            result.fail(
+                result.lines, f"the last line's hash differs from the recorded head ({head.hash[:12]}…): line {result.lines} was edited"
+            )
+        else:
+            result.fail(
+                head.lines + 1, f"the ledger has {result.lines} lines, its recorded head {head.lines}: lines were appended after the head"
+            )
+    return result

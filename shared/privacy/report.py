@@ -1,0 +1,330 @@
+"""The privacy officer's report: what each partner spent, and why the number can be trusted.
+
+Input: a run folder (``runs/<run-id>/``: every partner's ledger, the heads in
+``summary.json``, quality per round in ``metrics.jsonl``) or one partner's own
+ledger file, so that a partner can check its spending without the coordinator.
+
+For each partner: the chain verified, the DP terms (unit, delta, accountant,
+sampling, clipping norm, noise), rounds joined and declined, epsilon per round and
+final, the budget left, and epsilon recomputed from the events by Google's
+dp-accounting (RDP and PLD) beside the project's own (Opacus).
+
+Outputs: ``report.md``, ``report.html`` (one self-contained page, plots inline as
+SVG), ``report.json`` and ``ledger.csv``.
+"""
+
+from __future__ import annotations
+
+import csv
+import html
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+from shared.privacy import independent, ledger
+
+DP_UNIT = "one user: every interaction of one user in the partner's domain (user-level DP)"
+PROTECTED = [
+    "whether any one user is in the partner's data, and anything about that user's interactions, "
+    "as far as it can be learned from the adapters the partner sent (the only thing training releases)",
+]
+NOT_PROTECTED = [
+    "the partner's item catalogue and item texts: the adapter is trained on them and they are not private in this design",
+    "the approximate number of users: it follows from the sample rate, and the number of examples per round is reported",
+    "the partner's participation: which rounds it joined or declined, and its evaluation metrics (valid/test NDCG@10, Recall@10), "
+    "which are computed on its data without noise and sent to the coordinator",
+    "anything released outside training (for example recommendations served to users)",
+]
+
+
+# --------------------------------------------------------------------------- building
+
+
+def _partner_report(path: Path, *, head: ledger.Head | None, quality: list[dict[str, Any]]) -> dict[str, Any]:
+    check = ledger.verify(path, head=head)
+    entries = check.entries
+    first = entries[0] if entries else {}
+    events = ledger.events_of(entries)
+    delta = float(first.get("delta", 0.0)) or None
+    per_round = [{"round": e["round"], "status": e["status"], "epsilon": e["epsilon"]} for e in entries]
+    final = entries[-1]["epsilon"] if entries else 0.0
+    budget = entries[-1]["budget_epsilon"] if entries else None
+    crosscheck: dict[str, float] = {}
+    if events and delta:
+        crosscheck = {
+            f"opacus_{first['accountant']}": check.epsilon,
+            "dp_accounting_rdp": independent.rdp_epsilon(events, delta=delta),
+            "dp_accounting_pld": independent.pld_epsilon(events, delta=delta),
+        }
+    all_events = [ev for e in entries for ev in e["events"]]
+    return {
+        "partner": first.get("partner", path.stem),
+        "ledger": str(path),
+        "verified": check.ok,
+        "problems": check.problems,
+        "head": {"lines": check.lines, "hash": check.head},
+        "dp_unit": DP_UNIT,
+        "sampling": "Poisson (each user joins each step independently with the sample rate)",
+        "accountant": first.get("accountant"),
+        "delta": delta,
+        "max_grad_norm": sorted({ev["max_grad_norm"] for ev in all_events}),
+        "noise_multiplier": sorted({ev["noise_multiplier"] for ev in all_events}),
+        "sample_rate": sorted({ev["sample_rate"] for ev in all_events}),
+        "steps": sum(ev["steps"] for ev in all_events),
+        "rounds_joined": [e["round"] for e in entries if e["status"] == "trained"],
+        "rounds_declined": [e["round"] for e in entries if e["status"] == "declined"],
+        "epsilon_per_round": per_round,
+        "epsilon": final,
+        "budget_epsilon": budget,
+        "budget_left": None if budget is None else max(0.0, budget - final),
+        "independent_epsilon": crosscheck,
+        "quality": quality,
+    }
+
+
+def _quality(run: Path) -> dict[str, list[dict[str, Any]]]:
+    """Per partner, per round: epsilon and test/valid NDCG@10 from the run's metrics.jsonl."""
+    path = run / "metrics.jsonl"
+    out: dict[str, list[dict[str, Any]]] = {}
+    if not path.is_file():
+        return out
+    for line in path.read_text(encoding="utf-8").splitlines():
+        row = json.loads(line) if line.strip() else {}
+        if row.get("epsilon") is not None and row.get("test_ndcg@10") is not None:
+            out.setdefault(row["partner"], []).append(
+                {
+                    "round": row["round"],
+                    "epsilon": row["epsilon"],
+                    "test_ndcg@10": row["test_ndcg@10"],
+                    "valid_ndcg@10": row.get("valid_ndcg@10"),
+                }
+            )
+    return out
+
+
+def build_report(source: str | Path, *, head: ledger.Head | None = None) -> dict[str, Any]:
+    """The report as plain data (what ``report.json`` holds). ``head``: for a single ledger file."""
+    source = Path(source)
+    if source.is_dir():
+        paths = sorted((source / "ledger").glob("*.jsonl"))
+        if not paths:
+            raise FileNotFoundError(f"{source}: no ledger/*.jsonl: not a run folder with DP, or no round finished")
+        summary_path = source / "summary.json"
+        summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
+        heads = {name: p.get("ledger_head") for name, p in summary.get("partners", {}).items()}
+        quality = _quality(source)
+        partners = []
+        for path in paths:
+            name = (
+                json.loads(path.read_text(encoding="utf-8").splitlines()[0]).get("partner", path.stem) if path.stat().st_size else path.stem
+            )
+            recorded = heads.get(name)
+            partners.append(_partner_report(path, head=ledger.Head(**recorded) if recorded else None, quality=quality.get(name, [])))
+        config_path = source / "config.json"
+        config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+        kind, title = "run", source.name
+        anchored = bool(summary)
+    else:
+        partners = [_partner_report(source, head=head, quality=[])]
+        config, kind, title, anchored = {}, "ledger", source.name, head is not None
+    return {
+        "source": str(source),
+        "kind": kind,
+        "title": title,
+        "config": {
+            k: config.get(k)
+            for k in ("rounds", "local-epochs", "batch-size", "target-epsilon", "delta", "max-grad-norm", "accountant")
+            if k in config
+        },
+        "anchored": anchored,
+        "verified": all(p["verified"] for p in partners),
+        "protected": PROTECTED,
+        "not_protected": NOT_PROTECTED,
+        "partners": partners,
+    }
+
+
+# --------------------------------------------------------------------------- plots
+
+
+def _svg_plots(partner: dict[str, Any]) -> list[tuple[str, str]]:
+    """(caption, inline SVG) for the partner's epsilon per round, and quality against epsilon."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    plt.rcParams["svg.fonttype"] = "none"  # text stays text in the page
+    plots = []
+    rounds = partner["epsilon_per_round"]
+    if rounds:
+        fig, ax = plt.subplots(figsize=(5.5, 3.2))
+        ax.plot([r["round"] for r in rounds], [r["epsilon"] for r in rounds], marker="o", label="epsilon spent")
+        declined = [r for r in rounds if r["status"] == "declined"]
+        if declined:
+            ax.scatter(
+                [r["round"] for r in declined], [r["epsilon"] for r in declined], marker="x", color="red", zorder=3, label="declined"
+            )
+        if partner["budget_epsilon"] is not None:
+            ax.axhline(partner["budget_epsilon"], color="gray", linestyle="--", label=f"budget {partner['budget_epsilon']:g}")
+        ax.set(xlabel="round", ylabel="epsilon", title=f"{partner['partner']}: epsilon after each round")
+        ax.legend(loc="lower right", fontsize=8)
+        plots.append((f"Epsilon spent by {partner['partner']} after each round", _svg(fig)))
+        plt.close(fig)
+    if partner["quality"]:
+        q = partner["quality"]
+        fig, ax = plt.subplots(figsize=(5.5, 3.2))
+        ax.plot([r["epsilon"] for r in q], [r["test_ndcg@10"] for r in q], marker="o")
+        for r in q:
+            ax.annotate(f"r{r['round']}", (r["epsilon"], r["test_ndcg@10"]), fontsize=7, textcoords="offset points", xytext=(3, 3))
+        ax.set(xlabel="epsilon spent", ylabel="test NDCG@10", title=f"{partner['partner']}: quality against epsilon")
+        plots.append((f"Test NDCG@10 of {partner['partner']} against the epsilon spent", _svg(fig)))
+        plt.close(fig)
+    return plots
+
+
+def _svg(fig: Any) -> str:
+    buffer = io.StringIO()
+    fig.savefig(buffer, format="svg", bbox_inches="tight")
+    text = buffer.getvalue()
+    return text[text.index("<svg") :]  # drop the XML prologue and doctype: inline SVG
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def _fmt(x: float | None, spec: str = ".4f") -> str:
+    return "n/a" if x is None else format(x, spec)
+
+
+def _terms(p: dict[str, Any]) -> list[tuple[str, str]]:
+    ind = p["independent_epsilon"]
+    return [
+        ("ledger", f"{p['ledger']} ({p['head']['lines']} lines, head {p['head']['hash'][:16]}…)"),
+        ("chain and epsilon verified", "yes" if p["verified"] else "NO: " + "; ".join(p["problems"])),
+        ("DP unit", p["dp_unit"]),
+        ("delta", _fmt(p["delta"], ".3g")),
+        ("accountant", str(p["accountant"])),
+        (
+            "sampling",
+            p["sampling"] + (f"; sample rate {', '.join(format(x, '.4g') for x in p['sample_rate'])}" if p["sample_rate"] else ""),
+        ),
+        ("clipping norm", ", ".join(format(x, "g") for x in p["max_grad_norm"]) or "n/a"),
+        ("noise multiplier", ", ".join(format(x, ".4g") for x in p["noise_multiplier"]) or "n/a"),
+        ("DP-SGD steps", str(p["steps"])),
+        ("rounds joined", ", ".join(map(str, p["rounds_joined"])) or "none"),
+        ("rounds declined", ", ".join(map(str, p["rounds_declined"])) or "none"),
+        ("epsilon spent", _fmt(p["epsilon"])),
+        ("budget", _fmt(p["budget_epsilon"], "g")),
+        ("budget left", _fmt(p["budget_left"])),
+        ("epsilon by dp-accounting, RDP", _fmt(ind.get("dp_accounting_rdp"))),
+        ("epsilon by dp-accounting, PLD", _fmt(ind.get("dp_accounting_pld"))),
+    ]
+
+
+def to_markdown(report: dict[str, Any]) -> str:
+    lines = [f"# Privacy report: {report['title']}", "", f"Source: `{report['source']}`. " + _verdict(report), ""]
+    if report["config"]:
+        lines += ["Run settings: " + ", ".join(f"{k} {v}" for k, v in report["config"].items()), ""]
+    lines += ["## What is protected", "", *[f"- {x}" for x in report["protected"]], "", "## What is not protected", ""]
+    lines += [*[f"- {x}" for x in report["not_protected"]], ""]
+    for p in report["partners"]:
+        lines += [f"## Partner {p['partner']}", "", "| | |", "|---|---|", *[f"| {k} | {v} |" for k, v in _terms(p)], ""]
+        lines += ["| round | status | epsilon after the round |", "|---|---|---|"]
+        lines += [f"| {r['round']} | {r['status']} | {r['epsilon']:.4f} |" for r in p["epsilon_per_round"]]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _verdict(report: dict[str, Any]) -> str:
+    if not report["verified"]:
+        return "**Verification FAILED for at least one ledger (see below).**"
+    anchor = (
+        "against the recorded heads" if report["anchored"] else "(no recorded head given: removal of lines at the end cannot be ruled out)"
+    )
+    return f"Every ledger's hash chain and every recorded epsilon verified {anchor}."
+
+
+def to_html(report: dict[str, Any]) -> str:
+    e = html.escape
+    parts = [
+        "<!doctype html><html lang='en'><head><meta charset='utf-8'>",
+        f"<title>Privacy report: {e(report['title'])}</title>",
+        "<style>body{font-family:system-ui,sans-serif;max-width:60em;margin:2em auto;padding:0 1em;color:#222}"
+        "table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding:.2em .5em;text-align:left;vertical-align:top}"
+        "figure{margin:1em 0}figcaption{font-size:.9em;color:#555}.bad{color:#b00;font-weight:bold}svg{max-width:100%;height:auto}</style>",
+        "</head><body>",
+        f"<h1>Privacy report: {e(report['title'])}</h1>",
+        f"<p>Source: <code>{e(report['source'])}</code>. {'<span class=bad>' if not report['verified'] else ''}{e(_verdict(report).replace('**', ''))}"
+        f"{'</span>' if not report['verified'] else ''}</p>",
+    ]
+    if report["config"]:
+        parts.append("<p>Run settings: " + e(", ".join(f"{k} {v}" for k, v in report["config"].items())) + "</p>")
+    parts.append("<h2>What is protected</h2><ul>" + "".join(f"<li>{e(x)}</li>" for x in report["protected"]) + "</ul>")
+    parts.append("<h2>What is not protected</h2><ul>" + "".join(f"<li>{e(x)}</li>" for x in report["not_protected"]) + "</ul>")
+    for p in report["partners"]:
+        slug = "".join(c if c.isalnum() else "-" for c in p["partner"])
+        parts.append(f"<section class='partner' id='partner-{e(slug)}' data-partner='{e(p['partner'])}'>")
+        parts.append(f"<h2>Partner {e(p['partner'])}</h2><table>")
+        parts += [f"<tr><th>{e(k)}</th><td>{e(v)}</td></tr>" for k, v in _terms(p)]
+        parts.append("</table><table><tr><th>round</th><th>status</th><th>epsilon after the round</th></tr>")
+        parts += [f"<tr><td>{r['round']}</td><td>{e(r['status'])}</td><td>{r['epsilon']:.4f}</td></tr>" for r in p["epsilon_per_round"]]
+        parts.append("</table>")
+        for caption, svg in _svg_plots(p):
+            parts.append(f"<figure class='plot'>{svg}<figcaption>{e(caption)}</figcaption></figure>")
+        parts.append("</section>")
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+def write_csv(report: dict[str, Any], path: Path) -> None:
+    columns = [
+        "partner",
+        "seq",
+        "round",
+        "status",
+        "noise_multiplier",
+        "sample_rate",
+        "steps",
+        "max_grad_norm",
+        "epsilon",
+        "delta",
+        "accountant",
+        "examples",
+        "prev",
+    ]
+    with path.open("w", newline="", encoding="utf-8") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(columns)
+        for p in report["partners"]:
+            check = ledger.verify(p["ledger"])  # the verified prefix: a broken ledger's bad lines are not tabulated
+            for entry in check.entries:
+                events = entry["events"] or [{k: "" for k in ledger.EVENT_FIELDS}]
+                for ev in events:
+                    writer.writerow(
+                        [
+                            entry["partner"],
+                            entry["seq"],
+                            entry["round"],
+                            entry["status"],
+                            *[ev[k] for k in ledger.EVENT_FIELDS][:3],
+                            ev["max_grad_norm"],
+                            entry["epsilon"],
+                            entry["delta"],
+                            entry["accountant"],
+                            entry["examples"],
+                            entry["prev"],
+                        ]
+                    )
+
+
+def write_report(report: dict[str, Any], out: str | Path) -> list[Path]:
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = [out / "report.md", out / "report.html", out / "report.json", out / "ledger.csv"]
+    paths[0].write_text(to_markdown(report), encoding="utf-8")
+    paths[1].write_text(to_html(report), encoding="utf-8")
+    paths[2].write_text(json.dumps(report, indent=2), encoding="utf-8")
+    write_csv(report, paths[3])
+    return paths

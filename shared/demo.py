@@ -30,4 +30,5 @@ def run_demo(*, out: Path, rounds: int = 3, epsilon: float = 8.0) -> int:
     for name, p in summary["partners"].items():
         print(f"{name:<10} {p['test_ndcg@10']:>13.4f} {p['test_recall@10']:>15.4f} {p['epsilon']:>14.3f}")
     print(f"\nrun folder: {runs / run_id} (config.json, manifest.json, metrics.jsonl, ledger/, adapter/, summary.md)")
+    print(f"privacy report: fedxrec privacy report {runs / run_id}")
     return 0

@@ -29,6 +29,12 @@ PROTECTED = [
     "whether any one user is in the partner's data, and anything about that user's interactions, "
     "as far as it can be learned from the adapters the partner sent (the only thing training releases)",
 ]
+CROSSCHECK_NOTE = (
+    "Epsilon is recomputed from the ledger's events by Google's dp-accounting, independently of Opacus. Its RDP figure uses "
+    "Opacus' orders and should match to rounding; at high sample rates (above about 0.1) it can be a few percent higher, "
+    "because dp-accounting drops fractional orders whose series does not converge in 1,000 terms. Its PLD figure is a "
+    "tighter numerical bound on the same events."
+)
 NOT_PROTECTED = [
     "the partner's item catalogue and item texts: the adapter is trained on them and they are not private in this design",
     "the approximate number of users: it follows from the sample rate, and the number of examples per round is reported",
@@ -169,6 +175,7 @@ def _svg_plots(partner: dict[str, Any]) -> list[tuple[str, str]]:
         if partner["budget_epsilon"] is not None:
             ax.axhline(partner["budget_epsilon"], color="gray", linestyle="--", label=f"budget {partner['budget_epsilon']:g}")
         ax.set(xlabel="round", ylabel="epsilon", title=f"{partner['partner']}: epsilon after each round")
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
         ax.legend(loc="lower right", fontsize=8)
         plots.append((f"Epsilon spent by {partner['partner']} after each round", _svg(fig)))
         plt.close(fig)
@@ -228,7 +235,7 @@ def to_markdown(report: dict[str, Any]) -> str:
     if report["config"]:
         lines += ["Run settings: " + ", ".join(f"{k} {v}" for k, v in report["config"].items()), ""]
     lines += ["## What is protected", "", *[f"- {x}" for x in report["protected"]], "", "## What is not protected", ""]
-    lines += [*[f"- {x}" for x in report["not_protected"]], ""]
+    lines += [*[f"- {x}" for x in report["not_protected"]], "", "## The independent check", "", CROSSCHECK_NOTE, ""]
     for p in report["partners"]:
         lines += [f"## Partner {p['partner']}", "", "| | |", "|---|---|", *[f"| {k} | {v} |" for k, v in _terms(p)], ""]
         lines += ["| round | status | epsilon after the round |", "|---|---|---|"]
@@ -263,6 +270,7 @@ def to_html(report: dict[str, Any]) -> str:
         parts.append("<p>Run settings: " + e(", ".join(f"{k} {v}" for k, v in report["config"].items())) + "</p>")
     parts.append("<h2>What is protected</h2><ul>" + "".join(f"<li>{e(x)}</li>" for x in report["protected"]) + "</ul>")
     parts.append("<h2>What is not protected</h2><ul>" + "".join(f"<li>{e(x)}</li>" for x in report["not_protected"]) + "</ul>")
+    parts.append(f"<h2>The independent check</h2><p>{e(CROSSCHECK_NOTE)}</p>")
     for p in report["partners"]:
         slug = "".join(c if c.isalnum() else "-" for c in p["partner"])
         parts.append(f"<section class='partner' id='partner-{e(slug)}' data-partner='{e(p['partner'])}'>")

@@ -79,6 +79,7 @@ def train_round(
             optimizer.load_state_dict(optimizer_state)
     loader = DataLoader(data, batch_size=batch_size, shuffle=True, generator=generator)
     module: torch.nn.Module = model
+    model.train()  # Opacus refuses a model in eval mode
     if dp is not None:
         from opacus import PrivacyEngine
 
@@ -94,7 +95,6 @@ def train_round(
                 max_grad_norm=dp.max_grad_norm,
                 poisson_sampling=True,
             )
-    model.train()
     warnings.filterwarnings("ignore", message="Full backward hook is firing")  # Opacus on the first layer: harmless
     n_items = model.features.n_items
     losses, steps, examples = [], 0, 0

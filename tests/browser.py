@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 import json
 import os
 import re
@@ -53,7 +54,7 @@ def rendered_layout(page: Path, scratch: Path) -> list[dict[str, object]]:
     )  # fmt: skip
     match = re.search(r'<pre id="probe">(.*?)</pre>', done.stdout, re.S)
     assert match, f"chromium rendered no probe (exit {done.returncode}): {done.stderr[-2000:]}"
-    return json.loads(match.group(1).replace("&quot;", '"').replace("&amp;", "&").replace("&lt;", "<").replace("&gt;", ">"))
+    return json.loads(html.unescape(match.group(1)))
 
 
 def assert_page_shows_every_partner(page: Path, partners: list[str], scratch: Path, *, plots_each: int = 1) -> list[dict[str, object]]:

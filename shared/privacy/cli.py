@@ -105,16 +105,7 @@ def _head(args: argparse.Namespace, path: Path) -> Any:
         if not lines.isdigit() or len(digest) != 64:
             raise ValueError(f"--head {args.head!r}: expected LINES:SHA256 (as 'fedxrec privacy verify' prints it)")
         return ledger.Head(int(lines), digest)
-    summary = path.parent.parent / "summary.json"  # runs/<id>/ledger/<partner>.jsonl -> runs/<id>/summary.json
-    if path.parent.name == "ledger" and summary.is_file():
-        first = path.read_text(encoding="utf-8").split("\n", 1)[0] if path.is_file() else ""
-        try:
-            name = json.loads(first)["partner"]
-        except (json.JSONDecodeError, KeyError, TypeError):
-            return None  # verify reports the broken first line
-        recorded = json.loads(summary.read_text()).get("partners", {}).get(name, {}).get("ledger_head")
-        return ledger.Head(**recorded) if recorded else None
-    return None
+    return ledger.recorded_head(path)
 
 
 def cmd_report(args: argparse.Namespace) -> int:

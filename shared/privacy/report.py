@@ -86,6 +86,7 @@ def _partner_report(path: Path, *, head: ledger.Head | None, quality: list[dict[
         "budget_left": None if budget is None else max(0.0, budget - final),
         "independent_epsilon": crosscheck,
         "quality": quality,
+        "entries": entries,  # the verified lines, as read
     }
 
 
@@ -116,21 +117,14 @@ def build_report(source: str | Path, *, head: ledger.Head | None = None) -> dict
         paths = sorted((source / "ledger").glob("*.jsonl"))
         if not paths:
             raise FileNotFoundError(f"{source}: no ledger/*.jsonl: not a run folder with DP, or no round finished")
-        summary_path = source / "summary.json"
-        summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
-        heads = {name: p.get("ledger_head") for name, p in summary.get("partners", {}).items()}
         quality = _quality(source)
-        partners = []
-        for path in paths:
-            name = (
-                json.loads(path.read_text(encoding="utf-8").splitlines()[0]).get("partner", path.stem) if path.stat().st_size else path.stem
-            )
-            recorded = heads.get(name)
-            partners.append(_partner_report(path, head=ledger.Head(**recorded) if recorded else None, quality=quality.get(name, [])))
+        partners = [_partner_report(path, head=ledger.recorded_head(path), quality=[]) for path in paths]
+        for p in partners:
+            p["quality"] = quality.get(p["partner"], [])
         config_path = source / "config.json"
         config = json.loads(config_path.read_text()) if config_path.is_file() else {}
         kind, title = "run", source.name
-        anchored = bool(summary)
+        anchored = (source / "summary.json").is_file()
     else:
         partners = [_partner_report(source, head=head, quality=[])]
         config, kind, title, anchored = {}, "ledger", source.name, head is not None
@@ -306,8 +300,7 @@ def write_csv(report: dict[str, Any], path: Path) -> None:
         writer = csv.writer(fh)
         writer.writerow(columns)
         for p in report["partners"]:
-            check = ledger.verify(p["ledger"])  # the verified prefix: a broken ledger's bad lines are not tabulated
-            for entry in check.entries:
+            for entry in p["entries"]:  # the verified prefix: a broken ledger's bad lines are not tabulated
                 events = entry["events"] or [{k: "" for k in ledger.EVENT_FIELDS}]
                 for ev in events:
                     writer.writerow(
@@ -316,8 +309,7 @@ def write_csv(report: dict[str, Any], path: Path) -> None:
                             entry["seq"],
                             entry["round"],
                             entry["status"],
-                            *[ev[k] for k in ledger.EVENT_FIELDS][:3],
-                            ev["max_grad_norm"],
+                            *(ev[k] for k in ledger.EVENT_FIELDS),
                             entry["epsilon"],
                             entry["delta"],
                             entry["accountant"],

@@ -83,6 +83,8 @@ def train_round(
     if dp is not None:
         from opacus import PrivacyEngine
 
+        model.check_dp_safe()
+
         engine = PrivacyEngine(accountant=dp.ledger.budget.accountant)
         engine.accountant = dp.ledger.accountant  # one accountant for the whole run
         with warnings.catch_warnings():

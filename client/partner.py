@@ -153,14 +153,23 @@ HEAD = HeadConfig(n_layers=2, n_heads=2, max_len=50, dropout=0.2)
 
 
 def build_model(
-    settings: FederationSettings, data: PartnerData, *, adapter_arrays: dict[str, torch.Tensor], head: dict[str, torch.Tensor] | None
+    settings: FederationSettings,
+    data: PartnerData,
+    *,
+    adapter_arrays: dict[str, torch.Tensor],
+    head: dict[str, torch.Tensor] | None,
+    popularity_prior: bool = False,
 ) -> DomainModel:
+    """The partner's model. ``popularity_prior`` only for training that never leaves the
+    partner without DP (a local fine-tune): its counts mix every user's data."""
     adapter = MoEAdapter(int(data.vectors.shape[1]), adapter_config(settings))
     load_adapter_weights(adapter, adapter_arrays, source="the server's arrays")
-    model = DomainModel(adapter=adapter, features=ItemFeatures(vectors=data.vectors), head_config=HEAD)
+    counts = torch.as_tensor(data.split.item_popularity()) if popularity_prior else None
+    model = DomainModel(adapter=adapter, features=ItemFeatures(vectors=data.vectors), head_config=HEAD, item_counts=counts)
     if head is not None:
         missing, unexpected = model.load_state_dict(head, strict=False)
-        if unexpected or [k for k in missing if not k.startswith("adapter.")]:
+        fresh = ("adapter.", "log_counts", "popularity_weight")  # sent by the server / new with the prior
+        if unexpected or [k for k in missing if not k.startswith(fresh)]:
             raise ValueError(f"the stored private head does not fit this model (unexpected {unexpected[:3]})")
     return model
 

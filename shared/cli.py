@@ -121,7 +121,7 @@ def model_and_train_configs(args: argparse.Namespace) -> tuple[Any, Any]:
     else:
         adapter = dataclass_from_flags(LoraAdapterConfig, args, prefix="lora_", kind="lora")
     head = dataclass_from_flags(HeadConfig, args, prefix="head_")
-    model = ModelConfig(adapter=adapter, head=head, item_ids=bool(args.item_ids))
+    model = ModelConfig(adapter=adapter, head=head, item_ids=bool(args.item_ids), popularity_prior=not args.no_popularity_prior)
     if args.temperature is not None:
         model.temperature = args.temperature
     train = dataclass_from_flags(TrainConfig, args)
@@ -229,6 +229,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--encoder", metavar="DIR", help="a transformers model folder (default: $FEDXREC_ENCODER or the packaged all-MiniLM-L6-v2)"
     )
     train.add_argument("--item-ids", action="store_true", help="add a private item-id residual embedding (transductive)")
+    train.add_argument(
+        "--no-popularity-prior",
+        action="store_true",
+        help="score by text alone, without the learned log(1 + training count) prior per item",
+    )
     train.add_argument("--temperature", type=float, help="softmax temperature on cosine scores (default: 0.07)")
     add_dataclass_flags(train, MoEAdapterConfig, prefix="moe-", skip=["kind"])
     add_dataclass_flags(train, LoraAdapterConfig, prefix="lora-", skip=["kind"])

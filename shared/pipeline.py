@@ -53,6 +53,10 @@ class ModelConfig:
     head: HeadConfig = field(default_factory=HeadConfig, metadata={"help": "the private head"})
     temperature: float = field(default=0.07, metadata={"help": "softmax temperature on cosine scores"})
     item_ids: bool = field(default=False, metadata={"help": "add a private item-id residual (transductive)"})
+    popularity_prior: bool = field(
+        default=True,
+        metadata={"help": "add a learned weight x log(1 + training count) to each item's score (no item ids; not under DP)"},
+    )
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -64,6 +68,7 @@ class ModelConfig:
             head=HeadConfig(**d["head"]),
             temperature=float(d["temperature"]),
             item_ids=bool(d["item_ids"]),
+            popularity_prior=bool(d.get("popularity_prior", False)),  # models saved before the option had none
         )
 
 
@@ -92,8 +97,14 @@ def build_model(domain: PreparedDomain, config: ModelConfig, *, adapter: torch.n
         tokens = encoder.tokenize(["", *domain.split.item_texts])
         features = ItemFeatures(tokens=tokens)
     assert isinstance(adapter, MoEAdapter | LoraAdapter)
+    counts = torch.as_tensor(domain.split.item_popularity()) if config.popularity_prior else None
     return DomainModel(
-        adapter=adapter, features=features, head_config=config.head, temperature=config.temperature, item_ids=config.item_ids
+        adapter=adapter,
+        features=features,
+        head_config=config.head,
+        temperature=config.temperature,
+        item_ids=config.item_ids,
+        item_counts=counts,
     )
 
 

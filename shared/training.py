@@ -28,11 +28,14 @@ from shared.model.recommender import DomainModel
 class TrainConfig:
     epochs: int = field(default=40, metadata={"help": "most passes over the training users"})
     batch_size: int = field(default=128, metadata={"help": "users per batch"})
-    lr: float = field(default=1e-3, metadata={"help": "AdamW learning rate"})
+    lr: float = field(default=2e-3, metadata={"help": "AdamW learning rate"})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
     loss: str = field(default="full", metadata={"help": "'full' softmax over the catalogue, or 'sampled' (per-sample negatives; DP-safe)"})
     negatives: int = field(default=256, metadata={"help": "uniform negatives per user for the sampled loss"})
     patience: int = field(default=5, metadata={"help": "epochs without a better valid NDCG@10 before stopping"})
+    lr_patience: int = field(
+        default=2, metadata={"help": "halve the learning rate after this many epochs without a better valid NDCG@10 (0: never)"}
+    )
     max_minutes: float | None = field(default=None, metadata={"help": "stop training after this many minutes"})
     seed: int = field(default=0, metadata={"help": "seed for initialisation, batching and dropout"})
 
@@ -137,6 +140,10 @@ def train(runs: list[DomainRun], config: TrainConfig, *, log: Callable[[str], No
             best_state = [copy.deepcopy(r.model.state_dict()) for r in runs]
         else:
             stale += 1
+            if config.lr_patience and stale % config.lr_patience == 0:
+                for group in optimizer.param_groups:
+                    group["lr"] /= 2
+                log(f"learning rate halved to {optimizer.param_groups[0]['lr']:.2e}")
         if stale >= config.patience or time.monotonic() > deadline:
             break
     for r, state in zip(runs, best_state, strict=True):

@@ -1,15 +1,17 @@
 """Experiments: local vs federated (no DP, DP at several epsilons) vs pooled, fine-tune, cold start.
 
     python -m simulations.experiments [--scenario simulations/scenarios/scientific-office.toml]
-        [--rounds 3] [--local-epochs 1] [--epsilons 8 3 1] [--out runs/experiments]
+        [--rounds 3] [--local-epochs 1] [--epsilons 8 3 1] [--recipe-minutes 3] [--out runs/experiments]
 
-Every federated and local result runs the real ServerApp and ClientApp in
+Every federated result and ``local`` run the real ServerApp and ClientApp in
 Flower's simulation engine with the same training code; ``local`` is each
-partner in a federation of one (DP off). ``pooled`` is the centralised,
-non-private upper bound (``fedxrec train --mode pooled``, full softmax, early
-stopping on valid). ``+ fine-tune`` continues each partner's final DP model
-locally without DP for ``--finetune-epochs``; nothing of it is sent, so it spends
-none of the federation's budget. The cold-start part puts a 300-user partner in
+partner in a federation of one (DP off). ``local, full recipe`` is what one
+partner gets from ``fedxrec train`` alone (full softmax, popularity prior,
+early stopping on valid; at most ``--recipe-minutes``). ``+ fine-tune`` is that
+same recipe started from the partner's final federated DP model (global adapter
+and its private head); nothing of it is sent, so it spends none of the
+federation's budget. ``pooled`` is the centralised, non-private upper bound
+(``fedxrec train --mode pooled``). The cold-start part puts a 300-user partner in
 a federation and alone. Writes ``results.md`` (tables), ``results.json`` and
 ``ndcg_vs_epsilon.png``.
 """
@@ -23,14 +25,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file
 
 from client import partner
-from client.local_training import train_round
-from shared.evaluation import evaluate
+from shared.federation.adapter import initial_adapter
 from shared.federation.scenario import PartnerSpec, load_scenario
 from shared.federation.settings import FederationSettings
 from shared.pipeline import train_and_evaluate
-from shared.training import TrainConfig
+from shared.training import DomainRun, TrainConfig, evaluate_model, train
 from simulations.common import machine, write_json
 from simulations.runner import simulate
 
@@ -74,37 +76,38 @@ def federate(name: str, scenario: Path, n: int, base: dict[str, Any], out: Path,
     return final_metrics(run)
 
 
-def finetune(run: Path, specs: list[PartnerSpec], settings: FederationSettings, epochs: int) -> dict[str, dict[str, Any]]:
-    """Each partner's final model, trained further on its own data without DP; never sent."""
-    rounds = max(int(p.stem.split("-")[1]) for p in (run / "adapter").glob("round-*.safetensors"))
-    from safetensors.torch import load_file
+def local_recipe(
+    spec: PartnerSpec,
+    settings: FederationSettings,
+    *,
+    minutes: float,
+    adapter: dict[str, torch.Tensor] | None = None,
+    head: dict[str, torch.Tensor] | None = None,
+) -> dict[str, Any]:
+    """``fedxrec train``'s recipe on one partner's data, without DP: full softmax,
+    popularity prior, learning-rate halving and early stopping on valid NDCG@10.
 
+    From the federation's initial adapter (``local, full recipe``), or from a
+    federated model (the fine-tune: nothing of it is sent, so it spends none of
+    the budget).
+    """
+    data = partner.partner_data(spec, max_len=partner.HEAD.max_len)
+    arrays = adapter if adapter is not None else initial_adapter(settings, in_dim=int(data.vectors.shape[1]))
+    model = partner.build_model(settings, data, adapter_arrays=arrays, head=head, popularity_prior=True)
+    run = DomainRun(data.split, model)
+    train([run], TrainConfig(epochs=200, patience=5, lr_patience=2, max_minutes=minutes, seed=settings.seed), log=lambda _: None)
+    m = evaluate_model(run, "test")
+    return {"ndcg@10": m["ndcg@10"], "recall@10": m["recall@10"], "epsilon": None}
+
+
+def finetune(run: Path, specs: list[PartnerSpec], settings: FederationSettings, minutes: float) -> dict[str, dict[str, Any]]:
+    """Each partner's final federated model (global adapter + its head), then :func:`local_recipe`."""
+    rounds = max(int(p.stem.split("-")[1]) for p in (run / "adapter").glob("round-*.safetensors"))
     adapter = load_file(str(run / "adapter" / f"round-{rounds}.safetensors"))
     out = {}
     for spec in specs:
         state = partner.PartnerState.load(run / "partners" / spec.name)
-        data = partner.partner_data(spec, max_len=partner.HEAD.max_len)
-        model = partner.build_model(settings, data, adapter_arrays=adapter, head=state.head)
-        train_round(
-            model,
-            data.examples,
-            epochs=epochs,
-            batch_size=settings.batch_size,
-            lr=settings.lr,
-            negatives=settings.negatives,
-            seed=settings.seed,
-            dp=None,
-        )
-        model.eval()
-        catalogue = model.catalogue()
-        with torch.no_grad():
-            m = evaluate(
-                lambda s, n, model=model, catalogue=catalogue: model.score_all(s, n, catalogue),
-                data.split,
-                "test",
-                max_len=partner.HEAD.max_len,
-            )
-        out[spec.name] = {"ndcg@10": m["ndcg@10"], "recall@10": m["recall@10"]}
+        out[spec.name] = local_recipe(spec, settings, minutes=minutes, adapter=adapter, head=state.head)
     return out
 
 
@@ -126,9 +129,10 @@ def plot(results: dict[str, dict[str, dict[str, Any]]], epsilons: list[float], p
                 "s--",
                 label="federated, DP + local fine-tune",
             )
-        for key, style in (("local", ":"), ("federated, no DP", "-."), ("pooled", "--")):
+        for key, style in (("local", ":"), ("local, full recipe", "-"), ("federated, no DP", "-."), ("pooled", "--")):
             if d in results.get(key, {}):
-                ax.axhline(results[key][d]["ndcg@10"], linestyle=style, color="gray" if key == "local" else None, label=key)
+                gray = key.startswith("local")
+                ax.axhline(results[key][d]["ndcg@10"], linestyle=style, color="gray" if gray else None, label=key)
         ax.set_xscale("log")
         ax.set_title(d)
         ax.set_xlabel("epsilon (per partner, whole run)")
@@ -160,7 +164,7 @@ def main() -> None:
     parser.add_argument("--local-epochs", type=int, default=1)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--epsilons", type=float, nargs="+", default=[8.0, 3.0, 1.0])
-    parser.add_argument("--finetune-epochs", type=int, default=2)
+    parser.add_argument("--recipe-minutes", type=float, default=3.0, help="cap of each full-recipe local run and fine-tune (0: none)")
     parser.add_argument("--pooled-minutes", type=float, default=5.0)
     parser.add_argument("--out", default="runs/experiments")
     args = parser.parse_args()
@@ -174,12 +178,14 @@ def main() -> None:
 
     for spec in specs:
         results["local"].update(federate(f"local-{spec.name}", one_partner_scenario(spec, out / "scenarios"), 1, base, out, dp=False))
+    if args.recipe_minutes:
+        results["local, full recipe"] = {s.name: local_recipe(s, settings, minutes=args.recipe_minutes) for s in specs}
     results["federated, no DP"] = federate("federated-nodp", scenario, len(specs), base, out, dp=False)
     for eps in args.epsilons:
         key = f"federated DP eps={eps:g}"
         results[key] = federate(f"federated-dp-{eps:g}", scenario, len(specs), base, out, dp=True, **{"target-epsilon": eps})
-        if args.finetune_epochs:
-            tuned = finetune(out / f"federated-dp-{eps:g}", specs, settings, args.finetune_epochs)
+        if args.recipe_minutes:
+            tuned = finetune(out / f"federated-dp-{eps:g}", specs, settings, args.recipe_minutes)
             results[f"{key} + fine-tune"] = {d: {**tuned[d], "epsilon": results[key][d]["epsilon"]} for d in tuned}
     pooled = train_and_evaluate(
         [s.data for s in specs],

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch.nn import functional as F
 
@@ -10,12 +11,18 @@ from shared.model.head import HeadConfig
 from shared.model.recommender import DomainModel, ItemFeatures
 
 
-def small_model(item_ids: bool = False) -> DomainModel:
+def small_model(item_ids: bool = False, counts: torch.Tensor | None = None) -> DomainModel:
     torch.manual_seed(0)
     vectors = F.normalize(torch.randn(31, 48), dim=-1)
     vectors[0] = 0
     adapter = MoEAdapter(48, MoEAdapterConfig(n_experts=2, dim=16))
-    return DomainModel(adapter=adapter, features=ItemFeatures(vectors=vectors), head_config=HeadConfig(max_len=8), item_ids=item_ids)
+    return DomainModel(
+        adapter=adapter,
+        features=ItemFeatures(vectors=vectors),
+        head_config=HeadConfig(max_len=8),
+        item_ids=item_ids,
+        item_counts=counts,
+    )
 
 
 def batch() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -67,3 +74,29 @@ def test_full_loss_and_scores_agree_with_catalogue() -> None:
     loss = model.full_loss(seqs, targets)
     loss.backward()
     assert model.item_ids is not None and model.item_ids.weight.grad is not None
+
+
+def test_popularity_prior_adds_weight_times_log_count_to_every_score() -> None:
+    counts = torch.arange(31)  # item i was a training target i times
+    model = small_model(counts=counts).eval()
+    seqs, targets, negatives = batch()
+    lengths = (seqs > 0).sum(1)
+    assert model.popularity_weight is not None
+    text_only = model.score_all(seqs, lengths)  # the weight starts at 0: no effect
+    with torch.no_grad():
+        model.popularity_weight.fill_(0.5)
+    torch.testing.assert_close(model.score_all(seqs, lengths) - text_only, (0.5 * torch.log1p(counts[1:].float())).expand(3, -1))
+    # both losses train the weight; the sampled loss stays a mean of per-user losses
+    model.full_loss(seqs, targets).backward()
+    assert model.popularity_weight.grad is not None and model.popularity_weight.grad != 0
+    alone = torch.stack([model.sampled_loss(seqs[i : i + 1], targets[i : i + 1], negatives[i : i + 1]) for i in range(3)])
+    torch.testing.assert_close(model.sampled_loss(seqs, targets, negatives), alone.mean())
+    # the counts travel with the private head, never with the adapter
+    assert "log_counts" in model.state_dict() and all("count" not in k for k in model.adapter.state_dict())
+
+
+def test_popularity_prior_is_refused_under_dp() -> None:
+    model = small_model(counts=torch.ones(31))
+    with pytest.raises(ValueError, match=r"popularity prior cannot be trained under DP.*mix every user's data"):
+        model.check_dp_safe()
+    small_model().check_dp_safe()  # text only: fine

@@ -113,3 +113,12 @@ def test_ledger_state_is_small_and_checked(tmp_path: Path) -> None:
     assert state == {"mechanism": "rdp", "history": [[1.2, 0.01, 100]]}
     with pytest.raises(ValueError, match="kept by the 'rdp' accountant"):
         PartnerAccountant(Budget(epsilon=1.0, delta=1e-5, accountant="prv"), state)
+
+
+def test_dp_training_refuses_a_model_with_the_popularity_prior() -> None:
+    base = tiny_model()
+    model = DomainModel(
+        adapter=base.adapter, features=base.features, head_config=HeadConfig(n_layers=1, max_len=6), item_counts=torch.ones(41)
+    )
+    with pytest.raises(ValueError, match="popularity prior cannot be trained under DP"):
+        _dp_round(model, PartnerAccountant(Budget(epsilon=8.0, delta=1e-3)))

@@ -35,7 +35,7 @@ class MoEAdapterConfig:
     kind: str = field(default="moe", metadata={"help": "adapter kind; 'moe'"})
     n_experts: int = field(default=4, metadata={"help": "number of whitening + projection experts"})
     dim: int = field(default=128, metadata={"help": "output dimension (the head's width)"})
-    dropout: float = field(default=0.2, metadata={"help": "dropout on the text vector before the experts"})
+    dropout: float = field(default=0.0, metadata={"help": "dropout on the text vector before the experts"})
 
 
 @dataclass

@@ -1,7 +1,14 @@
 """One partner's recommender: shared adapter + private head (+ optional item ids).
 
 Scores are cosine similarities divided by a temperature, between the head's
-user state and the adapted item vectors.
+user state and the adapted item vectors, plus (optionally) a popularity prior:
+a learned weight times ``log(1 + the item's training count)``. Text alone
+barely predicts popularity (a linear fit of log-counts on MiniLM vectors
+explains 12 % of their variance on Scientific), and cosine scores cannot encode
+it, so without the prior a text-only model ranks a best-seller no higher than a
+never-bought item with similar text. New items count 0, so the model stays
+inductive. The counts mix every user's data: the prior is for training without
+DP only (see :meth:`DomainModel.check_dp_safe`).
 
 Under DP (Opacus), every trainable module must see inputs whose first dimension
 is the batch, or its per-sample gradients are silently wrong. So the DP-safe
@@ -46,6 +53,8 @@ class ItemFeatures(nn.Module):
 
 
 class DomainModel(nn.Module):
+    log_counts: torch.Tensor | None
+
     def __init__(
         self,
         *,
@@ -54,6 +63,7 @@ class DomainModel(nn.Module):
         head_config: HeadConfig,
         temperature: float = 0.07,
         item_ids: bool = False,
+        item_counts: torch.Tensor | None = None,
     ) -> None:
         super().__init__()
         self.adapter = adapter
@@ -67,6 +77,22 @@ class DomainModel(nn.Module):
         if item_ids:
             self.item_ids = nn.Embedding(features.n_items + 1, self.dim, padding_idx=0)
             nn.init.zeros_(self.item_ids.weight)
+        # Popularity prior: counts [N + 1] (row 0 = padding), saved with the private head.
+        self.popularity_weight: nn.Parameter | None = None
+        if item_counts is not None and item_counts.shape != (features.n_items + 1,):
+            raise ValueError(f"item_counts has shape {tuple(item_counts.shape)}, expected ({features.n_items + 1},)")
+        self.register_buffer("log_counts", None if item_counts is None else torch.log1p(item_counts.float()))
+        if item_counts is not None:
+            self.popularity_weight = nn.Parameter(torch.zeros(()))
+
+    def check_dp_safe(self) -> None:
+        """Raises if training this model under DP-SGD would void the guarantee."""
+        if self.popularity_weight is not None:
+            raise ValueError(
+                "the popularity prior cannot be trained under DP: its item counts mix every user's data, so one "
+                "user's gradient would depend on the others' and the per-user clipping would not bound a user's "
+                "influence; build the model without item_counts for DP training"
+            )
 
     # ------------------------------------------------------------------ items
     def item_vectors(self, index: torch.Tensor) -> torch.Tensor:
@@ -92,6 +118,12 @@ class DomainModel(nn.Module):
         parts = [self.item_vectors(index[i : i + chunk]) for i in range(0, n, chunk)]
         return F.normalize(torch.cat(parts), dim=-1)
 
+    def item_bias(self, index: torch.Tensor) -> torch.Tensor:
+        """The popularity prior of item indices [...] -> [...] (a scalar 0 without the prior)."""
+        if self.popularity_weight is None or self.log_counts is None:
+            return torch.zeros((), device=index.device)
+        return self.popularity_weight * self.log_counts[index]
+
     # ------------------------------------------------------------------ users
     def user_states(self, seqs: torch.Tensor) -> torch.Tensor:
         """Right-padded histories [B, L] -> normalised states at every position [B, L, d]."""
@@ -108,7 +140,7 @@ class DomainModel(nn.Module):
         """Cross-entropy over the whole catalogue at every real position. Not DP-safe."""
         mask = targets > 0  # [B, L]
         states = self.user_states(seqs)[mask]  # [P, d]
-        logits = states @ self.catalogue().T / self.temperature  # [P, N]
+        logits = states @ self.catalogue().T / self.temperature + self._catalogue_bias(states.device)  # [P, N]
         return F.cross_entropy(logits, targets[mask] - 1)
 
     def sampled_loss(self, seqs: torch.Tensor, targets: torch.Tensor, negatives: torch.Tensor) -> torch.Tensor:
@@ -128,10 +160,13 @@ class DomainModel(nn.Module):
         states = self.user_states(seqs)  # [B, L, d]
         positives = F.normalize(self.item_vectors(targets), dim=-1)  # [B, L, d]
         negative_vectors = F.normalize(self.item_vectors(negatives), dim=-1)  # [B, K, d]
-        positive_logits = (states * positives).sum(-1, keepdim=True)  # [B, L, 1]
-        negative_logits = torch.einsum("bld,bkd->blk", states, negative_vectors)  # [B, L, K]
+        positive_logits = (states * positives).sum(-1, keepdim=True) / self.temperature  # [B, L, 1]
+        negative_logits = torch.einsum("bld,bkd->blk", states, negative_vectors) / self.temperature  # [B, L, K]
+        if self.popularity_weight is not None:
+            positive_logits = positive_logits + self.item_bias(targets).unsqueeze(-1)
+            negative_logits = negative_logits + self.item_bias(negatives).unsqueeze(1)
         clash = negatives.unsqueeze(1) == targets.unsqueeze(-1)  # [B, L, K]
-        logits = torch.cat([positive_logits, negative_logits.masked_fill(clash, float("-inf"))], -1) / self.temperature
+        logits = torch.cat([positive_logits, negative_logits.masked_fill(clash, float("-inf"))], -1)
         per_position = -F.log_softmax(logits, dim=-1)[..., 0] * mask  # [B, L]
         return per_position.sum(1) / mask.sum(1).clamp(min=1)  # [B]
 
@@ -143,4 +178,7 @@ class DomainModel(nn.Module):
     def score_all(self, seqs: torch.Tensor, lengths: torch.Tensor, catalogue: torch.Tensor | None = None) -> torch.Tensor:
         """Scores of every catalogue item [B, N] for histories [B, L]."""
         cat = self.catalogue() if catalogue is None else catalogue
-        return self.last_states(seqs, lengths) @ cat.T / self.temperature
+        return self.last_states(seqs, lengths) @ cat.T / self.temperature + self._catalogue_bias(seqs.device)
+
+    def _catalogue_bias(self, device: torch.device) -> torch.Tensor:
+        return self.item_bias(torch.arange(1, self.features.n_items + 1, device=device))

@@ -125,10 +125,12 @@ class DomainModel(nn.Module):
         return self.popularity_weight * self.log_counts[index]
 
     # ------------------------------------------------------------------ users
-    def user_states(self, seqs: torch.Tensor) -> torch.Tensor:
-        """Right-padded histories [B, L] -> normalised states at every position [B, L, d]."""
+    def user_states(self, seqs: torch.Tensor, vectors: torch.Tensor | None = None) -> torch.Tensor:
+        """Right-padded histories [B, L] -> normalised states at every position [B, L, d].
+
+        ``vectors`` [B, L, d]: the adapted vectors of ``seqs``, when already computed."""
         positions = torch.arange(seqs.shape[1], device=seqs.device).expand_as(seqs)
-        return F.normalize(self.head(self.item_vectors(seqs), positions), dim=-1)
+        return F.normalize(self.head(self.item_vectors(seqs) if vectors is None else vectors, positions), dim=-1)
 
     def last_states(self, seqs: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """States after each history's last item [B, d]."""
@@ -157,9 +159,13 @@ class DomainModel(nn.Module):
     def per_user_loss(self, seqs: torch.Tensor, targets: torch.Tensor, negatives: torch.Tensor) -> torch.Tensor:
         """[B] sampled-softmax loss of each user (see :meth:`sampled_loss`)."""
         mask = targets > 0  # [B, L]
-        states = self.user_states(seqs)  # [B, L, d]
-        positives = F.normalize(self.item_vectors(targets), dim=-1)  # [B, L, d]
-        negative_vectors = F.normalize(self.item_vectors(negatives), dim=-1)  # [B, K, d]
+        length = seqs.shape[1]
+        # One adapter call for history, targets and negatives: under Opacus each call of a
+        # layer adds a per-sample gradient pass and an accumulation of [B, out, in].
+        vectors = self.item_vectors(torch.cat([seqs, targets, negatives], dim=1))  # [B, 2L + K, d]
+        states = self.user_states(seqs, vectors[:, :length])  # [B, L, d]
+        positives = F.normalize(vectors[:, length : 2 * length], dim=-1)  # [B, L, d]
+        negative_vectors = F.normalize(vectors[:, 2 * length :], dim=-1)  # [B, K, d]
         positive_logits = (states * positives).sum(-1, keepdim=True) / self.temperature  # [B, L, 1]
         negative_logits = torch.einsum("bld,bkd->blk", states, negative_vectors) / self.temperature  # [B, L, K]
         if self.popularity_weight is not None:

@@ -48,6 +48,17 @@ class DPPlan:
     ledger: PartnerAccountant
 
 
+OPTIMIZERS = ("adamw", "sgd")
+
+
+def make_optimizer(kind: str, params: list[torch.nn.Parameter], *, lr: float) -> torch.optim.Optimizer:
+    if kind == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    if kind == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=0.9)
+    raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {kind!r}")
+
+
 def _trim(inputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     width = int((targets > 0).sum(1).max().clamp(min=1))
     return inputs[:, :width], targets[:, :width]  # [B, W]: right-padded, so the tail is padding
@@ -65,15 +76,18 @@ def train_round(
     dp: DPPlan | None,
     optimizer_state: dict[str, Any] | None = None,
     params: list[torch.nn.Parameter] | None = None,
+    optimizer_kind: str = "adamw",
 ) -> tuple[RoundOutcome, dict[str, Any]]:
     """Trains ``model`` in place for ``epochs`` passes; returns the outcome and the optimizer state.
 
     ``params`` (default: all trainable) restricts what is trained, e.g. the head
-    only for a local fine-tune.
+    only for a local fine-tune. ``optimizer_kind``: ``adamw``, or ``sgd`` (momentum
+    0.9), whose steps scale with the (noisy) gradient instead of being normalised
+    per weight as Adam's are.
     """
     generator = torch.Generator().manual_seed(seed)
     trainable = params if params is not None else [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=0.0)
+    optimizer = make_optimizer(optimizer_kind, trainable, lr=lr)
     if optimizer_state:
         with contextlib.suppress(ValueError, KeyError):  # the parameter set changed (e.g. fine-tune): start afresh
             optimizer.load_state_dict(optimizer_state)

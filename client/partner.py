@@ -232,6 +232,7 @@ def train(
         epochs=settings.local_epochs,
         batch_size=settings.batch_size,
         lr=settings.lr,
+        optimizer_kind=settings.optimizer,
         negatives=settings.negatives,
         seed=settings.seed * 100_003 + server_round,
         dp=plan,

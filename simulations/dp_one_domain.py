@@ -1,7 +1,7 @@
 """DP-SGD on one real domain alone: test NDCG@10 at a budget, for a batch size and learning rate.
 
     python -m simulations.dp_one_domain [--domain amazon2018-scientific] [--epsilon 8]
-        [--batch-size 64] [--lr 1e-3] [--epochs 6] [--out runs/dp-one-domain]
+        [--batch-size 64] [--lr 1e-3] [--epochs 6] [--optimizer adamw|sgd] [--out runs/dp-one-domain]
 
 The partner's own DP training (``client.local_training.train_round``: Opacus,
 Poisson sampling over users, adapter and head under one DP optimizer), with the
@@ -35,6 +35,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=64, help="expected users per Poisson batch")
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--epochs", type=int, default=6)
+    parser.add_argument("--optimizer", default="adamw", choices=["adamw", "sgd"])
     parser.add_argument("--max-grad-norm", type=float, default=1.0)
     parser.add_argument("--out", default="runs/dp-one-domain")
     args = parser.parse_args()
@@ -65,15 +66,16 @@ def main() -> None:
         negatives=settings.negatives,
         seed=0,
         dp=DPPlan(sigma, args.max_grad_norm, accountant),
+        optimizer_kind=args.optimizer,
     )
     seconds = time.monotonic() - started
     trained = test_ndcg()
     print(
-        f"{args.domain}: epsilon {accountant.epsilon():.2f} (target {args.epsilon:g}), batch {args.batch_size}, lr {args.lr:g}, "
+        f"{args.domain}: epsilon {accountant.epsilon():.2f} (target {args.epsilon:g}), batch {args.batch_size}, {args.optimizer} lr {args.lr:g}, "
         f"noise {sigma:.3f}, {outcome.steps} steps, {seconds:.0f} s; test NDCG@10 untrained {untrained:.4f} -> DP-trained {trained:.4f}  [{machine()}]"
     )
     write_json(
-        Path(args.out) / f"{args.domain}-eps{args.epsilon:g}-b{args.batch_size}-lr{args.lr:g}.json",
+        Path(args.out) / f"{args.domain}-eps{args.epsilon:g}-b{args.batch_size}-{args.optimizer}-lr{args.lr:g}.json",
         {
             **vars(args),
             "noise_multiplier": sigma,

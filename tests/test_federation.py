@@ -111,8 +111,9 @@ def test_a_partner_cap_below_the_server_target_binds(tmp_path: Path) -> None:
 
 def test_run_config_errors_name_every_key() -> None:
     with pytest.raises(SettingsError) as info:
-        settings_from_run_config({"round": 3, "lr": "fast", "fraction-train": 1.5, "adapter": "lora"})
+        settings_from_run_config({"round": 3, "lr": "fast", "fraction-train": 1.5, "adapter": "lora", "optimizer": "adam"})
     text = str(info.value)
+    assert "optimizer must be 'adamw' or 'sgd', got 'adam'" in text
     assert "unknown run-config key 'round'; did you mean 'rounds'?" in text
     assert "'lr': expected float, got 'fast'" in text
     assert "fraction-train must be in (0, 1]" in text

@@ -122,3 +122,26 @@ def test_dp_training_refuses_a_model_with_the_popularity_prior() -> None:
     )
     with pytest.raises(ValueError, match="popularity prior cannot be trained under DP"):
         _dp_round(model, PartnerAccountant(Budget(epsilon=8.0, delta=1e-3)))
+
+
+def test_a_dp_step_with_sgd_changes_the_adapter() -> None:
+    model = tiny_model()
+    before = {k: v.clone() for k, v in adapter_state(model.adapter).items()}
+    inputs, targets, _ = users(40, seed=1)
+    ledger = PartnerAccountant(Budget(epsilon=8.0, delta=1e-3))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        train_round(
+            model,
+            TensorDataset(inputs, targets),
+            epochs=1,
+            batch_size=8,
+            lr=0.1,
+            negatives=7,
+            seed=0,
+            dp=DPPlan(1.0, 1.0, ledger),
+            optimizer_kind="sgd",
+        )
+    after = adapter_state(model.adapter)
+    assert all(not torch.equal(before[k], after[k]) for k in before)
+    assert ledger.steps == 5

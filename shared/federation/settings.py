@@ -22,7 +22,8 @@ class FederationSettings:
     adapter: str = field(default="moe", metadata={"help": "shared adapter kind: 'moe'"})
     moe_n_experts: int = field(default=4, metadata={"help": "moe adapter: experts"})
     moe_dim: int = field(default=128, metadata={"help": "moe adapter: output width"})
-    lr: float = field(default=1e-3, metadata={"help": "AdamW learning rate"})
+    lr: float = field(default=1e-3, metadata={"help": "local learning rate"})
+    optimizer: str = field(default="adamw", metadata={"help": "local optimizer: 'adamw', or 'sgd' (momentum 0.9)"})
     batch_size: int = field(default=64, metadata={"help": "expected users per step (Poisson sampling under DP)"})
     negatives: int = field(default=128, metadata={"help": "uniform negatives per position (sampled softmax)"})
     dp: bool = field(default=True, metadata={"help": "train under user-level DP-SGD (Opacus)"})
@@ -48,6 +49,8 @@ class FederationSettings:
                 f"adapter must be 'moe' in a federation, got {self.adapter!r} ('lora' trains the encoder inside the loop "
                 "and is available to 'fedxrec train' only; its DP version is not built yet)"
             )
+        if self.optimizer not in ("adamw", "sgd"):
+            problems.append(f"optimizer must be 'adamw' or 'sgd', got {self.optimizer!r}")
         if self.accountant not in ("rdp", "prv"):
             problems.append(f"accountant must be 'rdp' or 'prv', got {self.accountant!r}")
         if self.dp and self.target_epsilon <= 0:

@@ -226,6 +226,10 @@ def train(
         plan = DPPlan(state.noise_multiplier, settings.max_grad_norm, accountant)
 
     model = build_model(settings, data, adapter_arrays=arrays, head=state.head)
+    if settings.dp and settings.dp_trains == "adapter":
+        # The head stays at its start (or where a fine-tune left it): DP noise on its
+        # ~200 k weights, not the adapter's, is what pulled models below their start.
+        model.head.requires_grad_(False)
     outcome, optimizer_state = train_round(
         model,
         data.examples,

@@ -126,3 +126,18 @@ def test_default_adapter_bytes_per_round_are_under_one_percent_of_the_encoder() 
     assert sent <= 0.01 * 90_852_864  # all-MiniLM-L6-v2's float32 weights
     adapter = MoEAdapter(ENCODER_DIM, partner.adapter_config(FederationSettings()))
     assert set(arrays) == set(adapter.state_dict())
+
+
+def test_dp_trains_adapter_keeps_the_head_frozen(tmp_path: Path) -> None:
+    settings = settings_for(tmp_path, dp_trains="adapter")
+    arrays = initial_adapter(settings, in_dim=ENCODER_DIM)
+    reply = train(message(MessageType.TRAIN, arrays, settings, 1), context())
+    sent = reply.content[wire.ARRAYS].to_torch_state_dict()
+    assert any(not torch.equal(sent[k], arrays[k]) for k in arrays)  # the adapter trained
+    state = partner.PartnerState.load(tmp_path / "test" / "partners" / "books")
+    # zero-initialised head weights would carry DP noise had the head trained
+    assert state.head is not None
+    for key in ("head.positions.weight", "head.blocks.0.attn.out.weight", "head.blocks.1.ffn_out.weight"):
+        assert not state.head[key].any(), key
+    with pytest.raises(SettingsError, match="dp-trains must be 'all' or 'adapter'"):
+        settings_from_run_config({"dp-trains": "head"})

@@ -29,6 +29,12 @@ class FederationSettings:
     dp: bool = field(default=True, metadata={"help": "train under user-level DP-SGD (Opacus)"})
     target_epsilon: float = field(default=8.0, metadata={"help": "epsilon each partner may spend over the whole run"})
     delta: float = field(default=0.0, metadata={"help": "delta; 0 means 1 / (10 x a partner's users)"})
+    dp_trains: str = field(
+        default="all",
+        metadata={
+            "help": "what DP-SGD trains: 'all' (adapter and head) or 'adapter' (the head stays frozen; a local fine-tune can train it)"
+        },
+    )
     max_grad_norm: float = field(default=1.0, metadata={"help": "per-user gradient clipping norm"})
     accountant: str = field(default="rdp", metadata={"help": "Opacus accountant: 'rdp' or 'prv'"})
     seed: int = field(default=0, metadata={"help": "seed for the initial adapter and local sampling"})
@@ -51,6 +57,8 @@ class FederationSettings:
             )
         if self.optimizer not in ("adamw", "sgd"):
             problems.append(f"optimizer must be 'adamw' or 'sgd', got {self.optimizer!r}")
+        if self.dp_trains not in ("all", "adapter"):
+            problems.append(f"dp-trains must be 'all' or 'adapter', got {self.dp_trains!r}")
         if self.accountant not in ("rdp", "prv"):
             problems.append(f"accountant must be 'rdp' or 'prv', got {self.accountant!r}")
         if self.dp and self.target_epsilon <= 0:

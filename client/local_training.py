@@ -4,7 +4,8 @@ Under DP (see DESIGN.md, "Differential-privacy correctness"):
 
 - one example is one user's whole training sequence; users are Poisson-sampled
   by Opacus' data loader (the accountant assumes it);
-- adapter *and* private head are trained by the same DP optimizer;
+- whatever is trainable (the adapter, and the head with ``dp-trains = "all"``) is
+  trained by the one DP optimizer;
 - the loss is the sampled softmax with negatives gathered per user, so every
   trainable module sees batch-first inputs and per-sample gradients are exact;
 - negatives are uniform (popularity-weighted sampling would be an unaccounted

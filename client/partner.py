@@ -227,8 +227,10 @@ def train(
 
     model = build_model(settings, data, adapter_arrays=arrays, head=state.head)
     if settings.dp and settings.dp_trains == "adapter":
-        # The head stays at its start (or where a fine-tune left it): DP noise on its
-        # ~200 k weights, not the adapter's, is what pulled models below their start.
+        # The head stays where DP rounds left it (its data-independent start): DP noise
+        # on its ~200 k weights, not the adapter's, pulled models below their start.
+        # A head fine-tuned without DP must never come back here: the adapter's
+        # gradients would then see every user through it.
         model.head.requires_grad_(False)
     outcome, optimizer_state = train_round(
         model,

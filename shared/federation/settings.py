@@ -30,7 +30,7 @@ class FederationSettings:
     target_epsilon: float = field(default=8.0, metadata={"help": "epsilon each partner may spend over the whole run"})
     delta: float = field(default=0.0, metadata={"help": "delta; 0 means 1 / (10 x a partner's users)"})
     dp_trains: str = field(
-        default="all",
+        default="adapter",
         metadata={
             "help": "what DP-SGD trains: 'all' (adapter and head) or 'adapter' (the head stays frozen; a local fine-tune can train it)"
         },

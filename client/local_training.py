@@ -24,6 +24,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from shared.data.split import DomainSplit
+from shared.federation.settings import OPTIMIZERS
 from shared.model.recommender import DomainModel
 from shared.privacy.accounting import PartnerAccountant
 from shared.training import next_item_pairs
@@ -47,9 +48,6 @@ class DPPlan:
     noise_multiplier: float
     max_grad_norm: float
     ledger: PartnerAccountant
-
-
-OPTIMIZERS = ("adamw", "sgd")
 
 
 def make_optimizer(kind: str, params: list[torch.nn.Parameter], *, lr: float) -> torch.optim.Optimizer:

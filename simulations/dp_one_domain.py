@@ -22,7 +22,7 @@ from client.local_training import DPPlan, poisson_schedule, train_round
 from client.partner import HEAD, partner_data
 from shared.evaluation import evaluate
 from shared.federation.scenario import PartnerSpec
-from shared.federation.settings import FederationSettings
+from shared.federation.settings import OPTIMIZERS, FederationSettings
 from shared.privacy.accounting import Budget, PartnerAccountant, calibrate_noise
 from simulations.bench_dp_step import model_for
 from simulations.common import machine, real_domain, write_json
@@ -35,7 +35,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=64, help="expected users per Poisson batch")
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--epochs", type=int, default=6)
-    parser.add_argument("--optimizer", default="adamw", choices=["adamw", "sgd"])
+    parser.add_argument("--optimizer", default="adamw", choices=OPTIMIZERS)
     parser.add_argument("--max-grad-norm", type=float, default=1.0)
     parser.add_argument("--out", default="runs/dp-one-domain")
     args = parser.parse_args()

@@ -12,6 +12,9 @@ import difflib
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
+OPTIMIZERS = ("adamw", "sgd")  # local optimizers (client.local_training.make_optimizer)
+DP_TRAINS = ("all", "adapter")  # what DP-SGD trains
+
 
 @dataclass
 class FederationSettings:
@@ -55,10 +58,10 @@ class FederationSettings:
                 f"adapter must be 'moe' in a federation, got {self.adapter!r} ('lora' trains the encoder inside the loop "
                 "and is available to 'fedxrec train' only; its DP version is not built yet)"
             )
-        if self.optimizer not in ("adamw", "sgd"):
-            problems.append(f"optimizer must be 'adamw' or 'sgd', got {self.optimizer!r}")
-        if self.dp_trains not in ("all", "adapter"):
-            problems.append(f"dp-trains must be 'all' or 'adapter', got {self.dp_trains!r}")
+        if self.optimizer not in OPTIMIZERS:
+            problems.append(f"optimizer must be {_either(OPTIMIZERS)}, got {self.optimizer!r}")
+        if self.dp_trains not in DP_TRAINS:
+            problems.append(f"dp-trains must be {_either(DP_TRAINS)}, got {self.dp_trains!r}")
         if self.accountant not in ("rdp", "prv"):
             problems.append(f"accountant must be 'rdp' or 'prv', got {self.accountant!r}")
         if self.dp and self.target_epsilon <= 0:
@@ -75,6 +78,10 @@ class FederationSettings:
 
 class SettingsError(ValueError):
     pass
+
+
+def _either(choices: tuple[str, ...]) -> str:
+    return " or ".join(repr(c) for c in choices)
 
 
 def _key(name: str) -> str:

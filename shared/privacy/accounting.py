@@ -1,7 +1,8 @@
 """A partner's privacy budget: one accountant for the whole run, persisted.
 
 Privacy unit: one user. One DP-SGD example is a user's whole training sequence,
-users are Poisson-sampled, and adapter and head are trained by the same DP
+users are Poisson-sampled, and whatever a partner trains in the federation (the
+adapter, and the head with ``dp-trains = "all"``) is trained by the one DP
 optimizer, so the (epsilon, delta) guarantee covers everything a partner releases
 from training (the adapter it sends each round).
 

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
+from shared.allocator import keep_freed_memory
 from shared.data.split import DomainSplit
 from shared.federation.settings import OPTIMIZERS
 from shared.model.recommender import DomainModel
@@ -84,6 +85,7 @@ def train_round(
     0.9), whose steps scale with the (noisy) gradient instead of being normalised
     per weight as Adam's are.
     """
+    keep_freed_memory()
     generator = torch.Generator().manual_seed(seed)
     trainable = params if params is not None else [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(optimizer_kind, trainable, lr=lr)

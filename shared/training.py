@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from shared.allocator import keep_freed_memory
 from shared.data.split import DomainSplit
 from shared.evaluation import evaluate
 from shared.model.recommender import DomainModel
@@ -81,6 +82,7 @@ def evaluate_model(run: DomainRun, which: str) -> dict[str, float]:
 
 def train(runs: list[DomainRun], config: TrainConfig, *, log: Callable[[str], None] = print) -> list[dict[str, object]]:
     """Trains all ``runs`` together; returns one history record per epoch (epoch 0 = untrained)."""
+    keep_freed_memory()
     rng = np.random.default_rng(config.seed)
     params = list({id(p): p for r in runs for p in r.model.parameters() if p.requires_grad}.values())
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)

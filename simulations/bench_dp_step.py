@@ -1,11 +1,13 @@
 """Benchmark: the cost of a DP-SGD step next to the same step without DP, side by side.
 
-    python -m simulations.bench_dp_step [--domain amazon2018-scientific] [--steps 30]
+    python -m simulations.bench_dp_step [--domain amazon2018-scientific] [--steps 30] [--dp-trains adapter]
 
 Same model, same batches (a user-level batch of the domain's training sequences,
 sampled softmax with per-user negatives), alternating DP and non-DP steps so that
 machine noise hits both alike. The DP step is Opacus: per-sample gradients,
-per-user clipping, Gaussian noise, accountant step.
+per-user clipping, Gaussian noise, accountant step. Both steps train what a
+partner trains under DP (``--dp-trains``, default the federation's: the adapter),
+with the allocator setting that training uses (``shared/allocator.py``).
 """
 
 from __future__ import annotations
@@ -22,9 +24,10 @@ from torch.utils.data import DataLoader
 
 from client.local_training import _trim, user_sequences
 from client.partner import HEAD, PartnerData, build_model, partner_data
+from shared.allocator import keep_freed_memory
 from shared.federation.adapter import initial_adapter
 from shared.federation.scenario import PartnerSpec
-from shared.federation.settings import FederationSettings
+from shared.federation.settings import DP_TRAINS, FederationSettings
 from shared.model.recommender import DomainModel
 from simulations.common import machine, real_domain, write_json
 
@@ -33,35 +36,46 @@ def model_for(data: PartnerData, settings: FederationSettings) -> DomainModel:
     return build_model(settings, data, adapter_arrays=initial_adapter(settings, in_dim=int(data.vectors.shape[1])), head=None)
 
 
+def trainable(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[1])
     parser.add_argument("--domain", default="amazon2018-scientific")
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--dp-trains", choices=DP_TRAINS, default=FederationSettings.dp_trains, help="what both steps train")
     parser.add_argument("--out", default="runs/bench-dp-step")
     args = parser.parse_args()
-    settings = FederationSettings(batch_size=args.batch_size)
+    settings = FederationSettings(batch_size=args.batch_size, dp_trains=args.dp_trains)
+    keep_freed_memory()
     data = partner_data(PartnerSpec(args.domain, real_domain(args.domain)), max_len=HEAD.max_len)
     examples = user_sequences(data.split, max_len=HEAD.max_len)
     torch.manual_seed(0)
     plain, private = model_for(data, settings), model_for(data, settings)
-    plain_opt = torch.optim.AdamW(plain.parameters(), lr=1e-3)
+    if settings.dp_trains == "adapter":
+        plain.head.requires_grad_(False)
+        private.head.requires_grad_(False)
+    plain_opt = torch.optim.AdamW(trainable(plain), lr=1e-3)
     loader = DataLoader(examples, batch_size=args.batch_size, shuffle=True)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         engine = PrivacyEngine(accountant="rdp")
         dp_model, dp_opt, _ = engine.make_private(
             module=private,
-            optimizer=torch.optim.AdamW(private.parameters(), lr=1e-3),
+            optimizer=torch.optim.AdamW(trainable(private), lr=1e-3),
             data_loader=loader,
             noise_multiplier=1.0,
             max_grad_norm=1.0,
         )
     n_items = data.split.n_items
     times: dict[str, list[float]] = {"plain": [], "dp": []}
+    rows: list[int] = []
     batches = iter(loader)
     for step in range(args.steps + 3):
         inputs, targets = _trim(*next(batches))
+        rows.append(inputs.shape[1] + 1 + settings.negatives)  # adapter rows per user
         negatives = torch.randint(1, n_items + 1, (len(inputs), settings.negatives))
         for name, module, opt in (("plain", plain, plain_opt), ("dp", dp_model, dp_opt)):
             t0 = time.perf_counter()
@@ -73,6 +87,9 @@ def main() -> None:
                 times[name].append(time.perf_counter() - t0)
     plain_ms, dp_ms = 1000 * np.median(times["plain"]), 1000 * np.median(times["dp"])
     print(f"\n{args.domain}: batch {args.batch_size} users, {settings.negatives} negatives per user, {args.steps} steps each; {machine()}")
+    print(
+        f"trained: {args.dp_trains} ({sum(p.numel() for p in trainable(plain)):,} weights); adapter rows per user: {np.mean(rows):.0f} (mean)"
+    )
     print(f"step without DP: {plain_ms:8.1f} ms (median)")
     print(f"step with DP:    {dp_ms:8.1f} ms (median)")
     print(f"DP / no DP:      {dp_ms / plain_ms:8.2f}x")
@@ -84,6 +101,7 @@ def main() -> None:
             "ratio": dp_ms / plain_ms,
             "steps": args.steps,
             "batch_size": args.batch_size,
+            "dp_trains": args.dp_trains,
             "machine": machine(),
         },
     )

@@ -50,6 +50,28 @@ def test_sampled_loss_is_a_mean_of_independent_per_user_losses() -> None:
     torch.testing.assert_close(together, alone.mean())
 
 
+def test_sampled_loss_equals_the_loss_from_separate_history_target_and_negative_rows() -> None:
+    """The loss runs the adapter once on each user's sequence and negatives; nothing is lost by that."""
+    model = small_model().eval()
+    seqs, targets, negatives = batch()
+    states = model.user_states(seqs)  # the history's own rows, padding as item 0
+    positives = F.normalize(model.item_vectors(targets), dim=-1)
+    others = F.normalize(model.item_vectors(negatives), dim=-1)
+    clash = negatives.unsqueeze(1) == targets.unsqueeze(-1)  # [B, L, K]
+    negative_logits = torch.einsum("bld,bkd->blk", states, others).masked_fill(clash, float("-inf"))
+    logits = torch.cat([(states * positives).sum(-1, keepdim=True), negative_logits], -1)
+    mask = targets > 0
+    expected = (-F.log_softmax(logits / model.temperature, -1)[..., 0] * mask).sum(1) / mask.sum(1)
+    torch.testing.assert_close(model.per_user_loss(seqs, targets, negatives), expected)
+
+
+def test_sampled_loss_refuses_targets_that_are_not_the_next_items() -> None:
+    model = small_model()
+    seqs, targets, negatives = batch()
+    with pytest.raises(ValueError, match="shifted by one"):
+        model.per_user_loss(seqs, targets.roll(1, dims=1), negatives)
+
+
 def test_sampled_loss_ignores_negatives_equal_to_the_target() -> None:
     model = small_model().eval()
     seqs, targets, negatives = batch()

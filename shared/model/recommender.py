@@ -150,7 +150,7 @@ class DomainModel(nn.Module):
 
         seqs, targets [B, L]; negatives [B, K] item indices, drawn uniformly for each
         user and shared by that user's positions (a negative equal to a position's
-        target is masked out there). The adapter thus runs on B x (L + K) rows, not
+        target is masked out there). The adapter thus runs on B x (L + 1 + K) rows, not
         B x L x K. Returns the mean over real positions of each user, then over
         users: one user is one example.
         """
@@ -160,12 +160,18 @@ class DomainModel(nn.Module):
         """[B] sampled-softmax loss of each user (see :meth:`sampled_loss`)."""
         mask = targets > 0  # [B, L]
         length = seqs.shape[1]
-        # One adapter call for history, targets and negatives: under Opacus each call of a
-        # layer adds a per-sample gradient pass and an accumulation of [B, out, in].
-        vectors = self.item_vectors(torch.cat([seqs, targets, negatives], dim=1))  # [B, 2L + K, d]
+        # The targets are the history shifted by one, so each user's rows are its whole
+        # sequence (L + 1 items) and its negatives, in one adapter call: under Opacus each
+        # row costs per-sample-gradient work, and each call of a layer one more pass.
+        sequence = torch.cat([seqs[:, :1], targets], dim=1)  # [B, L + 1], right-padded
+        if not torch.equal(sequence[:, :length] * (seqs > 0), seqs):
+            raise ValueError("targets must be the histories shifted by one item (next-item pairs, right-padded)")
+        vectors = self.item_vectors(torch.cat([sequence, negatives], dim=1))  # [B, L + 1 + K, d]
+        # A history's padding slot may hold its last item here: the head is causal, and
+        # no real position sees it.
         states = self.user_states(seqs, vectors[:, :length])  # [B, L, d]
-        positives = F.normalize(vectors[:, length : 2 * length], dim=-1)  # [B, L, d]
-        negative_vectors = F.normalize(vectors[:, 2 * length :], dim=-1)  # [B, K, d]
+        positives = F.normalize(vectors[:, 1 : length + 1], dim=-1)  # [B, L, d]
+        negative_vectors = F.normalize(vectors[:, length + 1 :], dim=-1)  # [B, K, d]
         positive_logits = (states * positives).sum(-1, keepdim=True) / self.temperature  # [B, L, 1]
         negative_logits = torch.einsum("bld,bkd->blk", states, negative_vectors) / self.temperature  # [B, L, K]
         if self.popularity_weight is not None:

@@ -51,11 +51,24 @@ class DPPlan:
     ledger: PartnerAccountant
 
 
-def make_optimizer(kind: str, params: list[torch.nn.Parameter], *, lr: float) -> torch.optim.Optimizer:
+# The popularity prior's weight is one scalar: Adam moves it by about lr per step, so
+# at the adapter's lr a few hundred DP steps leave it near its start; its noisy
+# gradient is still dominated by signal (DP noise is sigma * C / B per coordinate).
+PRIOR_LR_SCALE = 20.0
+
+
+def make_optimizer(
+    kind: str, params: list[torch.nn.Parameter], *, lr: float, fast: list[torch.Tensor] | None = None
+) -> torch.optim.Optimizer:
+    """``fast``: parameters (among ``params``) trained at ``PRIOR_LR_SCALE`` x ``lr``."""
+    quick = {id(p) for p in fast or []}
+    groups = [{"params": [p for p in params if id(p) not in quick], "lr": lr}]
+    if quick & {id(p) for p in params}:
+        groups.append({"params": [p for p in params if id(p) in quick], "lr": lr * PRIOR_LR_SCALE})
     if kind == "adamw":
-        return torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+        return torch.optim.AdamW(groups, lr=lr, weight_decay=0.0)
     if kind == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=0.9)
+        return torch.optim.SGD(groups, lr=lr, momentum=0.9)
     raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {kind!r}")
 
 
@@ -88,7 +101,8 @@ def train_round(
     keep_freed_memory()
     generator = torch.Generator().manual_seed(seed)
     trainable = params if params is not None else [p for p in model.parameters() if p.requires_grad]
-    optimizer = make_optimizer(optimizer_kind, trainable, lr=lr)
+    prior = [model.popularity.weight] if model.popularity is not None else []
+    optimizer = make_optimizer(optimizer_kind, trainable, lr=lr, fast=prior)
     if optimizer_state:
         with contextlib.suppress(ValueError, KeyError):  # the parameter set changed (e.g. fine-tune): start afresh
             optimizer.load_state_dict(optimizer_state)

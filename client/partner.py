@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from client.local_training import DPPlan, poisson_schedule, train_round, user_sequences
@@ -30,7 +31,8 @@ from shared.model.head import HeadConfig
 from shared.model.recommender import DomainModel, ItemFeatures
 from shared.pipeline import prepare_domain
 from shared.privacy import ledger
-from shared.privacy.accounting import Budget, PartnerAccountant, calibrate_noise, partner_budget
+from shared.privacy.accounting import Budget, Event, PartnerAccountant, calibrate_noise, partner_budget
+from shared.privacy.item_counts import release_item_counts, user_weighted_counts
 from shared.vector_cache import VectorCache
 
 NO_DP = -1.0  # epsilon and delta reported when DP is off
@@ -152,26 +154,73 @@ def newest_state(in_memory: bytes | None, folder: Path) -> PartnerState:
 HEAD = HeadConfig(n_layers=2, n_heads=2, max_len=50, dropout=0.2)
 
 
+# The prior's weight starts at 0 (no prior until the partner's data says so) and
+# learns faster than the rest (client.local_training.PRIOR_LR_SCALE): where it
+# belongs differs by domain (Scientific's valid data puts it near 1 to 2, office's
+# near 0.25).
+PRIOR_START = 0.0
+PRIOR_KEYS = ("log_counts", "counts_noise")
+
+
 def build_model(
     settings: FederationSettings,
     data: PartnerData,
     *,
     adapter_arrays: dict[str, torch.Tensor],
     head: dict[str, torch.Tensor] | None,
-    popularity_prior: bool = False,
+    counts: torch.Tensor | None = None,
+    counts_noise: float = 0.0,
+    leave_one_out: bool = True,
 ) -> DomainModel:
-    """The partner's model. ``popularity_prior`` only for training that never leaves the
-    partner without DP (a local fine-tune): its counts mix every user's data."""
+    """The partner's model: the server's adapter and the private ``head`` state.
+
+    ``counts`` [N + 1] (released with ``counts_noise``, or exact with 0) give the
+    popularity prior and replace counts stored in ``head``; without them the prior
+    is the one stored in ``head``, if any."""
     adapter = MoEAdapter(int(data.vectors.shape[1]), adapter_config(settings))
     load_adapter_weights(adapter, adapter_arrays, source="the server's arrays")
-    counts = torch.as_tensor(data.split.item_popularity()) if popularity_prior else None
-    model = DomainModel(adapter=adapter, features=ItemFeatures(vectors=data.vectors), head_config=HEAD, item_counts=counts)
+    stored = head is not None and PRIOR_KEYS[0] in head
+    if counts is not None and head is not None:
+        head = {k: v for k, v in head.items() if k not in PRIOR_KEYS}
+    elif counts is None and stored:
+        counts = torch.zeros(data.split.n_items + 1)  # the stored counts replace these below
+    model = DomainModel(
+        adapter=adapter,
+        features=ItemFeatures(vectors=data.vectors),
+        head_config=HEAD,
+        item_counts=counts,
+        popularity_start=PRIOR_START,
+        counts_noise=counts_noise,
+        leave_one_out=leave_one_out,  # the federation's counts are user-weighted (shared.privacy.item_counts)
+    )
     if head is not None:
         missing, unexpected = model.load_state_dict(head, strict=False)
-        fresh = ("adapter.", "log_counts", "popularity_weight")  # sent by the server / new with the prior
+        fresh = ("adapter.", "popularity.", *PRIOR_KEYS)  # sent by the server / new with the prior
         if unexpected or [k for k in missing if not k.startswith(fresh)]:
             raise ValueError(f"the stored private head does not fit this model (unexpected {unexpected[:3]})")
     return model
+
+
+def prior_counts(
+    settings: FederationSettings, data: PartnerData, accountant: PartnerAccountant
+) -> tuple[torch.Tensor | None, float, list[Event], str]:
+    """The popularity prior's counts for a partner's first round: (counts, noise, events, note).
+
+    Without DP: exact training counts. Under DP: a user-level DP release, paid from
+    the partner's budget (``events``), unless it would take more than half of it."""
+    if not settings.popularity_prior:
+        return None, 0.0, [], ""
+    if not settings.dp:  # exact, counted as the DP release counts them
+        return torch.as_tensor(user_weighted_counts(data.split.train, n_items=data.split.n_items)), 0.0, [], ""
+    sigma = settings.popularity_noise
+    if accountant.epsilon_after(noise_multiplier=sigma, sample_rate=1.0, steps=1) > accountant.budget.epsilon / 2:
+        note = (
+            f"no popularity prior: releasing item counts at noise {sigma:g} would take over half of epsilon {accountant.budget.epsilon:g}"
+        )
+        return None, 0.0, [], note
+    # Fresh OS entropy, not the run's seed: the coordinator knows the seed.
+    counts, event = release_item_counts(data.split.train, n_items=data.split.n_items, noise_multiplier=sigma, rng=np.random.default_rng())
+    return torch.as_tensor(counts), sigma, [event], ""
 
 
 def head_state(model: DomainModel) -> dict[str, torch.Tensor]:
@@ -213,9 +262,17 @@ def train(
     )
     accountant = PartnerAccountant(budget, state.accountant)
     ledger_path = folder / "ledger.jsonl"
+    counts: torch.Tensor | None = None
+    counts_noise, released, prior_note = 0.0, list[Event](), ""
+    if state.head is None:  # the first round: the prior's counts (a DP release under DP)
+        counts, counts_noise, released, prior_note = prior_counts(settings, data, accountant)
+        for event in released:
+            accountant.accountant.history.append(event)
     if settings.dp:
         if state.noise_multiplier is None:  # calibrated once, for every planned round
-            state.noise_multiplier = calibrate_noise(budget=budget, sample_rate=sample_rate, steps=settings.rounds * steps)
+            state.noise_multiplier = calibrate_noise(
+                budget=budget, sample_rate=sample_rate, steps=settings.rounds * steps, spent=accountant.events
+            )
         if not accountant.can_afford(noise_multiplier=state.noise_multiplier, sample_rate=sample_rate, steps=steps):
             after = accountant.epsilon_after(noise_multiplier=state.noise_multiplier, sample_rate=sample_rate, steps=steps)
             spent = accountant.epsilon()
@@ -225,7 +282,7 @@ def train(
             return TrainReply(arrays, metrics, note, line), state
         plan = DPPlan(state.noise_multiplier, settings.max_grad_norm, accountant)
 
-    model = build_model(settings, data, adapter_arrays=arrays, head=state.head)
+    model = build_model(settings, data, adapter_arrays=arrays, head=state.head, counts=counts, counts_noise=counts_noise)
     if settings.dp and settings.dp_trains == "adapter":
         # The head stays where DP rounds left it (its data-independent start): DP noise
         # on its ~200 k weights, not the adapter's, pulled models below their start.
@@ -247,16 +304,24 @@ def train(
     line = ""
     if settings.dp:
         assert state.noise_multiplier is not None
-        event = {
-            "noise_multiplier": state.noise_multiplier,
-            "sample_rate": sample_rate,
-            "steps": outcome.steps,
-            "max_grad_norm": settings.max_grad_norm,
-        }
+        events = [
+            {"mechanism": "item counts", "noise_multiplier": sigma, "sample_rate": rate, "steps": n, "max_grad_norm": 1.0}
+            for sigma, rate, n in released
+        ]
+        events.append(
+            {
+                "mechanism": "dp-sgd",
+                "noise_multiplier": state.noise_multiplier,
+                "sample_rate": sample_rate,
+                "steps": outcome.steps,
+                "max_grad_norm": settings.max_grad_norm,
+            }
+        )
         # The ledger line is written before the state: a crash in between leaves the
         # ledger ahead of the state (it overstates, never understates, what was spent).
         line = ledger.append(
-            ledger_path, _ledger_entry(spec, settings, budget, server_round, [event], accountant.epsilon(), outcome.examples, "")
+            ledger_path,
+            _ledger_entry(spec, settings, budget, server_round, events, accountant.epsilon(), outcome.examples, prior_note),
         )
     new_state = PartnerState(head_state(model), optimizer_state, accountant.state_dict(), state.noise_multiplier, server_round)
     new_state.save(folder)
@@ -277,7 +342,7 @@ def _ledger_entry(
     settings: FederationSettings,
     budget: Budget,
     server_round: int,
-    events: list[dict[str, float]],
+    events: list[dict[str, Any]],
     epsilon: float,
     examples: int,
     note: str,

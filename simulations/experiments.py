@@ -93,7 +93,8 @@ def local_recipe(
     """
     data = partner.partner_data(spec, max_len=partner.HEAD.max_len)
     arrays = adapter if adapter is not None else initial_adapter(settings, in_dim=int(data.vectors.shape[1]))
-    model = partner.build_model(settings, data, adapter_arrays=arrays, head=head, popularity_prior=True)
+    exact = torch.as_tensor(data.split.item_popularity())  # exact counts: this model is never sent
+    model = partner.build_model(settings, data, adapter_arrays=arrays, head=head, counts=exact, leave_one_out=False)
     run = DomainRun(data.split, model)
     train([run], TrainConfig(epochs=200, patience=5, lr_patience=2, max_minutes=minutes, seed=settings.seed), log=lambda _: None)
     m = evaluate_model(run, "test")

@@ -79,7 +79,7 @@ def test_every_reply_holds_exactly_the_declared_records(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_a_restarted_partner_keeps_its_spent_epsilon(tmp_path: Path) -> None:
-    settings = settings_for(tmp_path, rounds=3)
+    settings = settings_for(tmp_path, rounds=3, popularity_prior=True)  # its item-count release must compose too
     arrays = initial_adapter(settings, in_dim=ENCODER_DIM)
     first = train(message(MessageType.TRAIN, arrays, settings, 1), context())
     spent = dict(first.content[wire.METRICS])["epsilon"]
@@ -88,7 +88,9 @@ def test_a_restarted_partner_keeps_its_spent_epsilon(tmp_path: Path) -> None:
     metrics = dict(second.content[wire.METRICS])
     assert metrics["epsilon"] > spent
     state = partner.PartnerState.load(tmp_path / "test" / "partners" / "books")
-    assert state.last_round == 2 and sum(h[2] for h in state.accountant["history"]) == 2 * metrics["steps"]
+    counts, *training = state.accountant["history"]  # the prior's item counts, released once in round 1
+    assert counts == [5.0, 1.0, 1]
+    assert state.last_round == 2 and sum(h[2] for h in training) == 2 * metrics["steps"]
     # and a Context.state newer than the folder wins within a process
     ctx = context(state=RecordDict({STATE_KEY: ConfigRecord({"blob": state.to_bytes()})}))
     assert partner.newest_state(ctx.state[STATE_KEY]["blob"], tmp_path / "nowhere").last_round == 2  # type: ignore[arg-type]

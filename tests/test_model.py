@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from torch.nn import functional as F
@@ -9,6 +10,7 @@ from torch.nn import functional as F
 from shared.model.adapters import MoEAdapter, MoEAdapterConfig
 from shared.model.head import HeadConfig
 from shared.model.recommender import DomainModel, ItemFeatures
+from shared.privacy.item_counts import user_weighted_counts
 
 
 def small_model(item_ids: bool = False, counts: torch.Tensor | None = None) -> DomainModel:
@@ -103,22 +105,54 @@ def test_popularity_prior_adds_weight_times_log_count_to_every_score() -> None:
     model = small_model(counts=counts).eval()
     seqs, targets, negatives = batch()
     lengths = (seqs > 0).sum(1)
-    assert model.popularity_weight is not None
+    assert model.popularity is not None
     text_only = model.score_all(seqs, lengths)  # the weight starts at 0: no effect
     with torch.no_grad():
-        model.popularity_weight.fill_(0.5)
+        model.popularity.weight.fill_(0.5)
     torch.testing.assert_close(model.score_all(seqs, lengths) - text_only, (0.5 * torch.log1p(counts[1:].float())).expand(3, -1))
     # both losses train the weight; the sampled loss stays a mean of per-user losses
     model.full_loss(seqs, targets).backward()
-    assert model.popularity_weight.grad is not None and model.popularity_weight.grad != 0
+    assert model.popularity.weight.grad is not None and model.popularity.weight.grad.abs().sum() > 0
     alone = torch.stack([model.sampled_loss(seqs[i : i + 1], targets[i : i + 1], negatives[i : i + 1]) for i in range(3)])
     torch.testing.assert_close(model.sampled_loss(seqs, targets, negatives), alone.mean())
     # the counts travel with the private head, never with the adapter
     assert "log_counts" in model.state_dict() and all("count" not in k for k in model.adapter.state_dict())
 
 
-def test_popularity_prior_is_refused_under_dp() -> None:
+def test_leave_one_out_takes_each_users_own_share_out_of_their_items_counts() -> None:
+    seqs, targets, negatives = batch()
+    sequences = [torch.cat([s[:1], t[t > 0]]).numpy() for s, t in zip(seqs, targets, strict=True)]
+    counts = torch.as_tensor(user_weighted_counts(sequences, n_items=30))
+    model = small_model(counts=counts)
+    model.leave_one_out = True
+    assert model.popularity is not None
+    with torch.no_grad():
+        model.popularity.weight.fill_(1.0)
+    rows = torch.cat([torch.cat([seqs[:, :1], targets], 1), negatives], 1)
+    bias = model._own_rows_bias(rows, torch.cat([seqs[:, :1], targets], 1))
+    for b, own in enumerate(sequences):
+        others = user_weighted_counts([s for i, s in enumerate(sequences) if i != b], n_items=30)
+        for r, item in enumerate(rows[b].tolist()):
+            expected = 0.0 if item == 0 else np.log1p(others[item]) if item in own else np.log1p(counts[item].item())
+            assert bias[b, r].item() == pytest.approx(expected, abs=1e-5), (b, item)
+
+
+def test_popularity_prior_with_exact_counts_is_refused_under_dp() -> None:
     model = small_model(counts=torch.ones(31))
-    with pytest.raises(ValueError, match=r"popularity prior cannot be trained under DP.*mix every user's data"):
+    with pytest.raises(ValueError, match=r"exact item counts cannot be used under DP.*mix every user's data"):
         model.check_dp_safe()
     small_model().check_dp_safe()  # text only: fine
+    released = DomainModel(
+        adapter=model.adapter, features=model.features, head_config=HeadConfig(max_len=8), item_counts=torch.ones(31), counts_noise=5.0
+    )
+    released.check_dp_safe()  # counts released with DP noise: fine
+
+
+def test_a_model_saved_with_the_old_scalar_prior_weight_loads() -> None:
+    model = small_model(counts=torch.arange(31))
+    old = {k: v for k, v in model.state_dict().items() if k not in ("popularity.weight", "counts_noise")}
+    old["popularity_weight"] = torch.tensor(0.7)
+    fresh = small_model(counts=torch.zeros(31))
+    fresh.load_state_dict(old)
+    assert fresh.popularity is not None and float(fresh.popularity.weight.detach()) == pytest.approx(0.7)
+    assert fresh.counts_noise is not None and float(fresh.counts_noise) == 0.0

@@ -5,6 +5,7 @@ from __future__ import annotations
 import warnings
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from opacus import GradSampleModule
@@ -16,15 +17,21 @@ from shared.model.adapters import MoEAdapter, MoEAdapterConfig, adapter_state
 from shared.model.head import HeadConfig
 from shared.model.recommender import DomainModel, ItemFeatures
 from shared.privacy.accounting import Budget, PartnerAccountant, calibrate_noise, partner_budget
+from shared.privacy.item_counts import release_item_counts, user_weighted_counts
 
 
-def tiny_model(*, dropout: float = 0.0, seed: int = 0) -> DomainModel:
+def tiny_model(*, dropout: float = 0.0, seed: int = 0, released_counts: bool = False) -> DomainModel:
     torch.manual_seed(seed)
     vectors = F.normalize(torch.randn(41, 24), dim=-1)
     vectors[0] = 0
     adapter = MoEAdapter(24, MoEAdapterConfig(n_experts=2, dim=8, dropout=dropout))
     model = DomainModel(
-        adapter=adapter, features=ItemFeatures(vectors=vectors), head_config=HeadConfig(n_layers=1, max_len=6, dropout=dropout)
+        adapter=adapter,
+        features=ItemFeatures(vectors=vectors),
+        head_config=HeadConfig(n_layers=1, max_len=6, dropout=dropout),
+        item_counts=torch.arange(41.0) if released_counts else None,
+        counts_noise=5.0 if released_counts else 0.0,  # as if released by release_item_counts
+        leave_one_out=released_counts,
     )
     with torch.no_grad():  # move off the zero initialisation so that every parameter has a gradient
         for p in model.parameters():
@@ -43,15 +50,16 @@ def users(n: int = 5, *, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, tor
     return inputs, targets, negatives
 
 
-def test_per_sample_gradients_equal_one_example_batches() -> None:
-    model = tiny_model()
+@pytest.mark.parametrize("prior", [False, True], ids=["text-only", "with-popularity-prior"])
+def test_per_sample_gradients_equal_one_example_batches(prior: bool) -> None:
+    model = tiny_model(released_counts=prior)
     inputs, targets, negatives = users()
     wrapped = GradSampleModule(model, loss_reduction="mean")
     wrapped(inputs, targets, negatives).backward()
     per_sample = {name: p.grad_sample.clone() for name, p in model.named_parameters()}
     assert set(per_sample) == {n for n, p in model.named_parameters() if p.requires_grad}
     wrapped._close()
-    reference = tiny_model()
+    reference = tiny_model(released_counts=prior)
     for i in range(len(inputs)):
         reference.zero_grad()
         reference(inputs[i : i + 1], targets[i : i + 1], negatives[i : i + 1]).backward()
@@ -115,13 +123,41 @@ def test_ledger_state_is_small_and_checked(tmp_path: Path) -> None:
         PartnerAccountant(Budget(epsilon=1.0, delta=1e-5, accountant="prv"), state)
 
 
-def test_dp_training_refuses_a_model_with_the_popularity_prior() -> None:
+def test_dp_training_refuses_exact_item_counts() -> None:
     base = tiny_model()
     model = DomainModel(
         adapter=base.adapter, features=base.features, head_config=HeadConfig(n_layers=1, max_len=6), item_counts=torch.ones(41)
     )
-    with pytest.raises(ValueError, match="popularity prior cannot be trained under DP"):
+    with pytest.raises(ValueError, match="exact item counts cannot be used under DP"):
         _dp_round(model, PartnerAccountant(Budget(epsilon=8.0, delta=1e-3)))
+
+
+def test_a_dp_step_trains_the_prior_weight_with_released_counts() -> None:
+    model = tiny_model(released_counts=True)
+    assert model.popularity is not None
+    before = model.popularity.weight.detach().clone()
+    _dp_round(model, PartnerAccountant(Budget(epsilon=8.0, delta=1e-3)))
+    assert not torch.equal(before, model.popularity.weight.detach())
+
+
+def test_released_item_counts_bound_each_user_and_compose_in_the_accountant() -> None:
+    sequences = [np.array([1, 2, 2, 3]), np.array([3]), np.array([4, 1])]
+    exact = user_weighted_counts(sequences, n_items=5)
+    without_first = user_weighted_counts(sequences[1:], n_items=5)
+    assert np.linalg.norm(exact - without_first) == pytest.approx(1.0)  # one user moves the histogram by 1 (L2)
+    assert exact[0] == 0 and exact[3] == pytest.approx(1 / np.sqrt(3) + 1)
+    counts, event = release_item_counts(sequences, n_items=5, noise_multiplier=5.0, rng=np.random.default_rng(0))
+    assert counts.shape == (6,) and counts[0] == 0 and (counts >= 0).all() and event == (5.0, 1.0, 1)
+    # the release is one Gaussian step at sample rate 1; training's noise is calibrated for what is left
+    budget = Budget(epsilon=3.0, delta=1e-5)
+    alone = calibrate_noise(budget=budget, sample_rate=0.01, steps=500)
+    after = calibrate_noise(budget=budget, sample_rate=0.01, steps=500, spent=[event])
+    assert after > alone
+    total = PartnerAccountant(budget)
+    total.accountant.history.extend([event, (after, 0.01, 500)])
+    assert 2.95 <= total.epsilon() <= 3.0
+    with pytest.raises(ValueError, match="noise_multiplier must be > 0"):
+        release_item_counts(sequences, n_items=5, noise_multiplier=0.0, rng=np.random.default_rng(0))
 
 
 def test_a_dp_step_with_sgd_changes_the_adapter() -> None:

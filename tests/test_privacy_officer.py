@@ -101,8 +101,13 @@ def write_ledger(path: Path, *, partner: str = "books", rounds: int = 4, decline
     lines = []
     for r in range(1, rounds + 1):
         declined = decline_last and r == rounds
-        event = [] if declined else [{"noise_multiplier": 0.9, "sample_rate": 0.02, "steps": 100, "max_grad_norm": 1.0}]
+        event = (
+            [] if declined else [{"mechanism": "dp-sgd", "noise_multiplier": 0.9, "sample_rate": 0.02, "steps": 100, "max_grad_norm": 1.0}]
+        )
         events += [(0.9, 0.02, 100)] * len(event)
+        if r == 1:  # a partner's first round also releases the popularity prior's item counts
+            event.insert(0, {"mechanism": "item counts", "noise_multiplier": 5.0, "sample_rate": 1.0, "steps": 1, "max_grad_norm": 1.0})
+            events.insert(0, (5.0, 1.0, 1))
         entry = ledger.make_entry(
             round=r,
             partner=partner,
@@ -126,6 +131,16 @@ def test_an_untouched_ledger_verifies(tmp_path: Path) -> None:
     assert result.ok and result.lines == 4 and result.head == ledger.line_hash(lines[-1])
     assert result.epsilon == pytest.approx(json.loads(lines[-1])["epsilon"])
     assert [e["seq"] for e in result.entries] == [1, 2, 3, 4] and json.loads(lines[0])["prev"] == ledger.GENESIS
+
+
+def test_verify_rejects_an_event_of_unknown_mechanism(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.jsonl"
+    lines = write_ledger(path, rounds=1, decline_last=False)
+    entry = json.loads(lines[0])
+    entry["events"][0]["mechanism"] = "laplace"
+    _rewrite(path, [json.dumps(entry)])
+    result = ledger.verify(path)
+    assert not result.ok and "mechanism 'laplace'" in "; ".join(result.problems)
 
 
 def _rewrite(path: Path, lines: list[str]) -> None:
@@ -162,7 +177,7 @@ def test_verify_finds_tampering_and_names_the_line(tmp_path: Path, tamper: str, 
         lines[2] = dump(entries[2])
     elif tamper == "lower the noise of line 2 and fix its epsilon":
         entries[1]["events"][0]["noise_multiplier"] = 5.0
-        entries[1]["epsilon"] = epsilon_of([(0.9, 0.02, 100), (5.0, 0.02, 100)], delta=1e-5, accountant="rdp")
+        entries[1]["epsilon"] = epsilon_of([(5.0, 1.0, 1), (0.9, 0.02, 100), (5.0, 0.02, 100)], delta=1e-5, accountant="rdp")
         lines[1] = dump(entries[1])
     elif tamper == "edit the last line":
         entries[3]["note"] = "fine"
@@ -245,13 +260,14 @@ def test_report_of_a_run_folder(tmp_path: Path, capsys: pytest.CaptureFixture[st
     books = report["partners"][0]
     assert books["rounds_joined"] == [1, 2, 3] and books["rounds_declined"] == [4]
     assert books["noise_multiplier"] == [0.9] and books["max_grad_norm"] == [1.0] and books["sample_rate"] == [0.02]
+    assert books["item_counts_noise"] == [5.0]
     assert books["budget_left"] == pytest.approx(4.0 - books["epsilon"])
     assert books["independent_epsilon"]["dp_accounting_rdp"] == pytest.approx(books["epsilon"], rel=0.01)
     assert books["independent_epsilon"]["dp_accounting_pld"] <= books["epsilon"]
     md = (out / "report.md").read_text()
     assert "## Partner books" in md and "What is not protected" in md and "item catalogue" in md
     csv_rows = (out / "ledger.csv").read_text().splitlines()
-    assert csv_rows[0].startswith("partner,seq,round,status") and len(csv_rows) == 1 + 2 * 4
+    assert csv_rows[0].startswith("partner,seq,round,status,mechanism") and len(csv_rows) == 1 + 2 * (4 + 1)  # + round 1 item counts
     assert_page_shows_every_partner(out / "report.html", ["books", "games"], tmp_path, plots_each=2)
 
 

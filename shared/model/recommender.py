@@ -2,13 +2,14 @@
 
 Scores are cosine similarities divided by a temperature, between the head's
 user state and the adapted item vectors, plus (optionally) a popularity prior:
-a learned weight times ``log(1 + the item's training count)``. Text alone
-barely predicts popularity (a linear fit of log-counts on MiniLM vectors
-explains 12 % of their variance on Scientific), and cosine scores cannot encode
-it, so without the prior a text-only model ranks a best-seller no higher than a
-never-bought item with similar text. New items count 0, so the model stays
-inductive. The counts mix every user's data: the prior is for training without
-DP only (see :meth:`DomainModel.check_dp_safe`).
+a learned weight times ``log(1 + the item's count)``. Text alone barely predicts
+popularity (a linear fit of log-counts on MiniLM vectors explains 12 % of their
+variance on Scientific), and cosine scores cannot encode it, so without the
+prior a text-only model ranks a best-seller no higher than a never-bought item
+with similar text. New items count 0, so the model stays inductive. The counts
+mix every user's data: without DP they are exact training counts; DP training
+needs counts released with DP (:mod:`shared.privacy.item_counts`; see
+:meth:`DomainModel.check_dp_safe`).
 
 Under DP (Opacus), every trainable module must see inputs whose first dimension
 is the batch, or its per-sample gradients are silently wrong. So the DP-safe
@@ -54,6 +55,7 @@ class ItemFeatures(nn.Module):
 
 class DomainModel(nn.Module):
     log_counts: torch.Tensor | None
+    counts_noise: torch.Tensor | None
 
     def __init__(
         self,
@@ -64,7 +66,18 @@ class DomainModel(nn.Module):
         temperature: float = 0.07,
         item_ids: bool = False,
         item_counts: torch.Tensor | None = None,
+        popularity_start: float = 0.0,
+        counts_noise: float = 0.0,
+        leave_one_out: bool = False,
     ) -> None:
+        """``item_counts`` [N + 1] adds the popularity prior, its weight starting at
+        ``popularity_start``; ``counts_noise``: the noise multiplier the counts were
+        released with (0: exact counts, not for DP training). ``leave_one_out``: the
+        counts are :func:`shared.privacy.item_counts.user_weighted_counts`, and the
+        sampled loss takes each user's own share (``1 / sqrt(k)``) out of the counts
+        of their items, as a test user's held-out item was never counted; else a
+        training target's count always includes itself and the weight is learned
+        too high (office: 0.68 where 0 to 0.25 ranks best)."""
         super().__init__()
         self.adapter = adapter
         self.features = features
@@ -78,20 +91,27 @@ class DomainModel(nn.Module):
             self.item_ids = nn.Embedding(features.n_items + 1, self.dim, padding_idx=0)
             nn.init.zeros_(self.item_ids.weight)
         # Popularity prior: counts [N + 1] (row 0 = padding), saved with the private head.
-        self.popularity_weight: nn.Parameter | None = None
+        # Its weight is a Linear on the scalar log-count, a layer Opacus computes
+        # per-user gradients for (it refuses trainable layers that hold buffers).
+        self.popularity: nn.Linear | None = None
         if item_counts is not None and item_counts.shape != (features.n_items + 1,):
             raise ValueError(f"item_counts has shape {tuple(item_counts.shape)}, expected ({features.n_items + 1},)")
-        self.register_buffer("log_counts", None if item_counts is None else torch.log1p(item_counts.float()))
+        self.register_buffer("log_counts", None if item_counts is None else torch.log1p(item_counts.float().clamp(min=0)))
+        self.register_buffer("counts_noise", None if item_counts is None else torch.tensor(float(counts_noise)))
+        self.leave_one_out = leave_one_out
         if item_counts is not None:
-            self.popularity_weight = nn.Parameter(torch.zeros(()))
+            self.popularity = nn.Linear(1, 1, bias=False)
+            nn.init.constant_(self.popularity.weight, popularity_start)
+        self.register_load_state_dict_pre_hook(_rename_old_prior_keys)
 
     def check_dp_safe(self) -> None:
         """Raises if training this model under DP-SGD would void the guarantee."""
-        if self.popularity_weight is not None:
+        if self.popularity is not None and not (self.counts_noise is not None and float(self.counts_noise) > 0):
             raise ValueError(
-                "the popularity prior cannot be trained under DP: its item counts mix every user's data, so one "
-                "user's gradient would depend on the others' and the per-user clipping would not bound a user's "
-                "influence; build the model without item_counts for DP training"
+                "the popularity prior's exact item counts cannot be used under DP: they mix every user's data, so "
+                "one user's gradient would depend on the others' and the per-user clipping would not bound a "
+                "user's influence; release the counts with shared.privacy.item_counts.release_item_counts "
+                "(and account for them), or build the model without item_counts"
             )
 
     # ------------------------------------------------------------------ items
@@ -120,9 +140,9 @@ class DomainModel(nn.Module):
 
     def item_bias(self, index: torch.Tensor) -> torch.Tensor:
         """The popularity prior of item indices [...] -> [...] (a scalar 0 without the prior)."""
-        if self.popularity_weight is None or self.log_counts is None:
+        if self.popularity is None or self.log_counts is None:
             return torch.zeros((), device=index.device)
-        return self.popularity_weight * self.log_counts[index]
+        return self.popularity(self.log_counts[index].unsqueeze(-1)).squeeze(-1)
 
     # ------------------------------------------------------------------ users
     def user_states(self, seqs: torch.Tensor, vectors: torch.Tensor | None = None) -> torch.Tensor:
@@ -166,7 +186,8 @@ class DomainModel(nn.Module):
         sequence = torch.cat([seqs[:, :1], targets], dim=1)  # [B, L + 1], right-padded
         if not torch.equal(sequence[:, :length] * (seqs > 0), seqs):
             raise ValueError("targets must be the histories shifted by one item (next-item pairs, right-padded)")
-        vectors = self.item_vectors(torch.cat([sequence, negatives], dim=1))  # [B, L + 1 + K, d]
+        rows = torch.cat([sequence, negatives], dim=1)  # [B, L + 1 + K]
+        vectors = self.item_vectors(rows)  # [B, L + 1 + K, d]
         # A history's padding slot may hold its last item here: the head is causal, and
         # no real position sees it.
         states = self.user_states(seqs, vectors[:, :length])  # [B, L, d]
@@ -174,13 +195,24 @@ class DomainModel(nn.Module):
         negative_vectors = F.normalize(vectors[:, length + 1 :], dim=-1)  # [B, K, d]
         positive_logits = (states * positives).sum(-1, keepdim=True) / self.temperature  # [B, L, 1]
         negative_logits = torch.einsum("bld,bkd->blk", states, negative_vectors) / self.temperature  # [B, L, K]
-        if self.popularity_weight is not None:
-            positive_logits = positive_logits + self.item_bias(targets).unsqueeze(-1)
-            negative_logits = negative_logits + self.item_bias(negatives).unsqueeze(1)
+        if self.popularity is not None:  # one call on the same rows, as for the adapter
+            bias = self._own_rows_bias(rows, sequence) if self.leave_one_out else self.item_bias(rows)  # [B, L + 1 + K]
+            positive_logits = positive_logits + bias[:, 1 : length + 1].unsqueeze(-1)
+            negative_logits = negative_logits + bias[:, length + 1 :].unsqueeze(1)
         clash = negatives.unsqueeze(1) == targets.unsqueeze(-1)  # [B, L, K]
         logits = torch.cat([positive_logits, negative_logits.masked_fill(clash, float("-inf"))], -1)
         per_position = -F.log_softmax(logits, dim=-1)[..., 0] * mask  # [B, L]
         return per_position.sum(1) / mask.sum(1).clamp(min=1)  # [B]
+
+    def _own_rows_bias(self, rows: torch.Tensor, sequence: torch.Tensor) -> torch.Tensor:
+        """The prior of ``rows`` [B, R] with each user's own share taken out of their items' counts."""
+        assert self.popularity is not None and self.log_counts is not None
+        ordered = sequence.sort(dim=1).values  # [B, L + 1]
+        distinct = ((ordered[:, 1:] != ordered[:, :-1]) & (ordered[:, 1:] > 0)).sum(1) + (ordered[:, 0] > 0).long()  # [B]
+        own = ((rows.unsqueeze(-1) == sequence.unsqueeze(1)) & (sequence.unsqueeze(1) > 0)).any(-1)  # [B, R]
+        share = own / distinct.clamp(min=1).unsqueeze(1).float().sqrt()  # [B, R]
+        counts = (torch.expm1(self.log_counts[rows]) - share).clamp(min=0)  # [B, R]
+        return self.popularity(torch.log1p(counts).unsqueeze(-1)).squeeze(-1)
 
     def forward(self, seqs: torch.Tensor, targets: torch.Tensor, negatives: torch.Tensor) -> torch.Tensor:
         """The DP-safe training loss, as ``forward`` so that Opacus' wrapper calls it."""
@@ -194,3 +226,10 @@ class DomainModel(nn.Module):
 
     def _catalogue_bias(self, device: torch.device) -> torch.Tensor:
         return self.item_bias(torch.arange(1, self.features.n_items + 1, device=device))
+
+
+def _rename_old_prior_keys(_module: nn.Module, state_dict: dict[str, torch.Tensor], prefix: str, *_: object) -> None:
+    """Models saved before the prior's weight became a layer kept it as a scalar."""
+    if prefix + "popularity_weight" in state_dict:
+        state_dict[prefix + "popularity.weight"] = state_dict.pop(prefix + "popularity_weight").reshape(1, 1)
+        state_dict.setdefault(prefix + "counts_noise", torch.tensor(0.0))

@@ -67,23 +67,40 @@ def epsilon_of(events: list[Event], *, delta: float, accountant: str) -> float:
         return float(acc.get_epsilon(delta=delta))
 
 
-def calibrate_noise(*, budget: Budget, sample_rate: float, steps: int) -> float:
-    """The smallest noise multiplier (to 1 % of epsilon) whose ``steps`` steps stay within ``budget``.
+def calibrate_noise(*, budget: Budget, sample_rate: float, steps: int, spent: list[Event] | None = None) -> float:
+    """The smallest noise multiplier (to 1 % of epsilon) whose ``steps`` steps, after the
+    ``spent`` events (e.g. the release of item counts), stay within ``budget``.
 
     Opacus' search keeps the multiplier whose epsilon is below the target, so the
     plan never overshoots; checked again here, because the partner's cap binds.
     """
-    sigma = float(
-        get_noise_multiplier(
-            target_epsilon=budget.epsilon,
-            target_delta=budget.delta,
-            sample_rate=sample_rate,
-            steps=steps,
-            accountant=budget.accountant,
-            epsilon_tolerance=0.01,
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
+        sigma = float(
+            get_noise_multiplier(
+                target_epsilon=budget.epsilon,
+                target_delta=budget.delta,
+                sample_rate=sample_rate,
+                steps=steps,
+                accountant=budget.accountant,
+                epsilon_tolerance=0.01,
+            )
         )
-    )
-    while epsilon_of([(sigma, sample_rate, steps)], delta=budget.delta, accountant=budget.accountant) > budget.epsilon:
+    prior = list(spent or [])
+
+    def over(noise: float) -> bool:
+        return epsilon_of([*prior, (noise, sample_rate, steps)], delta=budget.delta, accountant=budget.accountant) > budget.epsilon
+
+    if prior and over(sigma):  # the earlier events took part of the budget: bisect upwards
+        low, high = sigma, 2 * sigma
+        while over(high):
+            low, high = high, 2 * high
+            if high > 1e4:
+                raise ValueError(f"the events already spent leave nothing of epsilon {budget.epsilon:g} for training")
+        while (high - low) > 0.001 * low:
+            low, high = (low, (low + high) / 2) if not over((low + high) / 2) else ((low + high) / 2, high)
+        sigma = high
+    while over(sigma):
         sigma *= 1.001  # pragma: no cover - a numerical safety net, never taken in the tests
     return sigma
 
@@ -152,15 +169,29 @@ def schedule_from_users(*, users: int, batch_size: int, rounds: int, local_epoch
     return 1.0 / batches, rounds * local_epochs * batches
 
 
-def plan(*, epsilon: float, delta: float, sample_rate: float, steps: int, rounds: int = 1, accountant: str = "rdp") -> Plan:
-    """The noise that spends at most ``epsilon`` in ``steps`` steps, split evenly over ``rounds``."""
+def plan(
+    *,
+    epsilon: float,
+    delta: float,
+    sample_rate: float,
+    steps: int,
+    rounds: int = 1,
+    accountant: str = "rdp",
+    counts_noise: float = 0.0,
+) -> Plan:
+    """The noise that spends at most ``epsilon`` in ``steps`` steps, split evenly over ``rounds``,
+    after the item-count release at ``counts_noise`` (0: none) in round 1, as partners calibrate."""
     if steps % rounds:
         raise ValueError(f"--steps {steps} is not a multiple of --rounds {rounds}")
-    multipliers = {name: calibrate_noise(budget=Budget(epsilon, delta, name), sample_rate=sample_rate, steps=steps) for name in ACCOUNTANTS}
+    spent: list[Event] = [(counts_noise, 1.0, 1)] if counts_noise > 0 else []
+    multipliers = {
+        name: calibrate_noise(budget=Budget(epsilon, delta, name), sample_rate=sample_rate, steps=steps, spent=spent)
+        for name in ACCOUNTANTS
+    }
     sigma = multipliers[accountant]
     per = steps // rounds
     per_round = {
-        name: [epsilon_of([(sigma, sample_rate, per * r)], delta=delta, accountant=name) for r in range(1, rounds + 1)]
+        name: [epsilon_of([*spent, (sigma, sample_rate, per * r)], delta=delta, accountant=name) for r in range(1, rounds + 1)]
         for name in ACCOUNTANTS
     }
     return Plan(sigma, accountant, per_round[accountant][-1], delta, sample_rate, steps, rounds, per_round, multipliers)

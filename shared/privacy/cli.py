@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from shared.federation.settings import FederationSettings
 from shared.privacy.accounting import ACCOUNTANTS
 
 
@@ -26,6 +27,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
         problems.append("--sample-rate and --steps go together")
     if by_users and None in (args.users, args.batch_size, args.local_epochs):
         problems.append("--users, --batch-size and --local-epochs go together (with --rounds, default 1)")
+    if args.counts_noise < 0:
+        problems.append(f"--counts-noise must be >= 0 (0: no item-count release), got {args.counts_noise}")
     if args.epsilon <= 0:
         problems.append(f"--epsilon must be > 0, got {args.epsilon}")
     if args.sample_rate is not None and not 0 < args.sample_rate <= 1:
@@ -48,7 +51,15 @@ def cmd_plan(args: argparse.Namespace) -> int:
         rate, steps = schedule_from_users(users=args.users, batch_size=args.batch_size, rounds=args.rounds, local_epochs=args.local_epochs)
     else:
         rate, steps = args.sample_rate, args.steps
-    result = plan(epsilon=args.epsilon, delta=delta, sample_rate=rate, steps=steps, rounds=args.rounds, accountant=args.accountant)
+    result = plan(
+        epsilon=args.epsilon,
+        delta=delta,
+        sample_rate=rate,
+        steps=steps,
+        rounds=args.rounds,
+        accountant=args.accountant,
+        counts_noise=args.counts_noise,
+    )
     out: dict[str, Any] = {
         "noise_multiplier": result.noise_multiplier,
         "epsilon": result.epsilon,
@@ -59,6 +70,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         "rounds": args.rounds,
         "steps_per_round": steps // args.rounds,
         "accountant": args.accountant,
+        "counts_noise": args.counts_noise,
         "epsilon_per_round": result.per_round,
         "noise_multiplier_by_accountant": result.multipliers,
     }
@@ -68,6 +80,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     print(
         f"target epsilon {args.epsilon:g} at delta {delta:.3g}; Poisson sample rate {rate:.6g}; {steps} steps ({steps // args.rounds} per round)"
     )
+    if args.counts_noise > 0:
+        print(f"round 1 also releases item counts at noise multiplier {args.counts_noise:g} (one Gaussian step, sensitivity 1 per user)")
     print(f"noise multiplier ({args.accountant}): {result.noise_multiplier:.4f}  -> epsilon {result.epsilon:.4f} (never above the target)")
     others = ", ".join(f"{k} {v:.4f}" for k, v in result.multipliers.items() if k != args.accountant)
     print(f"(the multiplier each accountant alone would pick: {args.accountant} {result.noise_multiplier:.4f}, {others})")
@@ -143,6 +157,14 @@ def add_privacy_commands(sub: Any) -> None:
     p.add_argument("--local-epochs", type=int, help="passes over the users per round E")
     p.add_argument("--rounds", type=int, default=1, help="rounds R the steps are spread over (default: 1)")
     p.add_argument("--accountant", choices=ACCOUNTANTS, default="rdp", help="whose multiplier is returned (default: rdp)")
+    p.add_argument(
+        "--counts-noise",
+        type=float,
+        default=FederationSettings.popularity_noise if FederationSettings.popularity_prior else 0.0,
+        help="noise multiplier of the item-count release a partner makes in round 1 with popularity-prior = true "
+        f"(the federation's popularity-noise, {FederationSettings.popularity_noise:g} by default); 0: no release "
+        f"(the default, as popularity-prior is {str(FederationSettings.popularity_prior).lower()} by default)",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(handler=cmd_plan)
 

@@ -6,10 +6,14 @@ itself (``<state-dir>/ledger.jsonl``) and copied verbatim by the coordinator int
 
     {"seq": 1, "round": 1, "partner": "books", "status": "trained",
      "accountant": "rdp", "delta": 1e-05, "budget_epsilon": 8.0,
-     "events": [{"noise_multiplier": 0.9, "sample_rate": 0.02, "steps": 50, "max_grad_norm": 1.0}],
+     "events": [{"mechanism": "dp-sgd", "noise_multiplier": 0.9, "sample_rate": 0.02, "steps": 50, "max_grad_norm": 1.0}],
      "epsilon": 3.1, "examples": 1012, "note": "", "time": "2026-11-24T20:00:00+0000",
      "prev": "<sha256 of the previous line's text; 64 zeros on the first line>"}
 
+An event is one application of the subsampled Gaussian mechanism, the unit
+Opacus' accountants compose: ``dp-sgd`` (a round's training steps) or ``item
+counts`` (the popularity prior's counts, released once in the partner's first
+round: one step at sample rate 1, sensitivity ``max_grad_norm`` = 1 per user).
 ``epsilon`` is what the partner's accountant says after all events so far, at
 ``delta``. :func:`verify` recomputes it from the events and checks the chain, so
 an edited, deleted, inserted or reordered line is found and named. Removing lines
@@ -32,7 +36,8 @@ from shared.privacy.accounting import ACCOUNTANTS, Event, epsilon_of
 
 GENESIS = "0" * 64
 STATUSES = ("trained", "declined")
-EVENT_FIELDS = ("noise_multiplier", "sample_rate", "steps", "max_grad_norm")
+EVENT_FIELDS = ("mechanism", "noise_multiplier", "sample_rate", "steps", "max_grad_norm")
+MECHANISMS = ("dp-sgd", "item counts")
 FIELDS = (
     "seq",
     "round",
@@ -91,7 +96,7 @@ def make_entry(
     accountant: str,
     delta: float,
     budget_epsilon: float,
-    events: list[dict[str, float]],
+    events: list[dict[str, Any]],
     epsilon: float,
     examples: int,
     note: str = "",
@@ -104,12 +109,16 @@ def make_entry(
         "accountant": accountant,
         "delta": float(delta),
         "budget_epsilon": float(budget_epsilon),
-        "events": [{k: (int(e[k]) if k == "steps" else float(e[k])) for k in EVENT_FIELDS} for e in events],
+        "events": [{k: _event_value(k, e[k]) for k in EVENT_FIELDS} for e in events],
         "epsilon": float(epsilon),
         "examples": int(examples),
         "note": note,
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
+
+
+def _event_value(key: str, value: Any) -> Any:
+    return str(value) if key == "mechanism" else int(value) if key == "steps" else float(value)
 
 
 def append(path: Path, entry: dict[str, Any]) -> str:
@@ -171,7 +180,9 @@ def _shape_problems(entry: Any) -> list[str]:
         problems.append(f"events: expected a list of objects with exactly {list(EVENT_FIELDS)}")
     else:
         for e in entry["events"]:
-            if not (e["noise_multiplier"] > 0 and 0 < e["sample_rate"] <= 1 and e["steps"] >= 0 and e["max_grad_norm"] > 0):
+            if e["mechanism"] not in MECHANISMS:
+                problems.append(f"event mechanism {e['mechanism']!r}: expected one of {list(MECHANISMS)}")
+            elif not (e["noise_multiplier"] > 0 and 0 < e["sample_rate"] <= 1 and e["steps"] >= 0 and e["max_grad_norm"] > 0):
                 problems.append(f"event {e}: expected noise_multiplier > 0, 0 < sample_rate <= 1, steps >= 0, max_grad_norm > 0")
     if entry["status"] == "declined" and entry["events"]:
         problems.append("a declined round lists DP events; a declined round releases nothing")

@@ -63,7 +63,8 @@ def _partner_report(path: Path, *, head: ledger.Head | None, quality: list[dict[
             "dp_accounting_rdp": independent.rdp_epsilon(events, delta=delta),
             "dp_accounting_pld": independent.pld_epsilon(events, delta=delta),
         }
-    all_events = [ev for e in entries for ev in e["events"]]
+    all_events = [ev for e in entries for ev in e["events"] if ev["mechanism"] == "dp-sgd"]
+    counts = [ev for e in entries for ev in e["events"] if ev["mechanism"] == "item counts"]
     return {
         "partner": first.get("partner", path.stem),
         "ledger": str(path),
@@ -78,6 +79,7 @@ def _partner_report(path: Path, *, head: ledger.Head | None, quality: list[dict[
         "noise_multiplier": sorted({ev["noise_multiplier"] for ev in all_events}),
         "sample_rate": sorted({ev["sample_rate"] for ev in all_events}),
         "steps": sum(ev["steps"] for ev in all_events),
+        "item_counts_noise": [ev["noise_multiplier"] for ev in counts],
         "rounds_joined": [e["round"] for e in entries if e["status"] == "trained"],
         "rounds_declined": [e["round"] for e in entries if e["status"] == "declined"],
         "epsilon_per_round": per_round,
@@ -214,6 +216,14 @@ def _terms(p: dict[str, Any]) -> list[tuple[str, str]]:
         ("clipping norm", ", ".join(format(x, "g") for x in p["max_grad_norm"]) or "n/a"),
         ("noise multiplier", ", ".join(format(x, ".4g") for x in p["noise_multiplier"]) or "n/a"),
         ("DP-SGD steps", str(p["steps"])),
+        (
+            "item counts released",
+            "once, Gaussian mechanism, sensitivity 1 per user, noise multiplier "
+            + ", ".join(format(x, "g") for x in p["item_counts_noise"])
+            + " (the popularity prior's input; counted in epsilon)"
+            if p["item_counts_noise"]
+            else "none",
+        ),
         ("rounds joined", ", ".join(map(str, p["rounds_joined"])) or "none"),
         ("rounds declined", ", ".join(map(str, p["rounds_declined"])) or "none"),
         ("epsilon spent", _fmt(p["epsilon"])),
@@ -286,6 +296,7 @@ def write_csv(report: dict[str, Any], path: Path) -> None:
         "seq",
         "round",
         "status",
+        "mechanism",
         "noise_multiplier",
         "sample_rate",
         "steps",

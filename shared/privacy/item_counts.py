@@ -1,0 +1,43 @@
+"""Item counts released with user-level DP: the Gaussian mechanism on a bounded histogram.
+
+The popularity prior (``shared/model/recommender.py``) needs item counts, which
+mix every user's data; DP training may use them only as a DP release.
+
+Each user adds ``1 / sqrt(k)`` to each of their ``k`` distinct training items:
+their contribution has L2 norm 1, whatever their history, so adding or removing
+one user moves the histogram by at most 1 in L2 (the sensitivity). Gaussian noise
+of standard deviation ``noise_multiplier`` on every item then makes the release
+(epsilon, delta)-DP for users. In the accountant it is one step of the subsampled
+Gaussian mechanism at sample rate 1: Opacus' RDP and PRV accountants compose it
+with DP-SGD's steps exactly as they compose those steps with each other.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from shared.privacy.accounting import Event
+
+
+def user_weighted_counts(sequences: Sequence[np.ndarray], *, n_items: int) -> np.ndarray:
+    """[N + 1] sum over users of 1 / sqrt(k) for each of their k distinct items (row 0 = padding, 0)."""
+    counts = np.zeros(n_items + 1, dtype=np.float64)
+    for seq in sequences:
+        items = np.unique(np.asarray(seq))
+        items = items[items > 0]
+        if len(items):
+            counts[items] += 1.0 / np.sqrt(len(items))
+    return counts
+
+
+def release_item_counts(
+    sequences: Sequence[np.ndarray], *, n_items: int, noise_multiplier: float, rng: np.random.Generator
+) -> tuple[np.ndarray, Event]:
+    """Noisy counts [N + 1] (clipped at 0, row 0 = 0) and the accountant event that pays for them."""
+    if noise_multiplier <= 0:
+        raise ValueError(f"noise_multiplier must be > 0 for a DP release, got {noise_multiplier}")
+    noisy = user_weighted_counts(sequences, n_items=n_items) + rng.normal(0.0, noise_multiplier, n_items + 1)
+    noisy[0] = 0.0
+    return np.clip(noisy, 0.0, None), (float(noise_multiplier), 1.0, 1)

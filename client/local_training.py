@@ -72,6 +72,19 @@ def make_optimizer(
     raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {kind!r}")
 
 
+def trainable_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def freeze_for_dp(model: DomainModel, dp_trains: str) -> None:
+    """What DP-SGD trains: with ``dp_trains = "adapter"`` the head stays where DP rounds
+    left it (its data-independent start). DP noise on its ~200 k weights, not the
+    adapter's, pulled models below their start. A head fine-tuned without DP must
+    never come back here: the adapter's gradients would then see every user through it."""
+    if dp_trains == "adapter":
+        model.head.requires_grad_(False)
+
+
 def _trim(inputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     width = int((targets > 0).sum(1).max().clamp(min=1))
     return inputs[:, :width], targets[:, :width]  # [B, W]: right-padded, so the tail is padding
@@ -100,7 +113,7 @@ def train_round(
     """
     keep_freed_memory()
     generator = torch.Generator().manual_seed(seed)
-    trainable = params if params is not None else [p for p in model.parameters() if p.requires_grad]
+    trainable = params if params is not None else trainable_parameters(model)
     prior = [model.popularity.weight] if model.popularity is not None else []
     optimizer = make_optimizer(optimizer_kind, trainable, lr=lr, fast=prior)
     if optimizer_state:

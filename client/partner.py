@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from client.local_training import DPPlan, poisson_schedule, train_round, user_sequences
+from client.local_training import DPPlan, freeze_for_dp, poisson_schedule, train_round, user_sequences
 from shared.data.split import DomainSplit
 from shared.encoder import TextEncoder
 from shared.evaluation import evaluate
@@ -283,12 +283,8 @@ def train(
         plan = DPPlan(state.noise_multiplier, settings.max_grad_norm, accountant)
 
     model = build_model(settings, data, adapter_arrays=arrays, head=state.head, counts=counts, counts_noise=counts_noise)
-    if settings.dp and settings.dp_trains == "adapter":
-        # The head stays where DP rounds left it (its data-independent start): DP noise
-        # on its ~200 k weights, not the adapter's, pulled models below their start.
-        # A head fine-tuned without DP must never come back here: the adapter's
-        # gradients would then see every user through it.
-        model.head.requires_grad_(False)
+    if settings.dp:
+        freeze_for_dp(model, settings.dp_trains)
     outcome, optimizer_state = train_round(
         model,
         data.examples,

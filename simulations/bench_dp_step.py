@@ -22,7 +22,7 @@ import torch
 from opacus import PrivacyEngine
 from torch.utils.data import DataLoader
 
-from client.local_training import _trim, user_sequences
+from client.local_training import _trim, freeze_for_dp, trainable_parameters, user_sequences
 from client.partner import HEAD, PartnerData, build_model, partner_data
 from shared.allocator import keep_freed_memory
 from shared.federation.adapter import initial_adapter
@@ -34,10 +34,6 @@ from simulations.common import machine, real_domain, write_json
 
 def model_for(data: PartnerData, settings: FederationSettings) -> DomainModel:
     return build_model(settings, data, adapter_arrays=initial_adapter(settings, in_dim=int(data.vectors.shape[1])), head=None)
-
-
-def trainable(model: torch.nn.Module) -> list[torch.nn.Parameter]:
-    return [p for p in model.parameters() if p.requires_grad]
 
 
 def main() -> None:
@@ -54,17 +50,16 @@ def main() -> None:
     examples = user_sequences(data.split, max_len=HEAD.max_len)
     torch.manual_seed(0)
     plain, private = model_for(data, settings), model_for(data, settings)
-    if settings.dp_trains == "adapter":
-        plain.head.requires_grad_(False)
-        private.head.requires_grad_(False)
-    plain_opt = torch.optim.AdamW(trainable(plain), lr=1e-3)
+    freeze_for_dp(plain, settings.dp_trains)
+    freeze_for_dp(private, settings.dp_trains)
+    plain_opt = torch.optim.AdamW(trainable_parameters(plain), lr=1e-3)
     loader = DataLoader(examples, batch_size=args.batch_size, shuffle=True)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         engine = PrivacyEngine(accountant="rdp")
         dp_model, dp_opt, _ = engine.make_private(
             module=private,
-            optimizer=torch.optim.AdamW(trainable(private), lr=1e-3),
+            optimizer=torch.optim.AdamW(trainable_parameters(private), lr=1e-3),
             data_loader=loader,
             noise_multiplier=1.0,
             max_grad_norm=1.0,
@@ -88,7 +83,7 @@ def main() -> None:
     plain_ms, dp_ms = 1000 * np.median(times["plain"]), 1000 * np.median(times["dp"])
     print(f"\n{args.domain}: batch {args.batch_size} users, {settings.negatives} negatives per user, {args.steps} steps each; {machine()}")
     print(
-        f"trained: {args.dp_trains} ({sum(p.numel() for p in trainable(plain)):,} weights); adapter rows per user: {np.mean(rows):.0f} (mean)"
+        f"trained: {args.dp_trains} ({sum(p.numel() for p in trainable_parameters(plain)):,} weights); adapter rows per user: {np.mean(rows):.0f} (mean)"
     )
     print(f"step without DP: {plain_ms:8.1f} ms (median)")
     print(f"step with DP:    {dp_ms:8.1f} ms (median)")

@@ -129,7 +129,7 @@ def test_leave_one_out_takes_each_users_own_share_out_of_their_items_counts() ->
     with torch.no_grad():
         model.popularity.weight.fill_(1.0)
     rows = torch.cat([torch.cat([seqs[:, :1], targets], 1), negatives], 1)
-    bias = model._own_rows_bias(rows, torch.cat([seqs[:, :1], targets], 1))
+    bias = model.item_bias(rows, own_share=model._own_share(rows, torch.cat([seqs[:, :1], targets], 1)))
     for b, own in enumerate(sequences):
         others = user_weighted_counts([s for i, s in enumerate(sequences) if i != b], n_items=30)
         for r, item in enumerate(rows[b].tolist()):

@@ -75,9 +75,8 @@ class DomainModel(nn.Module):
         released with (0: exact counts, not for DP training). ``leave_one_out``: the
         counts are :func:`shared.privacy.item_counts.user_weighted_counts`, and the
         sampled loss takes each user's own share (``1 / sqrt(k)``) out of the counts
-        of their items, as a test user's held-out item was never counted; else a
-        training target's count always includes itself and the weight is learned
-        too high (office: 0.68 where 0 to 0.25 ranks best)."""
+        of their items, as a test user's held-out item was never counted (else a
+        training target's count always includes itself)."""
         super().__init__()
         self.adapter = adapter
         self.features = features
@@ -138,11 +137,16 @@ class DomainModel(nn.Module):
         parts = [self.item_vectors(index[i : i + chunk]) for i in range(0, n, chunk)]
         return F.normalize(torch.cat(parts), dim=-1)
 
-    def item_bias(self, index: torch.Tensor) -> torch.Tensor:
-        """The popularity prior of item indices [...] -> [...] (a scalar 0 without the prior)."""
+    def item_bias(self, index: torch.Tensor, *, own_share: torch.Tensor | None = None) -> torch.Tensor:
+        """The popularity prior of item indices [...] -> [...] (a scalar 0 without the prior).
+
+        ``own_share`` [...]: taken out of each count first (see ``leave_one_out``)."""
         if self.popularity is None or self.log_counts is None:
             return torch.zeros((), device=index.device)
-        return self.popularity(self.log_counts[index].unsqueeze(-1)).squeeze(-1)
+        log_counts = self.log_counts[index]
+        if own_share is not None:
+            log_counts = torch.log1p((torch.expm1(log_counts) - own_share).clamp(min=0))
+        return self.popularity(log_counts.unsqueeze(-1)).squeeze(-1)
 
     # ------------------------------------------------------------------ users
     def user_states(self, seqs: torch.Tensor, vectors: torch.Tensor | None = None) -> torch.Tensor:
@@ -196,7 +200,8 @@ class DomainModel(nn.Module):
         positive_logits = (states * positives).sum(-1, keepdim=True) / self.temperature  # [B, L, 1]
         negative_logits = torch.einsum("bld,bkd->blk", states, negative_vectors) / self.temperature  # [B, L, K]
         if self.popularity is not None:  # one call on the same rows, as for the adapter
-            bias = self._own_rows_bias(rows, sequence) if self.leave_one_out else self.item_bias(rows)  # [B, L + 1 + K]
+            share = self._own_share(rows, sequence) if self.leave_one_out else None
+            bias = self.item_bias(rows, own_share=share)  # [B, L + 1 + K]
             positive_logits = positive_logits + bias[:, 1 : length + 1].unsqueeze(-1)
             negative_logits = negative_logits + bias[:, length + 1 :].unsqueeze(1)
         clash = negatives.unsqueeze(1) == targets.unsqueeze(-1)  # [B, L, K]
@@ -204,15 +209,13 @@ class DomainModel(nn.Module):
         per_position = -F.log_softmax(logits, dim=-1)[..., 0] * mask  # [B, L]
         return per_position.sum(1) / mask.sum(1).clamp(min=1)  # [B]
 
-    def _own_rows_bias(self, rows: torch.Tensor, sequence: torch.Tensor) -> torch.Tensor:
-        """The prior of ``rows`` [B, R] with each user's own share taken out of their items' counts."""
-        assert self.popularity is not None and self.log_counts is not None
+    @staticmethod
+    def _own_share(rows: torch.Tensor, sequence: torch.Tensor) -> torch.Tensor:
+        """[B, R] each user's own share of the counts of ``rows``: 1 / sqrt(its distinct items) on its items, else 0."""
         ordered = sequence.sort(dim=1).values  # [B, L + 1]
         distinct = ((ordered[:, 1:] != ordered[:, :-1]) & (ordered[:, 1:] > 0)).sum(1) + (ordered[:, 0] > 0).long()  # [B]
         own = ((rows.unsqueeze(-1) == sequence.unsqueeze(1)) & (sequence.unsqueeze(1) > 0)).any(-1)  # [B, R]
-        share = own / distinct.clamp(min=1).unsqueeze(1).float().sqrt()  # [B, R]
-        counts = (torch.expm1(self.log_counts[rows]) - share).clamp(min=0)  # [B, R]
-        return self.popularity(torch.log1p(counts).unsqueeze(-1)).squeeze(-1)
+        return own / distinct.clamp(min=1).unsqueeze(1).float().sqrt()
 
     def forward(self, seqs: torch.Tensor, targets: torch.Tensor, negatives: torch.Tensor) -> torch.Tensor:
         """The DP-safe training loss, as ``forward`` so that Opacus' wrapper calls it."""

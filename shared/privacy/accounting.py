@@ -98,7 +98,8 @@ def calibrate_noise(*, budget: Budget, sample_rate: float, steps: int, spent: li
             if high > 1e4:
                 raise ValueError(f"the events already spent leave nothing of epsilon {budget.epsilon:g} for training")
         while (high - low) > 0.001 * low:
-            low, high = (low, (low + high) / 2) if not over((low + high) / 2) else ((low + high) / 2, high)
+            mid = (low + high) / 2
+            low, high = (mid, high) if over(mid) else (low, mid)
         sigma = high
     while over(sigma):
         sigma *= 1.001  # pragma: no cover - a numerical safety net, never taken in the tests

@@ -31,7 +31,7 @@ from shared.model.head import HeadConfig
 from shared.model.recommender import DomainModel, ItemFeatures
 from shared.pipeline import prepare_domain
 from shared.privacy import ledger
-from shared.privacy.accounting import Budget, Event, PartnerAccountant, calibrate_noise, partner_budget
+from shared.privacy.accounting import Budget, Event, PartnerAccountant, calibrate_noise, partner_budget, release_fits
 from shared.privacy.item_counts import release_item_counts, user_weighted_counts
 from shared.vector_cache import VectorCache
 
@@ -192,6 +192,7 @@ def build_model(
         popularity_start=PRIOR_START,
         counts_noise=counts_noise,
         leave_one_out=leave_one_out,  # the federation's counts are user-weighted (shared.privacy.item_counts)
+        counts_window=settings.popularity_window,
     )
     if head is not None:
         missing, unexpected = model.load_state_dict(head, strict=False)
@@ -211,15 +212,22 @@ def prior_counts(
     if not settings.popularity_prior:
         return None, 0.0, [], ""
     if not settings.dp:  # exact, counted as the DP release counts them
-        return torch.as_tensor(user_weighted_counts(data.split.train, n_items=data.split.n_items)), 0.0, [], ""
+        exact = user_weighted_counts(data.split.train, n_items=data.split.n_items, window=settings.popularity_window)
+        return torch.as_tensor(exact), 0.0, [], ""
     sigma = settings.popularity_noise
-    if accountant.epsilon_after(noise_multiplier=sigma, sample_rate=1.0, steps=1) > accountant.budget.epsilon / 2:
+    if not release_fits(budget=accountant.budget, counts_noise=sigma):
         note = (
             f"no popularity prior: releasing item counts at noise {sigma:g} would take over half of epsilon {accountant.budget.epsilon:g}"
         )
         return None, 0.0, [], note
     # Fresh OS entropy, not the run's seed: the coordinator knows the seed.
-    counts, event = release_item_counts(data.split.train, n_items=data.split.n_items, noise_multiplier=sigma, rng=np.random.default_rng())
+    counts, event = release_item_counts(
+        data.split.train,
+        n_items=data.split.n_items,
+        window=settings.popularity_window,
+        noise_multiplier=sigma,
+        rng=np.random.default_rng(),
+    )
     return torch.as_tensor(counts), sigma, [event], ""
 
 
@@ -266,20 +274,22 @@ def train(
     counts_noise, released, prior_note = 0.0, list[Event](), ""
     if state.head is None:  # the first round: the prior's counts (a DP release under DP)
         counts, counts_noise, released, prior_note = prior_counts(settings, data, accountant)
-        for event in released:
-            accountant.accountant.history.append(event)
     if settings.dp:
         if state.noise_multiplier is None:  # calibrated once, for every planned round
             state.noise_multiplier = calibrate_noise(
-                budget=budget, sample_rate=sample_rate, steps=settings.rounds * steps, spent=accountant.events
+                budget=budget, sample_rate=sample_rate, steps=settings.rounds * steps, spent=[*accountant.events, *released]
             )
-        if not accountant.can_afford(noise_multiplier=state.noise_multiplier, sample_rate=sample_rate, steps=steps):
-            after = accountant.epsilon_after(noise_multiplier=state.noise_multiplier, sample_rate=sample_rate, steps=steps)
+        sigma = state.noise_multiplier
+        if not accountant.can_afford(noise_multiplier=sigma, sample_rate=sample_rate, steps=steps, first=released):
+            # The counts (if drawn) are dropped unused: nothing that depends on them leaves.
+            after = accountant.epsilon_after(noise_multiplier=sigma, sample_rate=sample_rate, steps=steps, first=released)
             spent = accountant.epsilon()
             note = f"declined round {server_round}: epsilon would reach {after:.3f}, above this partner's budget {budget.epsilon:g} (spent {spent:.3f})"
-            metrics = _train_metrics(0, 0.0, 0, spent, budget.delta, state.noise_multiplier, sample_rate, declined=True)
+            metrics = _train_metrics(0, 0.0, 0, spent, budget.delta, sigma, sample_rate, declined=True)
             line = ledger.append(ledger_path, _ledger_entry(spec, settings, budget, server_round, [], spent, 0, note))
             return TrainReply(arrays, metrics, note, line), state
+        for event in released:
+            accountant.record(event)
         plan = DPPlan(state.noise_multiplier, settings.max_grad_norm, accountant)
 
     model = build_model(settings, data, adapter_arrays=arrays, head=state.head, counts=counts, counts_noise=counts_noise)

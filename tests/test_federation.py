@@ -89,11 +89,25 @@ def test_a_restarted_partner_keeps_its_spent_epsilon(tmp_path: Path) -> None:
     assert metrics["epsilon"] > spent
     state = partner.PartnerState.load(tmp_path / "test" / "partners" / "books")
     counts, *training = state.accountant["history"]  # the prior's item counts, released once in round 1
-    assert counts == [5.0, 1.0, 1]
+    assert counts == [settings.popularity_noise, 1.0, 1]
     assert state.last_round == 2 and sum(h[2] for h in training) == 2 * metrics["steps"]
     # and a Context.state newer than the folder wins within a process
     ctx = context(state=RecordDict({STATE_KEY: ConfigRecord({"blob": state.to_bytes()})}))
     assert partner.newest_state(ctx.state[STATE_KEY]["blob"], tmp_path / "nowhere").last_round == 2  # type: ignore[arg-type]
+
+
+@pytest.mark.slow
+def test_a_partner_declining_its_first_round_spends_nothing_on_its_item_counts(tmp_path: Path) -> None:
+    settings = settings_for(tmp_path, popularity_prior=True)
+    spec = partner.resolve_partner({"partition-id": 0, "num-partitions": 3}, settings)
+    state = partner.PartnerState(noise_multiplier=0.05)  # a round this noisy cannot fit epsilon 8
+    reply, after = partner.train(
+        settings=settings, server_round=1, spec=spec, arrays=initial_adapter(settings, in_dim=ENCODER_DIM), state=state, folder=tmp_path
+    )
+    assert reply.metrics["declined"] == 1 and reply.metrics["epsilon"] == 0.0
+    assert after.accountant in (None, {}) or not after.accountant.get("history")  # the counts were never used: not recorded
+    entry = ledger.verify(tmp_path / "ledger.jsonl").entries[-1]
+    assert entry["status"] == "declined" and entry["events"] == []
 
 
 @pytest.mark.slow

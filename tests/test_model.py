@@ -119,19 +119,22 @@ def test_popularity_prior_adds_weight_times_log_count_to_every_score() -> None:
     assert "log_counts" in model.state_dict() and all("count" not in k for k in model.adapter.state_dict())
 
 
-def test_leave_one_out_takes_each_users_own_share_out_of_their_items_counts() -> None:
+@pytest.mark.parametrize("window", [0, 1, 2])
+def test_leave_one_out_takes_each_users_own_share_out_of_their_items_counts(window: int) -> None:
     seqs, targets, negatives = batch()
     sequences = [torch.cat([s[:1], t[t > 0]]).numpy() for s, t in zip(seqs, targets, strict=True)]
-    counts = torch.as_tensor(user_weighted_counts(sequences, n_items=30))
+    counts = torch.as_tensor(user_weighted_counts(sequences, n_items=30, window=window))
     model = small_model(counts=counts)
-    model.leave_one_out = True
+    model.leave_one_out, model.counts_window = True, window
     assert model.popularity is not None
     with torch.no_grad():
         model.popularity.weight.fill_(1.0)
-    rows = torch.cat([torch.cat([seqs[:, :1], targets], 1), negatives], 1)
-    bias = model.item_bias(rows, own_share=model._own_share(rows, torch.cat([seqs[:, :1], targets], 1)))
-    for b, own in enumerate(sequences):
-        others = user_weighted_counts([s for i, s in enumerate(sequences) if i != b], n_items=30)
+    sequence = torch.cat([seqs[:, :1], targets], 1)
+    rows = torch.cat([sequence, negatives], 1)
+    bias = model.item_bias(rows, own_share=model._own_share(rows, model._counted(sequence)))
+    for b, whole in enumerate(sequences):
+        own = whole[-window:] if window else whole  # the items this user's share was counted on
+        others = user_weighted_counts([s for i, s in enumerate(sequences) if i != b], n_items=30, window=window)
         for r, item in enumerate(rows[b].tolist()):
             expected = 0.0 if item == 0 else np.log1p(others[item]) if item in own else np.log1p(counts[item].item())
             assert bias[b, r].item() == pytest.approx(expected, abs=1e-5), (b, item)

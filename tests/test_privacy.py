@@ -96,7 +96,7 @@ def test_epsilon_composes_across_rounds_like_one_accountant() -> None:
         _dp_round(model, per_round)
         per_round = PartnerAccountant(budget, per_round.state_dict())
     one = PartnerAccountant(budget)
-    one.accountant.history.append((1.0, 1 / 5, 4 * 5))  # one accountant, all 20 steps at once
+    one.record((1.0, 1 / 5, 4 * 5))  # one accountant, all 20 steps at once
     assert per_round.steps == 20
     assert per_round.epsilon() == pytest.approx(one.epsilon(), rel=1e-9)
 
@@ -109,14 +109,14 @@ def test_calibration_spends_the_budget_over_the_planned_rounds() -> None:
     ledger = PartnerAccountant(budget)
     for _ in range(5):
         assert ledger.can_afford(noise_multiplier=noise, sample_rate=rate, steps=steps)
-        ledger.accountant.history.append((noise, rate, steps))
+        ledger.record((noise, rate, steps))
     assert 2.9 <= ledger.epsilon() <= 3.0 * 1.011
     assert not ledger.can_afford(noise_multiplier=noise, sample_rate=rate, steps=steps)  # a 6th round would overspend
 
 
 def test_ledger_state_is_small_and_checked(tmp_path: Path) -> None:
     ledger = PartnerAccountant(Budget(epsilon=1.0, delta=1e-5))
-    ledger.accountant.history.append((1.2, 0.01, 100))
+    ledger.record((1.2, 0.01, 100))
     state = ledger.state_dict()
     assert state == {"mechanism": "rdp", "history": [[1.2, 0.01, 100]]}
     with pytest.raises(ValueError, match="kept by the 'rdp' accountant"):
@@ -146,6 +146,11 @@ def test_released_item_counts_bound_each_user_and_compose_in_the_accountant() ->
     without_first = user_weighted_counts(sequences[1:], n_items=5)
     assert np.linalg.norm(exact - without_first) == pytest.approx(1.0)  # one user moves the histogram by 1 (L2)
     assert exact[0] == 0 and exact[3] == pytest.approx(1 / np.sqrt(3) + 1)
+    # counting only each user's latest items keeps the bound, and counts only those
+    latest = user_weighted_counts(sequences, n_items=5, window=2)
+    half = 1 / np.sqrt(2)
+    assert latest.tolist() == pytest.approx([0, half, half, 1 + half, half, 0])
+    assert np.linalg.norm(latest - user_weighted_counts(sequences[1:], n_items=5, window=2)) == pytest.approx(1.0)
     counts, event = release_item_counts(sequences, n_items=5, noise_multiplier=5.0, rng=np.random.default_rng(0))
     assert counts.shape == (6,) and counts[0] == 0 and (counts >= 0).all() and event == (5.0, 1.0, 1)
     # the release is one Gaussian step at sample rate 1; training's noise is calibrated for what is left

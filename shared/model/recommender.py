@@ -69,6 +69,7 @@ class DomainModel(nn.Module):
         popularity_start: float = 0.0,
         counts_noise: float = 0.0,
         leave_one_out: bool = False,
+        counts_window: int = 0,
     ) -> None:
         """``item_counts`` [N + 1] adds the popularity prior, its weight starting at
         ``popularity_start``; ``counts_noise``: the noise multiplier the counts were
@@ -98,6 +99,7 @@ class DomainModel(nn.Module):
         self.register_buffer("log_counts", None if item_counts is None else torch.log1p(item_counts.float().clamp(min=0)))
         self.register_buffer("counts_noise", None if item_counts is None else torch.tensor(float(counts_noise)))
         self.leave_one_out = leave_one_out
+        self.counts_window = counts_window
         if item_counts is not None:
             self.popularity = nn.Linear(1, 1, bias=False)
             nn.init.constant_(self.popularity.weight, popularity_start)
@@ -200,7 +202,7 @@ class DomainModel(nn.Module):
         positive_logits = (states * positives).sum(-1, keepdim=True) / self.temperature  # [B, L, 1]
         negative_logits = torch.einsum("bld,bkd->blk", states, negative_vectors) / self.temperature  # [B, L, K]
         if self.popularity is not None:  # one call on the same rows, as for the adapter
-            share = self._own_share(rows, sequence) if self.leave_one_out else None
+            share = self._own_share(rows, self._counted(sequence)) if self.leave_one_out else None
             bias = self.item_bias(rows, own_share=share)  # [B, L + 1 + K]
             positive_logits = positive_logits + bias[:, 1 : length + 1].unsqueeze(-1)
             negative_logits = negative_logits + bias[:, length + 1 :].unsqueeze(1)
@@ -208,6 +210,14 @@ class DomainModel(nn.Module):
         logits = torch.cat([positive_logits, negative_logits.masked_fill(clash, float("-inf"))], -1)
         per_position = -F.log_softmax(logits, dim=-1)[..., 0] * mask  # [B, L]
         return per_position.sum(1) / mask.sum(1).clamp(min=1)  # [B]
+
+    def _counted(self, sequence: torch.Tensor) -> torch.Tensor:
+        """[B, S] the items of right-padded sequences that the counts took (the last ``counts_window``), others 0."""
+        if not self.counts_window:
+            return sequence
+        lengths = (sequence > 0).sum(1, keepdim=True)  # [B, 1]
+        positions = torch.arange(sequence.shape[1], device=sequence.device)  # [S]
+        return sequence * (positions >= lengths - self.counts_window)
 
     @staticmethod
     def _own_share(rows: torch.Tensor, sequence: torch.Tensor) -> torch.Tensor:

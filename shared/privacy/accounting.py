@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 from opacus.accountants import create_accountant
 from opacus.accountants.accountant import IAccountant
 from opacus.accountants.utils import get_noise_multiplier
@@ -61,7 +63,9 @@ def epsilon_of(events: list[Event], *, delta: float, accountant: str) -> float:
         return 0.0
     acc = create_accountant(accountant)
     acc.history = history
-    with warnings.catch_warnings():
+    # np.errstate: PRV at sample rate 1 (an item-count release) evaluates log(1 - q) in
+    # a branch np.where then discards.
+    with warnings.catch_warnings(), np.errstate(divide="ignore", invalid="ignore"):
         # RDP at very low noise: "optimal order is the largest alpha" (a loose but valid bound).
         warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
         return float(acc.get_epsilon(delta=delta))
@@ -134,15 +138,18 @@ class PartnerAccountant:
     def epsilon(self) -> float:
         return epsilon_of(self.events, delta=self.budget.delta, accountant=self.budget.accountant)
 
-    def epsilon_after(self, *, noise_multiplier: float, sample_rate: float, steps: int) -> float:
-        """Epsilon if ``steps`` more steps were taken (the history is not changed)."""
-        return epsilon_of(
-            [*self.events, (noise_multiplier, sample_rate, steps)], delta=self.budget.delta, accountant=self.budget.accountant
-        )
+    def record(self, event: Event) -> None:
+        """Adds a release made outside Opacus' optimizer (DP-SGD's steps are recorded by its hook)."""
+        self.accountant.history.append(event)
 
-    def can_afford(self, *, noise_multiplier: float, sample_rate: float, steps: int) -> bool:
-        """Whether the round stays within the budget. Strict: the partner's cap binds."""
-        after = self.epsilon_after(noise_multiplier=noise_multiplier, sample_rate=sample_rate, steps=steps)
+    def epsilon_after(self, *, noise_multiplier: float, sample_rate: float, steps: int, first: Sequence[Event] = ()) -> float:
+        """Epsilon if the ``first`` events, then ``steps`` more steps were taken (the history is not changed)."""
+        events = [*self.events, *first, (noise_multiplier, sample_rate, steps)]
+        return epsilon_of(events, delta=self.budget.delta, accountant=self.budget.accountant)
+
+    def can_afford(self, *, noise_multiplier: float, sample_rate: float, steps: int, first: Sequence[Event] = ()) -> bool:
+        """Whether the round (after the ``first`` events) stays within the budget. Strict: the partner's cap binds."""
+        after = self.epsilon_after(noise_multiplier=noise_multiplier, sample_rate=sample_rate, steps=steps, first=first)
         return after <= self.budget.epsilon + 1e-9
 
 
@@ -162,6 +169,16 @@ class Plan:
     rounds: int
     per_round: dict[str, list[float]]  # accountant -> epsilon after round 1..R, same multiplier
     multipliers: dict[str, float]  # accountant -> the multiplier it alone would pick
+    counts_noise: float  # of round 1's item-count release; 0: none, or skipped (see release_fits)
+
+
+def release_fits(*, budget: Budget, counts_noise: float) -> bool:
+    """Whether an item-count release at ``counts_noise`` spends at most half of ``budget``.
+
+    Partners skip a release that does not fit (and train without the prior): more
+    would leave training too little, e.g. noise 3 alone spends ~1.2 at delta 1e-5."""
+    alone = epsilon_of([(counts_noise, 1.0, 1)], delta=budget.delta, accountant=budget.accountant)
+    return alone <= budget.epsilon / 2
 
 
 def schedule_from_users(*, users: int, batch_size: int, rounds: int, local_epochs: int) -> tuple[float, int]:
@@ -181,9 +198,12 @@ def plan(
     counts_noise: float = 0.0,
 ) -> Plan:
     """The noise that spends at most ``epsilon`` in ``steps`` steps, split evenly over ``rounds``,
-    after the item-count release at ``counts_noise`` (0: none) in round 1, as partners calibrate."""
+    after the item-count release at ``counts_noise`` (0: none) in round 1, as partners calibrate
+    (and, as they do, without the release where it does not fit: :func:`release_fits`)."""
     if steps % rounds:
         raise ValueError(f"--steps {steps} is not a multiple of --rounds {rounds}")
+    if counts_noise > 0 and not release_fits(budget=Budget(epsilon, delta, accountant), counts_noise=counts_noise):
+        counts_noise = 0.0
     spent: list[Event] = [(counts_noise, 1.0, 1)] if counts_noise > 0 else []
     multipliers = {
         name: calibrate_noise(budget=Budget(epsilon, delta, name), sample_rate=sample_rate, steps=steps, spent=spent)
@@ -195,4 +215,4 @@ def plan(
         name: [epsilon_of([*spent, (sigma, sample_rate, per * r)], delta=delta, accountant=name) for r in range(1, rounds + 1)]
         for name in ACCOUNTANTS
     }
-    return Plan(sigma, accountant, per_round[accountant][-1], delta, sample_rate, steps, rounds, per_round, multipliers)
+    return Plan(sigma, accountant, per_round[accountant][-1], delta, sample_rate, steps, rounds, per_round, multipliers, counts_noise)

@@ -70,7 +70,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
         "rounds": args.rounds,
         "steps_per_round": steps // args.rounds,
         "accountant": args.accountant,
-        "counts_noise": args.counts_noise,
+        "counts_noise": result.counts_noise,
+        "counts_release_skipped": result.counts_noise != args.counts_noise,
         "epsilon_per_round": result.per_round,
         "noise_multiplier_by_accountant": result.multipliers,
     }
@@ -80,8 +81,13 @@ def cmd_plan(args: argparse.Namespace) -> int:
     print(
         f"target epsilon {args.epsilon:g} at delta {delta:.3g}; Poisson sample rate {rate:.6g}; {steps} steps ({steps // args.rounds} per round)"
     )
-    if args.counts_noise > 0:
-        print(f"round 1 also releases item counts at noise multiplier {args.counts_noise:g} (one Gaussian step, sensitivity 1 per user)")
+    if result.counts_noise > 0:
+        print(f"round 1 also releases item counts at noise multiplier {result.counts_noise:g} (one Gaussian step, sensitivity 1 per user)")
+    elif args.counts_noise > 0:
+        print(
+            f"no item-count release: at noise multiplier {args.counts_noise:g} it would spend over half of epsilon "
+            f"{args.epsilon:g}, so partners skip it (and train without the popularity prior)"
+        )
     print(f"noise multiplier ({args.accountant}): {result.noise_multiplier:.4f}  -> epsilon {result.epsilon:.4f} (never above the target)")
     others = ", ".join(f"{k} {v:.4f}" for k, v in result.multipliers.items() if k != args.accountant)
     print(f"(the multiplier each accountant alone would pick: {args.accountant} {result.noise_multiplier:.4f}, {others})")
@@ -161,9 +167,9 @@ def add_privacy_commands(sub: Any) -> None:
         "--counts-noise",
         type=float,
         default=FederationSettings.popularity_noise if FederationSettings.popularity_prior else 0.0,
-        help="noise multiplier of the item-count release a partner makes in round 1 with popularity-prior = true "
-        f"(the federation's popularity-noise, {FederationSettings.popularity_noise:g} by default); 0: no release "
-        f"(the default, as popularity-prior is {str(FederationSettings.popularity_prior).lower()} by default)",
+        help="noise multiplier of the item-count release a partner makes in round 1 with popularity-prior = true; "
+        f"0: no release (default: {FederationSettings.popularity_noise if FederationSettings.popularity_prior else 0:g}, "
+        "the federation's default)",
     )
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(handler=cmd_plan)

@@ -156,8 +156,8 @@ HEAD = HeadConfig(n_layers=2, n_heads=2, max_len=50, dropout=0.2)
 
 # The prior's weight starts at 0 (no prior until the partner's data says so) and
 # learns faster than the rest (client.local_training.PRIOR_LR_SCALE): where it
-# belongs differs by domain (Scientific's valid data puts it near 1 to 2, office's
-# near 0.25).
+# belongs differs by domain (with last-2 counts at noise 3, near 0.5 on both
+# Scientific and office; with whole-history counts office's was near 0).
 PRIOR_START = 0.0
 PRIOR_KEYS = ("log_counts", "counts_noise")
 

@@ -80,7 +80,8 @@ def freeze_for_dp(model: DomainModel, dp_trains: str) -> None:
     """What DP-SGD trains: with ``dp_trains = "adapter"`` the head stays where DP rounds
     left it (its data-independent start). DP noise on its ~200 k weights, not the
     adapter's, pulled models below their start. A head fine-tuned without DP must
-    never come back here: the adapter's gradients would then see every user through it."""
+    never come back here: the adapter's gradients would then see every user through it
+    (``client.partner.train`` refuses a state trained without DP)."""
     if dp_trains == "adapter":
         model.head.requires_grad_(False)
 

@@ -117,6 +117,9 @@ class PartnerState:
     accountant: dict[str, Any] = field(default_factory=lambda: {"history": []})
     noise_multiplier: float | None = None
     last_round: int = 0
+    # Set by any round trained without DP: its head (and counts) then depend on every
+    # user, and DP rounds from this state would see them all through it.
+    trained_without_dp: bool = False
 
     def to_bytes(self) -> bytes:
         buffer = io.BytesIO()
@@ -256,6 +259,12 @@ def train(
     folder: Path,
 ) -> tuple[TrainReply, PartnerState]:
     """Local training from the global adapter; returns the reply and the new private state."""
+    if settings.dp and state.trained_without_dp:
+        raise ValueError(
+            f"the private state in {folder} was trained without DP (round {state.last_round}); a DP round from it "
+            "would see every user through its head and counts, so no guarantee would hold. Give this run a fresh "
+            "state folder (node config state-dir, or a new run-id), or run it without dp"
+        )
     data = partner_data(spec, max_len=HEAD.max_len)
     n_users = len(data.examples)
     sample_rate, per_epoch = poisson_schedule(n_users, settings.batch_size)
@@ -329,7 +338,14 @@ def train(
             ledger_path,
             _ledger_entry(spec, settings, budget, server_round, events, accountant.epsilon(), outcome.examples, prior_note),
         )
-    new_state = PartnerState(head_state(model), optimizer_state, accountant.state_dict(), state.noise_multiplier, server_round)
+    new_state = PartnerState(
+        head_state(model),
+        optimizer_state,
+        accountant.state_dict(),
+        state.noise_multiplier,
+        server_round,
+        trained_without_dp=state.trained_without_dp or not settings.dp,
+    )
     new_state.save(folder)
     metrics = _train_metrics(
         outcome.examples,

@@ -111,6 +111,18 @@ def test_a_partner_declining_its_first_round_spends_nothing_on_its_item_counts(t
 
 
 @pytest.mark.slow
+def test_a_state_trained_without_dp_is_refused_by_a_dp_round(tmp_path: Path) -> None:
+    plain = settings_for(tmp_path, dp=False)
+    spec = partner.resolve_partner({"partition-id": 0, "num-partitions": 3}, plain)
+    arrays = initial_adapter(plain, in_dim=ENCODER_DIM)
+    _, state = partner.train(settings=plain, server_round=1, spec=spec, arrays=arrays, state=partner.PartnerState(), folder=tmp_path)
+    assert state.trained_without_dp
+    restarted = partner.PartnerState.load(tmp_path)  # e.g. a SuperNode reusing its state-dir for a DP run
+    with pytest.raises(ValueError, match=r"trained without DP .* fresh state folder"):
+        partner.train(settings=settings_for(tmp_path), server_round=2, spec=spec, arrays=arrays, state=restarted, folder=tmp_path)
+
+
+@pytest.mark.slow
 def test_a_partner_cap_below_the_server_target_binds(tmp_path: Path) -> None:
     settings = settings_for(tmp_path, target_epsilon=8.0)
     spec = partner.resolve_partner({"partition-id": 1, "num-partitions": 3}, settings)

@@ -15,6 +15,7 @@ Under DP (see DESIGN.md, "Differential-privacy correctness"):
 from __future__ import annotations
 
 import contextlib
+import os
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -72,6 +73,17 @@ def make_optimizer(
     raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {kind!r}")
 
 
+def os_entropy_generator() -> torch.Generator:
+    """A generator seeded from the OS's entropy pool, for DP-SGD's sampling and noise.
+
+    Not the run's seed: the coordinator knows it, and knowing which users a step
+    sampled (or the noise it added) voids the guarantee. Opacus' ``secure_mode``
+    would draw from a CSPRNG, but needs ``torchcsprng``, which has no build for
+    this torch; 64 bits of OS entropy into torch's generator is the practical
+    substitute (the noise itself is never observed, only noisy sums)."""
+    return torch.Generator().manual_seed(int.from_bytes(os.urandom(8), "little"))
+
+
 def trainable_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
@@ -113,14 +125,19 @@ def train_round(
     per weight as Adam's are.
     """
     keep_freed_memory()
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)  # negatives (and, without DP, the users' order)
+    if dp is None:
+        torch.manual_seed(seed)  # dropout: a run without DP is reproducible from its seed
     trainable = params if params is not None else trainable_parameters(model)
     prior = [model.popularity.weight] if model.popularity is not None else []
     optimizer = make_optimizer(optimizer_kind, trainable, lr=lr, fast=prior)
     if optimizer_state:
         with contextlib.suppress(ValueError, KeyError):  # the parameter set changed (e.g. fine-tune): start afresh
             optimizer.load_state_dict(optimizer_state)
-    loader = DataLoader(data, batch_size=batch_size, shuffle=True, generator=generator)
+    # Under DP, Poisson sampling and noise must be secret: Opacus' loader samples with the
+    # loader's generator and its optimizer adds noise from the one it is given.
+    secret = os_entropy_generator() if dp is not None else None
+    loader = DataLoader(data, batch_size=batch_size, shuffle=True, generator=secret or generator)
     module: torch.nn.Module = model
     model.train()  # Opacus refuses a model in eval mode
     if dp is not None:
@@ -139,6 +156,7 @@ def train_round(
                 noise_multiplier=dp.noise_multiplier,
                 max_grad_norm=dp.max_grad_norm,
                 poisson_sampling=True,
+                noise_generator=secret,
             )
     warnings.filterwarnings("ignore", message="Full backward hook is firing")  # Opacus on the first layer: harmless
     n_items = model.features.n_items

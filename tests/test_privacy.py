@@ -76,6 +76,25 @@ def _dp_round(model: DomainModel, ledger: PartnerAccountant, *, noise: float = 1
         )
 
 
+def test_dp_sampling_and_noise_do_not_follow_the_run_seed() -> None:
+    """The coordinator knows the seed: under DP, which users a step sampled and the noise
+    it added come from the partner's OS entropy. Without DP a seed reproduces the run."""
+
+    def trained(dp: bool) -> dict[str, torch.Tensor]:
+        model = tiny_model()  # no dropout: sampling and noise are the only randomness left
+        inputs, targets, _ = users(40, seed=1)
+        plan = DPPlan(1.0, 1.0, PartnerAccountant(Budget(epsilon=8.0, delta=1e-3))) if dp else None
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            train_round(model, TensorDataset(inputs, targets), epochs=1, batch_size=8, lr=1e-2, negatives=7, seed=3, dp=plan)
+        return adapter_state(model.adapter)
+
+    plain, again = trained(dp=False), trained(dp=False)
+    assert all(torch.equal(plain[k], again[k]) for k in plain)
+    private, other = trained(dp=True), trained(dp=True)
+    assert any(not torch.equal(private[k], other[k]) for k in private)
+
+
 def test_a_dp_step_changes_the_adapter_and_the_head() -> None:
     model = tiny_model(dropout=0.1)
     before = {k: v.clone() for k, v in model.state_dict().items()}

@@ -62,7 +62,13 @@ class FederationSettings:
         },
     )
     accountant: str = field(default="rdp", metadata={"help": "Opacus accountant: 'rdp' or 'prv'"})
-    seed: int = field(default=0, metadata={"help": "seed for the initial adapter and local sampling"})
+    seed: int = field(
+        default=0,
+        metadata={
+            "help": "seed for the initial adapter, negatives and (without DP) local sampling and dropout; under DP, "
+            "Poisson sampling and noise come from each partner's OS entropy instead, as the coordinator knows the seed"
+        },
+    )
     scenario: str = field(default="synthetic", metadata={"help": "'synthetic' (generated data) or a scenario TOML file"})
     run_id: str = field(
         default="", metadata={"help": "run folder name under runs-dir; empty: a new time-stamped one; an existing one resumes"}

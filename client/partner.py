@@ -90,17 +90,12 @@ def encoder() -> TextEncoder:
     return _ENCODER
 
 
-def keep_first_users(split: DomainSplit, n: int) -> DomainSplit:
-    """The first ``n`` users only (a cold-start partner); the catalogue is unchanged."""
-    return DomainSplit(split.name, split.item_ids, split.item_texts, split.users[:n], split.train[:n], split.valid[:n], split.test[:n])
-
-
 def partner_data(spec: PartnerSpec, *, max_len: int) -> PartnerData:
     key = (str(spec.data), spec.max_users)
     if key not in _DATA:
         enc = encoder()
         prepared = prepare_domain(spec.data, encoder=enc, cache=VectorCache(), progress=False, name=spec.name)
-        split = keep_first_users(prepared.split, spec.max_users) if spec.max_users else prepared.split
+        split = prepared.split.select_users(slice(spec.max_users)) if spec.max_users else prepared.split  # a cold-start partner
         _DATA[key] = PartnerData(split, torch.as_tensor(prepared.vectors), user_sequences(split, max_len=max_len), enc.fingerprint)
     return _DATA[key]
 
@@ -205,9 +200,7 @@ def build_model(
     return model
 
 
-def prior_counts(
-    settings: FederationSettings, data: PartnerData, accountant: PartnerAccountant
-) -> tuple[torch.Tensor | None, float, list[Event], str]:
+def prior_counts(settings: FederationSettings, data: PartnerData, budget: Budget) -> tuple[torch.Tensor | None, float, list[Event], str]:
     """The popularity prior's counts for a partner's first round: (counts, noise, events, note).
 
     Without DP: exact training counts. Under DP: a user-level DP release, paid from
@@ -218,10 +211,8 @@ def prior_counts(
         exact = user_weighted_counts(data.split.train, n_items=data.split.n_items, window=settings.popularity_window)
         return torch.as_tensor(exact), 0.0, [], ""
     sigma = settings.popularity_noise
-    if not release_fits(budget=accountant.budget, counts_noise=sigma):
-        note = (
-            f"no popularity prior: releasing item counts at noise {sigma:g} would take over half of epsilon {accountant.budget.epsilon:g}"
-        )
+    if not release_fits(budget=budget, counts_noise=sigma):
+        note = f"no popularity prior: releasing item counts at noise {sigma:g} would take over half of epsilon {budget.epsilon:g}"
         return None, 0.0, [], note
     # Fresh OS entropy, not the run's seed: the coordinator knows the seed.
     counts, event = release_item_counts(
@@ -282,7 +273,7 @@ def train(
     counts: torch.Tensor | None = None
     counts_noise, released, prior_note = 0.0, list[Event](), ""
     if state.head is None:  # the first round: the prior's counts (a DP release under DP)
-        counts, counts_noise, released, prior_note = prior_counts(settings, data, accountant)
+        counts, counts_noise, released, prior_note = prior_counts(settings, data, budget)
     if settings.dp:
         if state.noise_multiplier is None:  # calibrated once, for every planned round
             state.noise_multiplier = calibrate_noise(

@@ -25,10 +25,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
 
 from client import partner
-from shared.data.split import DomainSplit
+from server.run_folder import RunFolder
 from shared.federation.adapter import initial_adapter
 from shared.federation.scenario import PartnerSpec, load_scenario
 from shared.federation.settings import FederationSettings
@@ -102,10 +101,15 @@ def local_recipe(
     return {"ndcg@10": m["ndcg@10"], "recall@10": m["recall@10"], "epsilon": None}
 
 
+def final_adapter(run: Path) -> dict[str, torch.Tensor]:
+    """The global adapter after a run's last round."""
+    folder = RunFolder(run)
+    return folder.adapter(folder.last_round())
+
+
 def finetune(run: Path, specs: list[PartnerSpec], settings: FederationSettings, minutes: float) -> dict[str, dict[str, Any]]:
     """Each partner's final federated model (global adapter + its head), then :func:`local_recipe`."""
-    rounds = max(int(p.stem.split("-")[1]) for p in (run / "adapter").glob("round-*.safetensors"))
-    adapter = load_file(str(run / "adapter" / f"round-{rounds}.safetensors"))
+    adapter = final_adapter(run)
     out = {}
     for spec in specs:
         state = partner.PartnerState.load(run / "partners" / spec.name)
@@ -121,13 +125,10 @@ def cold_start_on_other_users(run: Path, spec: PartnerSpec) -> dict[str, Any]:
     so the users it never trained on measure it too, about 15x more of them on office.
     """
     assert spec.max_users
-    rounds = max(int(p.stem.split("-")[1]) for p in (run / "adapter").glob("round-*.safetensors"))
-    adapter = load_file(str(run / "adapter" / f"round-{rounds}.safetensors"))
     state = partner.PartnerState.load(run / "partners" / spec.name)
     whole = partner.partner_data(PartnerSpec(spec.name, spec.data), max_len=partner.HEAD.max_len)
-    model = partner.build_model(FederationSettings(), whole, adapter_arrays=adapter, head=state.head)
-    n, s = spec.max_users, whole.split
-    others = DomainSplit(s.name, s.item_ids, s.item_texts, s.users[n:], s.train[n:], s.valid[n:], s.test[n:])
+    model = partner.build_model(FederationSettings(), whole, adapter_arrays=final_adapter(run), head=state.head)
+    others = whole.split.select_users(slice(spec.max_users, None))
     m = evaluate_model(DomainRun(others, model), "test")
     return {"ndcg@10": m["ndcg@10"], "recall@10": m["recall@10"], "users": len(others.users)}
 

@@ -42,6 +42,12 @@ class DomainSplit:
         targets = self.valid if which == "valid" else self.test
         return np.flatnonzero(targets > 0)
 
+    def select_users(self, users: slice) -> DomainSplit:
+        """These users only (e.g. ``slice(300)``: the first 300); the catalogue is unchanged."""
+        return DomainSplit(
+            self.name, self.item_ids, self.item_texts, self.users[users], self.train[users], self.valid[users], self.test[users]
+        )
+
     def item_popularity(self) -> np.ndarray:
         """[N + 1] training interaction counts per item index (index 0 unused)."""
         counts = np.zeros(self.n_items + 1, dtype=np.int64)

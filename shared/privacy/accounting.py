@@ -13,9 +13,10 @@ state after every round, so epsilon composes across rounds and restarts.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -63,12 +64,25 @@ def epsilon_of(events: list[Event], *, delta: float, accountant: str) -> float:
         return 0.0
     acc = create_accountant(accountant)
     acc.history = history
+    with _quiet_accounting():
+        return float(acc.get_epsilon(delta=delta))
+
+
+@contextlib.contextmanager
+def _quiet_accounting() -> Iterator[None]:
+    """Silences Opacus' harmless numerical chatter."""
     # np.errstate: PRV at sample rate 1 (an item-count release) evaluates log(1 - q) in
     # a branch np.where then discards.
     with warnings.catch_warnings(), np.errstate(divide="ignore", invalid="ignore"):
         # RDP at very low noise: "optimal order is the largest alpha" (a loose but valid bound).
         warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
-        return float(acc.get_epsilon(delta=delta))
+        yield
+
+
+def counts_release_event(noise_multiplier: float) -> Event:
+    """An item-count release (:mod:`shared.privacy.item_counts`) as the accountant sees it:
+    one Gaussian step at sample rate 1 (sensitivity 1 per user)."""
+    return (float(noise_multiplier), 1.0, 1)
 
 
 def calibrate_noise(*, budget: Budget, sample_rate: float, steps: int, spent: list[Event] | None = None) -> float:
@@ -78,8 +92,7 @@ def calibrate_noise(*, budget: Budget, sample_rate: float, steps: int, spent: li
     Opacus' search keeps the multiplier whose epsilon is below the target, so the
     plan never overshoots; checked again here, because the partner's cap binds.
     """
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
+    with _quiet_accounting():
         sigma = float(
             get_noise_multiplier(
                 target_epsilon=budget.epsilon,
@@ -177,7 +190,7 @@ def release_fits(*, budget: Budget, counts_noise: float) -> bool:
 
     Partners skip a release that does not fit (and train without the prior): more
     would leave training too little, e.g. noise 3 alone spends ~1.2 at delta 1e-5."""
-    alone = epsilon_of([(counts_noise, 1.0, 1)], delta=budget.delta, accountant=budget.accountant)
+    alone = epsilon_of([counts_release_event(counts_noise)], delta=budget.delta, accountant=budget.accountant)
     return alone <= budget.epsilon / 2
 
 
@@ -204,7 +217,7 @@ def plan(
         raise ValueError(f"--steps {steps} is not a multiple of --rounds {rounds}")
     if counts_noise > 0 and not release_fits(budget=Budget(epsilon, delta, accountant), counts_noise=counts_noise):
         counts_noise = 0.0
-    spent: list[Event] = [(counts_noise, 1.0, 1)] if counts_noise > 0 else []
+    spent = [counts_release_event(counts_noise)] if counts_noise > 0 else []
     multipliers = {
         name: calibrate_noise(budget=Budget(epsilon, delta, name), sample_rate=sample_rate, steps=steps, spent=spent)
         for name in ACCOUNTANTS

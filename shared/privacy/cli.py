@@ -10,6 +10,9 @@ from typing import Any
 from shared.federation.settings import FederationSettings
 from shared.privacy.accounting import ACCOUNTANTS
 
+# What a partner with the federation's default settings releases in round 1.
+DEFAULT_COUNTS_NOISE = FederationSettings.popularity_noise if FederationSettings.popularity_prior else 0.0
+
 
 class PlanUsageError(ValueError):
     pass
@@ -166,10 +169,9 @@ def add_privacy_commands(sub: Any) -> None:
     p.add_argument(
         "--counts-noise",
         type=float,
-        default=FederationSettings.popularity_noise if FederationSettings.popularity_prior else 0.0,
+        default=DEFAULT_COUNTS_NOISE,
         help="noise multiplier of the item-count release a partner makes in round 1 with popularity-prior = true; "
-        f"0: no release (default: {FederationSettings.popularity_noise if FederationSettings.popularity_prior else 0:g}, "
-        "the federation's default)",
+        f"0: no release (default: {DEFAULT_COUNTS_NOISE:g}, the federation's default)",
     )
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(handler=cmd_plan)

@@ -24,7 +24,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from shared.privacy.accounting import Event
+from shared.privacy.accounting import Event, counts_release_event
 
 
 def user_weighted_counts(sequences: Sequence[np.ndarray], *, n_items: int, window: int = 0) -> np.ndarray:
@@ -49,4 +49,4 @@ def release_item_counts(
         raise ValueError(f"noise_multiplier must be > 0 for a DP release, got {noise_multiplier}")
     noisy = user_weighted_counts(sequences, n_items=n_items, window=window) + rng.normal(0.0, noise_multiplier, n_items + 1)
     noisy[0] = 0.0
-    return np.clip(noisy, 0.0, None), (float(noise_multiplier), 1.0, 1)
+    return np.clip(noisy, 0.0, None), counts_release_event(noise_multiplier)

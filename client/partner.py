@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from client.local_training import DPPlan, freeze_for_dp, poisson_schedule, train_round, user_sequences
+from client.local_training import DPPlan, freeze_untrained, poisson_schedule, train_round, user_sequences
 from shared.data.split import DomainSplit
 from shared.encoder import TextEncoder
 from shared.evaluation import evaluate
@@ -293,8 +293,7 @@ def train(
         plan = DPPlan(state.noise_multiplier, settings.max_grad_norm, accountant)
 
     model = build_model(settings, data, adapter_arrays=arrays, head=state.head, counts=counts, counts_noise=counts_noise)
-    if settings.dp:
-        freeze_for_dp(model, settings.dp_trains)
+    freeze_untrained(model, settings.trains)
     outcome, optimizer_state = train_round(
         model,
         data.examples,

@@ -1,12 +1,12 @@
 """Benchmark: the cost of a DP-SGD step next to the same step without DP, side by side.
 
-    python -m simulations.bench_dp_step [--domain amazon2018-scientific] [--steps 30] [--dp-trains adapter]
+    python -m simulations.bench_dp_step [--domain amazon2018-scientific] [--steps 30] [--trains adapter]
 
 Same model, same batches (a user-level batch of the domain's training sequences,
 sampled softmax with per-user negatives), alternating DP and non-DP steps so that
 machine noise hits both alike. The DP step is Opacus: per-sample gradients,
 per-user clipping, Gaussian noise, accountant step. Both steps train what a
-partner trains under DP (``--dp-trains``, default the federation's: the adapter),
+partner trains under DP (``--trains``, default the federation's: the adapter),
 with the allocator setting that training uses (``shared/allocator.py``).
 """
 
@@ -22,12 +22,12 @@ import torch
 from opacus import PrivacyEngine
 from torch.utils.data import DataLoader
 
-from client.local_training import _trim, freeze_for_dp, trainable_parameters, user_sequences
+from client.local_training import _trim, freeze_untrained, trainable_parameters, user_sequences
 from client.partner import HEAD, PartnerData, build_model, partner_data
 from shared.allocator import keep_freed_memory
 from shared.federation.adapter import initial_adapter
 from shared.federation.scenario import PartnerSpec
-from shared.federation.settings import DP_TRAINS, FederationSettings
+from shared.federation.settings import TRAINS, FederationSettings
 from shared.model.recommender import DomainModel
 from simulations.common import machine, real_domain, write_json
 
@@ -41,17 +41,17 @@ def main() -> None:
     parser.add_argument("--domain", default="amazon2018-scientific")
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--dp-trains", choices=DP_TRAINS, default=FederationSettings.dp_trains, help="what both steps train")
+    parser.add_argument("--trains", choices=TRAINS, default=FederationSettings.trains, help="what both steps train")
     parser.add_argument("--out", default="runs/bench-dp-step")
     args = parser.parse_args()
-    settings = FederationSettings(batch_size=args.batch_size, dp_trains=args.dp_trains)
+    settings = FederationSettings(batch_size=args.batch_size, trains=args.trains)
     keep_freed_memory()
     data = partner_data(PartnerSpec(args.domain, real_domain(args.domain)), max_len=HEAD.max_len)
     examples = user_sequences(data.split, max_len=HEAD.max_len)
     torch.manual_seed(0)
     plain, private = model_for(data, settings), model_for(data, settings)
-    freeze_for_dp(plain, settings.dp_trains)
-    freeze_for_dp(private, settings.dp_trains)
+    freeze_untrained(plain, settings.trains)
+    freeze_untrained(private, settings.trains)
     plain_opt = torch.optim.AdamW(trainable_parameters(plain), lr=1e-3)
     loader = DataLoader(examples, batch_size=args.batch_size, shuffle=True)
     with warnings.catch_warnings():
@@ -83,7 +83,7 @@ def main() -> None:
     plain_ms, dp_ms = 1000 * np.median(times["plain"]), 1000 * np.median(times["dp"])
     print(f"\n{args.domain}: batch {args.batch_size} users, {settings.negatives} negatives per user, {args.steps} steps each; {machine()}")
     print(
-        f"trained: {args.dp_trains} ({sum(p.numel() for p in trainable_parameters(plain)):,} weights); adapter rows per user: {np.mean(rows):.0f} (mean)"
+        f"trained: {args.trains} ({sum(p.numel() for p in trainable_parameters(plain)):,} weights); adapter rows per user: {np.mean(rows):.0f} (mean)"
     )
     print(f"step without DP: {plain_ms:8.1f} ms (median)")
     print(f"step with DP:    {dp_ms:8.1f} ms (median)")
@@ -96,7 +96,7 @@ def main() -> None:
             "ratio": dp_ms / plain_ms,
             "steps": args.steps,
             "batch_size": args.batch_size,
-            "dp_trains": args.dp_trains,
+            "trains": args.trains,
             "machine": machine(),
         },
     )

@@ -3,7 +3,9 @@
     python -m simulations.experiments [--scenario simulations/scenarios/scientific-office.toml]
         [--rounds 3] [--local-epochs 1] [--epsilons 8 3 1] [--recipe-minutes 3] [--out runs/experiments]
 
-Every federated result and ``local`` run the real ServerApp and ClientApp in
+``zero-shot (untrained)`` ranks by the frozen encoder's text similarity to the
+last item (initial adapter, identity head, no prior): what training adds is
+measured from it. Every federated result and ``local`` run the real ServerApp and ClientApp in
 Flower's simulation engine with the same training code; ``local`` is each
 partner in a federation of one (DP off). ``local, full recipe`` is what one
 partner gets from ``fedxrec train`` alone (full softmax, popularity prior,
@@ -117,17 +119,31 @@ def finetune(run: Path, specs: list[PartnerSpec], settings: FederationSettings, 
     return out
 
 
-def cold_start_on_other_users(run: Path, spec: PartnerSpec) -> dict[str, Any]:
-    """The cold partner's final model (global adapter + its head) on its domain's other users' test items.
+def zero_shot(spec: PartnerSpec, settings: FederationSettings) -> dict[str, Any]:
+    """The untrained model: the initial adapter (near cosine-preserving), identity head,
+    no prior; it ranks items by text similarity to the last one. What training adds
+    is measured from here."""
+    data = partner.partner_data(spec, max_len=partner.HEAD.max_len)
+    arrays = initial_adapter(settings, in_dim=int(data.vectors.shape[1]))
+    m = evaluate_model(DomainRun(data.split, partner.build_model(settings, data, adapter_arrays=arrays, head=None)), "test")
+    return {"ndcg@10": m["ndcg@10"], "recall@10": m["recall@10"], "epsilon": None}
+
+
+def cold_start_on_other_users(run: Path | None, spec: PartnerSpec) -> dict[str, Any]:
+    """The cold partner's final model (global adapter + its head) on its domain's other users' test items
+    (``run`` None: the zero-shot model).
 
     The partner's own few users give a noisy estimate (300 test items: a handful
     of hits either way moves NDCG@10 by tens of percent); the model is inductive,
     so the users it never trained on measure it too, about 15x more of them on office.
     """
     assert spec.max_users
-    state = partner.PartnerState.load(run / "partners" / spec.name)
     whole = partner.partner_data(PartnerSpec(spec.name, spec.data), max_len=partner.HEAD.max_len)
-    model = partner.build_model(FederationSettings(), whole, adapter_arrays=final_adapter(run), head=state.head)
+    if run is None:
+        arrays, head = initial_adapter(FederationSettings(), in_dim=int(whole.vectors.shape[1])), None
+    else:
+        arrays, head = final_adapter(run), partner.PartnerState.load(run / "partners" / spec.name).head
+    model = partner.build_model(FederationSettings(), whole, adapter_arrays=arrays, head=head)
     others = whole.split.select_users(slice(spec.max_users, None))
     m = evaluate_model(DomainRun(others, model), "test")
     return {"ndcg@10": m["ndcg@10"], "recall@10": m["recall@10"], "users": len(others.users)}
@@ -151,9 +167,15 @@ def plot(results: dict[str, dict[str, dict[str, Any]]], epsilons: list[float], p
                 "s--",
                 label="federated, DP + local fine-tune",
             )
-        for key, style in (("local", ":"), ("local, full recipe", "-"), ("federated, no DP", "-."), ("pooled", "--")):
+        for key, style in (
+            ("zero-shot (untrained)", (0, (1, 3))),
+            ("local", ":"),
+            ("local, full recipe", "-"),
+            ("federated, no DP", "-."),
+            ("pooled", "--"),
+        ):
             if d in results.get(key, {}):
-                gray = key.startswith("local")
+                gray = key.startswith(("local", "zero-shot"))
                 ax.axhline(results[key][d]["ndcg@10"], linestyle=style, color="gray" if gray else None, label=key)
         ax.set_xscale("log")
         ax.minorticks_off()
@@ -197,8 +219,9 @@ def main() -> None:
     specs = load_scenario(scenario)
     base: dict[str, Any] = {"rounds": args.rounds, "local-epochs": args.local_epochs, "batch-size": args.batch_size}
     settings = FederationSettings(rounds=args.rounds, local_epochs=args.local_epochs, batch_size=args.batch_size)
-    results: dict[str, dict[str, dict[str, Any]]] = {"local": {}}
     started = time.monotonic()
+    results: dict[str, dict[str, dict[str, Any]]] = {"zero-shot (untrained)": {s.name: zero_shot(s, settings) for s in specs}}
+    results["local"] = {}
 
     for spec in specs:
         results["local"].update(federate(f"local-{spec.name}", one_partner_scenario(spec, out / "scenarios"), 1, base, out, dp=False))
@@ -227,8 +250,9 @@ def main() -> None:
         "alone": federate(f"cold-alone-{cold.name}", one_partner_scenario(cold, out / "scenarios"), 1, base, out, dp=False),
         "in the federation": federate("cold-federated", Path(args.coldstart_scenario), len(cold_specs), base, out, dp=False),
     }
-    cold_results = {k: v[cold.name] for k, v in cold_runs.items()}
+    cold_results = {"zero-shot (untrained)": zero_shot(cold, settings), **{k: v[cold.name] for k, v in cold_runs.items()}}
     cold_others = {
+        "zero-shot (untrained)": cold_start_on_other_users(None, cold),
         "alone": cold_start_on_other_users(out / f"cold-alone-{cold.name}", cold),
         "in the federation": cold_start_on_other_users(out / "cold-federated", cold),
     }

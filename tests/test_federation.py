@@ -156,16 +156,23 @@ def test_default_adapter_bytes_per_round_are_under_one_percent_of_the_encoder() 
     assert set(arrays) == set(adapter.state_dict())
 
 
-def test_dp_trains_adapter_keeps_the_head_frozen(tmp_path: Path) -> None:
-    settings = settings_for(tmp_path, dp_trains="adapter")
+@pytest.mark.parametrize("dp", [True, False])
+@pytest.mark.parametrize("trains", ["adapter", "all"])
+def test_trains_decides_whether_the_head_trains_with_and_without_dp(tmp_path: Path, dp: bool, trains: str) -> None:
+    settings = settings_for(tmp_path, trains=trains, dp=dp)
     arrays = initial_adapter(settings, in_dim=ENCODER_DIM)
     reply = train(message(MessageType.TRAIN, arrays, settings, 1), context())
     sent = reply.content[wire.ARRAYS].to_torch_state_dict()
     assert any(not torch.equal(sent[k], arrays[k]) for k in arrays)  # the adapter trained
     state = partner.PartnerState.load(tmp_path / "test" / "partners" / "books")
-    # zero-initialised head weights would carry DP noise had the head trained
     assert state.head is not None
-    for key in ("head.positions.weight", "head.blocks.0.attn.out.weight", "head.blocks.1.ffn_out.weight"):
-        assert not state.head[key].any(), key
-    with pytest.raises(SettingsError, match="dp-trains must be 'all' or 'adapter'"):
-        settings_from_run_config({"dp-trains": "head"})
+    # the head's zero-initialised weights move once it trains (DP noise, or plain gradients)
+    moved = [k for k in ("head.positions.weight", "head.blocks.0.attn.out.weight", "head.blocks.1.ffn_out.weight") if state.head[k].any()]
+    assert moved == (
+        [] if trains == "adapter" else ["head.positions.weight", "head.blocks.0.attn.out.weight", "head.blocks.1.ffn_out.weight"]
+    )
+
+
+def test_trains_is_validated() -> None:
+    with pytest.raises(SettingsError, match="trains must be 'all' or 'adapter'"):
+        settings_from_run_config({"trains": "head"})

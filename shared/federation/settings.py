@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 OPTIMIZERS = ("adamw", "sgd")  # local optimizers (client.local_training.make_optimizer)
-DP_TRAINS = ("all", "adapter")  # what DP-SGD trains
+TRAINS = ("all", "adapter")  # what local training trains
 
 
 @dataclass
@@ -32,10 +32,12 @@ class FederationSettings:
     dp: bool = field(default=True, metadata={"help": "train under user-level DP-SGD (Opacus)"})
     target_epsilon: float = field(default=8.0, metadata={"help": "epsilon each partner may spend over the whole run"})
     delta: float = field(default=0.0, metadata={"help": "delta; 0 means 1 / (10 x a partner's users)"})
-    dp_trains: str = field(
+    trains: str = field(
         default="adapter",
         metadata={
-            "help": "what DP-SGD trains: 'all' (adapter and head) or 'adapter' (the head stays frozen; a local fine-tune can train it)"
+            "help": "what a round trains, with or without DP: 'adapter' (the shared adapter and the prior's weight; the "
+            "private head stays at its identity start) or 'all' (the head too); a local fine-tune can train the head"
+            " after the federation"
         },
     )
     max_grad_norm: float = field(default=1.0, metadata={"help": "per-user gradient clipping norm"})
@@ -88,8 +90,8 @@ class FederationSettings:
             )
         if self.optimizer not in OPTIMIZERS:
             problems.append(f"optimizer must be {_either(OPTIMIZERS)}, got {self.optimizer!r}")
-        if self.dp_trains not in DP_TRAINS:
-            problems.append(f"dp-trains must be {_either(DP_TRAINS)}, got {self.dp_trains!r}")
+        if self.trains not in TRAINS:
+            problems.append(f"trains must be {_either(TRAINS)}, got {self.trains!r}")
         if self.accountant not in ("rdp", "prv"):
             problems.append(f"accountant must be 'rdp' or 'prv', got {self.accountant!r}")
         if self.dp and self.target_epsilon <= 0:

@@ -2,7 +2,7 @@
 
 Privacy unit: one user. One DP-SGD example is a user's whole training sequence,
 users are Poisson-sampled, and whatever a partner trains in the federation (the
-adapter, and the head with ``dp-trains = "all"``) is trained by the one DP
+adapter, and the head with ``trains = "all"``) is trained by the one DP
 optimizer, so the (epsilon, delta) guarantee covers everything a partner releases
 from training (the adapter it sends each round).
 

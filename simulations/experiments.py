@@ -10,7 +10,7 @@ Flower's simulation engine with the same training code; ``local`` is each
 partner in a federation of one (DP off). ``local, full recipe`` is what one
 partner gets from ``fedxrec train`` alone (full softmax, popularity prior,
 early stopping on valid; at most ``--recipe-minutes``). ``+ fine-tune`` is that
-same recipe started from the partner's final federated DP model (global adapter
+same recipe started from the partner's final federated model (global adapter
 and its private head); nothing of it is sent, so it spends none of the
 federation's budget. ``pooled`` is the centralised, non-private upper bound
 (``fedxrec train --mode pooled``). The cold-start part puts a 300-user partner in
@@ -228,6 +228,8 @@ def main() -> None:
     if args.recipe_minutes:
         results["local, full recipe"] = {s.name: local_recipe(s, settings, minutes=args.recipe_minutes) for s in specs}
     results["federated, no DP"] = federate("federated-nodp", scenario, len(specs), base, out, dp=False)
+    if args.recipe_minutes:
+        results["federated, no DP + fine-tune"] = finetune(out / "federated-nodp", specs, settings, args.recipe_minutes)
     for eps in args.epsilons:
         key = f"federated DP eps={eps:g}"
         results[key] = federate(f"federated-dp-{eps:g}", scenario, len(specs), base, out, dp=True, **{"target-epsilon": eps})

@@ -112,6 +112,9 @@ class PartnerState:
     accountant: dict[str, Any] = field(default_factory=lambda: {"history": []})
     noise_multiplier: float | None = None
     last_round: int = 0
+    # The run this state belongs to: its ledger's rounds, its accountant and its
+    # noise multiplier are that run's plan ("" in a state saved before any round).
+    run_id: str = ""
     # Set by any round trained without DP: its head (and counts) then depend on every
     # user, and DP rounds from this state would see them all through it.
     trained_without_dp: bool = False
@@ -135,6 +138,17 @@ class PartnerState:
     def load(cls, folder: Path) -> PartnerState:
         path = folder / "state.pt"
         return cls.from_bytes(path.read_bytes()) if path.is_file() else cls()
+
+
+def check_same_run(state: PartnerState, settings: FederationSettings, folder: Path) -> None:
+    """A state folder holds one run: its ledger counts that run's rounds, its noise fits that run's plan."""
+    if state.run_id and state.run_id != settings.run_id:
+        raise ValueError(
+            f"the private state in {folder} belongs to run {state.run_id!r} (its privacy ledger, accountant and head); "
+            f"this is run {settings.run_id!r}, whose rounds would break that ledger's chain and whose plan its noise "
+            f"multiplier was not calibrated for. Give this run a fresh state folder (node config state-dir) and keep "
+            f"the old one for its ledger, or resume run {state.run_id!r} (run-id)"
+        )
 
 
 def newest_state(in_memory: bytes | None, folder: Path) -> PartnerState:
@@ -250,6 +264,7 @@ def train(
     folder: Path,
 ) -> tuple[TrainReply, PartnerState]:
     """Local training from the global adapter; returns the reply and the new private state."""
+    check_same_run(state, settings, folder)
     if settings.dp and state.trained_without_dp:
         raise ValueError(
             f"the private state in {folder} was trained without DP (round {state.last_round}); a DP round from it "
@@ -334,6 +349,7 @@ def train(
         accountant.state_dict(),
         state.noise_multiplier,
         server_round,
+        settings.run_id,
         trained_without_dp=state.trained_without_dp or not settings.dp,
     )
     new_state.save(folder)
@@ -389,9 +405,10 @@ def _train_metrics(
 
 
 def evaluate_global(
-    *, settings: FederationSettings, spec: PartnerSpec, arrays: dict[str, torch.Tensor], state: PartnerState
+    *, settings: FederationSettings, spec: PartnerSpec, arrays: dict[str, torch.Tensor], state: PartnerState, folder: Path
 ) -> dict[str, float]:
     """Valid and test NDCG@10 / Recall@10 of the global adapter with the private head."""
+    check_same_run(state, settings, folder)
     data = partner_data(spec, max_len=HEAD.max_len)
     model = build_model(settings, data, adapter_arrays=arrays, head=state.head).eval()
     catalogue = model.catalogue()

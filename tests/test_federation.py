@@ -123,6 +123,30 @@ def test_a_state_trained_without_dp_is_refused_by_a_dp_round(tmp_path: Path) -> 
 
 
 @pytest.mark.slow
+def test_a_state_folder_holds_one_run(tmp_path: Path) -> None:
+    first = settings_for(tmp_path, run_id="first")
+    spec = partner.resolve_partner({"partition-id": 0, "num-partitions": 3}, first)
+    arrays = initial_adapter(first, in_dim=ENCODER_DIM)
+    folder = tmp_path / "state"
+    _, state = partner.train(settings=first, server_round=1, spec=spec, arrays=arrays, state=partner.PartnerState(), folder=folder)
+    assert partner.PartnerState.load(folder).run_id == "first"
+    # resuming the same run goes on; another run reusing the folder (a SuperNode's state-dir) is refused,
+    # before it could write round 1 after round 1 into the ledger
+    _, state = partner.train(
+        settings=first, server_round=2, spec=spec, arrays=arrays, state=partner.PartnerState.load(folder), folder=folder
+    )
+    second = settings_for(tmp_path, run_id="second")
+    for call in (
+        lambda: partner.train(settings=second, server_round=1, spec=spec, arrays=arrays, state=state, folder=folder),
+        lambda: partner.evaluate_global(settings=second, spec=spec, arrays=arrays, state=state, folder=folder),
+    ):
+        with pytest.raises(ValueError, match=r"belongs to run 'first'.* this is run 'second'.* fresh state folder"):
+            call()
+    check = ledger.verify(folder / "ledger.jsonl")
+    assert check.ok and [e["round"] for e in check.entries] == [1, 2]
+
+
+@pytest.mark.slow
 def test_a_partner_cap_below_the_server_target_binds(tmp_path: Path) -> None:
     settings = settings_for(tmp_path, target_epsilon=8.0)
     spec = partner.resolve_partner({"partition-id": 1, "num-partitions": 3}, settings)

@@ -149,10 +149,12 @@ def train_round(
 
         model.check_dp_safe()
 
-        engine = PrivacyEngine(accountant=dp.ledger.budget.accountant)
-        engine.accountant = dp.ledger.accountant  # one accountant for the whole run
         with warnings.catch_warnings():
+            # Opacus' secure_mode needs torchcsprng (no build for this torch); the loader's
+            # and the noise's generator are seeded from OS entropy instead (README, DP).
             warnings.filterwarnings("ignore", message=".*[Ss]ecure RNG.*")
+            engine = PrivacyEngine(accountant=dp.ledger.budget.accountant)
+            engine.accountant = dp.ledger.accountant  # one accountant for the whole run
             module, optimizer, loader = engine.make_private(
                 module=model,
                 optimizer=optimizer,

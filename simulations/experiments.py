@@ -1,7 +1,8 @@
 """Experiments: local vs federated (no DP, DP at several epsilons) vs pooled, fine-tune, cold start.
 
     python -m simulations.experiments [--scenario simulations/scenarios/scientific-office.toml]
-        [--rounds 3] [--local-epochs 1] [--epsilons 8 3 1] [--recipe-minutes 3] [--out runs/experiments]
+        [--rounds 3] [--local-epochs 1] [--epsilons 8 3 1] [--finetune-epsilons 8] [--recipe-epochs 40]
+        [--recipe-minutes 12] [--pooled-minutes 12] [--out runs/experiments]
 
 ``zero-shot (untrained)`` ranks by the frozen encoder's text similarity to the
 last item (initial adapter, identity head, no prior): what training adds is
@@ -9,7 +10,8 @@ measured from it. Every federated result and ``local`` run the real ServerApp an
 Flower's simulation engine with the same training code; ``local`` is each
 partner in a federation of one (DP off). ``local, full recipe`` is what one
 partner gets from ``fedxrec train`` alone (full softmax, popularity prior,
-early stopping on valid; at most ``--recipe-minutes``). ``+ fine-tune`` is that
+early stopping on valid; at most ``--recipe-epochs``, and ``--recipe-minutes`` as a safety cap: a cap that
+binds makes the result depend on the machine's load). ``+ fine-tune`` is that
 same recipe started from the partner's final federated model (global adapter
 and its private head); nothing of it is sent, so it spends none of the
 federation's budget. ``pooled`` is the centralised, non-private upper bound
@@ -83,6 +85,7 @@ def local_recipe(
     settings: FederationSettings,
     *,
     minutes: float,
+    epochs: int,
     adapter: dict[str, torch.Tensor] | None = None,
     head: dict[str, torch.Tensor] | None = None,
 ) -> dict[str, Any]:
@@ -98,7 +101,8 @@ def local_recipe(
     exact = torch.as_tensor(data.split.item_popularity())  # exact counts: this model is never sent
     model = partner.build_model(settings, data, adapter_arrays=arrays, head=head, counts=exact, leave_one_out=False)
     run = DomainRun(data.split, model)
-    train([run], TrainConfig(epochs=200, patience=5, lr_patience=2, max_minutes=minutes, seed=settings.seed), log=lambda _: None)
+    config = TrainConfig(epochs=epochs, patience=5, lr_patience=2, max_minutes=minutes, seed=settings.seed)
+    train([run], config, log=lambda _: None)
     m = evaluate_model(run, "test")
     return {"ndcg@10": m["ndcg@10"], "recall@10": m["recall@10"], "epsilon": None}
 
@@ -109,13 +113,13 @@ def final_adapter(run: Path) -> dict[str, torch.Tensor]:
     return folder.adapter(folder.last_round())
 
 
-def finetune(run: Path, specs: list[PartnerSpec], settings: FederationSettings, minutes: float) -> dict[str, dict[str, Any]]:
+def finetune(run: Path, specs: list[PartnerSpec], settings: FederationSettings, minutes: float, epochs: int) -> dict[str, dict[str, Any]]:
     """Each partner's final federated model (global adapter + its head), then :func:`local_recipe`."""
     adapter = final_adapter(run)
     out = {}
     for spec in specs:
         state = partner.PartnerState.load(run / "partners" / spec.name)
-        out[spec.name] = local_recipe(spec, settings, minutes=minutes, adapter=adapter, head=state.head)
+        out[spec.name] = local_recipe(spec, settings, minutes=minutes, epochs=epochs, adapter=adapter, head=state.head)
     return out
 
 
@@ -160,10 +164,11 @@ def plot(results: dict[str, dict[str, dict[str, Any]]], epsilons: list[float], p
     for ax, d in zip(axes[0], domains, strict=True):
         xs = sorted(epsilons)
         ax.plot(xs, [results[f"federated DP eps={e:g}"][d]["ndcg@10"] for e in xs], "o-", label="federated, DP")
-        if any(k.startswith("federated DP eps=") and k.endswith("+ fine-tune") for k in results):
+        tuned = [e for e in xs if f"federated DP eps={e:g} + fine-tune" in results]
+        if tuned:
             ax.plot(
-                xs,
-                [results[f"federated DP eps={e:g} + fine-tune"][d]["ndcg@10"] for e in xs],
+                tuned,
+                [results[f"federated DP eps={e:g} + fine-tune"][d]["ndcg@10"] for e in tuned],
                 "s--",
                 label="federated, DP + local fine-tune",
             )
@@ -172,6 +177,7 @@ def plot(results: dict[str, dict[str, dict[str, Any]]], epsilons: list[float], p
             ("local", ":"),
             ("local, full recipe", "-"),
             ("federated, no DP", "-."),
+            ("federated, no DP + fine-tune", (0, (5, 1))),
             ("pooled", "--"),
         ):
             if d in results.get(key, {}):
@@ -210,8 +216,16 @@ def main() -> None:
     parser.add_argument("--local-epochs", type=int, default=1)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--epsilons", type=float, nargs="+", default=[8.0, 3.0, 1.0])
-    parser.add_argument("--recipe-minutes", type=float, default=3.0, help="cap of each full-recipe local run and fine-tune (0: none)")
-    parser.add_argument("--pooled-minutes", type=float, default=5.0)
+    parser.add_argument(
+        "--recipe-minutes", type=float, default=12.0, help="time cap of each full-recipe local run and fine-tune (0: no such rows)"
+    )
+    parser.add_argument(
+        "--recipe-epochs", type=int, default=40, help="most epochs of each full-recipe local run and fine-tune (early stopping on valid)"
+    )
+    parser.add_argument(
+        "--finetune-epsilons", type=float, nargs="*", default=None, help="the DP federations that get a fine-tune row (default: all)"
+    )
+    parser.add_argument("--pooled-minutes", type=float, default=15.0, help="time cap of the pooled run (at most --recipe-epochs)")
     parser.add_argument("--out", default="runs/experiments")
     args = parser.parse_args()
     out = Path(args.out)
@@ -219,6 +233,7 @@ def main() -> None:
     specs = load_scenario(scenario)
     base: dict[str, Any] = {"rounds": args.rounds, "local-epochs": args.local_epochs, "batch-size": args.batch_size}
     settings = FederationSettings(rounds=args.rounds, local_epochs=args.local_epochs, batch_size=args.batch_size)
+    recipe_epochs = args.recipe_epochs
     started = time.monotonic()
     results: dict[str, dict[str, dict[str, Any]]] = {"zero-shot (untrained)": {s.name: zero_shot(s, settings) for s in specs}}
     results["local"] = {}
@@ -226,21 +241,23 @@ def main() -> None:
     for spec in specs:
         results["local"].update(federate(f"local-{spec.name}", one_partner_scenario(spec, out / "scenarios"), 1, base, out, dp=False))
     if args.recipe_minutes:
-        results["local, full recipe"] = {s.name: local_recipe(s, settings, minutes=args.recipe_minutes) for s in specs}
+        results["local, full recipe"] = {
+            s.name: local_recipe(s, settings, minutes=args.recipe_minutes, epochs=recipe_epochs) for s in specs
+        }
     results["federated, no DP"] = federate("federated-nodp", scenario, len(specs), base, out, dp=False)
     if args.recipe_minutes:
-        results["federated, no DP + fine-tune"] = finetune(out / "federated-nodp", specs, settings, args.recipe_minutes)
+        results["federated, no DP + fine-tune"] = finetune(out / "federated-nodp", specs, settings, args.recipe_minutes, recipe_epochs)
     for eps in args.epsilons:
         key = f"federated DP eps={eps:g}"
         results[key] = federate(f"federated-dp-{eps:g}", scenario, len(specs), base, out, dp=True, **{"target-epsilon": eps})
-        if args.recipe_minutes:
-            tuned = finetune(out / f"federated-dp-{eps:g}", specs, settings, args.recipe_minutes)
+        if args.recipe_minutes and (args.finetune_epsilons is None or eps in args.finetune_epsilons):
+            tuned = finetune(out / f"federated-dp-{eps:g}", specs, settings, args.recipe_minutes, recipe_epochs)
             results[f"{key} + fine-tune"] = {d: {**tuned[d], "epsilon": results[key][d]["epsilon"]} for d in tuned}
     pooled = train_and_evaluate(
         [s.data for s in specs],
         out / "pooled",
         mode="pooled",
-        train_config=TrainConfig(epochs=200, patience=5, max_minutes=args.pooled_minutes),
+        train_config=TrainConfig(epochs=recipe_epochs, patience=5, max_minutes=args.pooled_minutes),
     )
     results["pooled"] = {
         d: {"ndcg@10": m["test"]["ndcg@10"], "recall@10": m["test"]["recall@10"], "epsilon": None} for d, m in pooled.items()

@@ -172,17 +172,16 @@ def plot(results: dict[str, dict[str, dict[str, Any]]], epsilons: list[float], p
                 "s--",
                 label="federated, DP + local fine-tune",
             )
-        for key, style in (
-            ("zero-shot (untrained)", (0, (1, 3))),
-            ("local", ":"),
-            ("local, full recipe", "-"),
-            ("federated, no DP", "-."),
-            ("federated, no DP + fine-tune", (0, (5, 1))),
-            ("pooled", "--"),
+        for key, style, color in (
+            ("zero-shot (untrained)", (0, (1, 3)), "gray"),
+            ("local", ":", "gray"),
+            ("local, full recipe", "-", "gray"),
+            ("federated, no DP", "-.", "C2"),
+            ("federated, no DP + fine-tune", (0, (5, 1)), "C3"),
+            ("pooled", "--", "C4"),
         ):
             if d in results.get(key, {}):
-                gray = key.startswith(("local", "zero-shot"))
-                ax.axhline(results[key][d]["ndcg@10"], linestyle=style, color="gray" if gray else None, label=key)
+                ax.axhline(results[key][d]["ndcg@10"], linestyle=style, color=color, label=key)
         ax.set_xscale("log")
         ax.minorticks_off()
         ax.set_xticks(xs, [f"{e:g}" for e in xs])

@@ -2,7 +2,7 @@
 
     python -m simulations.experiments [--scenario simulations/scenarios/scientific-office.toml]
         [--rounds 3] [--local-epochs 1] [--epsilons 8 3 1] [--finetune-epsilons 8] [--recipe-epochs 40]
-        [--recipe-minutes 12] [--pooled-minutes 12] [--out runs/experiments]
+        [--recipe-minutes 12] [--pooled-minutes 15] [--out runs/experiments]
 
 ``zero-shot (untrained)`` ranks by the frozen encoder's text similarity to the
 last item (initial adapter, identity head, no prior): what training adds is
@@ -23,6 +23,7 @@ a federation and alone. Writes ``results.md`` (tables), ``results.json`` and
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -84,8 +85,7 @@ def local_recipe(
     spec: PartnerSpec,
     settings: FederationSettings,
     *,
-    minutes: float,
-    epochs: int,
+    config: TrainConfig,
     adapter: dict[str, torch.Tensor] | None = None,
     head: dict[str, torch.Tensor] | None = None,
 ) -> dict[str, Any]:
@@ -101,7 +101,6 @@ def local_recipe(
     exact = torch.as_tensor(data.split.item_popularity())  # exact counts: this model is never sent
     model = partner.build_model(settings, data, adapter_arrays=arrays, head=head, counts=exact, leave_one_out=False)
     run = DomainRun(data.split, model)
-    config = TrainConfig(epochs=epochs, patience=5, lr_patience=2, max_minutes=minutes, seed=settings.seed)
     train([run], config, log=lambda _: None)
     m = evaluate_model(run, "test")
     return {"ndcg@10": m["ndcg@10"], "recall@10": m["recall@10"], "epsilon": None}
@@ -113,13 +112,13 @@ def final_adapter(run: Path) -> dict[str, torch.Tensor]:
     return folder.adapter(folder.last_round())
 
 
-def finetune(run: Path, specs: list[PartnerSpec], settings: FederationSettings, minutes: float, epochs: int) -> dict[str, dict[str, Any]]:
+def finetune(run: Path, specs: list[PartnerSpec], settings: FederationSettings, config: TrainConfig) -> dict[str, dict[str, Any]]:
     """Each partner's final federated model (global adapter + its head), then :func:`local_recipe`."""
     adapter = final_adapter(run)
     out = {}
     for spec in specs:
         state = partner.PartnerState.load(run / "partners" / spec.name)
-        out[spec.name] = local_recipe(spec, settings, minutes=minutes, epochs=epochs, adapter=adapter, head=state.head)
+        out[spec.name] = local_recipe(spec, settings, config=config, adapter=adapter, head=state.head)
     return out
 
 
@@ -232,7 +231,8 @@ def main() -> None:
     specs = load_scenario(scenario)
     base: dict[str, Any] = {"rounds": args.rounds, "local-epochs": args.local_epochs, "batch-size": args.batch_size}
     settings = FederationSettings(rounds=args.rounds, local_epochs=args.local_epochs, batch_size=args.batch_size)
-    recipe_epochs = args.recipe_epochs
+    # early stopping on valid within --recipe-epochs; the time cap is a safety net
+    recipe = TrainConfig(epochs=args.recipe_epochs, patience=5, lr_patience=2, max_minutes=args.recipe_minutes, seed=settings.seed)
     started = time.monotonic()
     results: dict[str, dict[str, dict[str, Any]]] = {"zero-shot (untrained)": {s.name: zero_shot(s, settings) for s in specs}}
     results["local"] = {}
@@ -240,23 +240,21 @@ def main() -> None:
     for spec in specs:
         results["local"].update(federate(f"local-{spec.name}", one_partner_scenario(spec, out / "scenarios"), 1, base, out, dp=False))
     if args.recipe_minutes:
-        results["local, full recipe"] = {
-            s.name: local_recipe(s, settings, minutes=args.recipe_minutes, epochs=recipe_epochs) for s in specs
-        }
+        results["local, full recipe"] = {s.name: local_recipe(s, settings, config=recipe) for s in specs}
     results["federated, no DP"] = federate("federated-nodp", scenario, len(specs), base, out, dp=False)
     if args.recipe_minutes:
-        results["federated, no DP + fine-tune"] = finetune(out / "federated-nodp", specs, settings, args.recipe_minutes, recipe_epochs)
+        results["federated, no DP + fine-tune"] = finetune(out / "federated-nodp", specs, settings, recipe)
     for eps in args.epsilons:
         key = f"federated DP eps={eps:g}"
         results[key] = federate(f"federated-dp-{eps:g}", scenario, len(specs), base, out, dp=True, **{"target-epsilon": eps})
         if args.recipe_minutes and (args.finetune_epsilons is None or eps in args.finetune_epsilons):
-            tuned = finetune(out / f"federated-dp-{eps:g}", specs, settings, args.recipe_minutes, recipe_epochs)
+            tuned = finetune(out / f"federated-dp-{eps:g}", specs, settings, recipe)
             results[f"{key} + fine-tune"] = {d: {**tuned[d], "epsilon": results[key][d]["epsilon"]} for d in tuned}
     pooled = train_and_evaluate(
         [s.data for s in specs],
         out / "pooled",
         mode="pooled",
-        train_config=TrainConfig(epochs=recipe_epochs, patience=5, max_minutes=args.pooled_minutes),
+        train_config=dataclasses.replace(recipe, max_minutes=args.pooled_minutes),
     )
     results["pooled"] = {
         d: {"ndcg@10": m["test"]["ndcg@10"], "recall@10": m["test"]["recall@10"], "epsilon": None} for d, m in pooled.items()

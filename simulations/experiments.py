@@ -15,8 +15,8 @@ binds makes the result depend on the machine's load). ``+ fine-tune`` is that
 same recipe started from the partner's final federated model (global adapter
 and its private head); nothing of it is sent, so it spends none of the
 federation's budget. ``pooled`` is the centralised, non-private upper bound
-(``fedxrec train --mode pooled``). The cold-start part puts a 300-user partner in
-a federation and alone. Writes ``results.md`` (tables), ``results.json`` and
+(``fedxrec train --mode pooled``). The cold-start part is :mod:`simulations.coldstart`
+on ``--coldstart-scenario``. Writes ``results.md`` (tables), ``results.json`` and
 ``ndcg_vs_epsilon.png``.
 """
 
@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import time
 from pathlib import Path
 from typing import Any
@@ -32,53 +31,15 @@ from typing import Any
 import torch
 
 from client import partner
-from server.run_folder import RunFolder
 from shared.federation.adapter import initial_adapter
 from shared.federation.scenario import PartnerSpec, load_scenario
 from shared.federation.settings import FederationSettings
 from shared.pipeline import train_and_evaluate
 from shared.training import DomainRun, TrainConfig, evaluate_model, train
+from simulations.coldstart import cold_start
+from simulations.coldstart import table as cold_table
 from simulations.common import machine, write_json
-from simulations.runner import simulate
-
-
-def final_metrics(run: Path) -> dict[str, dict[str, Any]]:
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    last = max(r["round"] for r in rows)
-    out = {}
-    for r in rows:
-        if r["round"] == last:
-            out[r["partner"]] = {"ndcg@10": r["test_ndcg@10"], "recall@10": r["test_recall@10"], "epsilon": r.get("epsilon")}
-    # epsilon: the last value each partner reported (a partner not sampled in the last round keeps its earlier one)
-    for r in rows:
-        if r.get("epsilon") is not None and r["partner"] in out:
-            out[r["partner"]]["epsilon"] = r["epsilon"]
-    return out
-
-
-def one_partner_scenario(spec: PartnerSpec, folder: Path) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"{spec.name}.toml"
-    lines = ["[[partner]]", f'name = "{spec.name}"', f'data = "{spec.data}"'] + (
-        [f"max-users = {spec.max_users}"] if spec.max_users else []
-    )
-    path.write_text("\n".join(lines) + "\n")
-    return path
-
-
-def federate(name: str, scenario: Path, n: int, base: dict[str, Any], out: Path, **overrides: Any) -> dict[str, dict[str, Any]]:
-    config = {
-        **base,
-        "scenario": str(scenario.resolve()),
-        "runs-dir": str(out.resolve()),
-        "run-id": name,
-        "min-partners": min(n, 2),
-        **overrides,
-    }
-    started = time.monotonic()
-    run = simulate(config, partners=n)
-    print(f"[{name}] {time.monotonic() - started:.0f} s")
-    return final_metrics(run)
+from simulations.federations import federate, final_adapter, one_partner_scenario, zero_shot
 
 
 def local_recipe(
@@ -106,12 +67,6 @@ def local_recipe(
     return {"ndcg@10": m["ndcg@10"], "recall@10": m["recall@10"], "epsilon": None}
 
 
-def final_adapter(run: Path) -> dict[str, torch.Tensor]:
-    """The global adapter after a run's last round."""
-    folder = RunFolder(run)
-    return folder.adapter(folder.last_round())
-
-
 def finetune(run: Path, specs: list[PartnerSpec], settings: FederationSettings, config: TrainConfig) -> dict[str, dict[str, Any]]:
     """Each partner's final federated model (global adapter + its head), then :func:`local_recipe`."""
     adapter = final_adapter(run)
@@ -120,36 +75,6 @@ def finetune(run: Path, specs: list[PartnerSpec], settings: FederationSettings, 
         state = partner.PartnerState.load(run / "partners" / spec.name)
         out[spec.name] = local_recipe(spec, settings, config=config, adapter=adapter, head=state.head)
     return out
-
-
-def zero_shot(spec: PartnerSpec, settings: FederationSettings) -> dict[str, Any]:
-    """The untrained model: the initial adapter (near cosine-preserving), identity head,
-    no prior; it ranks items by text similarity to the last one. What training adds
-    is measured from here."""
-    data = partner.partner_data(spec, max_len=partner.HEAD.max_len)
-    arrays = initial_adapter(settings, in_dim=int(data.vectors.shape[1]))
-    m = evaluate_model(DomainRun(data.split, partner.build_model(settings, data, adapter_arrays=arrays, head=None)), "test")
-    return {"ndcg@10": m["ndcg@10"], "recall@10": m["recall@10"], "epsilon": None}
-
-
-def cold_start_on_other_users(run: Path | None, spec: PartnerSpec) -> dict[str, Any]:
-    """The cold partner's final model (global adapter + its head) on its domain's other users' test items
-    (``run`` None: the zero-shot model).
-
-    The partner's own few users give a noisy estimate (300 test items: a handful
-    of hits either way moves NDCG@10 by tens of percent); the model is inductive,
-    so the users it never trained on measure it too, about 15x more of them on office.
-    """
-    assert spec.max_users
-    whole = partner.partner_data(PartnerSpec(spec.name, spec.data), max_len=partner.HEAD.max_len)
-    if run is None:
-        arrays, head = initial_adapter(FederationSettings(), in_dim=int(whole.vectors.shape[1])), None
-    else:
-        arrays, head = final_adapter(run), partner.PartnerState.load(run / "partners" / spec.name).head
-    model = partner.build_model(FederationSettings(), whole, adapter_arrays=arrays, head=head)
-    others = whole.split.select_users(slice(spec.max_users, None))
-    m = evaluate_model(DomainRun(others, model), "test")
-    return {"ndcg@10": m["ndcg@10"], "recall@10": m["recall@10"], "users": len(others.users)}
 
 
 def plot(results: dict[str, dict[str, dict[str, Any]]], epsilons: list[float], path: Path) -> None:
@@ -260,48 +185,19 @@ def main() -> None:
         d: {"ndcg@10": m["test"]["ndcg@10"], "recall@10": m["test"]["recall@10"], "epsilon": None} for d, m in pooled.items()
     }
 
-    cold_specs = load_scenario(Path(args.coldstart_scenario))
-    cold = next(s for s in cold_specs if s.max_users)
-    cold_runs = {
-        "alone": federate(f"cold-alone-{cold.name}", one_partner_scenario(cold, out / "scenarios"), 1, base, out, dp=False),
-        "in the federation": federate("cold-federated", Path(args.coldstart_scenario), len(cold_specs), base, out, dp=False),
-    }
-    cold_results = {"zero-shot (untrained)": zero_shot(cold, settings), **{k: v[cold.name] for k, v in cold_runs.items()}}
-    cold_others = {
-        "zero-shot (untrained)": cold_start_on_other_users(None, cold),
-        "alone": cold_start_on_other_users(out / f"cold-alone-{cold.name}", cold),
-        "in the federation": cold_start_on_other_users(out / "cold-federated", cold),
-    }
+    cold = cold_start(Path(args.coldstart_scenario), base, out)
 
     text = [
         f"Scenario {scenario.name}: {args.rounds} rounds x {args.local_epochs} local epoch(s), batch {args.batch_size}; {machine()}",
         "",
         table(results),
-    ]
-    gain = cold_results["in the federation"]["ndcg@10"] / cold_results["alone"]["ndcg@10"] - 1
-    gain_others = cold_others["in the federation"]["ndcg@10"] / cold_others["alone"]["ndcg@10"] - 1
-    others = cold_others["alone"]["users"]
-    text += [
-        f"**cold start: {cold.name}** (no DP; test NDCG@10 / Recall@10 on its {cold.max_users} users, and on the domain's {others} other users)",
-        "",
-        f"| | own users NDCG@10 | own users Recall@10 | {others} other users NDCG@10 | other users Recall@10 |",
-        "|---|---|---|---|---|",
-        *(
-            f"| {k} | {v['ndcg@10']:.4f} | {v['recall@10']:.4f} | {cold_others[k]['ndcg@10']:.4f} | {cold_others[k]['recall@10']:.4f} |"
-            for k, v in cold_results.items()
-        ),
-        "",
-        f"federation vs alone: {gain:+.1%} NDCG@10 on its own users, {gain_others:+.1%} on the other users",
-        "",
+        *cold_table(cold),
         f"total time {time.monotonic() - started:.0f} s",
     ]
     (out / "results.md").write_text("\n".join(text) + "\n")
     print("\n" + "\n".join(text))
     plot(results, args.epsilons, out / "ndcg_vs_epsilon.png")
-    write_json(
-        out / "results.json",
-        {"results": results, "cold_start": cold_results, "cold_start_other_users": cold_others, "args": vars(args)},
-    )
+    write_json(out / "results.json", {"results": results, "cold_start": cold, "args": vars(args)})
 
 
 if __name__ == "__main__":

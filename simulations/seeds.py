@@ -19,7 +19,7 @@ import numpy as np
 
 from shared.federation.scenario import load_scenario
 from simulations.common import machine, write_json
-from simulations.experiments import federate, one_partner_scenario
+from simulations.federations import federate, one_partner_scenario
 
 
 def table(by_seed: dict[int, dict[str, dict[str, float]]], domains: list[str]) -> list[str]:

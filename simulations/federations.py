@@ -1,0 +1,77 @@
+"""Running federations for the experiment scripts, and reading their results back.
+
+Every run is the real ServerApp + ClientApp in Flower's simulation engine
+(:func:`simulations.runner.simulate`); a run folder that exists is resumed.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from client import partner
+from server.run_folder import RunFolder
+from shared.federation.adapter import initial_adapter
+from shared.federation.scenario import PartnerSpec
+from shared.federation.settings import FederationSettings
+from shared.training import DomainRun, evaluate_model
+from simulations.runner import simulate
+
+
+def final_metrics(run: Path) -> dict[str, dict[str, Any]]:
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    last = max(r["round"] for r in rows)
+    out = {}
+    for r in rows:
+        if r["round"] == last:
+            out[r["partner"]] = {"ndcg@10": r["test_ndcg@10"], "recall@10": r["test_recall@10"], "epsilon": r.get("epsilon")}
+    # epsilon: the last value each partner reported (a partner not sampled in the last round keeps its earlier one)
+    for r in rows:
+        if r.get("epsilon") is not None and r["partner"] in out:
+            out[r["partner"]]["epsilon"] = r["epsilon"]
+    return out
+
+
+def one_partner_scenario(spec: PartnerSpec, folder: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{spec.name}.toml"
+    lines = ["[[partner]]", f'name = "{spec.name}"', f'data = "{spec.data}"'] + (
+        [f"max-users = {spec.max_users}"] if spec.max_users else []
+    )
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def federate(name: str, scenario: Path, n: int, base: dict[str, Any], out: Path, **overrides: Any) -> dict[str, dict[str, Any]]:
+    config = {
+        **base,
+        "scenario": str(scenario.resolve()),
+        "runs-dir": str(out.resolve()),
+        "run-id": name,
+        "min-partners": min(n, 2),
+        **overrides,
+    }
+    started = time.monotonic()
+    run = simulate(config, partners=n)
+    print(f"[{name}] {time.monotonic() - started:.0f} s")
+    return final_metrics(run)
+
+
+def final_adapter(run: Path) -> dict[str, torch.Tensor]:
+    """The global adapter after a run's last round."""
+    folder = RunFolder(run)
+    return folder.adapter(folder.last_round())
+
+
+def zero_shot(spec: PartnerSpec, settings: FederationSettings) -> dict[str, Any]:
+    """The untrained model: the initial adapter (near cosine-preserving), identity head,
+    no prior; it ranks items by text similarity to the last one. What training adds
+    is measured from here."""
+    data = partner.partner_data(spec, max_len=partner.HEAD.max_len)
+    arrays = initial_adapter(settings, in_dim=int(data.vectors.shape[1]))
+    m = evaluate_model(DomainRun(data.split, partner.build_model(settings, data, adapter_arrays=arrays, head=None)), "test")
+    return {"ndcg@10": m["ndcg@10"], "recall@10": m["recall@10"], "epsilon": None}

@@ -51,7 +51,7 @@ def train(msg: Message, context: Context) -> Message:
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    settings, _, spec, folder, state, arrays = _setup(msg, context)
-    metrics = partner.evaluate_global(settings=settings, spec=spec, arrays=arrays, state=state, folder=folder)
+    settings, server_round, spec, folder, state, arrays = _setup(msg, context)
+    metrics = partner.evaluate_global(settings=settings, server_round=server_round, spec=spec, arrays=arrays, state=state, folder=folder)
     content = RecordDict({wire.METRICS: MetricRecord(dict(metrics)), wire.PARTNER: ConfigRecord({"name": spec.name, "note": ""})})
     return Message(content=content, reply_to=msg)

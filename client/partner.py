@@ -10,14 +10,16 @@ the declared metrics are returned for sending.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from safetensors.torch import save_file
 
 from client.local_training import DPPlan, freeze_untrained, poisson_schedule, train_round, user_sequences
 from shared.data.split import DomainSplit
@@ -404,12 +406,55 @@ def _train_metrics(
     }
 
 
+GLOBAL_ADAPTER = "global-adapter.safetensors"
+
+
+def catalogue_fingerprint(split: DomainSplit) -> str:
+    """SHA-256 of the items (id and text) in index order: the private head's counts are indexed by it."""
+    digest = hashlib.sha256()
+    for item, text in zip(split.item_ids, split.item_texts, strict=True):
+        digest.update(f"{item}\t{text}\n".encode())
+    return digest.hexdigest()
+
+
+def keep_global_adapter(
+    folder: Path, arrays: dict[str, torch.Tensor], *, settings: FederationSettings, server_round: int, split: DomainSplit
+) -> None:
+    """Keeps the adapter the coordinator sent after ``server_round`` in the state folder,
+    as the start of a local fine-tune after the federation (``fedxrec finetune``).
+
+    It is what the coordinator released to every partner, so nothing private; the
+    metadata names the run, the round, the adapter's config and the catalogue the
+    partner's private head belongs to (it never leaves the state folder)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    meta = {
+        "run-id": settings.run_id,
+        "round": str(server_round),
+        "domain": split.name,
+        "items": str(split.n_items),
+        "catalogue": catalogue_fingerprint(split),
+        **{k: str(v) for k, v in asdict(adapter_config(settings)).items()},
+    }
+    tmp = folder / f".{GLOBAL_ADAPTER}.{os.getpid()}"
+    save_file({k: v.contiguous() for k, v in arrays.items()}, str(tmp), metadata=meta)
+    tmp.replace(folder / GLOBAL_ADAPTER)  # atomic, as the state
+
+
 def evaluate_global(
-    *, settings: FederationSettings, spec: PartnerSpec, arrays: dict[str, torch.Tensor], state: PartnerState, folder: Path
+    *,
+    settings: FederationSettings,
+    server_round: int,
+    spec: PartnerSpec,
+    arrays: dict[str, torch.Tensor],
+    state: PartnerState,
+    folder: Path,
 ) -> dict[str, float]:
-    """Valid and test NDCG@10 / Recall@10 of the global adapter with the private head."""
+    """Valid and test NDCG@10 / Recall@10 of the global adapter with the private head.
+
+    The adapter is also kept in the state folder (:func:`keep_global_adapter`)."""
     check_same_run(state, settings, folder)
     data = partner_data(spec, max_len=HEAD.max_len)
+    keep_global_adapter(folder, arrays, settings=settings, server_round=server_round, split=data.split)
     model = build_model(settings, data, adapter_arrays=arrays, head=state.head).eval()
     catalogue = model.catalogue()
     out: dict[str, float] = {"num-examples": len(data.split.eval_users("test"))}

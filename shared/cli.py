@@ -4,6 +4,7 @@
     fedxrec data generate OUT               synthetic multi-domain data (the demo's default)
     fedxrec train --data PATH ... --out DIR train local or pooled, write DIR/metrics.json
     fedxrec recommend --model DIR ...       top-K items for a history
+    fedxrec finetune --state-dir DIR ...    a partner's local fine-tune after the federation
     fedxrec demo                            the quick-start job on generated data
 
 Bad input (a data problem, a missing folder, a wrong flag value) ends with a
@@ -185,6 +186,32 @@ def cmd_recommend(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_finetune(args: argparse.Namespace) -> int:
+    from client.finetune import finetune
+    from shared.training import TrainConfig
+
+    for flag, path, what in (
+        ("--state-dir", args.state_dir, "a partner's state folder (its node config state-dir)"),
+        ("--data", args.data, "the partner's data folder (its node config data-path)"),
+    ):
+        if not Path(path).is_dir():
+            raise UsageError(f"{flag} {path}: not a folder (expected {what})")
+    config = dataclass_from_flags(TrainConfig, args)
+    if config.loss not in ("full", "sampled"):
+        raise UsageError(f"--loss must be 'full' or 'sampled', got {config.loss!r}")
+    out = Path(args.out)
+    result = finetune(state_dir=Path(args.state_dir), data=Path(args.data), out=out, config=config, domain=args.domain)
+    (out / "metrics.json").write_text(json.dumps(result, indent=2))
+    print(f"\n{result['domain']}: federated model (run {result['from']['run_id']!r}, round {result['from']['round']}) and fine-tuned")
+    print(f"{'model':<12} {'split':<6} {'NDCG@10':>8} {'Recall@10':>10}")
+    for name in ("federated", "fine-tuned"):
+        for which in ("valid", "test"):
+            r = result[name][which]
+            print(f"{name:<12} {which:<6} {r['ndcg@10']:>8.4f} {r['recall@10']:>10.4f}")
+    print(f"\nwrote {out / 'metrics.json'} and the model in {out / 'model'} (for 'fedxrec recommend'; keep it inside the partner)")
+    return 0
+
+
 # ---------------------------------------------------------------- demo
 def cmd_demo(args: argparse.Namespace) -> int:
     from shared.demo import run_demo
@@ -242,13 +269,26 @@ def build_parser() -> argparse.ArgumentParser:
     train.set_defaults(handler=cmd_train)
 
     rec = sub.add_parser("recommend", help="print the top-K items for a history from a trained model")
-    rec.add_argument("--model", required=True, metavar="DIR", help="the model folder written by 'fedxrec train' (OUT/model)")
+    rec.add_argument(
+        "--model", required=True, metavar="DIR", help="the model folder written by 'fedxrec train' or 'fedxrec finetune' (OUT/model)"
+    )
     rec.add_argument("--domain", help="which domain's model (needed when the model has several)")
     rec.add_argument("--history", nargs="+", required=True, metavar="ITEM_ID", help="item ids, oldest first")
     rec.add_argument("-k", type=int, default=10, help="how many items (default: 10)")
     rec.add_argument("--include-history", action="store_true", help="allow items already in the history")
     rec.add_argument("--json", action="store_true", help="print a JSON list")
     rec.set_defaults(handler=cmd_recommend)
+
+    ft = sub.add_parser(
+        "finetune",
+        help="a partner's local fine-tune after the federation: its federated model trained on its own data; nothing is sent",
+    )
+    ft.add_argument("--state-dir", required=True, metavar="DIR", help="the partner's state folder (node config state-dir); only read")
+    ft.add_argument("--data", required=True, metavar="PATH", help="the partner's data folder (node config data-path)")
+    ft.add_argument("--out", required=True, metavar="DIR", help="output folder (metrics.json, model/)")
+    ft.add_argument("--domain", help="the domain's name (node config domain; default: the data folder's name)")
+    add_dataclass_flags(ft, TrainConfig)
+    ft.set_defaults(handler=cmd_finetune)
 
     demo = sub.add_parser("demo", help="the quick-start job on generated data (what 'make demo' runs)")
     demo.add_argument("--out", default="runs", help="folder for the run folder (default: runs)")

@@ -172,22 +172,10 @@ def train_and_evaluate(
     for runs in runs_by_group:
         for r in runs:
             metrics[r.split.name] = {"valid": evaluate_model(r, "valid"), "test": evaluate_model(r, "test")}
-            _save_domain_model(out / "model" / r.split.name, r, mcfg)
+            save_domain_model(out / "model" / r.split.name, r, mcfg)
     adapter_params = n_parameters(runs_by_group[0][0].model.adapter)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    (out / "model" / "model.json").write_text(
-        json.dumps(
-            {
-                "mode": mode,
-                "model": mcfg.to_dict(),
-                "encoder_fingerprint": encoder.fingerprint,
-                "encoder_path": str(encoder.model_path),
-                "domains": names,
-                "data": [str(Path(p).resolve()) for p in data_paths],
-            },
-            indent=2,
-        )
-    )
+    write_model_index(out / "model", mode=mode, config=mcfg, encoder=encoder, domains=names, data=data_paths)
     report = {
         "mode": mode,
         "model": mcfg.to_dict(),
@@ -209,7 +197,24 @@ def train_and_evaluate(
     return metrics
 
 
-def _save_domain_model(folder: Path, run: DomainRun, config: ModelConfig) -> None:
+def write_model_index(
+    model_dir: Path, *, mode: str, config: ModelConfig, encoder: TextEncoder, domains: list[str], data: Sequence[str | Path], **extra: Any
+) -> None:
+    """``model.json``: what :func:`load_domain_model` needs to rebuild the saved domains' models."""
+    index = {
+        "mode": mode,
+        "model": config.to_dict(),
+        "encoder_fingerprint": encoder.fingerprint,
+        "encoder_path": str(encoder.model_path),
+        "domains": domains,
+        "data": [str(Path(p).resolve()) for p in data],
+        **extra,
+    }
+    (model_dir / "model.json").write_text(json.dumps(index, indent=2))
+
+
+def save_domain_model(folder: Path, run: DomainRun, config: ModelConfig) -> None:
+    """One domain's model: ``adapter.safetensors``, ``head.safetensors`` (head and prior) and ``items.tsv``."""
     folder.mkdir(parents=True, exist_ok=True)
     save_adapter(run.model.adapter, folder / "adapter.safetensors", config=config.adapter)
     head = {k: v.detach().contiguous() for k, v in run.model.state_dict().items() if not k.startswith("adapter.")}
@@ -235,7 +240,9 @@ def load_domain_model(
     model_dir = Path(model_dir)
     meta_path = model_dir / "model.json"
     if not meta_path.is_file():
-        raise FileNotFoundError(f"{meta_path} not found: --model must be the 'model' folder written by 'fedxrec train' (OUT/model)")
+        raise FileNotFoundError(
+            f"{meta_path} not found: --model must be the 'model' folder written by 'fedxrec train' or 'fedxrec finetune' (OUT/model)"
+        )
     meta = json.loads(meta_path.read_text())
     names = meta["domains"]
     if domain is None:

@@ -138,7 +138,7 @@ def test_a_state_folder_holds_one_run(tmp_path: Path) -> None:
     second = settings_for(tmp_path, run_id="second")
     for call in (
         lambda: partner.train(settings=second, server_round=1, spec=spec, arrays=arrays, state=state, folder=folder),
-        lambda: partner.evaluate_global(settings=second, spec=spec, arrays=arrays, state=state, folder=folder),
+        lambda: partner.evaluate_global(settings=second, server_round=1, spec=spec, arrays=arrays, state=state, folder=folder),
     ):
         with pytest.raises(ValueError, match=r"belongs to run 'first'.* this is run 'second'.* fresh state folder"):
             call()

@@ -1,0 +1,81 @@
+"""A partner's local fine-tune after the federation (``fedxrec finetune``)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from flwr.app import MessageType
+from flwr.supercore.task_identity import TaskIdentity
+from safetensors.torch import load_file
+
+from client import partner
+from client.client_app import evaluate, train
+from shared.cli import main
+from shared.federation import wire
+from shared.federation.adapter import initial_adapter
+from shared.pipeline import load_domain_model
+from tests.test_federation import ENCODER_DIM, context, message, settings_for
+
+FAST = ["--epochs", "2", "--batch-size", "64"]
+
+
+@pytest.fixture(autouse=True)
+def _task_identity() -> Iterator[None]:
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
+    yield
+
+
+def federate_one_round(tmp_path: Path) -> tuple[Path, Path, dict[str, float]]:
+    """One DP round and its evaluation through the ClientApp: (state folder, data folder, evaluate's metrics)."""
+    settings = settings_for(tmp_path)
+    ctx = context()
+    reply = train(message(MessageType.TRAIN, initial_adapter(settings, in_dim=ENCODER_DIM), settings, 1), ctx)
+    arrays = reply.content[wire.ARRAYS].to_torch_state_dict()
+    # what the server would send for evaluation: the new global adapter (here, the one reply)
+    evaluated = evaluate(message(MessageType.EVALUATE, arrays, settings, 1), ctx)
+    folder = tmp_path / "test" / "partners" / "books"
+    kept = load_file(str(folder / partner.GLOBAL_ADAPTER))
+    assert kept.keys() == arrays.keys() and all(torch.equal(kept[k], arrays[k]) for k in arrays)
+    spec = partner.resolve_partner({"partition-id": 0, "num-partitions": 3}, settings)
+    return folder, spec.data, dict(evaluated.content[wire.METRICS])
+
+
+@pytest.mark.slow
+def test_finetune_starts_from_the_federated_model_and_only_reads_the_state(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    folder, data, evaluated = federate_one_round(tmp_path)
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    out = tmp_path / "finetuned"
+    assert main(["finetune", "--state-dir", str(folder), "--data", str(data), "--out", str(out), *FAST]) == 0
+    result = json.loads((out / "metrics.json").read_text())
+    # the start is exactly the federated model the partner evaluated (global adapter, private head and prior)
+    assert result["federated"]["test"]["ndcg@10"] == pytest.approx(evaluated["test-ndcg@10"])
+    assert result["federated"]["valid"]["recall@10"] == pytest.approx(evaluated["valid-recall@10"])
+    assert result["from"]["run_id"] == "test" and result["from"]["round"] == 1
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before  # a DP round from this state stays possible
+    assert "fine-tuned" in capsys.readouterr().out
+
+    loaded = load_domain_model(out / "model")  # what 'fedxrec recommend' serves
+    item_ids = loaded.item_ids[:3]
+    assert main(["recommend", "--model", str(out / "model"), "--history", *item_ids, "-k", "4", "--json"]) == 0
+    assert len(json.loads(capsys.readouterr().out)) == 4
+    index = json.loads((out / "model" / "model.json").read_text())
+    assert index["mode"] == "finetune" and index["federated"]["round"] == 1
+
+
+@pytest.mark.slow
+def test_finetune_errors_name_what_is_missing_or_wrong(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    folder, data, _ = federate_one_round(tmp_path)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["finetune", "--state-dir", str(empty), "--data", str(data), "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    assert f"{empty / 'state.pt'} not found" in err and partner.GLOBAL_ADAPTER in err and "Traceback" not in err
+    other = data.parent / "games"  # another domain's data: another catalogue
+    assert main(["finetune", "--state-dir", str(folder), "--data", str(other), "--out", str(tmp_path / "x")]) == 2
+    assert "not the catalogue the model in" in capsys.readouterr().err
+    assert main(["finetune", "--state-dir", str(tmp_path / "nowhere"), "--data", str(data), "--out", str(tmp_path / "x")]) == 2
+    assert "--state-dir" in capsys.readouterr().err

@@ -11,10 +11,11 @@ Flower's simulation engine with the same training code; ``local`` is each
 partner in a federation of one (DP off). ``local, full recipe`` is what one
 partner gets from ``fedxrec train`` alone (full softmax, popularity prior,
 early stopping on valid; at most ``--recipe-epochs``, and ``--recipe-minutes`` as a safety cap: a cap that
-binds makes the result depend on the machine's load). ``+ fine-tune`` is that
-same recipe started from the partner's final federated model (global adapter
-and its private head); nothing of it is sent, so it spends none of the
-federation's budget. ``pooled`` is the centralised, non-private upper bound
+binds makes the result depend on the machine's load). ``+ fine-tune`` is ``fedxrec finetune``
+(:mod:`client.finetune`) on each partner's state folder: that same recipe started
+from the partner's final federated model (the global adapter it kept, its private
+head and prior); nothing of it is sent, so it spends none of the federation's
+budget. ``pooled`` is the centralised, non-private upper bound
 (``fedxrec train --mode pooled``). The cold-start part is :mod:`simulations.coldstart`
 on ``--coldstart-scenario``. Writes ``results.md`` (tables), ``results.json`` and
 ``ndcg_vs_epsilon.png``.
@@ -31,6 +32,7 @@ from typing import Any
 import torch
 
 from client import partner
+from client.finetune import finetune as partner_finetune
 from shared.federation.adapter import initial_adapter
 from shared.federation.scenario import PartnerSpec, load_scenario
 from shared.federation.settings import FederationSettings
@@ -39,41 +41,38 @@ from shared.training import DomainRun, TrainConfig, evaluate_model, train
 from simulations.coldstart import cold_start
 from simulations.coldstart import table as cold_table
 from simulations.common import machine, write_json
-from simulations.federations import federate, final_adapter, one_partner_scenario, zero_shot
+from simulations.federations import federate, one_partner_scenario, zero_shot
 
 
-def local_recipe(
-    spec: PartnerSpec,
-    settings: FederationSettings,
-    *,
-    config: TrainConfig,
-    adapter: dict[str, torch.Tensor] | None = None,
-    head: dict[str, torch.Tensor] | None = None,
-) -> dict[str, Any]:
-    """``fedxrec train``'s recipe on one partner's data, without DP: full softmax,
-    popularity prior, learning-rate halving and early stopping on valid NDCG@10.
-
-    From the federation's initial adapter (``local, full recipe``), or from a
-    federated model (the fine-tune: nothing of it is sent, so it spends none of
-    the budget).
-    """
+def local_recipe(spec: PartnerSpec, settings: FederationSettings, *, config: TrainConfig) -> dict[str, Any]:
+    """``fedxrec train``'s recipe on one partner's data alone, from the federation's
+    initial adapter, without DP: head and adapter, full softmax, exact popularity
+    prior, learning-rate halving and early stopping on valid NDCG@10."""
     data = partner.partner_data(spec, max_len=partner.HEAD.max_len)
-    arrays = adapter if adapter is not None else initial_adapter(settings, in_dim=int(data.vectors.shape[1]))
+    arrays = initial_adapter(settings, in_dim=int(data.vectors.shape[1]))
     exact = torch.as_tensor(data.split.item_popularity())  # exact counts: this model is never sent
-    model = partner.build_model(settings, data, adapter_arrays=arrays, head=head, counts=exact, leave_one_out=False)
+    model = partner.build_model(settings, data, adapter_arrays=arrays, head=None, counts=exact, leave_one_out=False)
     run = DomainRun(data.split, model)
     train([run], config, log=lambda _: None)
     m = evaluate_model(run, "test")
     return {"ndcg@10": m["ndcg@10"], "recall@10": m["recall@10"], "epsilon": None}
 
 
-def finetune(run: Path, specs: list[PartnerSpec], settings: FederationSettings, config: TrainConfig) -> dict[str, dict[str, Any]]:
-    """Each partner's final federated model (global adapter + its head), then :func:`local_recipe`."""
-    adapter = final_adapter(run)
+def finetune(run: Path, specs: list[PartnerSpec], config: TrainConfig) -> dict[str, dict[str, Any]]:
+    """``fedxrec finetune`` on each partner's state folder: its final federated model
+    (the global adapter it kept, its private head and prior), then the full recipe."""
     out = {}
     for spec in specs:
-        state = partner.PartnerState.load(run / "partners" / spec.name)
-        out[spec.name] = local_recipe(spec, settings, config=config, adapter=adapter, head=state.head)
+        tuned = partner_finetune(
+            state_dir=run / "partners" / spec.name,
+            data=spec.data,
+            out=run / "finetuned" / spec.name,
+            config=config,
+            domain=spec.name,
+            log=lambda _: None,
+        )
+        test = tuned["fine-tuned"]["test"]
+        out[spec.name] = {"ndcg@10": test["ndcg@10"], "recall@10": test["recall@10"], "epsilon": None}
     return out
 
 
@@ -168,12 +167,12 @@ def main() -> None:
         results["local, full recipe"] = {s.name: local_recipe(s, settings, config=recipe) for s in specs}
     results["federated, no DP"] = federate("federated-nodp", scenario, len(specs), base, out, dp=False)
     if args.recipe_minutes:
-        results["federated, no DP + fine-tune"] = finetune(out / "federated-nodp", specs, settings, recipe)
+        results["federated, no DP + fine-tune"] = finetune(out / "federated-nodp", specs, recipe)
     for eps in args.epsilons:
         key = f"federated DP eps={eps:g}"
         results[key] = federate(f"federated-dp-{eps:g}", scenario, len(specs), base, out, dp=True, **{"target-epsilon": eps})
         if args.recipe_minutes and (args.finetune_epsilons is None or eps in args.finetune_epsilons):
-            tuned = finetune(out / f"federated-dp-{eps:g}", specs, settings, recipe)
+            tuned = finetune(out / f"federated-dp-{eps:g}", specs, recipe)
             results[f"{key} + fine-tune"] = {d: {**tuned[d], "epsilon": results[key][d]["epsilon"]} for d in tuned}
     pooled = train_and_evaluate(
         [s.data for s in specs],

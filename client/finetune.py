@@ -66,13 +66,15 @@ def finetune(
     out: Path,
     config: TrainConfig,
     domain: str | None = None,
+    max_users: int | None = None,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
-    """Fine-tunes the partner's federated model on ``data``; saves it under ``out/model``
-    (for ``fedxrec recommend``) and returns valid/test metrics before and after."""
+    """Fine-tunes the partner's federated model on ``data`` (its first ``max_users``
+    users, as node config ``max-users``); saves it under ``out/model`` (for
+    ``fedxrec recommend``) and returns valid/test metrics before and after."""
     arrays, meta, state = federated_start(state_dir)
     settings = FederationSettings(moe_n_experts=int(meta.get("n_experts", 4)), moe_dim=int(meta.get("dim", 128)))
-    spec = PartnerSpec(domain or data.name, data)
+    spec = PartnerSpec(domain or data.name, data, max_users=max_users)
     own = partner.partner_data(spec, max_len=partner.HEAD.max_len)
     if meta.get("catalogue") != partner.catalogue_fingerprint(own.split):
         raise ValueError(

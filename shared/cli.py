@@ -199,8 +199,12 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     config = dataclass_from_flags(TrainConfig, args)
     if config.loss not in ("full", "sampled"):
         raise UsageError(f"--loss must be 'full' or 'sampled', got {config.loss!r}")
+    if args.max_users is not None and args.max_users < 1:
+        raise UsageError(f"--max-users must be >= 1, got {args.max_users}")
     out = Path(args.out)
-    result = finetune(state_dir=Path(args.state_dir), data=Path(args.data), out=out, config=config, domain=args.domain)
+    result = finetune(
+        state_dir=Path(args.state_dir), data=Path(args.data), out=out, config=config, domain=args.domain, max_users=args.max_users
+    )
     (out / "metrics.json").write_text(json.dumps(result, indent=2))
     print(f"\n{result['domain']}: federated model (run {result['from']['run_id']!r}, round {result['from']['round']}) and fine-tuned")
     print(f"{'model':<12} {'split':<6} {'NDCG@10':>8} {'Recall@10':>10}")
@@ -287,6 +291,7 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--data", required=True, metavar="PATH", help="the partner's data folder (node config data-path)")
     ft.add_argument("--out", required=True, metavar="DIR", help="output folder (metrics.json, model/)")
     ft.add_argument("--domain", help="the domain's name (node config domain; default: the data folder's name)")
+    ft.add_argument("--max-users", type=int, metavar="N", help="train on the first N users only (node config max-users)")
     add_dataclass_flags(ft, TrainConfig)
     ft.set_defaults(handler=cmd_finetune)
 

@@ -1,12 +1,15 @@
 """Cold start: a partner with few users joins a federation, versus training alone.
 
     python -m simulations.coldstart [--scenarios simulations/scenarios/scientific-office-coldstart.toml ...]
-        [--rounds 3] [--local-epochs 2] [--out runs/coldstart]
+        [--rounds 3] [--local-epochs 2] [--recipe-epochs 40] [--recipe-minutes 12] [--out runs/coldstart]
 
 Each scenario names one cold partner (``max-users``: its domain's first users).
 Both runs are the real ServerApp + ClientApp in Flower's simulation engine, no DP:
 ``alone`` is the cold partner in a federation of one, ``in the federation`` the
-whole scenario. Its own few test users give a noisy estimate (a handful of hits
+whole scenario. With the full recipe on (``--recipe-minutes`` > 0), also each
+path's best local training: ``alone, full recipe`` (``fedxrec train``'s recipe on
+the cold partner's users) and ``in the federation + fine-tune`` (``fedxrec
+finetune`` on its state folder after the federation). Its own few test users give a noisy estimate (a handful of hits
 either way moves NDCG@10 by tens of percent), so the cold partner's final model
 (global adapter + its private head and prior) is also scored on its domain's
 other users, whom it never saw: the model is inductive (items are text), so
@@ -20,49 +23,77 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+import torch
+from safetensors.torch import load_file
+
 from client import partner
+from client.finetune import finetune as partner_finetune
 from shared.federation.adapter import initial_adapter
 from shared.federation.scenario import PartnerSpec, load_scenario
 from shared.federation.settings import FederationSettings
-from shared.training import DomainRun, evaluate_model
+from shared.model.adapters import adapter_state
+from shared.training import DomainRun, TrainConfig, evaluate_model
 from simulations.common import machine, write_json
-from simulations.federations import federate, final_adapter, one_partner_scenario, zero_shot
+from simulations.federations import federate, final_adapter, one_partner_scenario, recipe_alone, zero_shot
 
-METHODS = ("zero-shot (untrained)", "alone", "in the federation")
+METHODS = ("zero-shot (untrained)", "alone", "in the federation", "alone, full recipe", "in the federation + fine-tune")
 
 
-def on_other_users(run: Path | None, spec: PartnerSpec) -> dict[str, Any]:
-    """The cold partner's final model (``run`` None: the untrained one) on its domain's other users' test items."""
+def on_other_users(spec: PartnerSpec, arrays: dict[str, torch.Tensor], head: dict[str, torch.Tensor] | None) -> dict[str, Any]:
+    """A model of the cold partner (adapter arrays, private head and prior) on its domain's other users' test items."""
     assert spec.max_users
     whole = partner.partner_data(PartnerSpec(spec.name, spec.data), max_len=partner.HEAD.max_len)
-    if run is None:
-        arrays, head = initial_adapter(FederationSettings(), in_dim=int(whole.vectors.shape[1])), None
-    else:
-        arrays, head = final_adapter(run), partner.PartnerState.load(run / "partners" / spec.name).head
     model = partner.build_model(FederationSettings(), whole, adapter_arrays=arrays, head=head)
     others = whole.split.select_users(slice(spec.max_users, None))
     m = evaluate_model(DomainRun(others, model), "test")
     return {"ndcg@10": m["ndcg@10"], "recall@10": m["recall@10"], "users": len(others.users)}
 
 
-def cold_start(scenario: Path, base: dict[str, Any], out: Path) -> dict[str, Any]:
-    """The cold partner alone and in the scenario's federation: its own and its domain's other users' test metrics."""
+def federated_model(run: Path, spec: PartnerSpec) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
+    return final_adapter(run), partner.PartnerState.load(run / "partners" / spec.name).head
+
+
+def cold_start(scenario: Path, base: dict[str, Any], out: Path, *, recipe: TrainConfig | None) -> dict[str, Any]:
+    """The cold partner alone and in the scenario's federation (and, with ``recipe``, the full
+    recipe alone vs ``fedxrec finetune`` after the federation): test metrics on its own users
+    and on its domain's other users."""
     specs = load_scenario(scenario)
     cold = [s for s in specs if s.max_users]
     if len(cold) != 1:
         raise SystemExit(f"{scenario}: a cold-start scenario names exactly one partner with max-users, found {len(cold)}")
     spec = cold[0]
-    tag = scenario.stem
-    runs = {
-        "alone": out / f"{tag}-alone",
-        "in the federation": out / f"{tag}-federated",
-    }
+    settings = FederationSettings(**_settings(base))
+    alone, together = out / f"{scenario.stem}-alone", out / f"{scenario.stem}-federated"
     own = {
-        "zero-shot (untrained)": zero_shot(spec, FederationSettings(**_settings(base))),
-        "alone": federate(runs["alone"].name, one_partner_scenario(spec, out / "scenarios"), 1, base, out, dp=False)[spec.name],
-        "in the federation": federate(runs["in the federation"].name, scenario, len(specs), base, out, dp=False)[spec.name],
+        "zero-shot (untrained)": zero_shot(spec, settings),
+        "alone": federate(alone.name, one_partner_scenario(spec, out / "scenarios"), 1, base, out, dp=False)[spec.name],
+        "in the federation": federate(together.name, scenario, len(specs), base, out, dp=False)[spec.name],
     }
-    others = {"zero-shot (untrained)": on_other_users(None, spec), **{k: on_other_users(r, spec) for k, r in runs.items()}}
+    data = partner.partner_data(spec, max_len=partner.HEAD.max_len)
+    untrained = initial_adapter(settings, in_dim=int(data.vectors.shape[1])), None
+    others = {
+        "zero-shot (untrained)": on_other_users(spec, *untrained),
+        "alone": on_other_users(spec, *federated_model(alone, spec)),
+        "in the federation": on_other_users(spec, *federated_model(together, spec)),
+    }
+    if recipe is not None:
+        model = recipe_alone(spec, settings, config=recipe)
+        own["alone, full recipe"] = _metrics(evaluate_model(DomainRun(data.split, model), "test"))
+        others["alone, full recipe"] = on_other_users(spec, adapter_state(model.adapter), partner.head_state(model))
+        tuned_dir = together / "finetuned" / spec.name
+        tuned = partner_finetune(
+            state_dir=together / "partners" / spec.name,
+            data=spec.data,
+            out=tuned_dir,
+            config=recipe,
+            domain=spec.name,
+            max_users=spec.max_users,
+            log=lambda _: None,
+        )
+        own["in the federation + fine-tune"] = _metrics(tuned["fine-tuned"]["test"])
+        saved = tuned_dir / "model" / spec.name
+        arrays, head = load_file(str(saved / "adapter.safetensors")), load_file(str(saved / "head.safetensors"))
+        others["in the federation + fine-tune"] = on_other_users(spec, arrays, head)
     return {
         "scenario": str(scenario),
         "partner": spec.name,
@@ -73,6 +104,15 @@ def cold_start(scenario: Path, base: dict[str, Any], out: Path) -> dict[str, Any
     }
 
 
+def _metrics(m: dict[str, float]) -> dict[str, Any]:
+    return {"ndcg@10": m["ndcg@10"], "recall@10": m["recall@10"], "epsilon": None}
+
+
+def recipe_config(*, epochs: int, minutes: float) -> TrainConfig | None:
+    """The full recipe's settings (early stopping on valid; the time cap is a safety net); None when ``minutes`` is 0."""
+    return TrainConfig(epochs=epochs, patience=5, lr_patience=2, max_minutes=minutes) if minutes else None
+
+
 def _settings(base: dict[str, Any]) -> dict[str, Any]:
     return {k.replace("-", "_"): v for k, v in base.items()}
 
@@ -80,8 +120,7 @@ def _settings(base: dict[str, Any]) -> dict[str, Any]:
 def table(result: dict[str, Any]) -> list[str]:
     own, others = result["own"], result["others"]
     n = others["alone"]["users"]
-    gain_own = own["in the federation"]["ndcg@10"] / own["alone"]["ndcg@10"] - 1
-    gain_others = others["in the federation"]["ndcg@10"] / others["alone"]["ndcg@10"] - 1
+    gain_own, gain_others = _gain(own, "in the federation", "alone"), _gain(others, "in the federation", "alone")
     return [
         f"**cold start: {result['partner']}** ({result['users']} users) joining {', '.join(result['joins'])} "
         f"(no DP; test metrics on its own users and on its domain's {n:,} other users)",
@@ -91,11 +130,24 @@ def table(result: dict[str, Any]) -> list[str]:
         *(
             f"| {k} | {own[k]['ndcg@10']:.4f} | {own[k]['recall@10']:.4f} | {others[k]['ndcg@10']:.4f} | {others[k]['recall@10']:.4f} |"
             for k in METHODS
+            if k in own
         ),
         "",
         f"federation vs alone: {gain_own:+.1%} NDCG@10 on its own users, {gain_others:+.1%} on the other users",
+        *(
+            [
+                f"federation + fine-tune vs full recipe alone: {_gain(own, 'in the federation + fine-tune', 'alone, full recipe'):+.1%} "
+                f"on its own users, {_gain(others, 'in the federation + fine-tune', 'alone, full recipe'):+.1%} on the other users"
+            ]
+            if "alone, full recipe" in own
+            else []
+        ),
         "",
     ]
+
+
+def _gain(rows: dict[str, dict[str, Any]], new: str, old: str) -> float:
+    return float(rows[new]["ndcg@10"] / rows[old]["ndcg@10"] - 1)
 
 
 def main() -> None:
@@ -104,11 +156,16 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--local-epochs", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument(
+        "--recipe-epochs", type=int, default=40, help="most epochs of the full recipe alone and of the fine-tune (early stopping on valid)"
+    )
+    parser.add_argument("--recipe-minutes", type=float, default=12.0, help="time cap of each (0: no such rows)")
     parser.add_argument("--out", default="runs/coldstart")
     args = parser.parse_args()
     out = Path(args.out)
     base: dict[str, Any] = {"rounds": args.rounds, "local-epochs": args.local_epochs, "batch-size": args.batch_size}
-    results = [cold_start(Path(s), base, out) for s in args.scenarios]
+    recipe = recipe_config(epochs=args.recipe_epochs, minutes=args.recipe_minutes)
+    results = [cold_start(Path(s), base, out, recipe=recipe) for s in args.scenarios]
     text = [f"{args.rounds} rounds x {args.local_epochs} local epoch(s), batch {args.batch_size}; {machine()}", ""]
     for r in results:
         text += table(r)

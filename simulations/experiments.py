@@ -29,32 +29,22 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from client import partner
 from client.finetune import finetune as partner_finetune
-from shared.federation.adapter import initial_adapter
 from shared.federation.scenario import PartnerSpec, load_scenario
 from shared.federation.settings import FederationSettings
 from shared.pipeline import train_and_evaluate
-from shared.training import DomainRun, TrainConfig, evaluate_model, train
+from shared.training import DomainRun, TrainConfig, evaluate_model
 from simulations.coldstart import cold_start
 from simulations.coldstart import table as cold_table
 from simulations.common import machine, write_json
-from simulations.federations import federate, one_partner_scenario, zero_shot
+from simulations.federations import federate, one_partner_scenario, recipe_alone, zero_shot
 
 
 def local_recipe(spec: PartnerSpec, settings: FederationSettings, *, config: TrainConfig) -> dict[str, Any]:
-    """``fedxrec train``'s recipe on one partner's data alone, from the federation's
-    initial adapter, without DP: head and adapter, full softmax, exact popularity
-    prior, learning-rate halving and early stopping on valid NDCG@10."""
-    data = partner.partner_data(spec, max_len=partner.HEAD.max_len)
-    arrays = initial_adapter(settings, in_dim=int(data.vectors.shape[1]))
-    exact = torch.as_tensor(data.split.item_popularity())  # exact counts: this model is never sent
-    model = partner.build_model(settings, data, adapter_arrays=arrays, head=None, counts=exact, leave_one_out=False)
-    run = DomainRun(data.split, model)
-    train([run], config, log=lambda _: None)
-    m = evaluate_model(run, "test")
+    m = evaluate_model(
+        DomainRun(partner.partner_data(spec, max_len=partner.HEAD.max_len).split, recipe_alone(spec, settings, config=config)), "test"
+    )
     return {"ndcg@10": m["ndcg@10"], "recall@10": m["recall@10"], "epsilon": None}
 
 
@@ -184,7 +174,7 @@ def main() -> None:
         d: {"ndcg@10": m["test"]["ndcg@10"], "recall@10": m["test"]["recall@10"], "epsilon": None} for d, m in pooled.items()
     }
 
-    cold = cold_start(Path(args.coldstart_scenario), base, out)
+    cold = cold_start(Path(args.coldstart_scenario), base, out, recipe=recipe if args.recipe_minutes else None)
 
     text = [
         f"Scenario {scenario.name}: {args.rounds} rounds x {args.local_epochs} local epoch(s), batch {args.batch_size}; {machine()}",

@@ -18,7 +18,8 @@ from server.run_folder import RunFolder
 from shared.federation.adapter import initial_adapter
 from shared.federation.scenario import PartnerSpec
 from shared.federation.settings import FederationSettings
-from shared.training import DomainRun, evaluate_model
+from shared.model.recommender import DomainModel
+from shared.training import DomainRun, TrainConfig, evaluate_model, train
 from simulations.runner import simulate
 
 
@@ -75,3 +76,15 @@ def zero_shot(spec: PartnerSpec, settings: FederationSettings) -> dict[str, Any]
     arrays = initial_adapter(settings, in_dim=int(data.vectors.shape[1]))
     m = evaluate_model(DomainRun(data.split, partner.build_model(settings, data, adapter_arrays=arrays, head=None)), "test")
     return {"ndcg@10": m["ndcg@10"], "recall@10": m["recall@10"], "epsilon": None}
+
+
+def recipe_alone(spec: PartnerSpec, settings: FederationSettings, *, config: TrainConfig) -> DomainModel:
+    """``fedxrec train``'s recipe on one partner's data alone, from the federation's
+    initial adapter, without DP: head and adapter, full softmax, exact popularity
+    prior, learning-rate halving and early stopping on valid NDCG@10."""
+    data = partner.partner_data(spec, max_len=partner.HEAD.max_len)
+    arrays = initial_adapter(settings, in_dim=int(data.vectors.shape[1]))
+    exact = torch.as_tensor(data.split.item_popularity())  # exact counts: this model is never sent
+    model = partner.build_model(settings, data, adapter_arrays=arrays, head=None, counts=exact, leave_one_out=False)
+    train([DomainRun(data.split, model)], config, log=lambda _: None)
+    return model

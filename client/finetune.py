@@ -32,7 +32,7 @@ from shared.federation.scenario import PartnerSpec
 from shared.federation.settings import FederationSettings
 from shared.model.adapters import MoEAdapterConfig
 from shared.pipeline import ModelConfig, save_domain_model, write_model_index
-from shared.training import DomainRun, TrainConfig, evaluate_model, train
+from shared.training import DomainRun, TrainConfig, evaluate_model, seed_everything, train
 
 # Below this many validation users, early stopping picks an epoch by noise (README, cold start).
 FEW_VALID_USERS = 1000
@@ -98,6 +98,7 @@ def finetune(
     exact = torch.as_tensor(own.split.item_popularity())  # exact counts: this model is never sent
     model = partner.build_model(settings, own, adapter_arrays=arrays, head=state.head, counts=exact, leave_one_out=False)
     run = DomainRun(own.split, model)
+    seed_everything(config.seed)  # dropout and batches: a fine-tune is reproducible from --seed
     train([run], config, log=log)
     after = {w: evaluate_model(run, w) for w in ("valid", "test")}
 

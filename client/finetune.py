@@ -28,9 +28,9 @@ import torch
 from safetensors import safe_open
 
 from client import partner
+from shared.federation.adapter import adapter_config
 from shared.federation.scenario import PartnerSpec
 from shared.federation.settings import FederationSettings
-from shared.model.adapters import MoEAdapterConfig
 from shared.pipeline import ModelConfig, save_domain_model, write_model_index
 from shared.training import DomainRun, TrainConfig, evaluate_model, seed_everything, train
 
@@ -102,7 +102,7 @@ def finetune(
     train([run], config, log=log)
     after = {w: evaluate_model(run, w) for w in ("valid", "test")}
 
-    model_config = ModelConfig(adapter=MoEAdapterConfig(n_experts=settings.moe_n_experts, dim=settings.moe_dim), head=partner.HEAD)
+    model_config = ModelConfig(adapter=adapter_config(settings), head=partner.HEAD)
     model_dir = out / "model"
     save_domain_model(model_dir / own.split.name, run, model_config)
     source = {"state_dir": str(state_dir.resolve()), "run_id": meta.get("run-id", ""), "round": int(meta.get("round", 0))}

@@ -34,7 +34,7 @@ from shared.federation.settings import FederationSettings
 from shared.model.adapters import adapter_state
 from shared.training import DomainRun, TrainConfig, evaluate_model
 from simulations.common import machine, write_json
-from simulations.federations import federate, final_adapter, one_partner_scenario, recipe_alone, zero_shot
+from simulations.federations import federate, final_adapter, metrics_row, one_partner_scenario, recipe_alone, test_row, zero_shot
 
 METHODS = ("zero-shot (untrained)", "alone", "in the federation", "alone, full recipe", "in the federation + fine-tune")
 
@@ -78,7 +78,7 @@ def cold_start(scenario: Path, base: dict[str, Any], out: Path, *, recipe: Train
     }
     if recipe is not None:
         model = recipe_alone(spec, settings, config=recipe)
-        own["alone, full recipe"] = _metrics(evaluate_model(DomainRun(data.split, model), "test"))
+        own["alone, full recipe"] = test_row(spec, model)
         others["alone, full recipe"] = on_other_users(spec, adapter_state(model.adapter), partner.head_state(model))
         tuned_dir = together / "finetuned" / spec.name
         tuned = partner_finetune(
@@ -90,7 +90,7 @@ def cold_start(scenario: Path, base: dict[str, Any], out: Path, *, recipe: Train
             max_users=spec.max_users,
             log=lambda _: None,
         )
-        own["in the federation + fine-tune"] = _metrics(tuned["fine-tuned"]["test"])
+        own["in the federation + fine-tune"] = metrics_row(tuned["fine-tuned"]["test"])
         saved = tuned_dir / "model" / spec.name
         arrays, head = load_file(str(saved / "adapter.safetensors")), load_file(str(saved / "head.safetensors"))
         others["in the federation + fine-tune"] = on_other_users(spec, arrays, head)
@@ -102,10 +102,6 @@ def cold_start(scenario: Path, base: dict[str, Any], out: Path, *, recipe: Train
         "own": own,
         "others": others,
     }
-
-
-def _metrics(m: dict[str, float]) -> dict[str, Any]:
-    return {"ndcg@10": m["ndcg@10"], "recall@10": m["recall@10"], "epsilon": None}
 
 
 def recipe_config(*, epochs: int, minutes: float) -> TrainConfig | None:

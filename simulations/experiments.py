@@ -29,23 +29,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-from client import partner
 from client.finetune import finetune as partner_finetune
 from shared.federation.scenario import PartnerSpec, load_scenario
 from shared.federation.settings import FederationSettings
 from shared.pipeline import train_and_evaluate
-from shared.training import DomainRun, TrainConfig, evaluate_model
+from shared.training import TrainConfig
 from simulations.coldstart import cold_start
 from simulations.coldstart import table as cold_table
 from simulations.common import machine, write_json
-from simulations.federations import federate, one_partner_scenario, recipe_alone, zero_shot
-
-
-def local_recipe(spec: PartnerSpec, settings: FederationSettings, *, config: TrainConfig) -> dict[str, Any]:
-    m = evaluate_model(
-        DomainRun(partner.partner_data(spec, max_len=partner.HEAD.max_len).split, recipe_alone(spec, settings, config=config)), "test"
-    )
-    return {"ndcg@10": m["ndcg@10"], "recall@10": m["recall@10"], "epsilon": None}
+from simulations.federations import federate, metrics_row, one_partner_scenario, recipe_alone, test_row, zero_shot
 
 
 def finetune(run: Path, specs: list[PartnerSpec], config: TrainConfig) -> dict[str, dict[str, Any]]:
@@ -61,8 +53,7 @@ def finetune(run: Path, specs: list[PartnerSpec], config: TrainConfig) -> dict[s
             domain=spec.name,
             log=lambda _: None,
         )
-        test = tuned["fine-tuned"]["test"]
-        out[spec.name] = {"ndcg@10": test["ndcg@10"], "recall@10": test["recall@10"], "epsilon": None}
+        out[spec.name] = metrics_row(tuned["fine-tuned"]["test"])
     return out
 
 
@@ -154,7 +145,7 @@ def main() -> None:
     for spec in specs:
         results["local"].update(federate(f"local-{spec.name}", one_partner_scenario(spec, out / "scenarios"), 1, base, out, dp=False))
     if args.recipe_minutes:
-        results["local, full recipe"] = {s.name: local_recipe(s, settings, config=recipe) for s in specs}
+        results["local, full recipe"] = {s.name: test_row(s, recipe_alone(s, settings, config=recipe)) for s in specs}
     results["federated, no DP"] = federate("federated-nodp", scenario, len(specs), base, out, dp=False)
     if args.recipe_minutes:
         results["federated, no DP + fine-tune"] = finetune(out / "federated-nodp", specs, recipe)
@@ -170,9 +161,7 @@ def main() -> None:
         mode="pooled",
         train_config=dataclasses.replace(recipe, max_minutes=args.pooled_minutes),
     )
-    results["pooled"] = {
-        d: {"ndcg@10": m["test"]["ndcg@10"], "recall@10": m["test"]["recall@10"], "epsilon": None} for d, m in pooled.items()
-    }
+    results["pooled"] = {d: metrics_row(m["test"]) for d, m in pooled.items()}
 
     cold = cold_start(Path(args.coldstart_scenario), base, out, recipe=recipe if args.recipe_minutes else None)
 

@@ -68,14 +68,23 @@ def final_adapter(run: Path) -> dict[str, torch.Tensor]:
     return folder.adapter(folder.last_round())
 
 
+def test_row(spec: PartnerSpec, model: DomainModel) -> dict[str, Any]:
+    """A model's test NDCG@10 and Recall@10 on the partner's own users, as a table row (no epsilon)."""
+    return metrics_row(evaluate_model(DomainRun(partner.partner_data(spec, max_len=partner.HEAD.max_len).split, model), "test"))
+
+
+def metrics_row(m: dict[str, float]) -> dict[str, Any]:
+    """NDCG@10 and Recall@10 of one evaluation, as a table row (no epsilon: without DP)."""
+    return {"ndcg@10": m["ndcg@10"], "recall@10": m["recall@10"], "epsilon": None}
+
+
 def zero_shot(spec: PartnerSpec, settings: FederationSettings) -> dict[str, Any]:
     """The untrained model: the initial adapter (near cosine-preserving), identity head,
     no prior; it ranks items by text similarity to the last one. What training adds
     is measured from here."""
     data = partner.partner_data(spec, max_len=partner.HEAD.max_len)
     arrays = initial_adapter(settings, in_dim=int(data.vectors.shape[1]))
-    m = evaluate_model(DomainRun(data.split, partner.build_model(settings, data, adapter_arrays=arrays, head=None)), "test")
-    return {"ndcg@10": m["ndcg@10"], "recall@10": m["recall@10"], "epsilon": None}
+    return test_row(spec, partner.build_model(settings, data, adapter_arrays=arrays, head=None))
 
 
 def recipe_alone(spec: PartnerSpec, settings: FederationSettings, *, config: TrainConfig) -> DomainModel:

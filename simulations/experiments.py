@@ -114,7 +114,9 @@ def table(results: dict[str, dict[str, dict[str, Any]]]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[1])
     parser.add_argument("--scenario", default="simulations/scenarios/scientific-office.toml")
-    parser.add_argument("--coldstart-scenario", default="simulations/scenarios/scientific-office-coldstart.toml")
+    parser.add_argument(
+        "--coldstart-scenario", default="simulations/scenarios/scientific-office-coldstart.toml", help="'' for no cold-start part"
+    )
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--local-epochs", type=int, default=1)
     parser.add_argument("--batch-size", type=int, default=64)
@@ -128,7 +130,9 @@ def main() -> None:
     parser.add_argument(
         "--finetune-epsilons", type=float, nargs="*", default=None, help="the DP federations that get a fine-tune row (default: all)"
     )
-    parser.add_argument("--pooled-minutes", type=float, default=15.0, help="time cap of the pooled run (at most --recipe-epochs)")
+    parser.add_argument(
+        "--pooled-minutes", type=float, default=15.0, help="time cap of the pooled run (at most --recipe-epochs; 0: no pooled row)"
+    )
     parser.add_argument("--out", default="runs/experiments")
     args = parser.parse_args()
     out = Path(args.out)
@@ -155,21 +159,24 @@ def main() -> None:
         if args.recipe_minutes and (args.finetune_epsilons is None or eps in args.finetune_epsilons):
             tuned = finetune(out / f"federated-dp-{eps:g}", specs, recipe)
             results[f"{key} + fine-tune"] = {d: {**tuned[d], "epsilon": results[key][d]["epsilon"]} for d in tuned}
-    pooled = train_and_evaluate(
-        [s.data for s in specs],
-        out / "pooled",
-        mode="pooled",
-        train_config=dataclasses.replace(recipe, max_minutes=args.pooled_minutes),
-    )
-    results["pooled"] = {d: metrics_row(m["test"]) for d, m in pooled.items()}
+    if args.pooled_minutes:
+        pooled = train_and_evaluate(
+            [s.data for s in specs],
+            out / "pooled",
+            mode="pooled",
+            train_config=dataclasses.replace(recipe, max_minutes=args.pooled_minutes),
+        )
+        results["pooled"] = {d: metrics_row(m["test"]) for d, m in pooled.items()}
 
-    cold = cold_start(Path(args.coldstart_scenario), base, out, recipe=recipe if args.recipe_minutes else None)
+    cold: dict[str, Any] = {}
+    if args.coldstart_scenario:
+        cold = cold_start(Path(args.coldstart_scenario), base, out, recipe=recipe if args.recipe_minutes else None)
 
     text = [
         f"Scenario {scenario.name}: {args.rounds} rounds x {args.local_epochs} local epoch(s), batch {args.batch_size}; {machine()}",
         "",
         table(results),
-        *cold_table(cold),
+        *(cold_table(cold) if cold else []),
         f"total time {time.monotonic() - started:.0f} s",
     ]
     (out / "results.md").write_text("\n".join(text) + "\n")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import math
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -26,13 +27,13 @@ from shared.data.split import DomainSplit
 from shared.encoder import TextEncoder
 from shared.evaluation import evaluate
 from shared.federation.adapter import adapter_config
-from shared.federation.scenario import PartnerSpec, scenario_partners
+from shared.federation.scenario import SIMULATION_NODE_CONFIG, PartnerSpec, partner_from_node_config, scenario_partners
 from shared.federation.settings import FederationSettings
 from shared.model.adapters import MoEAdapter, adapter_state, load_adapter_weights
 from shared.model.head import HeadConfig
 from shared.model.recommender import DomainModel, ItemFeatures
 from shared.pipeline import prepare_domain
-from shared.privacy import ledger
+from shared.privacy import account, ledger
 from shared.privacy.accounting import Budget, Event, PartnerAccountant, calibrate_noise, partner_budget, release_fits
 from shared.privacy.item_counts import release_item_counts, user_weighted_counts
 from shared.vector_cache import VectorCache
@@ -44,15 +45,11 @@ NO_DP = -1.0  # epsilon and delta reported when DP is off
 
 
 def resolve_partner(node_config: dict[str, Any], settings: FederationSettings) -> PartnerSpec:
-    """Deployment: node config ``data-path`` (+ ``domain``, ``max-epsilon``, ``max-users``).
+    """Deployment: node config ``data-path`` and the optional keys of ``NODE_CONFIG`` (checked:
+    a mistyped ``max-epsilon`` must not silently leave a partner uncapped).
     Simulation: partner ``partition-id`` of the run's scenario."""
     if "data-path" in node_config:
-        data = Path(str(node_config["data-path"]))
-        cap = node_config.get("max-epsilon")
-        users = node_config.get("max-users")
-        return PartnerSpec(
-            str(node_config.get("domain") or data.name), data, float(cap) if cap is not None else None, int(users) if users else None
-        )
+        return partner_from_node_config({k: v for k, v in node_config.items() if k not in SIMULATION_NODE_CONFIG})
     if "partition-id" not in node_config:
         raise ValueError("node config needs 'data-path' (a deployed partner) or 'partition-id' (a simulated one)")
     pid, n = int(node_config["partition-id"]), int(node_config.get("num-partitions", 3))
@@ -82,7 +79,7 @@ class PartnerData:
 
 
 _ENCODER: TextEncoder | None = None
-_DATA: dict[tuple[str, int | None], PartnerData] = {}
+_DATA: dict[tuple[str, int | None, str | None], PartnerData] = {}
 
 
 def encoder() -> TextEncoder:
@@ -93,10 +90,10 @@ def encoder() -> TextEncoder:
 
 
 def partner_data(spec: PartnerSpec, *, max_len: int) -> PartnerData:
-    key = (str(spec.data), spec.max_users)
+    key = (str(spec.data), spec.max_users, spec.data_format)
     if key not in _DATA:
         enc = encoder()
-        prepared = prepare_domain(spec.data, encoder=enc, cache=VectorCache(), progress=False, name=spec.name)
+        prepared = prepare_domain(spec.data, encoder=enc, cache=VectorCache(), progress=False, name=spec.name, format=spec.data_format)
         split = prepared.split.select_users(slice(spec.max_users)) if spec.max_users else prepared.split  # a cold-start partner
         _DATA[key] = PartnerData(split, torch.as_tensor(prepared.vectors), user_sequences(split, max_len=max_len), enc.fingerprint)
     return _DATA[key]
@@ -216,11 +213,14 @@ def build_model(
     return model
 
 
-def prior_counts(settings: FederationSettings, data: PartnerData, budget: Budget) -> tuple[torch.Tensor | None, float, list[Event], str]:
+def prior_counts(
+    settings: FederationSettings, data: PartnerData, budget: Budget, *, lifetime: Lifetime | None = None
+) -> tuple[torch.Tensor | None, float, list[Event], str]:
     """The popularity prior's counts for a partner's first round: (counts, noise, events, note).
 
     Without DP: exact training counts. Under DP: a user-level DP release, paid from
-    the partner's budget (``events``), unless it would take more than half of it."""
+    the partner's budget (``events``), unless it would take more than half of it
+    (or of what its privacy account has left, with a ``lifetime`` cap)."""
     if not settings.popularity_prior:
         return None, 0.0, [], ""
     if not settings.dp:  # exact, counted as the DP release counts them
@@ -229,6 +229,9 @@ def prior_counts(settings: FederationSettings, data: PartnerData, budget: Budget
     sigma = settings.popularity_noise
     if not release_fits(budget=budget, counts_noise=sigma):
         note = f"no popularity prior: releasing item counts at noise {sigma:g} would take over half of epsilon {budget.epsilon:g}"
+        return None, 0.0, [], note
+    if lifetime is not None and not release_fits(budget=lifetime.budget, counts_noise=sigma, spent=lifetime.spent):
+        note = f"no popularity prior: releasing item counts at noise {sigma:g} would take over half of what is left of this partner's lifetime epsilon {lifetime.budget.epsilon:g}"
         return None, 0.0, [], note
     # Fresh OS entropy, not the run's seed: the coordinator knows the seed.
     counts, event = release_item_counts(
@@ -256,6 +259,30 @@ class TrainReply:
     ledger_line: str  # this round's line of the partner's privacy ledger ("" without DP)
 
 
+# A run whose rounds the privacy account could fund only at over twice the run's own
+# noise is declined: its adapter updates would be mostly noise, spending what is left
+# of the partner's budget on making the federation's average worse.
+MAX_NOISE_RAISE = 2.0
+
+
+@dataclass(frozen=True)
+class Lifetime:
+    """A capped partner's privacy account: its cap over all runs (at the account's delta
+    and accountant) and the events every run has reserved so far."""
+
+    budget: Budget
+    spent: list[Event]
+    runs: int
+
+
+def lifetime_of(spec: PartnerSpec, budget: Budget) -> Lifetime | None:
+    if spec.account is None or spec.max_epsilon is None:
+        return None
+    entries = account.read(spec.account)
+    delta, kind = account.terms(entries, delta=budget.delta, accountant=budget.accountant)
+    return Lifetime(Budget(spec.max_epsilon, delta, kind), account.events_of(entries), len({x["run"] for x in entries}))
+
+
 def train(
     *,
     settings: FederationSettings,
@@ -265,7 +292,12 @@ def train(
     state: PartnerState,
     folder: Path,
 ) -> tuple[TrainReply, PartnerState]:
-    """Local training from the global adapter; returns the reply and the new private state."""
+    """Local training from the global adapter; returns the reply and the new private state.
+
+    A partner declines a round (replies with the adapter it received, unchanged, and
+    a note saying why) that would take it over its budget: the run's
+    (``min(target-epsilon, max-epsilon)``), or its privacy account's over all runs;
+    and a partner with a ``max-epsilon`` declines every round of a run without DP."""
     check_same_run(state, settings, folder)
     if settings.dp and state.trained_without_dp:
         raise ValueError(
@@ -277,7 +309,6 @@ def train(
     n_users = len(data.examples)
     sample_rate, per_epoch = poisson_schedule(n_users, settings.batch_size)
     steps = settings.local_epochs * per_epoch
-    plan: DPPlan | None = None
     budget = partner_budget(
         server_epsilon=settings.target_epsilon,
         partner_cap=spec.max_epsilon,
@@ -287,27 +318,76 @@ def train(
     )
     accountant = PartnerAccountant(budget, state.accountant)
     ledger_path = folder / "ledger.jsonl"
+
+    def decline(note: str, sigma: float = 0.0) -> tuple[TrainReply, PartnerState]:
+        # The counts (if drawn) are dropped unused: nothing that depends on them leaves.
+        spent = accountant.epsilon()
+        metrics = _train_metrics(0, 0.0, 0, spent, budget.delta, sigma, sample_rate, declined=True)
+        line = ledger.append(ledger_path, _ledger_entry(spec, settings, budget, server_round, [], spent, 0, note))
+        return TrainReply(arrays, metrics, note, line), state
+
+    if not settings.dp and spec.max_epsilon is not None:
+        return decline(
+            f"declined round {server_round}: this run trains without DP (dp = false), which no epsilon bounds; "
+            f"this partner caps its epsilon at {spec.max_epsilon:g}"
+        )
+    lifetime = lifetime_of(spec, budget) if settings.dp else None
     counts: torch.Tensor | None = None
-    counts_noise, released, prior_note = 0.0, list[Event](), ""
+    counts_noise, released, note = 0.0, list[Event](), ""
     if state.head is None:  # the first round: the prior's counts (a DP release under DP)
-        counts, counts_noise, released, prior_note = prior_counts(settings, data, budget)
+        counts, counts_noise, released, note = prior_counts(settings, data, budget, lifetime=lifetime)
+    plan: DPPlan | None = None
     if settings.dp:
         if state.noise_multiplier is None:  # calibrated once, for every planned round
             state.noise_multiplier = calibrate_noise(
                 budget=budget, sample_rate=sample_rate, steps=settings.rounds * steps, spent=[*accountant.events, *released]
             )
+            if lifetime is not None:  # and no lower than what the account has left allows
+                left = f"this partner's lifetime epsilon {lifetime.budget.epsilon:g} over {lifetime.runs + 1} run(s)"
+                try:
+                    needed = calibrate_noise(
+                        budget=lifetime.budget, sample_rate=sample_rate, steps=settings.rounds * steps, spent=[*lifetime.spent, *released]
+                    )
+                except ValueError:
+                    needed = math.inf
+                if needed > MAX_NOISE_RAISE * state.noise_multiplier:
+                    run_sigma, state.noise_multiplier = state.noise_multiplier, None
+                    return decline(
+                        f"declined round {server_round}: too little is left of {left} (it would take noise multiplier "
+                        f"{needed:.3g}, over {MAX_NOISE_RAISE:g} x this run's {run_sigma:.3f})"
+                    )
+                if needed > state.noise_multiplier:
+                    note = "; ".join(
+                        [*filter(None, [note]), f"noise multiplier {needed:.4f}, not {state.noise_multiplier:.4f}: what is left of {left}"]
+                    )
+                    state.noise_multiplier = needed
         sigma = state.noise_multiplier
         if not accountant.can_afford(noise_multiplier=sigma, sample_rate=sample_rate, steps=steps, first=released):
-            # The counts (if drawn) are dropped unused: nothing that depends on them leaves.
             after = accountant.epsilon_after(noise_multiplier=sigma, sample_rate=sample_rate, steps=steps, first=released)
-            spent = accountant.epsilon()
-            note = f"declined round {server_round}: epsilon would reach {after:.3f}, above this partner's budget {budget.epsilon:g} (spent {spent:.3f})"
-            metrics = _train_metrics(0, 0.0, 0, spent, budget.delta, sigma, sample_rate, declined=True)
-            line = ledger.append(ledger_path, _ledger_entry(spec, settings, budget, server_round, [], spent, 0, note))
-            return TrainReply(arrays, metrics, note, line), state
+            return decline(
+                f"declined round {server_round}: epsilon would reach {after:.3f}, above this partner's budget "
+                f"{budget.epsilon:g} (spent {accountant.epsilon():.3f})",
+                sigma,
+            )
+        if spec.account is not None:  # reserved before training, under the account's lock
+            got = account.reserve(
+                spec.account,
+                run=settings.run_id,
+                server_round=server_round,
+                events=_events(released, sigma, sample_rate, steps, settings.max_grad_norm),
+                cap=spec.max_epsilon,
+                delta=budget.delta,
+                accountant=budget.accountant,
+            )
+            if not got.granted:
+                return decline(
+                    f"declined round {server_round}: this partner's lifetime epsilon over {got.runs} run(s) would reach "
+                    f"{got.after:.3f}, above its cap {spec.max_epsilon:g} (spent {got.before:.3f})",
+                    sigma,
+                )
         for event in released:
             accountant.record(event)
-        plan = DPPlan(state.noise_multiplier, settings.max_grad_norm, accountant)
+        plan = DPPlan(sigma, settings.max_grad_norm, accountant)
 
     model = build_model(settings, data, adapter_arrays=arrays, head=state.head, counts=counts, counts_noise=counts_noise)
     freeze_untrained(model, settings.trains)
@@ -326,24 +406,12 @@ def train(
     line = ""
     if settings.dp:
         assert state.noise_multiplier is not None
-        events = [
-            {"mechanism": "item counts", "noise_multiplier": sigma, "sample_rate": rate, "steps": n, "max_grad_norm": 1.0}
-            for sigma, rate, n in released
-        ]
-        events.append(
-            {
-                "mechanism": "dp-sgd",
-                "noise_multiplier": state.noise_multiplier,
-                "sample_rate": sample_rate,
-                "steps": outcome.steps,
-                "max_grad_norm": settings.max_grad_norm,
-            }
-        )
+        events = _events(released, state.noise_multiplier, sample_rate, outcome.steps, settings.max_grad_norm)
         # The ledger line is written before the state: a crash in between leaves the
         # ledger ahead of the state (it overstates, never understates, what was spent).
         line = ledger.append(
             ledger_path,
-            _ledger_entry(spec, settings, budget, server_round, events, accountant.epsilon(), outcome.examples, prior_note),
+            _ledger_entry(spec, settings, budget, server_round, events, accountant.epsilon(), outcome.examples, note),
         )
     new_state = PartnerState(
         head_state(model),
@@ -365,6 +433,17 @@ def train(
         sample_rate,
     )
     return TrainReply(adapter_state(model.adapter), metrics, "", line), new_state
+
+
+def _events(released: list[Event], sigma: float, sample_rate: float, steps: int, max_grad_norm: float) -> list[dict[str, Any]]:
+    """A round's releases as ledger events: the item counts (if any), then the DP-SGD steps."""
+    counts = [
+        {"mechanism": "item counts", "noise_multiplier": s, "sample_rate": q, "steps": n, "max_grad_norm": 1.0} for s, q, n in released
+    ]
+    return [
+        *counts,
+        {"mechanism": "dp-sgd", "noise_multiplier": sigma, "sample_rate": sample_rate, "steps": steps, "max_grad_norm": max_grad_norm},
+    ]
 
 
 def _ledger_entry(

@@ -81,9 +81,15 @@ class PreparedDomain:
 
 
 def prepare_domain(
-    path: str | Path, *, encoder: TextEncoder, cache: VectorCache | None, progress: bool = True, name: str | None = None
+    path: str | Path,
+    *,
+    encoder: TextEncoder,
+    cache: VectorCache | None,
+    progress: bool = True,
+    name: str | None = None,
+    format: str | None = None,
 ) -> PreparedDomain:
-    data = read_domain(path, name=name)
+    data = read_domain(path, name=name, format=format)
     split = split_domain(data)
     vectors, stats = encode_texts(split.item_texts, encoder=encoder, cache=cache, progress=progress)
     padded = np.concatenate([np.zeros((1, vectors.shape[1]), np.float32), vectors])

@@ -16,7 +16,7 @@ from shared.federation import wire
 from shared.federation.adapter import initial_adapter
 from shared.federation.settings import FederationSettings, SettingsError, settings_from_run_config
 from shared.model.adapters import MoEAdapter
-from shared.privacy import ledger
+from shared.privacy import account, ledger
 
 ENCODER_DIM = 384
 
@@ -159,6 +159,48 @@ def test_a_partner_cap_below_the_server_target_binds(tmp_path: Path) -> None:
         )
         assert reply.metrics["epsilon"] <= 1.0 * 1.011
     assert reply.metrics["epsilon"] > 0.9
+
+
+@pytest.mark.slow
+def test_a_privacy_account_caps_every_run_on_the_data_together(tmp_path: Path) -> None:
+    settings = settings_for(tmp_path, rounds=1, target_epsilon=4.0)
+    spec = partner.resolve_partner({"partition-id": 1, "num-partitions": 3}, settings)
+    capped = partner.PartnerSpec(spec.name, spec.data, max_epsilon=5.0, account=tmp_path / "account.jsonl")
+    arrays = initial_adapter(settings, in_dim=ENCODER_DIM)
+    replies = {}
+    for run in ("first", "second", "third"):  # each run its own state folder, as a coordinator would start them
+        run_settings = settings_for(tmp_path, rounds=1, target_epsilon=4.0, run_id=run)
+        replies[run], _ = partner.train(
+            settings=run_settings, server_round=1, spec=capped, arrays=arrays, state=partner.PartnerState(), folder=tmp_path / run
+        )
+    first, second, third = (replies[r] for r in ("first", "second", "third"))
+    assert first.metrics["epsilon"] == pytest.approx(4.0, rel=0.011)
+    # two runs at the first's noise would spend 5.3: the second's noise is raised to fit
+    # what the first left of 5, and the third finds too little left to train usefully
+    assert second.metrics["noise-multiplier"] > first.metrics["noise-multiplier"] and second.metrics["epsilon"] < 4.0
+    assert (
+        "what is left of this partner's lifetime epsilon 5 over 2 run(s)"
+        in ledger.verify(tmp_path / "second" / "ledger.jsonl").entries[0]["note"]
+    )
+    assert third.metrics["declined"] == 1 and third.arrays is arrays
+    assert "too little is left of this partner's lifetime epsilon 5 over 3 run(s)" in third.note
+    entries = account.read(tmp_path / "account.jsonl")
+    assert [x["run"] for x in entries] == ["first", "second"]
+    assert 4.9 < entries[-1]["epsilon"] <= 5.0 and entries[-1]["epsilon"] == pytest.approx(
+        account.lifetime_epsilon(entries, delta=1.0, accountant="rdp")
+    )
+
+
+@pytest.mark.slow
+def test_a_capped_partner_declines_a_run_without_dp(tmp_path: Path) -> None:
+    plain = settings_for(tmp_path, dp=False)
+    spec = partner.resolve_partner({"partition-id": 0, "num-partitions": 3}, plain)
+    capped = partner.PartnerSpec(spec.name, spec.data, max_epsilon=8.0)
+    arrays = initial_adapter(plain, in_dim=ENCODER_DIM)
+    reply, state = partner.train(settings=plain, server_round=1, spec=capped, arrays=arrays, state=partner.PartnerState(), folder=tmp_path)
+    assert reply.metrics["declined"] == 1 and reply.arrays is arrays and state.head is None
+    assert "trains without DP (dp = false)" in reply.note and "caps its epsilon at 8" in reply.note
+    assert not (tmp_path / "state.pt").exists()
 
 
 def test_run_config_errors_name_every_key() -> None:

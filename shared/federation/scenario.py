@@ -7,16 +7,25 @@ A scenario file (TOML), one ``[[partner]]`` table per simulated partner::
     data = "../shared/data/amazon2014-toy"   # relative to the scenario file
     max-epsilon = 8.0                        # optional: the partner's own cap
     max-users = 300                          # optional: keep only the first N users (cold start)
+    data-format = "tsv"                      # optional: default detected from the files
+    privacy-account = "accounts/toy.jsonl"   # optional: makes max-epsilon a cap across runs
+
+A deployed partner gives the same settings as its SuperNode's node config
+(:data:`NODE_CONFIG`); both are checked by :func:`partner_options`, which lists
+every problem at once.
 
 Simulated partner ``i`` (Flower's ``partition-id``) is the i-th table.
 """
 
 from __future__ import annotations
 
+import difflib
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+from shared.data.readers import FORMATS
 from shared.data.synthetic import SyntheticConfig, generate
 
 
@@ -26,6 +35,74 @@ class PartnerSpec:
     data: Path
     max_epsilon: float | None = None
     max_users: int | None = None
+    data_format: str | None = None  # None: detected from the files
+    account: Path | None = None  # the privacy account kept across runs (shared.privacy.account)
+
+
+# A deployed partner's node config (``flower-supernode --node-config "data-path='...' ..."``).
+NODE_CONFIG = {
+    "data-path": "the partner's data folder (required)",
+    "data-format": f"one of {', '.join(FORMATS)} (default: detected from the files)",
+    "domain": "the domain's public name (default: the data folder's name)",
+    "max-epsilon": "the partner's own cap on epsilon; it binds even if the server asks for more, and the partner declines rounds without DP",
+    "max-users": "train on the first N users only",
+    "state-dir": "the partner's private state folder: head, optimizer, accountant, ledger of one run (default: under the run folder)",
+    "privacy-account": "a file kept across runs: max-epsilon then caps every run on this data together",
+}
+SIMULATION_NODE_CONFIG = ("partition-id", "num-partitions")  # set by Flower's simulation engine
+SCENARIO_KEYS = ("name", "data", "data-format", "max-epsilon", "max-users", "privacy-account")
+
+
+def partner_options(values: dict[str, Any], *, known: tuple[str, ...], base: Path, where: str) -> tuple[dict[str, Any], list[str]]:
+    """Checks a partner's optional settings (from a node config or a scenario table):
+    returns ``PartnerSpec`` keyword arguments and every problem found, each naming ``where`` and the key."""
+    problems = []
+    for key in values:
+        if key not in known:
+            close = difflib.get_close_matches(key, list(known), n=1)
+            hint = f"did you mean {close[0]!r}?" if close else f"expected one of {list(known)}"
+            problems.append(f"{where}: unknown key {key!r}; {hint}")
+    out: dict[str, Any] = {}
+    cap = values.get("max-epsilon")
+    if cap is not None:
+        if isinstance(cap, bool) or not isinstance(cap, int | float) or not cap > 0:
+            problems.append(f"{where}: max-epsilon must be a number above 0, got {cap!r}")
+        else:
+            out["max_epsilon"] = float(cap)
+    users = values.get("max-users")
+    if users is not None:
+        if isinstance(users, bool) or not isinstance(users, int) or users < 1:
+            problems.append(f"{where}: max-users must be a whole number of at least 1, got {users!r}")
+        else:
+            out["max_users"] = int(users)
+    fmt = values.get("data-format")
+    if fmt is not None:
+        if fmt not in FORMATS:
+            problems.append(f"{where}: data-format must be one of {list(FORMATS)}, got {fmt!r}")
+        else:
+            out["data_format"] = str(fmt)
+    account = values.get("privacy-account")
+    if account is not None:
+        if not isinstance(account, str) or not account:
+            problems.append(f"{where}: privacy-account must be a file path, got {account!r}")
+        elif (base / account).is_dir():
+            problems.append(f"{where}: privacy-account {account!r} is a folder; expected a file (created on the first DP round)")
+        else:
+            out["account"] = (base / account).resolve()
+    return out, problems
+
+
+def partner_from_node_config(node_config: dict[str, Any]) -> PartnerSpec:
+    """A deployed partner (node config ``data-path`` and the optional keys of :data:`NODE_CONFIG`)."""
+    where = "node config"
+    options, problems = partner_options(node_config, known=tuple(NODE_CONFIG), base=Path.cwd(), where=where)
+    data = node_config.get("data-path")
+    if not isinstance(data, str) or not data:
+        problems.insert(0, f"{where}: data-path must be the partner's data folder, got {data!r}")
+    if problems:
+        raise ValueError("invalid node config:\n  " + "\n  ".join(problems))
+    path = Path(str(data))
+    return PartnerSpec(str(node_config.get("domain") or path.name), path, **options)
 
 
 def load_scenario(path: str | Path) -> list[PartnerSpec]:
@@ -41,14 +118,13 @@ def load_scenario(path: str | Path) -> list[PartnerSpec]:
     if not isinstance(tables, list) or not tables:
         raise ValueError(f"{path}: expected one or more [[partner]] tables")
     for i, t in enumerate(tables):
-        unknown = set(t) - {"name", "data", "max-epsilon", "max-users"}
-        if unknown:
-            problems.append(f"[[partner]] #{i + 1}: unknown key(s) {sorted(unknown)}; expected name, data, max-epsilon, max-users")
+        options, found = partner_options(t, known=SCENARIO_KEYS, base=path.parent, where=f"[[partner]] #{i + 1}")
+        problems += found
         if "data" not in t:
             problems.append(f"[[partner]] #{i + 1}: missing key 'data' (the domain's data folder)")
             continue
         data = (path.parent / t["data"]).resolve()
-        partners.append(PartnerSpec(t.get("name", data.name), data, t.get("max-epsilon"), t.get("max-users")))
+        partners.append(PartnerSpec(t.get("name", data.name), data, **options))
     names = [p.name for p in partners]
     if len(set(names)) != len(names):
         problems.append(f"partner names must be unique, got {names}")

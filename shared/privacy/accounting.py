@@ -185,13 +185,15 @@ class Plan:
     counts_noise: float  # of round 1's item-count release; 0: none, or skipped (see release_fits)
 
 
-def release_fits(*, budget: Budget, counts_noise: float) -> bool:
-    """Whether an item-count release at ``counts_noise`` spends at most half of ``budget``.
+def release_fits(*, budget: Budget, counts_noise: float, spent: Sequence[Event] = ()) -> bool:
+    """Whether an item-count release at ``counts_noise`` spends at most half of what ``budget``
+    leaves after the ``spent`` events (e.g. earlier runs in a partner's privacy account).
 
     Partners skip a release that does not fit (and train without the prior): more
     would leave training too little, e.g. noise 3 alone spends ~1.2 at delta 1e-5."""
-    alone = epsilon_of([counts_release_event(counts_noise)], delta=budget.delta, accountant=budget.accountant)
-    return alone <= budget.epsilon / 2
+    before = epsilon_of(list(spent), delta=budget.delta, accountant=budget.accountant)
+    after = epsilon_of([*spent, counts_release_event(counts_noise)], delta=budget.delta, accountant=budget.accountant)
+    return after - before <= (budget.epsilon - before) / 2
 
 
 def schedule_from_users(*, users: int, batch_size: int, rounds: int, local_epochs: int) -> tuple[float, int]:

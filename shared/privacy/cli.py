@@ -1,4 +1,4 @@
-"""``fedxrec privacy plan | verify | report``: the privacy officer's commands."""
+"""``fedxrec privacy plan | verify | report | account``: the privacy officer's commands."""
 
 from __future__ import annotations
 
@@ -152,6 +152,38 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0 if report["verified"] else 1
 
 
+def cmd_account(args: argparse.Namespace) -> int:
+    from shared.privacy import account
+
+    head = None
+    if args.head:
+        lines, _, digest = args.head.partition(":")
+        if not lines.isdigit() or len(digest) != 64:
+            raise ValueError(f"--head {args.head!r}: expected LINES:SHA256 (as 'fedxrec privacy account' prints it)")
+        head = (int(lines), digest)
+    try:
+        result = account.summary(Path(args.account), head=head)
+    except account.AccountError as err:
+        print(f"FAILED: {err}")
+        return 1
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    cap = result["cap"]
+    independent = result["independent_epsilon"]
+    print(f"{result['account']}: OK: {result['lines']} lines, hash chain intact, every epsilon recomputed from its events")
+    print(
+        f"lifetime epsilon {result['epsilon']:.4f}"
+        + (f" of cap {cap:g} (left {cap - result['epsilon']:.4f})" if cap is not None else " (no cap)")
+        + f" at delta {result['delta']:.3g}, {result['accountant']} accountant; dp-accounting RDP {independent['dp_accounting_rdp']:.4f}, PLD {independent['dp_accounting_pld']:.4f}"
+    )
+    print(f"{'run':<32} {'rounds':>6} {'epsilon':>9}  from / to")
+    for name, r in result["runs"].items():
+        print(f"{name:<32} {len(r['rounds']):>6} {r['epsilon']:>9.4f}  {r['first']} / {r['last']}")
+    print(f"head: {result['head']}" + ("" if head else "  (keep this to detect removal of lines at the end later)"))
+    return 0
+
+
 def add_privacy_commands(sub: Any) -> None:
     privacy = sub.add_parser("privacy", help="plan a privacy budget, verify a ledger, report what partners spent")
     cmds = privacy.add_subparsers(dest="privacy_command", required=True, metavar="SUBCOMMAND")
@@ -186,3 +218,11 @@ def add_privacy_commands(sub: Any) -> None:
     r.add_argument("--out", metavar="DIR", help="output folder (default: SOURCE/privacy-report, or beside the ledger file)")
     r.add_argument("--head", metavar="LINES:HASH", help="for a ledger file: where it must end")
     r.set_defaults(handler=cmd_report)
+
+    a = cmds.add_parser(
+        "account", help="a partner's privacy account over all its runs: check it, recompute it, lifetime epsilon per run and in all"
+    )
+    a.add_argument("account", help="the account file (the partner's node config privacy-account)")
+    a.add_argument("--head", metavar="LINES:HASH", help="where the account must end at least (as this command printed it before)")
+    a.add_argument("--json", action="store_true", help="print one JSON object")
+    a.set_defaults(handler=cmd_account)

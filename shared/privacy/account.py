@@ -1,0 +1,211 @@
+"""A partner's privacy account: what its users' data has spent over every run.
+
+A run's ledger (:mod:`shared.privacy.ledger`) and its accountant cover one run:
+a state folder holds one run, and a partner's ``max-epsilon`` binds within it.
+But DP guarantees compose across runs on the same data, and a coordinator can
+always start another run. A partner that names an account (node config
+``privacy-account``, a file kept across runs) makes its ``max-epsilon`` a cap
+over its data's whole lifetime: every run reserves each round's releases in the
+account *before* training, under a file lock, and a round that would take the
+composed epsilon of all runs over the cap is declined. Two runs at once cannot
+both take the last of the budget.
+
+One JSON line per reservation, hash-chained like the ledger::
+
+    {"seq": 3, "run": "run-b", "round": 1, "accountant": "rdp", "delta": 1e-05, "cap": 8.0,
+     "events": [{"mechanism": "dp-sgd", "noise_multiplier": 0.9, "sample_rate": 0.02, "steps": 50, "max_grad_norm": 1.0}],
+     "epsilon": 6.1, "time": "...", "prev": "<sha256 of line 2>"}
+
+``epsilon`` is the lifetime figure after the line: every event of every run so
+far, composed by one accountant at one delta. The account's first line fixes both
+(a later run with another delta is counted at the account's; the events
+themselves do not depend on delta). A reservation is never taken back: a round
+reserved and then lost to a crash still counts, so the account may overstate
+what was released, never understate it.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from shared.privacy.accounting import ACCOUNTANTS, Event, epsilon_of
+from shared.privacy.ledger import EVENT_FIELDS, GENESIS, MECHANISMS, line_hash
+
+FIELDS = ("seq", "run", "round", "accountant", "delta", "cap", "events", "epsilon", "time", "prev")
+
+
+class AccountError(ValueError):
+    """The account file is unreadable or its chain is broken (names the file and line)."""
+
+
+@dataclass(frozen=True)
+class Reservation:
+    granted: bool
+    before: float  # lifetime epsilon before this round
+    after: float  # lifetime epsilon with this round's events (granted or not)
+    cap: float | None
+    runs: int  # distinct runs in the account, this one included
+
+
+def read(path: Path) -> list[dict[str, Any]]:
+    """The account's lines, checked: fields, numbering and hash chain (``AccountError`` names the first bad line)."""
+    if not path.is_file():
+        return []
+    entries: list[dict[str, Any]] = []
+    prev = GENESIS
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        where = f"{path}, line {n}"
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise AccountError(f"{where}: not a JSON object ({err.msg}); was the file edited by hand?") from err
+        if not isinstance(entry, dict) or list(entry) != list(FIELDS):
+            got = list(entry) if isinstance(entry, dict) else type(entry).__name__
+            raise AccountError(f"{where}: expected the fields {list(FIELDS)}, got {got}")
+        if entry["seq"] != len(entries) + 1:
+            raise AccountError(f"{where}: seq is {entry['seq']}, expected {len(entries) + 1}: a line was removed, added or moved")
+        if entry["prev"] != prev:
+            raise AccountError(f"{where}: prev is not the hash of the line before: that line, or this one, was edited or moved")
+        for e in entry["events"]:
+            if list(e) != list(EVENT_FIELDS) or e["mechanism"] not in MECHANISMS:
+                raise AccountError(f"{where}: an event must have the fields {list(EVENT_FIELDS)} and a mechanism in {list(MECHANISMS)}")
+        entries.append(entry)
+        prev = line_hash(line)
+    return entries
+
+
+def events_of(entries: list[dict[str, Any]], *, run: str | None = None) -> list[Event]:
+    """The (noise, sample rate, steps) events of every line (or of one run's lines)."""
+    return [
+        (float(e["noise_multiplier"]), float(e["sample_rate"]), int(e["steps"]))
+        for x in entries
+        if run is None or x["run"] == run
+        for e in x["events"]
+    ]
+
+
+def terms(entries: list[dict[str, Any]], *, delta: float, accountant: str) -> tuple[float, str]:
+    """The account's (delta, accountant): its first line's, or the caller's for a new account."""
+    return (float(entries[0]["delta"]), str(entries[0]["accountant"])) if entries else (delta, accountant)
+
+
+def lifetime_epsilon(entries: list[dict[str, Any]], *, extra: list[Event] | None = None, delta: float, accountant: str) -> float:
+    delta, accountant = terms(entries, delta=delta, accountant=accountant)
+    return epsilon_of([*events_of(entries), *(extra or [])], delta=delta, accountant=accountant)
+
+
+@contextmanager
+def locked(path: Path) -> Iterator[None]:
+    """An exclusive lock on ``path`` for one reservation (``path``.lock beside it; POSIX advisory lock)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(path.name + ".lock"), "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def reserve(
+    path: Path,
+    *,
+    run: str,
+    server_round: int,
+    events: list[dict[str, Any]],
+    cap: float | None,
+    delta: float,
+    accountant: str,
+) -> Reservation:
+    """Appends this round's ``events`` if the lifetime epsilon with them stays within ``cap``
+    (``None``: no cap, always granted and recorded). Read, check and append happen under one lock."""
+    if accountant not in ACCOUNTANTS:
+        raise ValueError(f"accountant {accountant!r}: expected one of {ACCOUNTANTS}")
+    new = [(float(e["noise_multiplier"]), float(e["sample_rate"]), int(e["steps"])) for e in events]
+    with locked(path):
+        entries = read(path)
+        before = lifetime_epsilon(entries, delta=delta, accountant=accountant)
+        after = lifetime_epsilon(entries, extra=new, delta=delta, accountant=accountant)
+        runs = len({x["run"] for x in entries} | {run})
+        if cap is not None and after > cap + 1e-9:
+            return Reservation(False, before, after, cap, runs)
+        account_delta, account_accountant = terms(entries, delta=delta, accountant=accountant)
+        entry = {
+            "seq": len(entries) + 1,
+            "run": run,
+            "round": int(server_round),
+            "accountant": account_accountant,
+            "delta": account_delta,
+            "cap": cap,
+            "events": [{k: e[k] for k in EVENT_FIELDS} for e in events],
+            "epsilon": after,
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "prev": line_hash(_last_line(path)) if entries else GENESIS,
+        }
+        with path.open("a", encoding="utf-8") as fh:
+            fh.write(json.dumps(entry, separators=(", ", ": ")) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())  # reserved before any training: it must survive a crash
+        return Reservation(True, before, after, cap, runs)
+
+
+def _last_line(path: Path) -> str:
+    return [x for x in path.read_text(encoding="utf-8").splitlines() if x.strip()][-1]
+
+
+def summary(path: Path, *, head: tuple[int, str] | None = None) -> dict[str, Any]:
+    """The account checked and summed up, for ``fedxrec privacy account``: per run and over
+    the lifetime, epsilon by the account's accountant, each line's recorded epsilon recomputed
+    from the events (``AccountError`` names the first line that does not add up), and
+    dp-accounting's independent RDP and PLD figures for the lifetime."""
+    from shared.privacy.independent import pld_epsilon, rdp_epsilon
+
+    entries = read(path)
+    if not entries:
+        raise AccountError(f"{path}: no privacy account here (the file is missing or empty)")
+    delta, accountant = terms(entries, delta=0.0, accountant="rdp")
+    for n in range(len(entries)):
+        recomputed = lifetime_epsilon(entries[: n + 1], delta=delta, accountant=accountant)
+        if abs(recomputed - float(entries[n]["epsilon"])) > 1e-6 * max(1.0, recomputed):
+            raise AccountError(
+                f"{path}, line {n + 1}: epsilon {entries[n]['epsilon']} is not what its events and the lines before give ({recomputed:.6f})"
+            )
+    lines = [x for x in path.read_text(encoding="utf-8").splitlines() if x.strip()]
+    last = line_hash(lines[-1])
+    # an account only grows: the recorded line must still be there, unchanged
+    if head is not None and (head[0] > len(lines) or head[0] < 1 or line_hash(lines[head[0] - 1]) != head[1]):
+        raise AccountError(
+            f"{path}: line {head[0]} is not the one recorded ({head[1][:12]}...): lines were removed at the end, or replaced"
+        )
+    runs: dict[str, dict[str, Any]] = {}
+    for x in entries:
+        r = runs.setdefault(x["run"], {"rounds": [], "first": x["time"], "last": x["time"]})
+        r["rounds"].append(x["round"])
+        r["last"] = x["time"]
+    for name, r in runs.items():
+        r["epsilon"] = epsilon_of(events_of(entries, run=name), delta=delta, accountant=accountant)
+    events = events_of(entries)
+    caps = [x["cap"] for x in entries if x["cap"] is not None]
+    return {
+        "account": str(path),
+        "accountant": accountant,
+        "delta": delta,
+        "cap": caps[-1] if caps else None,
+        "epsilon": float(entries[-1]["epsilon"]),
+        "independent_epsilon": {
+            "dp_accounting_rdp": rdp_epsilon(events, delta=delta),
+            "dp_accounting_pld": pld_epsilon(events, delta=delta),
+        },
+        "runs": runs,
+        "lines": len(entries),
+        "head": f"{len(entries)}:{last}",
+    }

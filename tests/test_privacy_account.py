@@ -1,0 +1,121 @@
+"""A partner's privacy account across runs, and a partner's node config."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+from pathlib import Path
+
+import pytest
+
+from shared.cli import main
+from shared.federation.scenario import load_scenario, partner_from_node_config
+from shared.privacy import account
+from shared.privacy.accounting import Budget, epsilon_of, release_fits
+
+DELTA = 1e-5
+
+
+def dp_sgd(sigma: float = 1.0, rate: float = 0.02, steps: int = 100) -> dict[str, object]:
+    return {"mechanism": "dp-sgd", "noise_multiplier": sigma, "sample_rate": rate, "steps": steps, "max_grad_norm": 1.0}
+
+
+def test_reservations_compose_over_runs_and_stop_at_the_cap(tmp_path: Path) -> None:
+    path = tmp_path / "account.jsonl"
+    granted = {}
+    for run in ("run-a", "run-b", "run-c"):
+        for r in (1, 2, 3):
+            got = account.reserve(path, run=run, server_round=r, events=[dp_sgd()], cap=4.0, delta=DELTA, accountant="rdp")
+            granted[run, r] = got.granted
+    # one accountant over every run's rounds: 8 rounds spend 3.89, a 9th would spend 4.11
+    assert list(granted.values()) == [True] * 8 + [False]
+    entries = account.read(path)
+    assert [(x["run"], x["round"]) for x in entries] == [k for k, ok in granted.items() if ok]
+    assert entries[-1]["epsilon"] == pytest.approx(epsilon_of([(1.0, 0.02, 100)] * 8, delta=DELTA, accountant="rdp"))
+    assert entries[-1]["epsilon"] <= 4.0 < epsilon_of([(1.0, 0.02, 100)] * 9, delta=DELTA, accountant="rdp")
+
+
+def test_the_account_keeps_its_first_delta_and_accountant(tmp_path: Path) -> None:
+    path = tmp_path / "account.jsonl"
+    account.reserve(path, run="a", server_round=1, events=[dp_sgd()], cap=None, delta=DELTA, accountant="rdp")
+    got = account.reserve(path, run="b", server_round=1, events=[dp_sgd()], cap=None, delta=1e-3, accountant="prv")
+    assert got.granted  # no cap: recorded, never refused
+    assert got.after == pytest.approx(epsilon_of([(1.0, 0.02, 200)], delta=DELTA, accountant="rdp"))
+    assert [(x["delta"], x["accountant"]) for x in account.read(path)] == [(DELTA, "rdp")] * 2
+
+
+def test_an_edited_removed_or_truncated_account_is_named(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "account.jsonl"
+    for r in (1, 2, 3):
+        account.reserve(path, run="a", server_round=r, events=[dp_sgd()], cap=8.0, delta=DELTA, accountant="rdp")
+    assert main(["privacy", "account", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "lifetime epsilon" in out and "of cap 8" in out and "dp-accounting RDP" in out
+    head = out.split("head: ")[1].split()[0]
+    lines = path.read_text().splitlines()
+
+    edited = json.loads(lines[1])
+    edited["events"][0]["noise_multiplier"] = 2.0  # a smaller spend, claimed afterwards
+    path.write_text("\n".join([lines[0], json.dumps(edited, separators=(", ", ": ")), lines[2]]) + "\n")
+    assert main(["privacy", "account", str(path)]) == 1
+    assert "line 3: prev is not the hash" in capsys.readouterr().out
+
+    path.write_text("\n".join([lines[0], lines[2]]) + "\n")
+    assert main(["privacy", "account", str(path)]) == 1
+    assert "line 2: seq is 3, expected 2" in capsys.readouterr().out
+
+    path.write_text("\n".join(lines[:2]) + "\n")  # cut at the end: only the recorded head shows it
+    assert main(["privacy", "account", str(path)]) == 0
+    assert main(["privacy", "account", str(path), "--head", head]) == 1
+    assert "lines were removed at the end" in capsys.readouterr().out
+
+
+def _reserve_many(path: str, run: str) -> int:
+    granted = 0
+    for r in range(1, 6):
+        got = account.reserve(Path(path), run=run, server_round=r, events=[dp_sgd()], cap=5.0, delta=DELTA, accountant="rdp")
+        granted += got.granted
+    return granted
+
+
+def test_runs_reserving_at_once_never_pass_the_cap_together(tmp_path: Path) -> None:
+    path = tmp_path / "account.jsonl"
+    with multiprocessing.get_context("fork").Pool(4) as pool:
+        granted = pool.starmap(_reserve_many, [(str(path), f"run-{i}") for i in range(4)])
+    entries = account.read(path)  # one intact chain, every granted round on it
+    assert len(entries) == sum(granted)
+    assert entries[-1]["epsilon"] <= 5.0
+    assert epsilon_of([(1.0, 0.02, 100)] * (len(entries) + 1), delta=DELTA, accountant="rdp") > 5.0
+
+
+def test_an_item_count_release_fits_what_earlier_runs_left() -> None:
+    budget = Budget(8.0, DELTA)
+    assert release_fits(budget=budget, counts_noise=3.0)
+    heavy = [(0.6, 0.01, 2000)]  # earlier runs took most of the 8
+    assert epsilon_of(heavy, delta=DELTA, accountant="rdp") > 6
+    assert not release_fits(budget=budget, counts_noise=3.0, spent=heavy)
+
+
+def test_node_config_errors_name_every_key() -> None:
+    with pytest.raises(ValueError) as info:
+        partner_from_node_config({"data-path": "/data/shop", "max-epsilom": 4.0, "max-users": 0, "data-format": "csv"})
+    message = str(info.value)
+    assert "unknown key 'max-epsilom'; did you mean 'max-epsilon'?" in message  # a cap must never be dropped silently
+    assert "max-users must be a whole number of at least 1, got 0" in message
+    assert "data-format must be one of ['tsv', 'recbole', 'json', 'mapped'], got 'csv'" in message
+    with pytest.raises(ValueError, match="data-path must be the partner's data folder"):
+        partner_from_node_config({"max-epsilon": 4.0})
+    spec = partner_from_node_config({"data-path": "/data/shop", "max-epsilon": 4, "privacy-account": "/keep/shop.jsonl"})
+    assert (spec.name, spec.max_epsilon, spec.account) == ("shop", 4.0, Path("/keep/shop.jsonl"))
+
+
+def test_scenario_partner_settings_are_checked(tmp_path: Path) -> None:
+    path = tmp_path / "scenario.toml"
+    path.write_text('[[partner]]\ndata = "shop"\nmax-epsilon = "eight"\nprivacy-acount = "a.jsonl"\n')
+    with pytest.raises(ValueError) as info:
+        load_scenario(path)
+    assert "max-epsilon must be a number above 0, got 'eight'" in str(info.value)
+    assert "unknown key 'privacy-acount'; did you mean 'privacy-account'?" in str(info.value)
+    path.write_text('[[partner]]\ndata = "shop"\nmax-epsilon = 3\nprivacy-account = "accounts/shop.jsonl"\n')
+    (spec,) = load_scenario(path)
+    assert spec.max_epsilon == 3.0 and spec.account == tmp_path / "accounts" / "shop.jsonl"

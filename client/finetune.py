@@ -38,6 +38,28 @@ from shared.training import DomainRun, TrainConfig, evaluate_model, seed_everyth
 FEW_VALID_USERS = 1000
 
 
+def run_state_folder(state_dir: Path, run_id: str | None, *, log: Callable[[str], None] = print) -> Path:
+    """The run's own state folder: ``state_dir`` itself (a simulated partner's, or one run's),
+    or for a deployed partner's ``state-dir`` its ``runs/<run_id>`` (default: the latest run)."""
+    runs = state_dir / "runs"
+    if (state_dir / "state.pt").is_file() and run_id is None:
+        return state_dir
+    if not runs.is_dir():
+        if run_id is not None:
+            raise FileNotFoundError(f"{runs} not found: --run-id goes with a deployed partner's state-dir, which keeps each run there")
+        return state_dir  # federated_start names what is missing
+    trained = sorted((p for p in runs.iterdir() if (p / "state.pt").is_file()), key=lambda p: (p / "state.pt").stat().st_mtime)
+    if run_id is not None:
+        if not (runs / run_id / "state.pt").is_file():
+            raise FileNotFoundError(f"{runs / run_id}: no trained state of run {run_id!r}; runs here: {[p.name for p in trained]}")
+        return runs / run_id
+    if not trained:
+        raise FileNotFoundError(f"{runs}: no run has trained yet")
+    if len(trained) > 1:
+        log(f"fine-tuning run {trained[-1].name!r}, the latest of {len(trained)} in {runs} (--run-id to pick another)")
+    return trained[-1]
+
+
 def federated_start(state_dir: Path) -> tuple[dict[str, torch.Tensor], dict[str, str], partner.PartnerState]:
     """The global adapter (arrays, metadata) and the private state kept in a partner's state folder."""
     state_file, adapter_file = state_dir / "state.pt", state_dir / partner.GLOBAL_ADAPTER
@@ -72,11 +94,15 @@ def finetune(
     config: TrainConfig,
     domain: str | None = None,
     max_users: int | None = None,
+    run_id: str | None = None,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Fine-tunes the partner's federated model on ``data`` (its first ``max_users``
     users, as node config ``max-users``); saves it under ``out/model`` (for
-    ``fedxrec recommend``) and returns valid/test metrics before and after."""
+    ``fedxrec recommend``) and returns valid/test metrics before and after.
+    ``state_dir`` is a run's state folder or a deployed partner's ``state-dir``
+    (then its run ``run_id``, default the latest)."""
+    state_dir = run_state_folder(state_dir, run_id, log=log)
     arrays, meta, state = federated_start(state_dir)
     settings = FederationSettings(moe_n_experts=int(meta.get("n_experts", 4)), moe_dim=int(meta.get("dim", 128)))
     spec = PartnerSpec(domain or data.name, data, max_users=max_users)

@@ -62,8 +62,11 @@ def resolve_partner(node_config: dict[str, Any], settings: FederationSettings) -
 
 
 def state_dir(node_config: dict[str, Any], settings: FederationSettings, spec: PartnerSpec) -> Path:
+    """This run's private state folder: ``<state-dir>/runs/<run-id>`` for a deployed partner
+    (one SuperNode serves run after run; the run id is checked to be a plain name), and
+    ``<runs-dir>/<run-id>/partners/<name>`` in simulation."""
     if node_config.get("state-dir"):
-        return Path(str(node_config["state-dir"]))
+        return Path(str(node_config["state-dir"])) / "runs" / settings.run_id
     return Path(settings.runs_dir) / settings.run_id / "partners" / spec.name
 
 
@@ -145,8 +148,8 @@ def check_same_run(state: PartnerState, settings: FederationSettings, folder: Pa
         raise ValueError(
             f"the private state in {folder} belongs to run {state.run_id!r} (its privacy ledger, accountant and head); "
             f"this is run {settings.run_id!r}, whose rounds would break that ledger's chain and whose plan its noise "
-            f"multiplier was not calibrated for. Give this run a fresh state folder (node config state-dir) and keep "
-            f"the old one for its ledger, or resume run {state.run_id!r} (run-id)"
+            f"multiplier was not calibrated for. Keep each run's state in its own folder (a deployed partner's "
+            f"state-dir does: runs/<run-id>), or resume run {state.run_id!r} (run-id)"
         )
 
 

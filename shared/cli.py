@@ -203,7 +203,13 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         raise UsageError(f"--max-users must be >= 1, got {args.max_users}")
     out = Path(args.out)
     result = finetune(
-        state_dir=Path(args.state_dir), data=Path(args.data), out=out, config=config, domain=args.domain, max_users=args.max_users
+        state_dir=Path(args.state_dir),
+        data=Path(args.data),
+        out=out,
+        config=config,
+        domain=args.domain,
+        max_users=args.max_users,
+        run_id=args.run_id,
     )
     (out / "metrics.json").write_text(json.dumps(result, indent=2))
     print(f"\n{result['domain']}: federated model (run {result['from']['run_id']!r}, round {result['from']['round']}) and fine-tuned")
@@ -287,7 +293,10 @@ def build_parser() -> argparse.ArgumentParser:
         "finetune",
         help="a partner's local fine-tune after the federation: its federated model trained on its own data; nothing is sent",
     )
-    ft.add_argument("--state-dir", required=True, metavar="DIR", help="the partner's state folder (node config state-dir); only read")
+    ft.add_argument(
+        "--state-dir", required=True, metavar="DIR", help="the partner's state folder (node config state-dir, or one run's); only read"
+    )
+    ft.add_argument("--run-id", help="which run of a deployed partner's state-dir (default: the latest that trained)")
     ft.add_argument("--data", required=True, metavar="PATH", help="the partner's data folder (node config data-path)")
     ft.add_argument("--out", required=True, metavar="DIR", help="output folder (metrics.json, model/)")
     ft.add_argument("--domain", help="the domain's name (node config domain; default: the data folder's name)")

@@ -140,7 +140,7 @@ def test_a_state_folder_holds_one_run(tmp_path: Path) -> None:
         lambda: partner.train(settings=second, server_round=1, spec=spec, arrays=arrays, state=state, folder=folder),
         lambda: partner.evaluate_global(settings=second, server_round=1, spec=spec, arrays=arrays, state=state, folder=folder),
     ):
-        with pytest.raises(ValueError, match=r"belongs to run 'first'.* this is run 'second'.* fresh state folder"):
+        with pytest.raises(ValueError, match=r"belongs to run 'first'.* this is run 'second'.* its own folder"):
             call()
     check = ledger.verify(folder / "ledger.jsonl")
     assert check.ok and [e["round"] for e in check.entries] == [1, 2]
@@ -212,6 +212,9 @@ def test_run_config_errors_name_every_key() -> None:
     assert "'lr': expected float, got 'fast'" in text
     assert "fraction-train must be in (0, 1]" in text
     assert "adapter must be 'moe'" in text
+    # a partner keeps each run's state in <state-dir>/runs/<run-id>: a coordinator cannot steer it elsewhere
+    with pytest.raises(SettingsError, match=r"run-id must be letters, digits.*got '\.\./\.\./etc'"):
+        settings_from_run_config({"run-id": "../../etc"})
 
 
 def test_default_adapter_bytes_per_round_are_under_one_percent_of_the_encoder() -> None:

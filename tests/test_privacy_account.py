@@ -103,10 +103,14 @@ def test_node_config_errors_name_every_key() -> None:
     assert "unknown key 'max-epsilom'; did you mean 'max-epsilon'?" in message  # a cap must never be dropped silently
     assert "max-users must be a whole number of at least 1, got 0" in message
     assert "data-format must be one of ['tsv', 'recbole', 'json', 'mapped'], got 'csv'" in message
+    # without a state-dir the state would go where the coordinator's runs-dir says
+    assert "state-dir must be the partner's private folder" in message
     with pytest.raises(ValueError, match="data-path must be the partner's data folder"):
-        partner_from_node_config({"max-epsilon": 4.0})
-    spec = partner_from_node_config({"data-path": "/data/shop", "max-epsilon": 4, "privacy-account": "/keep/shop.jsonl"})
-    assert (spec.name, spec.max_epsilon, spec.account) == ("shop", 4.0, Path("/keep/shop.jsonl"))
+        partner_from_node_config({"max-epsilon": 4.0, "state-dir": "/keep"})
+    spec = partner_from_node_config({"data-path": "/data/shop", "state-dir": "/keep", "max-epsilon": 4})
+    assert (spec.name, spec.max_epsilon, spec.account) == ("shop", 4.0, Path("/keep/privacy-account.jsonl"))
+    shared = partner_from_node_config({"data-path": "/data/shop", "state-dir": "/keep", "privacy-account": "/accounts/shop.jsonl"})
+    assert shared.account == Path("/accounts/shop.jsonl")
 
 
 def test_scenario_partner_settings_are_checked(tmp_path: Path) -> None:

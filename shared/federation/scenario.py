@@ -46,10 +46,13 @@ NODE_CONFIG = {
     "domain": "the domain's public name (default: the data folder's name)",
     "max-epsilon": "the partner's own cap on epsilon; it binds even if the server asks for more, and the partner declines rounds without DP",
     "max-users": "train on the first N users only",
-    "state-dir": "the partner's private state folder: head, optimizer, accountant, ledger of one run (default: under the run folder)",
-    "privacy-account": "a file kept across runs: max-epsilon then caps every run on this data together",
+    "state-dir": "the partner's private folder (required): each run's head, optimizer, accountant and ledger in runs/<run-id>/, "
+    "and its privacy account",
+    "privacy-account": "the file that counts every run on this data, so that max-epsilon caps them together "
+    "(default: privacy-account.jsonl in state-dir; name one file for several SuperNodes on the same data)",
 }
-SIMULATION_NODE_CONFIG = ("partition-id", "num-partitions")  # set by Flower's simulation engine
+SIMULATION_NODE_CONFIG = ("partition-id", "num-partitions")
+ACCOUNT_FILE = "privacy-account.jsonl"  # a deployed partner's default, in its state-dir  # set by Flower's simulation engine
 SCENARIO_KEYS = ("name", "data", "data-format", "max-epsilon", "max-users", "privacy-account")
 
 
@@ -96,11 +99,17 @@ def partner_from_node_config(node_config: dict[str, Any]) -> PartnerSpec:
     """A deployed partner (node config ``data-path`` and the optional keys of :data:`NODE_CONFIG`)."""
     where = "node config"
     options, problems = partner_options(node_config, known=tuple(NODE_CONFIG), base=Path.cwd(), where=where)
-    data = node_config.get("data-path")
+    data, state = node_config.get("data-path"), node_config.get("state-dir")
     if not isinstance(data, str) or not data:
         problems.insert(0, f"{where}: data-path must be the partner's data folder, got {data!r}")
+    if not isinstance(state, str) or not state:
+        # else the state would go under the coordinator's runs-dir: a path the coordinator picks
+        problems.append(
+            f"{where}: state-dir must be the partner's private folder (its runs' state, ledgers and privacy account), got {state!r}"
+        )
     if problems:
         raise ValueError("invalid node config:\n  " + "\n  ".join(problems))
+    options.setdefault("account", (Path(str(state)) / ACCOUNT_FILE).resolve())
     path = Path(str(data))
     return PartnerSpec(str(node_config.get("domain") or path.name), path, **options)
 

@@ -9,6 +9,7 @@ instead of failing on the first or silently using a default for a typo.
 from __future__ import annotations
 
 import difflib
+import re
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
@@ -105,6 +106,9 @@ class FederationSettings:
             )
         if self.popularity_window < 0:
             problems.append(f"popularity-window must be >= 0 (0: whole histories), got {self.popularity_window}")
+        if self.run_id and not RUN_ID.fullmatch(self.run_id):
+            # partners keep each run's state in <state-dir>/runs/<run-id>: a plain name only
+            problems.append(f"run-id must be letters, digits, '.', '_' or '-' (not starting with '.'), at most 100, got {self.run_id!r}")
         if self.max_grad_norm <= 0 or self.lr <= 0:
             problems.append("max-grad-norm and lr must be > 0")
         return problems
@@ -115,6 +119,9 @@ class FederationSettings:
 
 class SettingsError(ValueError):
     pass
+
+
+RUN_ID = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,99}")
 
 
 def _either(choices: tuple[str, ...]) -> str:

@@ -1,0 +1,149 @@
+"""A deployment: a real SuperLink and one SuperNode per partner, on 127.0.0.1, runs started by ``flwr run``.
+
+What a partner organisation runs (README, "Deploying a partner"): its SuperNode
+serves run after run from one ``state-dir``, and its privacy account caps them
+together.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from shared.cli import main as cli_main
+from shared.data.synthetic import SyntheticConfig, generate
+from shared.federation.scenario import ACCOUNT_FILE
+from shared.flower_run import PROJECT, _toml
+from shared.privacy import account, ledger
+from tests.processes import descendants, is_loopback, listening_addresses, wait_for_exit
+
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_healthy(port: int, process: subprocess.Popen[bytes], log: Path, *, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise AssertionError(f"flower-superlink exited with {process.returncode}:\n{log.read_text()[-3000:]}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.3)
+    raise AssertionError(f"flower-superlink not healthy after {timeout:.0f} s:\n{log.read_text()[-3000:]}")
+
+
+@pytest.mark.slow
+def test_supernodes_serve_run_after_run_within_their_lifetime_budget(tmp_path: Path) -> None:
+    generate(tmp_path / "data", SyntheticConfig(domains=2, users=150, items=80, seed=0))
+    names = sorted(p.name for p in (tmp_path / "data").iterdir())
+    env = {
+        **os.environ,
+        "FLWR_HOME": str(tmp_path / "flwr"),
+        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+        "FLWR_DISABLE_UPDATE_CHECK": "1",
+        "PYTHONWARNINGS": "ignore",
+        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+    }
+    link = free_port()
+    (tmp_path / "flwr").mkdir()
+    (tmp_path / "flwr" / "config.toml").write_text(
+        f'[superlink]\ndefault = "partners"\n\n[superlink.partners]\naddress = "127.0.0.1:{link}"\ninsecure = true\n'
+    )
+    before = descendants()
+    processes: list[subprocess.Popen[bytes]] = []
+
+    def start(command: list[str], log: Path) -> subprocess.Popen[bytes]:
+        with log.open("wb") as out:
+            processes.append(subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=tmp_path))
+        return processes[-1]
+
+    seen: set[str] = set()
+    try:
+        superlink = start(
+            [
+                str(BIN / "flower-superlink"),
+                "--insecure",
+                "--isolation=subprocess",
+                "--host=127.0.0.1",
+                f"--port={link}",
+                f"--control-api-address=127.0.0.1:{free_port()}",
+                f"--database={tmp_path / 'superlink.db'}",
+            ],
+            tmp_path / "superlink.log",
+        )
+        wait_healthy(link, superlink, tmp_path / "superlink.log")
+        for name in names:  # each partner: its data, its private folder, its own cap
+            node_config = f"data-path='{tmp_path / 'data' / name}' state-dir='{tmp_path / 'partners' / name}' max-epsilon=8"
+            start(
+                [
+                    str(BIN / "flower-supernode"),
+                    "--insecure",
+                    f"--superlink=127.0.0.1:{link}",
+                    "--host=127.0.0.1",
+                    f"--port={free_port()}",
+                    f"--node-config={node_config}",
+                ],
+                tmp_path / f"supernode-{name}.log",
+            )
+        for run_id in ("first", "second"):  # the second run finds the partners' lifetime budget spent
+            config = {"rounds": 2, "min-partners": 2, "batch-size": 64, "runs-dir": str(tmp_path / "runs"), "run-id": run_id}
+            command = [str(BIN / "flwr"), "run", str(PROJECT), "partners", "--stream", "--run-config"]
+            result = subprocess.run(
+                [*command, " ".join(f"{k}={_toml(v)}" for k, v in config.items())],
+                env=env,
+                cwd=PROJECT,
+                capture_output=True,
+                timeout=600,
+            )
+            seen |= listening_addresses(descendants() | {os.getpid()})
+            assert result.returncode == 0, result.stdout.decode()[-3000:] + result.stderr.decode()[-3000:]
+    finally:
+        for process in processes:
+            process.terminate()
+        for process in processes:
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+    assert seen and all(is_loopback(a) for a in seen), seen
+    assert not wait_for_exit(before), "a Flower process was left behind"
+
+    runs = tmp_path / "runs"
+    for name in names:
+        own = tmp_path / "partners" / name
+        # each run's private state in its own folder; the coordinator's ledger copy is the partner's, byte for byte
+        assert (runs / "first" / "ledger" / f"{name}.jsonl").read_bytes() == (own / "runs" / "first" / "ledger.jsonl").read_bytes()
+        first = ledger.verify(own / "runs" / "first" / "ledger.jsonl")
+        assert first.ok and [e["status"] for e in first.entries] == ["trained", "trained"] and 7.9 < first.epsilon <= 8.0
+        second = ledger.verify(own / "runs" / "second" / "ledger.jsonl")
+        assert [e["status"] for e in second.entries] == ["declined", "declined"] and second.epsilon == 0.0
+        assert "too little is left of this partner's lifetime epsilon 8 over 2 run(s)" in second.entries[0]["note"]
+        entries = account.read(own / ACCOUNT_FILE)
+        assert [(x["run"], x["round"]) for x in entries] == [("first", 1), ("first", 2)]
+        assert cli_main(["privacy", "account", str(own / ACCOUNT_FILE)]) == 0
+    # the partner's fine-tune after the federation starts from its latest run that trained
+    tuned = tmp_path / "finetuned"
+    own = tmp_path / "partners" / names[0]
+    assert (
+        cli_main(["finetune", "--state-dir", str(own), "--data", str(tmp_path / "data" / names[0]), "--out", str(tuned), "--epochs", "1"])
+        == 0
+    )
+    assert json.loads((tuned / "metrics.json").read_text())["from"]["run_id"] == "first"
+    rows = [json.loads(line) for line in (runs / "second" / "metrics.jsonl").read_text().splitlines()]
+    assert rows and all(r["declined"] for r in rows) and {r["partner"] for r in rows} == set(names)

@@ -147,3 +147,27 @@ def test_supernodes_serve_run_after_run_within_their_lifetime_budget(tmp_path: P
     assert json.loads((tuned / "metrics.json").read_text())["from"]["run_id"] == "first"
     rows = [json.loads(line) for line in (runs / "second" / "metrics.jsonl").read_text().splitlines()]
     assert rows and all(r["declined"] for r in rows) and {r["partner"] for r in rows} == set(names)
+
+
+def test_the_docker_files_hold_what_the_deployment_test_runs() -> None:
+    """docker/ is not built here (no Docker daemon on these machines): check what can be checked."""
+    import yaml
+    from flwr.common.config import parse_config_args
+
+    from shared.federation.scenario import partner_from_node_config
+
+    docker = PROJECT / "docker"
+    for line in (docker / "Dockerfile").read_text().splitlines():
+        if line.startswith("COPY "):
+            *sources, _ = line.split()[1:]
+            assert all((PROJECT / s).exists() for s in sources), line
+    services = yaml.safe_load((docker / "compose.yaml").read_text())["services"]
+    link = services.pop("superlink")["command"]
+    assert link[0] == "flower-superlink" and "--isolation=subprocess" in link
+    assert services
+    for name, service in services.items():
+        command = service["command"]
+        assert command[0] == "flower-supernode" and "--superlink=superlink:9095" in command
+        node_config = parse_config_args([next(c for c in command if c.startswith("--node-config=")).split("=", 1)[1]])
+        spec = partner_from_node_config(node_config)  # every key known, data-path and state-dir given
+        assert spec.max_epsilon is not None and spec.account is not None, name

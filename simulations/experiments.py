@@ -51,6 +51,7 @@ def finetune(run: Path, specs: list[PartnerSpec], config: TrainConfig) -> dict[s
             out=run / "finetuned" / spec.name,
             config=config,
             domain=spec.name,
+            max_users=spec.max_users,
             log=lambda _: None,
         )
         out[spec.name] = metrics_row(tuned["fine-tuned"]["test"])

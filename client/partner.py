@@ -300,7 +300,8 @@ def train(
     A partner declines a round (replies with the adapter it received, unchanged, and
     a note saying why) that would take it over its budget: the run's
     (``min(target-epsilon, max-epsilon)``), or its privacy account's over all runs;
-    and a partner with a ``max-epsilon`` declines every round of a run without DP."""
+    a round at a delta above its ``max-delta`` (default 1 / its users); and, with
+    a ``max-epsilon``, every round of a run without DP."""
     check_same_run(state, settings, folder)
     if settings.dp and state.trained_without_dp:
         raise ValueError(
@@ -329,6 +330,12 @@ def train(
         line = ledger.append(ledger_path, _ledger_entry(spec, settings, budget, server_round, [], spent, 0, note))
         return TrainReply(arrays, metrics, note, line), state
 
+    max_delta = spec.max_delta if spec.max_delta is not None else 1.0 / n_users
+    if settings.dp and budget.delta > max_delta:
+        return decline(
+            f"declined round {server_round}: this run's delta {budget.delta:.3g} is above this partner's max-delta "
+            f"{max_delta:.3g} (at a delta near 1 / users, a mechanism may reveal about one user in the clear)"
+        )
     if not settings.dp and spec.max_epsilon is not None:
         return decline(
             f"declined round {server_round}: this run trains without DP (dp = false), which no epsilon bounds; "

@@ -203,6 +203,27 @@ def test_a_capped_partner_declines_a_run_without_dp(tmp_path: Path) -> None:
     assert not (tmp_path / "state.pt").exists()
 
 
+@pytest.mark.slow
+def test_a_partner_declines_a_delta_above_its_max(tmp_path: Path) -> None:
+    # a coordinator asking for delta 0.1 would let a "DP" release reveal about one user in ten in the clear
+    settings = settings_for(tmp_path, delta=0.1)
+    spec = partner.resolve_partner({"partition-id": 0, "num-partitions": 3}, settings)
+    arrays = initial_adapter(settings, in_dim=ENCODER_DIM)
+    reply, state = partner.train(settings=settings, server_round=1, spec=spec, arrays=arrays, state=partner.PartnerState(), folder=tmp_path)
+    assert reply.metrics["declined"] == 1 and reply.arrays is arrays and state.head is None
+    assert "delta 0.1 is above this partner's max-delta" in reply.note
+    stricter = partner.PartnerSpec(spec.name, spec.data, max_delta=1e-6)  # the partner's own, below the default 1 / users
+    reply, _ = partner.train(
+        settings=settings_for(tmp_path, run_id="next"),
+        server_round=1,
+        spec=stricter,
+        arrays=arrays,
+        state=partner.PartnerState(),
+        folder=tmp_path / "next",
+    )
+    assert reply.metrics["declined"] == 1 and "above this partner's max-delta 1e-06" in reply.note
+
+
 def test_run_config_errors_name_every_key() -> None:
     with pytest.raises(SettingsError) as info:
         settings_from_run_config({"round": 3, "lr": "fast", "fraction-train": 1.5, "adapter": "lora", "optimizer": "adam"})

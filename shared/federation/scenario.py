@@ -6,6 +6,7 @@ A scenario file (TOML), one ``[[partner]]`` table per simulated partner::
     name = "amazon2014-toy"                  # optional: default the folder's name
     data = "../shared/data/amazon2014-toy"   # relative to the scenario file
     max-epsilon = 8.0                        # optional: the partner's own cap
+    max-delta = 1e-5                         # optional: default 1 / its users
     max-users = 300                          # optional: keep only the first N users (cold start)
     data-format = "tsv"                      # optional: default detected from the files
     privacy-account = "accounts/toy.jsonl"   # optional: makes max-epsilon a cap across runs
@@ -36,6 +37,7 @@ class PartnerSpec:
     max_epsilon: float | None = None
     max_users: int | None = None
     data_format: str | None = None  # None: detected from the files
+    max_delta: float | None = None  # None: 1 / (the partner's users)
     account: Path | None = None  # the privacy account kept across runs (shared.privacy.account)
 
 
@@ -45,6 +47,8 @@ NODE_CONFIG = {
     "data-format": f"one of {', '.join(FORMATS)} (default: detected from the files)",
     "domain": "the domain's public name (default: the data folder's name)",
     "max-epsilon": "the partner's own cap on epsilon; it binds even if the server asks for more, and the partner declines rounds without DP",
+    "max-delta": "the largest delta the partner accepts (default: 1 / its users; a delta near that lets a mechanism "
+    "reveal about one user in the clear)",
     "max-users": "train on the first N users only",
     "state-dir": "the partner's private folder (required): each run's head, optimizer, accountant and ledger in runs/<run-id>/, "
     "and its privacy account",
@@ -53,7 +57,7 @@ NODE_CONFIG = {
 }
 SIMULATION_NODE_CONFIG = ("partition-id", "num-partitions")
 ACCOUNT_FILE = "privacy-account.jsonl"  # a deployed partner's default, in its state-dir  # set by Flower's simulation engine
-SCENARIO_KEYS = ("name", "data", "data-format", "max-epsilon", "max-users", "privacy-account")
+SCENARIO_KEYS = ("name", "data", "data-format", "max-epsilon", "max-delta", "max-users", "privacy-account")
 
 
 def partner_options(values: dict[str, Any], *, known: tuple[str, ...], base: Path, where: str) -> tuple[dict[str, Any], list[str]]:
@@ -72,6 +76,12 @@ def partner_options(values: dict[str, Any], *, known: tuple[str, ...], base: Pat
             problems.append(f"{where}: max-epsilon must be a number above 0, got {cap!r}")
         else:
             out["max_epsilon"] = float(cap)
+    max_delta = values.get("max-delta")
+    if max_delta is not None:
+        if isinstance(max_delta, bool) or not isinstance(max_delta, int | float) or not 0 < max_delta < 1:
+            problems.append(f"{where}: max-delta must be a number in (0, 1), got {max_delta!r}")
+        else:
+            out["max_delta"] = float(max_delta)
     users = values.get("max-users")
     if users is not None:
         if isinstance(users, bool) or not isinstance(users, int) or users < 1:

@@ -210,6 +210,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         domain=args.domain,
         max_users=args.max_users,
         run_id=args.run_id,
+        mode=args.mode,
     )
     (out / "metrics.json").write_text(json.dumps(result, indent=2))
     print(f"\n{result['domain']}: federated model (run {result['from']['run_id']!r}, round {result['from']['round']}) and fine-tuned")
@@ -297,6 +298,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--state-dir", required=True, metavar="DIR", help="the partner's state folder (node config state-dir, or one run's); only read"
     )
     ft.add_argument("--run-id", help="which run of a deployed partner's state-dir (default: the latest that trained)")
+    ft.add_argument(
+        "--mode",
+        choices=("recipe", "continue"),
+        default="recipe",
+        help="recipe: head and adapter, fedxrec train's recipe (default); continue: the federation's own training, "
+        "locally (adapter and prior weight, sampled softmax, the federation's item counts): better for a few thousand users",
+    )
     ft.add_argument("--data", required=True, metavar="PATH", help="the partner's data folder (node config data-path)")
     ft.add_argument("--out", required=True, metavar="DIR", help="output folder (metrics.json, model/)")
     ft.add_argument("--domain", help="the domain's name (node config domain; default: the data folder's name)")

@@ -79,3 +79,21 @@ def test_finetune_errors_name_what_is_missing_or_wrong(tmp_path: Path, capsys: p
     assert "not the catalogue the model in" in capsys.readouterr().err
     assert main(["finetune", "--state-dir", str(tmp_path / "nowhere"), "--data", str(data), "--out", str(tmp_path / "x")]) == 2
     assert "--state-dir" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_finetune_continue_trains_the_adapter_and_prior_and_keeps_the_head(tmp_path: Path) -> None:
+    folder, data, evaluated = federate_one_round(tmp_path)
+    out = tmp_path / "continued"
+    assert main(["finetune", "--mode", "continue", "--state-dir", str(folder), "--data", str(data), "--out", str(out), *FAST]) == 0
+    result = json.loads((out / "metrics.json").read_text())
+    assert result["federated"]["test"]["ndcg@10"] == pytest.approx(evaluated["test-ndcg@10"])
+    loaded = load_domain_model(out / "model").model
+    head = partner.PartnerState.load(folder).head
+    assert head is not None
+    saved = loaded.state_dict()
+    # the head is the federation's, untouched; the prior counts are the federation's kind (last 2 items, exact)
+    assert all(torch.equal(saved[k], v) for k, v in head.items() if k.startswith("head."))
+    kept = load_file(str(folder / partner.GLOBAL_ADAPTER))
+    if result["fine-tuned"]["valid"]["ndcg@10"] > result["federated"]["valid"]["ndcg@10"]:  # an epoch beat the start
+        assert any(not torch.equal(saved[f"adapter.{k}"], v) for k, v in kept.items())

@@ -213,7 +213,10 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         mode=args.mode,
     )
     (out / "metrics.json").write_text(json.dumps(result, indent=2))
-    print(f"\n{result['domain']}: federated model (run {result['from']['run_id']!r}, round {result['from']['round']}) and fine-tuned")
+    print(
+        f"\n{result['domain']}: federated model (run {result['from']['run_id']!r}, round {result['from']['round']}) "
+        f"and fine-tuned (mode {result['mode']})"
+    )
     print(f"{'model':<12} {'split':<6} {'NDCG@10':>8} {'Recall@10':>10}")
     for name in ("federated", "fine-tuned"):
         for which in ("valid", "test"):
@@ -300,10 +303,10 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--run-id", help="which run of a deployed partner's state-dir (default: the latest that trained)")
     ft.add_argument(
         "--mode",
-        choices=("recipe", "continue"),
-        default="recipe",
-        help="recipe: head and adapter, fedxrec train's recipe (default); continue: the federation's own training, "
-        "locally (adapter and prior weight, sampled softmax, the federation's item counts): better for a few thousand users",
+        choices=("best", "recipe", "continue"),
+        default="best",
+        help="recipe: head and adapter, fedxrec train's recipe; continue: the federation's own training, locally (adapter "
+        "and prior weight, sampled softmax, the federation's item counts); best (default): both, keeping the higher valid NDCG@10",
     )
     ft.add_argument("--data", required=True, metavar="PATH", help="the partner's data folder (node config data-path)")
     ft.add_argument("--out", required=True, metavar="DIR", help="output folder (metrics.json, model/)")

@@ -88,6 +88,7 @@ def cold_start(scenario: Path, base: dict[str, Any], out: Path, *, recipe: Train
             config=recipe,
             domain=spec.name,
             max_users=spec.max_users,
+            mode="recipe",  # what README's cold-start table measured
             log=lambda _: None,
         )
         own["in the federation + fine-tune"] = metrics_row(tuned["fine-tuned"]["test"])

@@ -40,7 +40,7 @@ from simulations.common import machine, write_json
 from simulations.federations import federate, metrics_row, one_partner_scenario, recipe_alone, test_row, zero_shot
 
 
-def finetune(run: Path, specs: list[PartnerSpec], config: TrainConfig) -> dict[str, dict[str, Any]]:
+def finetune(run: Path, specs: list[PartnerSpec], config: TrainConfig, *, mode: str = "recipe") -> dict[str, dict[str, Any]]:
     """``fedxrec finetune`` on each partner's state folder: its final federated model
     (the global adapter it kept, its private head and prior), then the full recipe."""
     out = {}
@@ -52,6 +52,7 @@ def finetune(run: Path, specs: list[PartnerSpec], config: TrainConfig) -> dict[s
             config=config,
             domain=spec.name,
             max_users=spec.max_users,
+            mode=mode,
             log=lambda _: None,
         )
         out[spec.name] = metrics_row(tuned["fine-tuned"]["test"])
@@ -153,12 +154,12 @@ def main() -> None:
         results["local, full recipe"] = {s.name: test_row(s, recipe_alone(s, settings, config=recipe)) for s in specs}
     results["federated, no DP"] = federate("federated-nodp", scenario, len(specs), base, out, dp=False)
     if args.recipe_minutes:
-        results["federated, no DP + fine-tune"] = finetune(out / "federated-nodp", specs, recipe)
+        results["federated, no DP + fine-tune"] = finetune(out / "federated-nodp", specs, recipe, mode=args.finetune_mode)
     for eps in args.epsilons:
         key = f"federated DP eps={eps:g}"
         results[key] = federate(f"federated-dp-{eps:g}", scenario, len(specs), base, out, dp=True, **{"target-epsilon": eps})
         if args.recipe_minutes and (args.finetune_epsilons is None or eps in args.finetune_epsilons):
-            tuned = finetune(out / f"federated-dp-{eps:g}", specs, recipe)
+            tuned = finetune(out / f"federated-dp-{eps:g}", specs, recipe, mode=args.finetune_mode)
             results[f"{key} + fine-tune"] = {d: {**tuned[d], "epsilon": results[key][d]["epsilon"]} for d in tuned}
     if args.pooled_minutes:
         pooled = train_and_evaluate(

@@ -55,6 +55,10 @@ def test_finetune_starts_from_the_federated_model_and_only_reads_the_state(tmp_p
     assert result["federated"]["test"]["ndcg@10"] == pytest.approx(evaluated["test-ndcg@10"])
     assert result["federated"]["valid"]["recall@10"] == pytest.approx(evaluated["valid-recall@10"])
     assert result["from"]["run_id"] == "test" and result["from"]["round"] == 1
+    # the default mode tries both and keeps the better on the partner's valid users
+    modes = result["modes"]
+    assert set(modes) == {"recipe", "continue"} and result["fine-tuned"] == modes[result["mode"]]
+    assert modes[result["mode"]]["valid"]["ndcg@10"] == max(m["valid"]["ndcg@10"] for m in modes.values())
     assert {p.name: p.read_bytes() for p in folder.iterdir()} == before  # a DP round from this state stays possible
     assert "fine-tuned" in capsys.readouterr().out
 

@@ -277,6 +277,13 @@ class Lifetime:
     spent: list[Event]
     runs: int
 
+    def noise_for(self, *, sample_rate: float, steps: int, first: list[Event]) -> float:
+        """The noise multiplier that fits ``steps`` steps (after the ``first`` events) into what is left; inf if nothing is."""
+        try:
+            return calibrate_noise(budget=self.budget, sample_rate=sample_rate, steps=steps, spent=[*self.spent, *first])
+        except ValueError:
+            return math.inf
+
 
 def lifetime_of(spec: PartnerSpec, budget: Budget) -> Lifetime | None:
     if spec.account is None or spec.max_epsilon is None:
@@ -341,7 +348,9 @@ def train(
             f"declined round {server_round}: this run trains without DP (dp = false), which no epsilon bounds; "
             f"this partner caps its epsilon at {spec.max_epsilon:g}"
         )
-    lifetime = lifetime_of(spec, budget) if settings.dp else None
+    # what the account has left matters where a run plans: its count release and its noise
+    planning = settings.dp and (state.head is None or state.noise_multiplier is None)
+    lifetime = lifetime_of(spec, budget) if planning else None
     counts: torch.Tensor | None = None
     counts_noise, released, note = 0.0, list[Event](), ""
     if state.head is None:  # the first round: the prior's counts (a DP release under DP)
@@ -354,12 +363,7 @@ def train(
             )
             if lifetime is not None:  # and no lower than what the account has left allows
                 left = f"this partner's lifetime epsilon {lifetime.budget.epsilon:g} over {lifetime.runs + 1} run(s)"
-                try:
-                    needed = calibrate_noise(
-                        budget=lifetime.budget, sample_rate=sample_rate, steps=settings.rounds * steps, spent=[*lifetime.spent, *released]
-                    )
-                except ValueError:
-                    needed = math.inf
+                needed = lifetime.noise_for(sample_rate=sample_rate, steps=settings.rounds * steps, first=released)
                 if needed > MAX_NOISE_RAISE * state.noise_multiplier:
                     run_sigma, state.noise_multiplier = state.noise_multiplier, None
                     return decline(

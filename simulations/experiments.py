@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from client.finetune import FINETUNE_MODES
 from client.finetune import finetune as partner_finetune
 from shared.federation.scenario import PartnerSpec, load_scenario
 from shared.federation.settings import FederationSettings
@@ -134,6 +135,12 @@ def main() -> None:
     )
     parser.add_argument(
         "--pooled-minutes", type=float, default=15.0, help="time cap of the pooled run (at most --recipe-epochs; 0: no pooled row)"
+    )
+    parser.add_argument(
+        "--finetune-mode",
+        choices=FINETUNE_MODES,
+        default="recipe",
+        help="fedxrec finetune's --mode for the fine-tune rows (default: recipe, the mode of README's Scientific/office tables)",
     )
     parser.add_argument("--out", default="runs/experiments")
     args = parser.parse_args()

@@ -55,8 +55,8 @@ NODE_CONFIG = {
     "privacy-account": "the file that counts every run on this data, so that max-epsilon caps them together "
     "(default: privacy-account.jsonl in state-dir; name one file for several SuperNodes on the same data)",
 }
-SIMULATION_NODE_CONFIG = ("partition-id", "num-partitions")
-ACCOUNT_FILE = "privacy-account.jsonl"  # a deployed partner's default, in its state-dir  # set by Flower's simulation engine
+SIMULATION_NODE_CONFIG = ("partition-id", "num-partitions")  # set by Flower's simulation engine
+ACCOUNT_FILE = "privacy-account.jsonl"  # a deployed partner's default, in its state-dir
 SCENARIO_KEYS = ("name", "data", "data-format", "max-epsilon", "max-delta", "max-users", "privacy-account")
 
 
@@ -70,24 +70,19 @@ def partner_options(values: dict[str, Any], *, known: tuple[str, ...], base: Pat
             hint = f"did you mean {close[0]!r}?" if close else f"expected one of {list(known)}"
             problems.append(f"{where}: unknown key {key!r}; {hint}")
     out: dict[str, Any] = {}
-    cap = values.get("max-epsilon")
-    if cap is not None:
-        if isinstance(cap, bool) or not isinstance(cap, int | float) or not cap > 0:
-            problems.append(f"{where}: max-epsilon must be a number above 0, got {cap!r}")
+    numbers = (  # key, field, whole numbers only, valid, what is expected
+        ("max-epsilon", "max_epsilon", False, lambda v: v > 0, "a number above 0"),
+        ("max-delta", "max_delta", False, lambda v: 0 < v < 1, "a number in (0, 1)"),
+        ("max-users", "max_users", True, lambda v: v >= 1, "a whole number of at least 1"),
+    )
+    for key, name, whole, valid, expected in numbers:
+        value = values.get(key)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int if whole else int | float) or not valid(value):
+            problems.append(f"{where}: {key} must be {expected}, got {value!r}")
         else:
-            out["max_epsilon"] = float(cap)
-    max_delta = values.get("max-delta")
-    if max_delta is not None:
-        if isinstance(max_delta, bool) or not isinstance(max_delta, int | float) or not 0 < max_delta < 1:
-            problems.append(f"{where}: max-delta must be a number in (0, 1), got {max_delta!r}")
-        else:
-            out["max_delta"] = float(max_delta)
-    users = values.get("max-users")
-    if users is not None:
-        if isinstance(users, bool) or not isinstance(users, int) or users < 1:
-            problems.append(f"{where}: max-users must be a whole number of at least 1, got {users!r}")
-        else:
-            out["max_users"] = int(users)
+            out[name] = int(value) if whole else float(value)
     fmt = values.get("data-format")
     if fmt is not None:
         if fmt not in FORMATS:

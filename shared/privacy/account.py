@@ -36,8 +36,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from shared.privacy import ledger
 from shared.privacy.accounting import ACCOUNTANTS, Event, epsilon_of
-from shared.privacy.ledger import EVENT_FIELDS, GENESIS, MECHANISMS, line_hash
+from shared.privacy.ledger import GENESIS, line_hash
 
 FIELDS = ("seq", "run", "round", "accountant", "delta", "cap", "events", "epsilon", "time", "prev")
 
@@ -55,15 +56,19 @@ class Reservation:
     runs: int  # distinct runs in the account, this one included
 
 
+def _lines(path: Path) -> list[str]:
+    return [x for x in path.read_text(encoding="utf-8").splitlines() if x.strip()] if path.is_file() else []
+
+
 def read(path: Path) -> list[dict[str, Any]]:
     """The account's lines, checked: fields, numbering and hash chain (``AccountError`` names the first bad line)."""
-    if not path.is_file():
-        return []
+    return _checked(path, _lines(path))
+
+
+def _checked(path: Path, lines: list[str]) -> list[dict[str, Any]]:
     entries: list[dict[str, Any]] = []
     prev = GENESIS
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
+    for n, line in enumerate(lines, start=1):
         where = f"{path}, line {n}"
         try:
             entry = json.loads(line)
@@ -76,9 +81,9 @@ def read(path: Path) -> list[dict[str, Any]]:
             raise AccountError(f"{where}: seq is {entry['seq']}, expected {len(entries) + 1}: a line was removed, added or moved")
         if entry["prev"] != prev:
             raise AccountError(f"{where}: prev is not the hash of the line before: that line, or this one, was edited or moved")
-        for e in entry["events"]:
-            if list(e) != list(EVENT_FIELDS) or e["mechanism"] not in MECHANISMS:
-                raise AccountError(f"{where}: an event must have the fields {list(EVENT_FIELDS)} and a mechanism in {list(MECHANISMS)}")
+        problems = ledger.event_problems(entry["events"])
+        if problems:
+            raise AccountError(f"{where}: " + "; ".join(problems))
         entries.append(entry)
         prev = line_hash(line)
     return entries
@@ -86,12 +91,7 @@ def read(path: Path) -> list[dict[str, Any]]:
 
 def events_of(entries: list[dict[str, Any]], *, run: str | None = None) -> list[Event]:
     """The (noise, sample rate, steps) events of every line (or of one run's lines)."""
-    return [
-        (float(e["noise_multiplier"]), float(e["sample_rate"]), int(e["steps"]))
-        for x in entries
-        if run is None or x["run"] == run
-        for e in x["events"]
-    ]
+    return ledger.events_of([x for x in entries if run is None or x["run"] == run])
 
 
 def terms(entries: list[dict[str, Any]], *, delta: float, accountant: str) -> tuple[float, str]:
@@ -130,9 +130,10 @@ def reserve(
     (``None``: no cap, always granted and recorded). Read, check and append happen under one lock."""
     if accountant not in ACCOUNTANTS:
         raise ValueError(f"accountant {accountant!r}: expected one of {ACCOUNTANTS}")
-    new = [(float(e["noise_multiplier"]), float(e["sample_rate"]), int(e["steps"])) for e in events]
+    new = ledger.events_of([{"events": events}])
     with locked(path):
-        entries = read(path)
+        lines = _lines(path)
+        entries = _checked(path, lines)
         before = lifetime_epsilon(entries, delta=delta, accountant=accountant)
         after = lifetime_epsilon(entries, extra=new, delta=delta, accountant=accountant)
         runs = len({x["run"] for x in entries} | {run})
@@ -146,20 +147,16 @@ def reserve(
             "accountant": account_accountant,
             "delta": account_delta,
             "cap": cap,
-            "events": [{k: e[k] for k in EVENT_FIELDS} for e in events],
+            "events": [ledger.event_record(e) for e in events],
             "epsilon": after,
             "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "prev": line_hash(_last_line(path)) if entries else GENESIS,
+            "prev": line_hash(lines[-1]) if lines else GENESIS,
         }
         with path.open("a", encoding="utf-8") as fh:
             fh.write(json.dumps(entry, separators=(", ", ": ")) + "\n")
             fh.flush()
             os.fsync(fh.fileno())  # reserved before any training: it must survive a crash
         return Reservation(True, before, after, cap, runs)
-
-
-def _last_line(path: Path) -> str:
-    return [x for x in path.read_text(encoding="utf-8").splitlines() if x.strip()][-1]
 
 
 def summary(path: Path, *, head: tuple[int, str] | None = None) -> dict[str, Any]:
@@ -169,7 +166,8 @@ def summary(path: Path, *, head: tuple[int, str] | None = None) -> dict[str, Any
     dp-accounting's independent RDP and PLD figures for the lifetime."""
     from shared.privacy.independent import pld_epsilon, rdp_epsilon
 
-    entries = read(path)
+    lines = _lines(path)
+    entries = _checked(path, lines)
     if not entries:
         raise AccountError(f"{path}: no privacy account here (the file is missing or empty)")
     delta, accountant = terms(entries, delta=0.0, accountant="rdp")
@@ -179,7 +177,6 @@ def summary(path: Path, *, head: tuple[int, str] | None = None) -> dict[str, Any
             raise AccountError(
                 f"{path}, line {n + 1}: epsilon {entries[n]['epsilon']} is not what its events and the lines before give ({recomputed:.6f})"
             )
-    lines = [x for x in path.read_text(encoding="utf-8").splitlines() if x.strip()]
     last = line_hash(lines[-1])
     # an account only grows: the recorded line must still be there, unchanged
     if head is not None and (head[0] > len(lines) or head[0] < 1 or line_hash(lines[head[0] - 1]) != head[1]):

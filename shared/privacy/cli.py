@@ -124,11 +124,15 @@ def _head(args: argparse.Namespace, path: Path) -> Any:
     from shared.privacy import ledger
 
     if args.head:
-        lines, _, digest = args.head.partition(":")
-        if not lines.isdigit() or len(digest) != 64:
-            raise ValueError(f"--head {args.head!r}: expected LINES:SHA256 (as 'fedxrec privacy verify' prints it)")
-        return ledger.Head(int(lines), digest)
+        return ledger.Head(*_parse_head(args.head, printed_by="verify"))
     return ledger.recorded_head(path)
+
+
+def _parse_head(text: str, *, printed_by: str) -> tuple[int, str]:
+    lines, _, digest = text.partition(":")
+    if not lines.isdigit() or len(digest) != 64:
+        raise ValueError(f"--head {text!r}: expected LINES:SHA256 (as 'fedxrec privacy {printed_by}' prints it)")
+    return int(lines), digest
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -155,12 +159,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_account(args: argparse.Namespace) -> int:
     from shared.privacy import account
 
-    head = None
-    if args.head:
-        lines, _, digest = args.head.partition(":")
-        if not lines.isdigit() or len(digest) != 64:
-            raise ValueError(f"--head {args.head!r}: expected LINES:SHA256 (as 'fedxrec privacy account' prints it)")
-        head = (int(lines), digest)
+    head = _parse_head(args.head, printed_by="account") if args.head else None
     try:
         result = account.summary(Path(args.account), head=head)
     except account.AccountError as err:

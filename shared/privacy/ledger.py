@@ -109,12 +109,17 @@ def make_entry(
         "accountant": accountant,
         "delta": float(delta),
         "budget_epsilon": float(budget_epsilon),
-        "events": [{k: _event_value(k, e[k]) for k in EVENT_FIELDS} for e in events],
+        "events": [event_record(e) for e in events],
         "epsilon": float(epsilon),
         "examples": int(examples),
         "note": note,
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
+
+
+def event_record(event: dict[str, Any]) -> dict[str, Any]:
+    """An event as a ledger (or privacy account) line holds it: exactly ``EVENT_FIELDS``, typed."""
+    return {k: _event_value(k, event[k]) for k in EVENT_FIELDS}
 
 
 def _event_value(key: str, value: Any) -> Any:
@@ -176,18 +181,24 @@ def _shape_problems(entry: Any) -> list[str]:
         problems.append(f"status {entry['status']!r}: expected one of {list(STATUSES)}")
     if entry["accountant"] not in ACCOUNTANTS:
         problems.append(f"accountant {entry['accountant']!r}: expected one of {list(ACCOUNTANTS)}")
-    if not isinstance(entry["events"], list) or not all(isinstance(e, dict) and set(e) == set(EVENT_FIELDS) for e in entry["events"]):
-        problems.append(f"events: expected a list of objects with exactly {list(EVENT_FIELDS)}")
-    else:
-        for e in entry["events"]:
-            if e["mechanism"] not in MECHANISMS:
-                problems.append(f"event mechanism {e['mechanism']!r}: expected one of {list(MECHANISMS)}")
-            elif not (e["noise_multiplier"] > 0 and 0 < e["sample_rate"] <= 1 and e["steps"] >= 0 and e["max_grad_norm"] > 0):
-                problems.append(f"event {e}: expected noise_multiplier > 0, 0 < sample_rate <= 1, steps >= 0, max_grad_norm > 0")
+    problems += event_problems(entry["events"])
     if entry["status"] == "declined" and entry["events"]:
         problems.append("a declined round lists DP events; a declined round releases nothing")
     if not (isinstance(entry["delta"], int | float) and 0 < entry["delta"] < 1):
         problems.append(f"delta {entry['delta']!r}: expected 0 < delta < 1")
+    return problems
+
+
+def event_problems(events: Any) -> list[str]:
+    """What is wrong with a line's ``events`` (shared by the ledger and the privacy account)."""
+    if not isinstance(events, list) or not all(isinstance(e, dict) and set(e) == set(EVENT_FIELDS) for e in events):
+        return [f"events: expected a list of objects with exactly {list(EVENT_FIELDS)}"]
+    problems = []
+    for e in events:
+        if e["mechanism"] not in MECHANISMS:
+            problems.append(f"event mechanism {e['mechanism']!r}: expected one of {list(MECHANISMS)}")
+        elif not (e["noise_multiplier"] > 0 and 0 < e["sample_rate"] <= 1 and e["steps"] >= 0 and e["max_grad_norm"] > 0):
+            problems.append(f"event {e}: expected noise_multiplier > 0, 0 < sample_rate <= 1, steps >= 0, max_grad_norm > 0")
     return problems
 
 

@@ -123,7 +123,11 @@ def finetune(
         raise ValueError(f"mode {mode!r}: expected one of {FINETUNE_MODES}")
     state_dir = run_state_folder(state_dir, run_id, log=log)
     arrays, meta, state = federated_start(state_dir)
-    settings = FederationSettings(moe_n_experts=int(meta.get("n_experts", 4)), moe_dim=int(meta.get("dim", 128)))
+    settings = FederationSettings(
+        moe_n_experts=int(meta.get("n_experts", 4)),
+        moe_dim=int(meta.get("dim", 128)),
+        private_residual=state.head is not None and "residual.weight" in state.head,
+    )
     spec = PartnerSpec(domain or data.name, data, max_users=max_users)
     own = partner.partner_data(spec, max_len=partner.HEAD.max_len)
     if meta.get("catalogue") != partner.catalogue_fingerprint(own.split):
@@ -154,7 +158,7 @@ def finetune(
         log(f"kept mode {chosen!r} (valid NDCG@10: {scores})")
     run, after = tried[chosen]
 
-    model_config = ModelConfig(adapter=adapter_config(settings), head=partner.HEAD)
+    model_config = ModelConfig(adapter=adapter_config(settings), head=partner.HEAD, private_residual=settings.private_residual)
     model_dir = out / "model"
     save_domain_model(model_dir / own.split.name, run, model_config)
     source = {"state_dir": str(state_dir.resolve()), "run_id": meta.get("run-id", ""), "round": int(meta.get("round", 0))}

@@ -207,6 +207,7 @@ def build_model(
         counts_noise=counts_noise,
         leave_one_out=leave_one_out,  # the federation's counts are user-weighted (shared.privacy.item_counts)
         counts_window=settings.popularity_window,
+        private_residual=settings.private_residual,
     )
     if head is not None:
         missing, unexpected = model.load_state_dict(head, strict=False)

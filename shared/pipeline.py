@@ -53,6 +53,9 @@ class ModelConfig:
     head: HeadConfig = field(default_factory=HeadConfig, metadata={"help": "the private head"})
     temperature: float = field(default=0.07, metadata={"help": "softmax temperature on cosine scores"})
     item_ids: bool = field(default=False, metadata={"help": "add a private item-id residual (transductive)"})
+    private_residual: bool = field(
+        default=False, metadata={"help": "add a linear map of the text vector to the adapter's output (a federated partner's own)"}
+    )
     popularity_prior: bool = field(
         default=True,
         metadata={"help": "add a learned weight x log(1 + training count) to each item's score (no item ids; not under DP)"},
@@ -68,6 +71,7 @@ class ModelConfig:
             head=HeadConfig(**d["head"]),
             temperature=float(d["temperature"]),
             item_ids=bool(d["item_ids"]),
+            private_residual=bool(d.get("private_residual", False)),  # models saved before the option had none
             popularity_prior=bool(d.get("popularity_prior", False)),  # models saved before the option had none
         )
 
@@ -111,6 +115,7 @@ def build_model(domain: PreparedDomain, config: ModelConfig, *, adapter: torch.n
         temperature=config.temperature,
         item_ids=config.item_ids,
         item_counts=counts,
+        private_residual=config.private_residual,
     )
 
 

@@ -263,6 +263,24 @@ def test_trains_decides_whether_the_head_trains_with_and_without_dp(tmp_path: Pa
     )
 
 
+@pytest.mark.parametrize("dp", [True, False])
+def test_a_private_residual_trains_in_the_rounds_and_never_leaves_the_partner(tmp_path: Path, dp: bool) -> None:
+    settings = settings_for(tmp_path, private_residual=True, dp=dp)
+    arrays = initial_adapter(settings, in_dim=ENCODER_DIM)
+    ctx = context()
+    first = train(message(MessageType.TRAIN, arrays, settings, 1), ctx)
+    sent = first.content[wire.ARRAYS].to_torch_state_dict()
+    assert {k: v.shape for k, v in sent.items()} == {k: v.shape for k, v in arrays.items()}  # the adapter, nothing more
+    folder = tmp_path / "test" / "partners" / "books"
+    after_one = partner.PartnerState.load(folder).head
+    assert after_one is not None and after_one["residual.weight"].any()  # trained from its zero start
+    train(message(MessageType.TRAIN, sent, settings, 2), ctx)
+    after_two = partner.PartnerState.load(folder).head
+    assert after_two is not None and not torch.equal(after_two["residual.weight"], after_one["residual.weight"])  # kept, trained on
+    evaluated = evaluate(message(MessageType.EVALUATE, sent, settings, 2), ctx)
+    assert set(evaluated.content[wire.METRICS].keys()) == set(wire.EVALUATE_METRICS)
+
+
 def test_trains_is_validated() -> None:
     with pytest.raises(SettingsError, match="trains must be 'all' or 'adapter'"):
         settings_from_run_config({"trains": "head"})

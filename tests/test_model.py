@@ -13,7 +13,7 @@ from shared.model.recommender import DomainModel, ItemFeatures
 from shared.privacy.item_counts import user_weighted_counts
 
 
-def small_model(item_ids: bool = False, counts: torch.Tensor | None = None) -> DomainModel:
+def small_model(item_ids: bool = False, counts: torch.Tensor | None = None, residual: bool = False) -> DomainModel:
     torch.manual_seed(0)
     vectors = F.normalize(torch.randn(31, 48), dim=-1)
     vectors[0] = 0
@@ -24,6 +24,7 @@ def small_model(item_ids: bool = False, counts: torch.Tensor | None = None) -> D
         head_config=HeadConfig(max_len=8),
         item_ids=item_ids,
         item_counts=counts,
+        private_residual=residual,
     )
 
 
@@ -41,6 +42,17 @@ def test_untrained_head_returns_the_last_items_own_vector() -> None:
     own = F.normalize(model.item_vectors(seqs), dim=-1)
     real = seqs > 0
     torch.testing.assert_close(states[real], own[real])
+
+
+def test_a_private_residual_starts_as_nothing_and_is_not_part_of_the_adapter() -> None:
+    plain, with_residual = small_model().eval(), small_model(residual=True).eval()
+    seqs, targets, negatives = batch()
+    torch.testing.assert_close(with_residual.sampled_loss(seqs, targets, negatives), plain.sampled_loss(seqs, targets, negatives))
+    assert set(with_residual.adapter.state_dict()) == set(plain.adapter.state_dict())  # what a partner sends
+    assert with_residual.residual is not None and with_residual.residual.weight.requires_grad
+    with torch.no_grad():
+        with_residual.residual.weight.normal_()
+    assert not torch.allclose(with_residual.item_vectors(seqs), plain.item_vectors(seqs))
 
 
 def test_sampled_loss_is_a_mean_of_independent_per_user_losses() -> None:

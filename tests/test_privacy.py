@@ -20,7 +20,7 @@ from shared.privacy.accounting import Budget, PartnerAccountant, calibrate_noise
 from shared.privacy.item_counts import release_item_counts, user_weighted_counts
 
 
-def tiny_model(*, dropout: float = 0.0, seed: int = 0, released_counts: bool = False) -> DomainModel:
+def tiny_model(*, dropout: float = 0.0, seed: int = 0, released_counts: bool = False, residual: bool = False) -> DomainModel:
     torch.manual_seed(seed)
     vectors = F.normalize(torch.randn(41, 24), dim=-1)
     vectors[0] = 0
@@ -32,6 +32,7 @@ def tiny_model(*, dropout: float = 0.0, seed: int = 0, released_counts: bool = F
         item_counts=torch.arange(41.0) if released_counts else None,
         counts_noise=5.0 if released_counts else 0.0,  # as if released by release_item_counts
         leave_one_out=released_counts,
+        private_residual=residual,
     )
     with torch.no_grad():  # move off the zero initialisation so that every parameter has a gradient
         for p in model.parameters():
@@ -50,16 +51,20 @@ def users(n: int = 5, *, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, tor
     return inputs, targets, negatives
 
 
-@pytest.mark.parametrize("prior", [False, True], ids=["text-only", "with-popularity-prior"])
-def test_per_sample_gradients_equal_one_example_batches(prior: bool) -> None:
-    model = tiny_model(released_counts=prior)
+@pytest.mark.parametrize(
+    ("prior", "residual"),
+    [(False, False), (True, False), (True, True)],
+    ids=["text-only", "with-popularity-prior", "with-private-residual"],
+)
+def test_per_sample_gradients_equal_one_example_batches(prior: bool, residual: bool) -> None:
+    model = tiny_model(released_counts=prior, residual=residual)
     inputs, targets, negatives = users()
     wrapped = GradSampleModule(model, loss_reduction="mean")
     wrapped(inputs, targets, negatives).backward()
     per_sample = {name: p.grad_sample.clone() for name, p in model.named_parameters()}
     assert set(per_sample) == {n for n, p in model.named_parameters() if p.requires_grad}
     wrapped._close()
-    reference = tiny_model(released_counts=prior)
+    reference = tiny_model(released_counts=prior, residual=residual)
     for i in range(len(inputs)):
         reference.zero_grad()
         reference(inputs[i : i + 1], targets[i : i + 1], negatives[i : i + 1]).backward()

@@ -41,6 +41,14 @@ class FederationSettings:
             " after the federation"
         },
     )
+    private_residual: bool = field(
+        default=True,
+        metadata={
+            "help": "each partner adds a private linear map of the text vector (zero at the start) to the shared "
+            "adapter's output: it is trained in the rounds like the adapter (under the same DP optimizer) but never "
+            "sent, so a partner keeps what its own catalogue needs while the adapter is averaged"
+        },
+    )
     max_grad_norm: float = field(default=1.0, metadata={"help": "per-user gradient clipping norm"})
     popularity_prior: bool = field(
         default=True,

@@ -70,6 +70,7 @@ class DomainModel(nn.Module):
         counts_noise: float = 0.0,
         leave_one_out: bool = False,
         counts_window: int = 0,
+        private_residual: bool = False,
     ) -> None:
         """``item_counts`` [N + 1] adds the popularity prior, its weight starting at
         ``popularity_start``; ``counts_noise``: the noise multiplier the counts were
@@ -77,7 +78,10 @@ class DomainModel(nn.Module):
         counts are :func:`shared.privacy.item_counts.user_weighted_counts`, and the
         sampled loss takes each user's own share (``1 / sqrt(k)``) out of the counts
         of their items, as a test user's held-out item was never counted (else a
-        training target's count always includes itself)."""
+        training target's count always includes itself). ``private_residual``: add a
+        linear map of the text vector, zero at the start, to the adapter's output; in a
+        federation it stays with the partner (it is not the adapter), so the partner
+        keeps what its own catalogue needs while the shared adapter is averaged."""
         super().__init__()
         self.adapter = adapter
         self.features = features
@@ -87,6 +91,12 @@ class DomainModel(nn.Module):
         self.max_len = head_config.max_len
         # Transductive option: a private per-item residual, zero at the start.
         self.item_ids: nn.Embedding | None = None
+        self.residual: nn.Linear | None = None
+        if private_residual:
+            if isinstance(adapter, LoraAdapter):
+                raise ValueError("private_residual works on the text vectors of the moe adapter, not with lora")
+            self.residual = nn.Linear(adapter.in_dim, self.dim, bias=False)
+            nn.init.zeros_(self.residual.weight)  # the untrained model is the adapter's alone
         if item_ids:
             self.item_ids = nn.Embedding(features.n_items + 1, self.dim, padding_idx=0)
             nn.init.zeros_(self.item_ids.weight)
@@ -126,7 +136,10 @@ class DomainModel(nn.Module):
             out = self.adapter(ids[:, :width], mask[:, :width]).reshape(*index.shape, -1)
         else:
             assert self.features.vectors is not None
-            out = self.adapter(self.features.vectors[index])
+            text = self.features.vectors[index]  # [..., d_enc]
+            out = self.adapter(text)
+            if self.residual is not None:
+                out = out + self.residual(text)
         if self.item_ids is not None:
             out = out + self.item_ids(index)
         return out

@@ -4,8 +4,9 @@ Under DP (see DESIGN.md, "Differential-privacy correctness"):
 
 - one example is one user's whole training sequence; users are Poisson-sampled
   by Opacus' data loader (the accountant assumes it);
-- whatever is trainable (the adapter, and the head with ``trains = "all"``) is
-  trained by the one DP optimizer;
+- whatever is trainable (the adapter, the private residual, the prior's weight,
+  and the head with ``trains = "all"``) is trained by the one DP optimizer: the
+  residual never leaves, but the adapter's later gradients depend on it;
 - the loss is the sampled softmax with negatives gathered per user, so every
   trainable module sees batch-first inputs and per-sample gradients are exact;
 - negatives are uniform (popularity-weighted sampling would be an unaccounted

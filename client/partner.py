@@ -212,8 +212,12 @@ def build_model(
     if head is not None:
         missing, unexpected = model.load_state_dict(head, strict=False)
         fresh = ("adapter.", "popularity.", *PRIOR_KEYS)  # sent by the server / new with the prior
-        if unexpected or [k for k in missing if not k.startswith(fresh)]:
-            raise ValueError(f"the stored private head does not fit this model (unexpected {unexpected[:3]})")
+        missing = [k for k in missing if not k.startswith(fresh)]
+        if unexpected or missing:
+            raise ValueError(
+                f"the stored private head does not fit this model (missing {missing[:3]}, unexpected {unexpected[:3]}): "
+                "it was trained with other settings (a 'residual.' key: private-residual)"
+            )
     return model
 
 

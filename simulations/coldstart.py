@@ -43,7 +43,8 @@ def on_other_users(spec: PartnerSpec, arrays: dict[str, torch.Tensor], head: dic
     """A model of the cold partner (adapter arrays, private head and prior) on its domain's other users' test items."""
     assert spec.max_users
     whole = partner.partner_data(PartnerSpec(spec.name, spec.data), max_len=partner.HEAD.max_len)
-    model = partner.build_model(FederationSettings(), whole, adapter_arrays=arrays, head=head)
+    settings = FederationSettings(private_residual=head is not None and "residual.weight" in head)
+    model = partner.build_model(settings, whole, adapter_arrays=arrays, head=head)
     others = whole.split.select_users(slice(spec.max_users, None))
     m = evaluate_model(DomainRun(others, model), "test")
     return {"ndcg@10": m["ndcg@10"], "recall@10": m["recall@10"], "users": len(others.users)}

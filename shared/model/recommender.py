@@ -1,4 +1,4 @@
-"""One partner's recommender: shared adapter + private head (+ optional item ids).
+"""One partner's recommender: shared adapter + private head (+ optional private residual, item ids).
 
 Scores are cosine similarities divided by a temperature, between the head's
 user state and the adapted item vectors, plus (optionally) a popularity prior:

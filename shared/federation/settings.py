@@ -36,7 +36,7 @@ class FederationSettings:
     trains: str = field(
         default="adapter",
         metadata={
-            "help": "what a round trains, with or without DP: 'adapter' (the shared adapter and the prior's weight; the "
+            "help": "what a round trains, with or without DP: 'adapter' (the shared adapter, the private residual and the prior's weight; the "
             "private head stays at its identity start) or 'all' (the head too); a local fine-tune can train the head"
             " after the federation"
         },

@@ -126,7 +126,7 @@ def finetune(
     settings = FederationSettings(
         moe_n_experts=int(meta.get("n_experts", 4)),
         moe_dim=int(meta.get("dim", 128)),
-        private_residual=state.head is not None and "residual.weight" in state.head,
+        private_residual=partner.has_private_residual(state.head),
     )
     spec = PartnerSpec(domain or data.name, data, max_users=max_users)
     own = partner.partner_data(spec, max_len=partner.HEAD.max_len)

@@ -221,6 +221,11 @@ def build_model(
     return model
 
 
+def has_private_residual(head: dict[str, torch.Tensor] | None) -> bool:
+    """Whether a stored private head holds a private residual (its run had ``private-residual`` on)."""
+    return head is not None and "residual.weight" in head
+
+
 def prior_counts(
     settings: FederationSettings, data: PartnerData, budget: Budget, *, lifetime: Lifetime | None = None
 ) -> tuple[torch.Tensor | None, float, list[Event], str]:

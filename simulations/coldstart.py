@@ -43,7 +43,7 @@ def on_other_users(spec: PartnerSpec, arrays: dict[str, torch.Tensor], head: dic
     """A model of the cold partner (adapter arrays, private head and prior) on its domain's other users' test items."""
     assert spec.max_users
     whole = partner.partner_data(PartnerSpec(spec.name, spec.data), max_len=partner.HEAD.max_len)
-    settings = FederationSettings(private_residual=head is not None and "residual.weight" in head)
+    settings = FederationSettings(private_residual=partner.has_private_residual(head))
     model = partner.build_model(settings, whole, adapter_arrays=arrays, head=head)
     others = whole.split.select_users(slice(spec.max_users, None))
     m = evaluate_model(DomainRun(others, model), "test")

@@ -214,9 +214,10 @@ def build_model(
         fresh = ("adapter.", "popularity.", *PRIOR_KEYS)  # sent by the server / new with the prior
         missing = [k for k in missing if not k.startswith(fresh)]
         if unexpected or missing:
+            hint = "private-residual" if any(k.startswith("residual.") for k in [*missing, *unexpected]) else "the model settings"
             raise ValueError(
                 f"the stored private head does not fit this model (missing {missing[:3]}, unexpected {unexpected[:3]}): "
-                "it was trained with other settings (a 'residual.' key: private-residual)"
+                f"it was trained with other settings ({hint})"
             )
     return model
 

@@ -281,6 +281,19 @@ def test_a_private_residual_trains_in_the_rounds_and_never_leaves_the_partner(tm
     assert set(evaluated.content[wire.METRICS].keys()) == set(wire.EVALUATE_METRICS)
 
 
+def test_a_stored_head_from_other_residual_settings_is_refused_by_name(tmp_path: Path) -> None:
+    settings = settings_for(tmp_path, private_residual=False, dp=False)
+    arrays = initial_adapter(settings, in_dim=ENCODER_DIM)
+    train(message(MessageType.TRAIN, arrays, settings, 1), context())
+    head = partner.PartnerState.load(tmp_path / "test" / "partners" / "books").head
+    assert not partner.has_private_residual(head)
+    spec = partner.resolve_partner({"partition-id": 0, "num-partitions": 3}, settings)
+    data = partner.partner_data(spec, max_len=partner.HEAD.max_len)
+    with_residual = FederationSettings(private_residual=True)
+    with pytest.raises(ValueError, match=r"missing \['residual.weight'\].*\(private-residual\)"):
+        partner.build_model(with_residual, data, adapter_arrays=arrays, head=head)
+
+
 def test_trains_is_validated() -> None:
     with pytest.raises(SettingsError, match="trains must be 'all' or 'adapter'"):
         settings_from_run_config({"trains": "head"})

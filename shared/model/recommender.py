@@ -89,14 +89,15 @@ class DomainModel(nn.Module):
         self.head = SequenceHead(self.dim, head_config)
         self.temperature = temperature
         self.max_len = head_config.max_len
-        # Transductive option: a private per-item residual, zero at the start.
-        self.item_ids: nn.Embedding | None = None
+        # A partner's own linear map of the text vector, added to the shared adapter's output.
         self.residual: nn.Linear | None = None
         if private_residual:
             if isinstance(adapter, LoraAdapter):
                 raise ValueError("private_residual works on the text vectors of the moe adapter, not with lora")
             self.residual = nn.Linear(adapter.in_dim, self.dim, bias=False)
             nn.init.zeros_(self.residual.weight)  # the untrained model is the adapter's alone
+        # Transductive option: a private per-item residual, zero at the start.
+        self.item_ids: nn.Embedding | None = None
         if item_ids:
             self.item_ids = nn.Embedding(features.n_items + 1, self.dim, padding_idx=0)
             nn.init.zeros_(self.item_ids.weight)

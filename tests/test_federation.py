@@ -17,6 +17,7 @@ from shared.federation.adapter import initial_adapter
 from shared.federation.settings import FederationSettings, SettingsError, settings_from_run_config
 from shared.model.adapters import MoEAdapter
 from shared.privacy import account, ledger
+from shared.privacy.report import build_report
 
 ENCODER_DIM = 384
 
@@ -189,6 +190,11 @@ def test_a_privacy_account_caps_every_run_on_the_data_together(tmp_path: Path) -
     assert 4.9 < entries[-1]["epsilon"] <= 5.0 and entries[-1]["epsilon"] == pytest.approx(
         account.lifetime_epsilon(entries, delta=1.0, accountant="rdp")
     )
+    # the privacy officer's report of the second run's ledger finds that run in the account
+    report = build_report(tmp_path / "second" / "ledger.jsonl", account_path=tmp_path / "account.jsonl")
+    life = report["partners"][0]["lifetime"]
+    assert report["verified"] and life["verified"] and life["this_run"] == ["second"]
+    assert life["epsilon"] == entries[-1]["epsilon"] and list(life["runs"]) == ["first", "second"]
 
 
 @pytest.mark.slow

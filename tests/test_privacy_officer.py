@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from shared.cli import main as cli_main
-from shared.privacy import independent, ledger
+from shared.privacy import account, independent, ledger
 from shared.privacy.accounting import epsilon_of, plan
 from tests.browser import assert_page_shows_every_partner
 
@@ -290,3 +290,46 @@ def test_a_partner_reports_from_its_own_ledger(tmp_path: Path) -> None:
     report = json.loads((tmp_path / "state" / "privacy-report" / "report.json").read_text())
     assert report["kind"] == "ledger" and report["anchored"] and report["partners"][0]["partner"] == "gear"
     assert_page_shows_every_partner(tmp_path / "state" / "privacy-report" / "report.html", ["gear"], tmp_path)
+
+
+def reserve_as_ledger(path: Path, ledger_path: Path, *, run: str, rounds: list[int] | None = None) -> None:
+    """Reserves a ledger's releases in a privacy account, as the partner did before training."""
+    for line in ledger_path.read_text().splitlines():
+        entry = json.loads(line)
+        if entry["events"] and (rounds is None or entry["round"] in rounds):
+            account.reserve(path, run=run, server_round=entry["round"], events=entry["events"], cap=9.0, delta=1e-5, accountant="rdp")
+
+
+def test_a_partner_report_adds_its_lifetime_account(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "state" / "ledger.jsonl"
+    write_ledger(path, partner="gear")
+    earlier = tmp_path / "earlier.jsonl"
+    write_ledger(earlier, partner="gear", rounds=2, decline_last=False)
+    beside = tmp_path / "state" / "privacy-account.jsonl"  # the default place, found without --account
+    reserve_as_ledger(beside, earlier, run="spring")
+    reserve_as_ledger(beside, path, run="autumn")
+    assert cli_main(["privacy", "report", str(path)]) == 0
+    assert "lifetime epsilon" in capsys.readouterr().out
+    report = json.loads((tmp_path / "state" / "privacy-report" / "report.json").read_text())
+    life = report["partners"][0]["lifetime"]
+    assert life["verified"] and life["this_run"] == ["autumn"] and list(life["runs"]) == ["spring", "autumn"]
+    assert life["epsilon"] > report["partners"][0]["epsilon"]  # two runs on the same users compose
+    assert life["epsilon"] == pytest.approx(epsilon_of(ledger.events_of(account.read(beside)), delta=1e-5, accountant="rdp"))
+    assert "Over every run on this data" in (tmp_path / "state" / "privacy-report" / "report.md").read_text()
+
+
+def test_a_release_missing_from_the_account_fails_the_report(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "ledger.jsonl"
+    write_ledger(path, partner="gear")
+    other = tmp_path / "elsewhere" / "account.jsonl"
+    reserve_as_ledger(other, path, run="autumn", rounds=[1, 2])  # round 3 trained but never reserved
+    assert cli_main(["privacy", "report", str(path), "--account", str(other), "--out", str(tmp_path / "out")]) == 1
+    out = capsys.readouterr().out
+    assert "round 3 in this ledger are not reserved in the account" in out
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert not report["verified"] and report["partners"][0]["lifetime"]["this_run"] == []
+    assert "Verification FAILED" in (tmp_path / "out" / "report.md").read_text()
+    # an account is one partner's: with a run folder it is refused, by name
+    run = fake_run(tmp_path)
+    assert cli_main(["privacy", "report", str(run), "--account", str(other)]) == 2
+    assert "a privacy account belongs to one partner" in capsys.readouterr().err

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from shared.federation.scenario import ACCOUNT_FILE
 from shared.federation.settings import FederationSettings
 from shared.privacy.accounting import ACCOUNTANTS
 
@@ -142,7 +143,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     if not source.exists():
         raise FileNotFoundError(f"{source}: no such run folder or ledger file")
     head = _head(args, source) if source.is_file() else None
-    report = build_report(source, head=head)
+    report = build_report(source, head=head, account_path=Path(args.account) if args.account else None)
     out = Path(args.out) if args.out else (source if source.is_dir() else source.parent) / "privacy-report"
     paths = write_report(report, out)
     for p in report["partners"]:
@@ -152,6 +153,17 @@ def cmd_report(args: argparse.Namespace) -> int:
             f"(dp-accounting RDP {p['independent_epsilon'].get('dp_accounting_rdp', 0):.4f}, PLD {p['independent_epsilon'].get('dp_accounting_pld', 0):.4f}); "
             f"rounds joined {len(p['rounds_joined'])}, declined {len(p['rounds_declined'])}; {state}"
         )
+        life = p.get("lifetime")
+        if life and "epsilon" in life:
+            cap = life["cap"]
+            print(
+                f"{'':<24} lifetime epsilon {life['epsilon']:.4f}"
+                + (f" of cap {cap:g}" if cap is not None else " (no cap)")
+                + f" over {len(life['runs'])} run(s) in {life['account']}"
+                + (f"; this run is {', '.join(life['this_run'])} there" if life["this_run"] else "")
+            )
+        for problem in p["problems"]:
+            print(f"{'':<24} FAILED: {problem}")
     print("wrote " + ", ".join(str(p) for p in paths))
     return 0 if report["verified"] else 1
 
@@ -216,6 +228,12 @@ def add_privacy_commands(sub: Any) -> None:
     r.add_argument("source", help="a run folder (runs/<id>) or one partner's own ledger file")
     r.add_argument("--out", metavar="DIR", help="output folder (default: SOURCE/privacy-report, or beside the ledger file)")
     r.add_argument("--head", metavar="LINES:HASH", help="for a ledger file: where it must end")
+    r.add_argument(
+        "--account",
+        metavar="FILE",
+        help="for a ledger file: the partner's privacy account, to add its lifetime epsilon over every run "
+        f"(default: {ACCOUNT_FILE} beside the ledger, if there)",
+    )
     r.set_defaults(handler=cmd_report)
 
     a = cmds.add_parser(

@@ -9,6 +9,12 @@ sampling, clipping norm, noise), rounds joined and declined, epsilon per round a
 final, the budget left, and epsilon recomputed from the events by Google's
 dp-accounting (RDP and PLD) beside the project's own (Opacus).
 
+With one partner's ledger, also its privacy account (node config
+``privacy-account``; by default ``privacy-account.jsonl`` beside the ledger), if
+it has one: the lifetime epsilon over every run on the partner's data, checked
+and recomputed, and whether every release in this ledger is reserved there (a
+run the account does not count would not be capped by it).
+
 Outputs: ``report.md``, ``report.html`` (one self-contained page, plots inline as
 SVG), ``report.json`` and ``ledger.csv``.
 """
@@ -22,7 +28,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from shared.privacy import independent, ledger
+from shared.federation.scenario import ACCOUNT_FILE
+from shared.privacy import account, independent, ledger
 
 DP_UNIT = "one user: every interaction of one user in the partner's domain (user-level DP)"
 PROTECTED = [
@@ -112,9 +119,48 @@ def _quality(run: Path) -> dict[str, list[dict[str, Any]]]:
     return out
 
 
-def build_report(source: str | Path, *, head: ledger.Head | None = None) -> dict[str, Any]:
-    """The report as plain data (what ``report.json`` holds). ``head``: for a single ledger file."""
+def _covers(reserved: list[dict[str, Any]], released: list[dict[str, Any]]) -> bool:
+    """Whether an account line's events cover a ledger line's: the same releases, with at
+    least as many steps (a partner reserves its planned steps before training)."""
+    if [(e["mechanism"], e["noise_multiplier"], e["sample_rate"], e["max_grad_norm"]) for e in reserved] != [
+        (e["mechanism"], e["noise_multiplier"], e["sample_rate"], e["max_grad_norm"]) for e in released
+    ]:
+        return False
+    return all(a["steps"] >= b["steps"] for a, b in zip(reserved, released, strict=True))
+
+
+def _lifetime(path: Path, *, entries: list[dict[str, Any]]) -> dict[str, Any]:
+    """The partner's privacy account checked and summed up, and the account's run(s) that
+    hold every release of this ledger (a release not reserved there was not capped by it)."""
+    try:
+        result = account.summary(path)
+    except account.AccountError as err:
+        return {"account": str(path), "verified": False, "problems": [str(err)], "this_run": []}
+    lines = account.read(path)
+    released = [e for e in entries if e["events"]]  # a declined round released nothing
+    problems = [
+        f"{path}: the releases of round {e['round']} in this ledger are not reserved in the account: "
+        "the account does not count them, so its lifetime epsilon understates what was spent"
+        for e in released
+        if not any(x["round"] == e["round"] and _covers(x["events"], e["events"]) for x in lines)
+    ]
+    holding = [
+        run
+        for run in result["runs"]
+        if all(any(x["run"] == run and x["round"] == e["round"] and _covers(x["events"], e["events"]) for x in lines) for e in released)
+    ]
+    return {**result, "verified": not problems, "problems": problems, "this_run": holding if released else []}
+
+
+def build_report(source: str | Path, *, head: ledger.Head | None = None, account_path: Path | None = None) -> dict[str, Any]:
+    """The report as plain data (what ``report.json`` holds). ``head`` and ``account_path``: for a
+    single ledger file (``account_path`` defaults to ``privacy-account.jsonl`` beside it, if there)."""
     source = Path(source)
+    if account_path is not None and source.is_dir():
+        raise ValueError(
+            f"{source}: a privacy account belongs to one partner; report that partner's ledger "
+            f"(runs/<id>/ledger/<partner>.jsonl or its <state-dir>/ledger.jsonl) with the account"
+        )
     if source.is_dir():
         paths = sorted((source / "ledger").glob("*.jsonl"))
         if not paths:
@@ -130,6 +176,12 @@ def build_report(source: str | Path, *, head: ledger.Head | None = None) -> dict
     else:
         partners = [_partner_report(source, head=head, quality=[])]
         config, kind, title, anchored = {}, "ledger", source.name, head is not None
+        if account_path is None and (source.parent / ACCOUNT_FILE).is_file():
+            account_path = source.parent / ACCOUNT_FILE
+        if account_path is not None:
+            partners[0]["lifetime"] = _lifetime(account_path, entries=partners[0]["entries"])
+            partners[0]["verified"] = partners[0]["verified"] and partners[0]["lifetime"]["verified"]
+            partners[0]["problems"] = [*partners[0]["problems"], *partners[0]["lifetime"]["problems"]]
     return {
         "source": str(source),
         "kind": kind,
@@ -234,6 +286,26 @@ def _terms(p: dict[str, Any]) -> list[tuple[str, str]]:
     ]
 
 
+def _lifetime_terms(p: dict[str, Any]) -> list[tuple[str, str]]:
+    """Rows for the partner's privacy account over all runs (empty without one)."""
+    life = p.get("lifetime")
+    if life is None:
+        return []
+    if "epsilon" not in life:  # the account itself did not verify
+        return [("privacy account", life["account"]), ("account verified", "NO: " + "; ".join(life["problems"]))]
+    cap, ind = life["cap"], life["independent_epsilon"]
+    runs = ", ".join(f"{name} ({len(r['rounds'])} rounds, epsilon {r['epsilon']:.4f})" for name, r in life["runs"].items())
+    return [
+        ("privacy account", f"{life['account']} ({life['lines']} lines, head {life['head']})"),
+        ("account verified", "yes" if life["verified"] else "NO: " + "; ".join(life["problems"])),
+        ("this ledger's releases are reserved there as run", ", ".join(life["this_run"]) or "n/a (nothing released)"),
+        ("runs on this data", runs),
+        ("lifetime epsilon (every run, one accountant)", f"{life['epsilon']:.4f} at delta {life['delta']:.3g}, {life['accountant']}"),
+        ("lifetime cap", "none" if cap is None else f"{cap:g} (left {max(0.0, cap - life['epsilon']):.4f})"),
+        ("lifetime epsilon by dp-accounting, RDP / PLD", f"{ind['dp_accounting_rdp']:.4f} / {ind['dp_accounting_pld']:.4f}"),
+    ]
+
+
 def to_markdown(report: dict[str, Any]) -> str:
     lines = [f"# Privacy report: {report['title']}", "", f"Source: `{report['source']}`. " + _verdict(report), ""]
     if report["config"]:
@@ -245,6 +317,9 @@ def to_markdown(report: dict[str, Any]) -> str:
         lines += ["| round | status | epsilon after the round |", "|---|---|---|"]
         lines += [f"| {r['round']} | {r['status']} | {r['epsilon']:.4f} |" for r in p["epsilon_per_round"]]
         lines.append("")
+        if life := _lifetime_terms(p):
+            lines += ["### Over every run on this data (the partner's privacy account)", "", "| | |", "|---|---|"]
+            lines += [*[f"| {k} | {v} |" for k, v in life], ""]
     return "\n".join(lines)
 
 
@@ -283,6 +358,10 @@ def to_html(report: dict[str, Any]) -> str:
         parts.append("</table><table><tr><th>round</th><th>status</th><th>epsilon after the round</th></tr>")
         parts += [f"<tr><td>{r['round']}</td><td>{e(r['status'])}</td><td>{r['epsilon']:.4f}</td></tr>" for r in p["epsilon_per_round"]]
         parts.append("</table>")
+        if life := _lifetime_terms(p):
+            parts.append("<h3>Over every run on this data (the partner's privacy account)</h3><table class='lifetime'>")
+            parts += [f"<tr><th>{e(k)}</th><td>{e(v)}</td></tr>" for k, v in life]
+            parts.append("</table>")
         for caption, svg in _svg_plots(p):
             parts.append(f"<figure class='plot'>{svg}<figcaption>{e(caption)}</figcaption></figure>")
         parts.append("</section>")

@@ -164,6 +164,11 @@ def summary(path: Path, *, head: tuple[int, str] | None = None) -> dict[str, Any
     the lifetime, epsilon by the account's accountant, each line's recorded epsilon recomputed
     from the events (``AccountError`` names the first line that does not add up), and
     dp-accounting's independent RDP and PLD figures for the lifetime."""
+    return checked_summary(path, head=head)[0]
+
+
+def checked_summary(path: Path, *, head: tuple[int, str] | None = None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """:func:`summary` and the account's lines it checked, from one read of the file."""
     from shared.privacy.independent import pld_epsilon, rdp_epsilon
 
     lines = _lines(path)
@@ -192,7 +197,7 @@ def summary(path: Path, *, head: tuple[int, str] | None = None) -> dict[str, Any
         r["epsilon"] = epsilon_of(events_of(entries, run=name), delta=delta, accountant=accountant)
     events = events_of(entries)
     caps = [x["cap"] for x in entries if x["cap"] is not None]
-    return {
+    result = {
         "account": str(path),
         "accountant": accountant,
         "delta": delta,
@@ -206,3 +211,4 @@ def summary(path: Path, *, head: tuple[int, str] | None = None) -> dict[str, Any
         "lines": len(entries),
         "head": f"{len(entries)}:{last}",
     }
+    return result, entries

@@ -119,37 +119,38 @@ def _quality(run: Path) -> dict[str, list[dict[str, Any]]]:
     return out
 
 
+RELEASE_TERMS = ("mechanism", "noise_multiplier", "sample_rate", "max_grad_norm")
+
+
 def _covers(reserved: list[dict[str, Any]], released: list[dict[str, Any]]) -> bool:
     """Whether an account line's events cover a ledger line's: the same releases, with at
     least as many steps (a partner reserves its planned steps before training)."""
-    if [(e["mechanism"], e["noise_multiplier"], e["sample_rate"], e["max_grad_norm"]) for e in reserved] != [
-        (e["mechanism"], e["noise_multiplier"], e["sample_rate"], e["max_grad_norm"]) for e in released
-    ]:
-        return False
-    return all(a["steps"] >= b["steps"] for a, b in zip(reserved, released, strict=True))
+    return len(reserved) == len(released) and all(
+        all(a[k] == b[k] for k in RELEASE_TERMS) and a["steps"] >= b["steps"] for a, b in zip(reserved, released, strict=True)
+    )
 
 
 def _lifetime(path: Path, *, entries: list[dict[str, Any]]) -> dict[str, Any]:
     """The partner's privacy account checked and summed up, and the account's run(s) that
     hold every release of this ledger (a release not reserved there was not capped by it)."""
     try:
-        result = account.summary(path)
+        result, lines = account.checked_summary(path)
     except account.AccountError as err:
         return {"account": str(path), "verified": False, "problems": [str(err)], "this_run": []}
-    lines = account.read(path)
-    released = [e for e in entries if e["events"]]  # a declined round released nothing
+    # per round this ledger released something in (a declined round released nothing): the runs that reserved it
+    holders = {
+        e["round"]: {x["run"] for x in lines if x["round"] == e["round"] and _covers(x["events"], e["events"])}
+        for e in entries
+        if e["events"]
+    }
     problems = [
-        f"{path}: the releases of round {e['round']} in this ledger are not reserved in the account: "
+        f"{path}: the releases of round {r} in this ledger are not reserved in the account: "
         "the account does not count them, so its lifetime epsilon understates what was spent"
-        for e in released
-        if not any(x["round"] == e["round"] and _covers(x["events"], e["events"]) for x in lines)
+        for r, runs in holders.items()
+        if not runs
     ]
-    holding = [
-        run
-        for run in result["runs"]
-        if all(any(x["run"] == run and x["round"] == e["round"] and _covers(x["events"], e["events"]) for x in lines) for e in released)
-    ]
-    return {**result, "verified": not problems, "problems": problems, "this_run": holding if released else []}
+    holding = [run for run in result["runs"] if holders and all(run in runs for runs in holders.values())]
+    return {**result, "verified": not problems, "problems": problems, "this_run": holding}
 
 
 def build_report(source: str | Path, *, head: ledger.Head | None = None, account_path: Path | None = None) -> dict[str, Any]:

@@ -66,7 +66,7 @@ def run_state_folder(state_dir: Path, run_id: str | None, *, log: Callable[[str]
 
 
 def federated_start(state_dir: Path) -> tuple[dict[str, torch.Tensor], dict[str, str], partner.PartnerState]:
-    """The global adapter (arrays, metadata) and the private state kept in a partner's state folder."""
+    """The adapter of the partner's final federated model (arrays, metadata) and the private state kept in its state folder."""
     state_file, adapter_file = state_dir / "state.pt", state_dir / partner.GLOBAL_ADAPTER
     problems = []
     if not state_file.is_file():

@@ -120,6 +120,9 @@ class PartnerState:
     # Set by any round trained without DP: its head (and counts) then depend on every
     # user, and DP rounds from this state would see them all through it.
     trained_without_dp: bool = False
+    # With personal-mix: the adapter this partner trained in its last round (the one it
+    # sent), the "own" side of its mix with the next global adapter.
+    own_adapter: dict[str, torch.Tensor] | None = None
 
     def to_bytes(self) -> bytes:
         buffer = io.BytesIO()
@@ -256,6 +259,45 @@ def prior_counts(
         rng=np.random.default_rng(),
     )
     return torch.as_tensor(counts), sigma, [event], ""
+
+
+# The global adapter's weights a partner tries with personal-mix = "valid", largest
+# first: a tie keeps more of the federation.
+GLOBAL_WEIGHTS = (1.0, 0.75, 0.5, 0.25, 0.0)
+
+
+def personal_adapter(
+    settings: FederationSettings, data: PartnerData, *, arrays: dict[str, torch.Tensor], state: PartnerState
+) -> tuple[dict[str, torch.Tensor], float]:
+    """The adapter a partner starts its round from and is scored with, and the global adapter's weight in it.
+
+    With ``personal-mix = "valid"``: ``own + w x (global - own)``, ``own`` the adapter the
+    partner trained in its last round, ``w`` the one of :data:`GLOBAL_WEIGHTS` with the best
+    validation NDCG@10 (adaptive local aggregation: Zhang et al., "FedALA", AAAI 2023, learn
+    such weights per element; Deng et al., "APFL", 2020, mix a local and a global model). At
+    ``w = 0`` the partner trains on as if alone. Otherwise (and before its first round) the
+    global adapter as it came."""
+    own = state.own_adapter
+    if settings.personal_mix == "off" or own is None:
+        return arrays, 1.0
+    if own.keys() != arrays.keys() or any(own[k].shape != arrays[k].shape for k in arrays):
+        raise ValueError("the partner's own adapter in its private state does not match the server's arrays (another adapter config?)")
+    best: tuple[float, float, dict[str, torch.Tensor]] | None = None
+    for weight in GLOBAL_WEIGHTS:
+        mixed = {k: own[k] + weight * (arrays[k] - own[k]) for k in arrays}
+        model = build_model(settings, data, adapter_arrays=mixed, head=state.head).eval()
+        ndcg = ranking_metrics(model, data.split, "valid")["ndcg@10"]
+        if best is None or ndcg > best[0]:
+            best = (ndcg, weight, mixed)
+    assert best is not None
+    return best[2], best[1]
+
+
+def ranking_metrics(model: DomainModel, split: DomainSplit, which: str) -> dict[str, float]:
+    """NDCG@10 and Recall@10 of ``model`` (in eval mode) on ``split``'s valid or test users, full catalogue."""
+    catalogue = model.catalogue()
+    with torch.no_grad():
+        return evaluate(lambda s, n: model.score_all(s, n, catalogue), split, which, max_len=HEAD.max_len)
 
 
 def head_state(model: DomainModel) -> dict[str, torch.Tensor]:
@@ -414,7 +456,8 @@ def train(
             accountant.record(event)
         plan = DPPlan(sigma, settings.max_grad_norm, accountant)
 
-    model = build_model(settings, data, adapter_arrays=arrays, head=state.head, counts=counts, counts_noise=counts_noise)
+    start, _ = personal_adapter(settings, data, arrays=arrays, state=state)
+    model = build_model(settings, data, adapter_arrays=start, head=state.head, counts=counts, counts_noise=counts_noise)
     freeze_untrained(model, settings.trains)
     outcome, optimizer_state = train_round(
         model,
@@ -446,6 +489,7 @@ def train(
         server_round,
         settings.run_id,
         trained_without_dp=state.trained_without_dp or not settings.dp,
+        own_adapter=adapter_state(model.adapter) if settings.personal_mix != "off" else None,
     )
     new_state.save(folder)
     metrics = _train_metrics(
@@ -522,14 +566,21 @@ def catalogue_fingerprint(split: DomainSplit) -> str:
 
 
 def keep_global_adapter(
-    folder: Path, arrays: dict[str, torch.Tensor], *, settings: FederationSettings, server_round: int, split: DomainSplit
+    folder: Path,
+    arrays: dict[str, torch.Tensor],
+    *,
+    settings: FederationSettings,
+    server_round: int,
+    split: DomainSplit,
+    global_weight: float = 1.0,
 ) -> None:
-    """Keeps the adapter the coordinator sent after ``server_round`` in the state folder,
+    """Keeps the adapter of the partner's model after ``server_round`` in the state folder,
     as the start of a local fine-tune after the federation (``fedxrec finetune``).
 
-    It is what the coordinator released to every partner, so nothing private; the
-    metadata names the run, the round, the adapter's config and the catalogue the
-    partner's private head belongs to (it never leaves the state folder)."""
+    It is the one the coordinator sent (with ``personal-mix``, the partner's mix of it,
+    whose ``global-weight`` the metadata holds); the metadata also names the run, the round,
+    the adapter's config and the catalogue the partner's private head belongs to (it
+    never leaves the state folder)."""
     folder.mkdir(parents=True, exist_ok=True)
     meta = {
         "run-id": settings.run_id,
@@ -537,6 +588,7 @@ def keep_global_adapter(
         "domain": split.name,
         "items": str(split.n_items),
         "catalogue": catalogue_fingerprint(split),
+        "global-weight": str(global_weight),
         **{k: str(v) for k, v in asdict(adapter_config(settings)).items()},
     }
     tmp = folder / f".{GLOBAL_ADAPTER}.{os.getpid()}"
@@ -553,17 +605,18 @@ def evaluate_global(
     state: PartnerState,
     folder: Path,
 ) -> dict[str, float]:
-    """Valid and test NDCG@10 / Recall@10 of the global adapter with the private head.
+    """Valid and test NDCG@10 / Recall@10 of the global adapter (with ``personal-mix``, the
+    partner's mix of it: :func:`personal_adapter`) with the private head, and the global
+    adapter's weight in it.
 
     The adapter is also kept in the state folder (:func:`keep_global_adapter`)."""
     check_same_run(state, settings, folder)
     data = partner_data(spec, max_len=HEAD.max_len)
-    keep_global_adapter(folder, arrays, settings=settings, server_round=server_round, split=data.split)
-    model = build_model(settings, data, adapter_arrays=arrays, head=state.head).eval()
-    catalogue = model.catalogue()
-    out: dict[str, float] = {"num-examples": len(data.split.eval_users("test"))}
-    with torch.no_grad():
-        for which in ("valid", "test"):
-            m = evaluate(lambda s, n: model.score_all(s, n, catalogue), data.split, which, max_len=HEAD.max_len)
-            out[f"{which}-ndcg@10"], out[f"{which}-recall@10"] = m["ndcg@10"], m["recall@10"]
+    adapter, weight = personal_adapter(settings, data, arrays=arrays, state=state)
+    keep_global_adapter(folder, adapter, settings=settings, server_round=server_round, split=data.split, global_weight=weight)
+    model = build_model(settings, data, adapter_arrays=adapter, head=state.head).eval()
+    out: dict[str, float] = {"num-examples": len(data.split.eval_users("test")), "global-weight": weight}
+    for which in ("valid", "test"):
+        m = ranking_metrics(model, data.split, which)
+        out[f"{which}-ndcg@10"], out[f"{which}-recall@10"] = m["ndcg@10"], m["recall@10"]
     return out

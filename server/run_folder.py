@@ -139,7 +139,16 @@ class RunFolder:
                 p["rounds_declined"] += 1
             elif row.get("steps"):
                 p["rounds_trained"] += 1
-            for key in ("valid_ndcg@10", "valid_recall@10", "test_ndcg@10", "test_recall@10", "epsilon", "delta", "noise_multiplier"):
+            for key in (
+                "valid_ndcg@10",
+                "valid_recall@10",
+                "test_ndcg@10",
+                "test_recall@10",
+                "epsilon",
+                "delta",
+                "noise_multiplier",
+                "global_weight",
+            ):
                 if row.get(key) is not None:
                     p[key] = row[key]
             p["last_round"] = row["round"]
@@ -156,14 +165,16 @@ class RunFolder:
             if self.ledger_path(name).is_file():
                 p["ledger_head"] = ledger.head_of(self.ledger_path(name)).to_dict()
         (self.root / "summary.json").write_text(json.dumps(summary, indent=2))
+        mixed = settings.personal_mix != "off"  # each partner's model mixes the global adapter with its own
         lines = [
             f"# Run {self.root.name}",
             "",
             f"{summary['rounds']} rounds; DP {'on, target epsilon ' + format(settings.target_epsilon, 'g') if settings.dp else 'off'}; "
             f"adapter {adapter_bytes:,} bytes per round each way ({adapter_bytes / encoder_bytes:.2%} of the encoder's {encoder_bytes:,}).",
             "",
-            "| partner | test NDCG@10 | test Recall@10 | valid NDCG@10 | epsilon | delta | rounds trained | declined |",
-            "|---|---|---|---|---|---|---|---|",
+            "| partner | test NDCG@10 | test Recall@10 | valid NDCG@10 | epsilon | delta | rounds trained | declined |"
+            + (" global weight |" if mixed else ""),
+            "|---|---|---|---|---|---|---|---|" + ("---|" if mixed else ""),
         ]
         for name, p in partners.items():
             eps = "no DP" if p.get("epsilon") is None else f"{p['epsilon']:.3f}"
@@ -171,6 +182,7 @@ class RunFolder:
             lines.append(
                 f"| {name} | {p.get('test_ndcg@10', float('nan')):.4f} | {p.get('test_recall@10', float('nan')):.4f} | "
                 f"{p.get('valid_ndcg@10', float('nan')):.4f} | {eps} | {delta} | {p['rounds_trained']} | {p['rounds_declined']} |"
+                + (f" {p.get('global_weight', float('nan')):g} |" if mixed else "")
             )
         (self.root / "summary.md").write_text("\n".join(lines) + "\n")
         return summary

@@ -2,8 +2,10 @@
 
     python -m simulations.experiments [--scenario simulations/scenarios/scientific-office.toml]
         [--rounds 3] [--local-epochs 1] [--epsilons 8 3 1] [--finetune-epsilons 8] [--recipe-epochs 40]
-        [--recipe-minutes 12] [--pooled-minutes 15] [--out runs/experiments]
+        [--recipe-minutes 12] [--pooled-minutes 15] [--no-personal-mix] [--out runs/experiments]
 
+``federated, no DP, personal mix`` is the same federation with ``personal-mix =
+"valid"``: each partner mixes the global adapter with its own by validation NDCG@10.
 ``zero-shot (untrained)`` ranks by the frozen encoder's text similarity to the
 last item (initial adapter, identity head, no prior): what training adds is
 measured from it. Every federated result and ``local`` run the real ServerApp and ClientApp in
@@ -84,6 +86,7 @@ def plot(results: dict[str, dict[str, dict[str, Any]]], epsilons: list[float], p
             ("local", ":", "gray"),
             ("local, full recipe", "-", "gray"),
             ("federated, no DP", "-.", "C2"),
+            ("federated, no DP, personal mix", (0, (3, 1, 1, 1)), "C1"),
             ("federated, no DP + fine-tune", (0, (5, 1)), "C3"),
             ("pooled", "--", "C4"),
         ):
@@ -142,6 +145,12 @@ def main() -> None:
         default="recipe",
         help="fedxrec finetune's --mode for the fine-tune rows (default: recipe, the mode of README's Scientific/office tables)",
     )
+    parser.add_argument(
+        "--personal-mix",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="add the federation without DP with personal-mix = 'valid' (each partner mixes the global adapter with its own)",
+    )
     parser.add_argument("--out", default="runs/experiments")
     args = parser.parse_args()
     out = Path(args.out)
@@ -160,6 +169,9 @@ def main() -> None:
     if args.recipe_minutes:
         results["local, full recipe"] = {s.name: test_row(s, recipe_alone(s, settings, config=recipe)) for s in specs}
     results["federated, no DP"] = federate("federated-nodp", scenario, len(specs), base, out, dp=False)
+    if args.personal_mix:
+        mix = {"personal-mix": "valid"}
+        results["federated, no DP, personal mix"] = federate("federated-nodp-mix", scenario, len(specs), base, out, dp=False, **mix)
     if args.recipe_minutes:
         results["federated, no DP + fine-tune"] = finetune(out / "federated-nodp", specs, recipe, mode=args.finetune_mode)
     for eps in args.epsilons:

@@ -12,6 +12,7 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from client import partner
 from client.client_app import STATE_KEY, evaluate, train
+from client.finetune import federated_start
 from shared.federation import wire
 from shared.federation.adapter import initial_adapter
 from shared.federation.settings import FederationSettings, SettingsError, settings_from_run_config
@@ -303,3 +304,40 @@ def test_a_stored_head_from_other_residual_settings_is_refused_by_name(tmp_path:
 def test_trains_is_validated() -> None:
     with pytest.raises(SettingsError, match="trains must be 'all' or 'adapter'"):
         settings_from_run_config({"trains": "head"})
+
+
+def test_personal_mix_is_refused_under_dp_and_named_when_mistyped() -> None:
+    with pytest.raises(SettingsError, match=r"personal-mix = 'valid' needs dp = false: .*outside DP-SGD.*use personal-mix = 'off'"):
+        settings_from_run_config({"personal-mix": "valid", "dp": True})
+    with pytest.raises(SettingsError, match=r"personal-mix must be 'off' or 'valid', got 'auto'"):
+        settings_from_run_config({"personal-mix": "auto", "dp": False})
+
+
+def test_a_personal_mix_keeps_the_global_weight_with_the_best_validation_ndcg(tmp_path: Path) -> None:
+    settings = settings_for(tmp_path, dp=False, personal_mix="valid")
+    start = initial_adapter(settings, in_dim=ENCODER_DIM)
+    ctx = context()
+    sent = train(message(MessageType.TRAIN, start, settings, 1), ctx).content[wire.ARRAYS].to_torch_state_dict()
+    folder = tmp_path / "test" / "partners" / "books"
+    state = partner.PartnerState.load(folder)
+    assert state.own_adapter is not None and all(torch.equal(state.own_adapter[k], sent[k]) for k in sent)  # kept: what it sent
+    # a "global" adapter far from the partner's own: the untrained start
+    evaluated = dict(evaluate(message(MessageType.EVALUATE, start, settings, 1), ctx).content[wire.METRICS])
+    spec = partner.resolve_partner({"partition-id": 0, "num-partitions": 3}, settings)
+    data = partner.partner_data(spec, max_len=partner.HEAD.max_len)
+    by_weight = {}
+    for w in partner.GLOBAL_WEIGHTS:
+        mixed = {k: sent[k] + w * (start[k] - sent[k]) for k in sent}
+        model = partner.build_model(settings, data, adapter_arrays=mixed, head=state.head).eval()
+        by_weight[w] = partner.ranking_metrics(model, data.split, "valid")["ndcg@10"]
+    chosen = evaluated["global-weight"]
+    assert by_weight[chosen] == max(by_weight.values()) and evaluated["valid-ndcg@10"] == pytest.approx(by_weight[chosen])
+    # the kept adapter (a fine-tune's start) is the mix the partner is scored with
+    kept, meta, _ = federated_start(folder)
+    assert meta["global-weight"] == str(chosen)
+    assert all(torch.allclose(kept[k], sent[k] + chosen * (start[k] - sent[k])) for k in sent)
+    # without personal-mix the partner is scored with the global adapter as it came, and keeps no own adapter
+    plain = settings_for(tmp_path / "plain", dp=False)
+    train(message(MessageType.TRAIN, start, plain, 1), context())
+    assert partner.PartnerState.load(tmp_path / "plain" / "test" / "partners" / "books").own_adapter is None
+    assert dict(evaluate(message(MessageType.EVALUATE, start, plain, 1), context()).content[wire.METRICS])["global-weight"] == 1.0

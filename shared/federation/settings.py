@@ -15,6 +15,7 @@ from typing import Any
 
 OPTIMIZERS = ("adamw", "sgd")  # local optimizers (client.local_training.make_optimizer)
 TRAINS = ("all", "adapter")  # what local training trains
+PERSONAL_MIXES = ("off", "valid")  # how a partner mixes the global adapter with its own
 
 
 @dataclass
@@ -47,6 +48,16 @@ class FederationSettings:
             "help": "each partner adds a private linear map of the text vector (zero at the start) to the shared "
             "adapter's output: it is trained in the rounds like the adapter (under the same DP optimizer) but never "
             "sent, so a partner keeps what its own catalogue needs while the adapter is averaged"
+        },
+    )
+    personal_mix: str = field(
+        default="off",
+        metadata={
+            "help": "'off': every partner starts each round from, and is scored with, the global adapter (FedAvg). "
+            "'valid' (without DP only): each partner mixes the global adapter with the one it trained in its last "
+            "round, own + w x (global - own), choosing w in 0, 0.25, 0.5, 0.75, 1 by its validation NDCG@10, and starts "
+            "the next round from (and is scored with) that mix; w = 0 is training alone, so a partner whose catalogue "
+            "gains nothing from the others loses little (adaptive local aggregation, as in FedALA and APFL)"
         },
     )
     max_grad_norm: float = field(default=1.0, metadata={"help": "per-user gradient clipping norm"})
@@ -101,6 +112,14 @@ class FederationSettings:
             problems.append(f"optimizer must be {_either(OPTIMIZERS)}, got {self.optimizer!r}")
         if self.trains not in TRAINS:
             problems.append(f"trains must be {_either(TRAINS)}, got {self.trains!r}")
+        if self.personal_mix not in PERSONAL_MIXES:
+            problems.append(f"personal-mix must be {_either(PERSONAL_MIXES)}, got {self.personal_mix!r}")
+        elif self.dp and self.personal_mix == "valid":
+            problems.append(
+                "personal-mix = 'valid' needs dp = false: choosing the mix reads the partner's validation users outside "
+                "DP-SGD, and the next round's DP training would start from that choice, so its guarantee would not "
+                "cover them; under DP use personal-mix = 'off' and a local fine-tune after the federation (fedxrec finetune)"
+            )
         if self.accountant not in ("rdp", "prv"):
             problems.append(f"accountant must be 'rdp' or 'prv', got {self.accountant!r}")
         if self.dp and self.target_epsilon <= 0:

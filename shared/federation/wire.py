@@ -25,5 +25,12 @@ TRAIN_METRICS = (
     "sample-rate",
     "declined",  # 1 when the partner skipped the round to stay within its budget
 )
-EVALUATE_METRICS = ("num-examples", "valid-ndcg@10", "valid-recall@10", "test-ndcg@10", "test-recall@10")
+EVALUATE_METRICS = (
+    "num-examples",
+    "valid-ndcg@10",
+    "valid-recall@10",
+    "test-ndcg@10",
+    "test-recall@10",
+    "global-weight",  # the global adapter's weight in the partner's model: 1 unless personal-mix chose less
+)
 PARTNER_FIELDS = ("name", "note", "ledger-line")  # ledger-line: on train replies under DP, the round's privacy-ledger line

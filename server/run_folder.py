@@ -82,7 +82,8 @@ class RunFolder:
     def write_config(self, settings: FederationSettings) -> None:
         path = self.root / "config.json"
         if path.is_file():
-            previous = json.loads(path.read_text())
+            # a key the stored config lacks was added to fedxrec after the run began: its default is what the run used
+            previous = {**FederationSettings().to_run_config(), **json.loads(path.read_text())}
             changed = {k: (previous.get(k), v) for k, v in settings.to_run_config().items() if previous.get(k) != v and k != "rounds"}
             if changed:
                 raise ValueError(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,6 +15,7 @@ from flwr.supercore.task_identity import TaskIdentity
 from client import partner
 from client.client_app import STATE_KEY, evaluate, train
 from client.finetune import federated_start
+from server.run_folder import RunFolder
 from shared.federation import wire
 from shared.federation.adapter import initial_adapter
 from shared.federation.settings import FederationSettings, SettingsError, settings_from_run_config
@@ -341,3 +344,16 @@ def test_a_personal_mix_keeps_the_global_weight_with_the_best_validation_ndcg(tm
     train(message(MessageType.TRAIN, start, plain, 1), context())
     assert partner.PartnerState.load(tmp_path / "plain" / "test" / "partners" / "books").own_adapter is None
     assert dict(evaluate(message(MessageType.EVALUATE, start, plain, 1), context()).content[wire.METRICS])["global-weight"] == 1.0
+
+
+def test_a_run_folder_resumes_only_with_its_own_settings(tmp_path: Path) -> None:
+    settings = settings_for(tmp_path, dp=False)
+    run = RunFolder.open(settings)
+    run.write_config(settings)
+    # a run begun before a key existed used that key's default: it resumes
+    stored = json.loads((run.root / "config.json").read_text())
+    del stored["personal-mix"]
+    (run.root / "config.json").write_text(json.dumps(stored))
+    run.write_config(dataclasses.replace(settings, rounds=5))  # only rounds may grow
+    with pytest.raises(ValueError, match=r"exists with other settings \{'personal-mix': \('off', 'valid'\)\}"):
+        run.write_config(dataclasses.replace(settings, personal_mix="valid"))

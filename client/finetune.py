@@ -26,7 +26,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 
 from client import partner
 from client.local_training import freeze_untrained
@@ -83,9 +82,8 @@ def federated_start(state_dir: Path) -> tuple[dict[str, torch.Tensor], dict[str,
     state = partner.PartnerState.load(state_dir)
     if state.head is None:
         raise ValueError(f"{state_file} holds no private head: the partner never trained a round")
-    with safe_open(str(adapter_file), framework="pt") as fh:
-        meta = dict(fh.metadata() or {})
-        arrays = {k: fh.get_tensor(k) for k in fh.keys()}  # noqa: SIM118 (safe_open is not a dict)
+    arrays, meta = partner.read_kept_adapter(state_dir)
+    assert arrays is not None  # its file was checked above
     if meta.get("kind", "moe") != "moe":
         raise ValueError(f"{adapter_file}: adapter kind {meta.get('kind')!r}; the federation's adapter is 'moe'")
     return arrays, meta, state

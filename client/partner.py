@@ -20,12 +20,12 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import safe_open
 from safetensors.torch import save_file
 
 from client.local_training import DPPlan, freeze_untrained, poisson_schedule, train_round, user_sequences
 from shared.data.split import DomainSplit
 from shared.encoder import TextEncoder
-from shared.evaluation import evaluate
 from shared.federation.adapter import adapter_config
 from shared.federation.scenario import SIMULATION_NODE_CONFIG, PartnerSpec, partner_from_node_config, scenario_partners
 from shared.federation.settings import FederationSettings
@@ -36,6 +36,7 @@ from shared.pipeline import prepare_domain
 from shared.privacy import account, ledger
 from shared.privacy.accounting import Budget, Event, PartnerAccountant, calibrate_noise, partner_budget, release_fits
 from shared.privacy.item_counts import release_item_counts, user_weighted_counts
+from shared.training import ranking_metrics
 from shared.vector_cache import VectorCache
 
 NO_DP = -1.0  # epsilon and delta reported when DP is off
@@ -267,8 +268,8 @@ GLOBAL_WEIGHTS = (1.0, 0.75, 0.5, 0.25, 0.0)
 
 
 def personal_adapter(
-    settings: FederationSettings, data: PartnerData, *, arrays: dict[str, torch.Tensor], state: PartnerState
-) -> tuple[dict[str, torch.Tensor], float]:
+    settings: FederationSettings, data: PartnerData, *, arrays: dict[str, torch.Tensor], state: PartnerState, folder: Path
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """The adapter a partner starts its round from and is scored with, and the global adapter's weight in it.
 
     With ``personal-mix = "valid"``: ``own + w x (global - own)``, ``own`` the adapter the
@@ -276,28 +277,37 @@ def personal_adapter(
     validation NDCG@10 (adaptive local aggregation: Zhang et al., "FedALA", AAAI 2023, learn
     such weights per element; Deng et al., "APFL", 2020, mix a local and a global model). At
     ``w = 0`` the partner trains on as if alone. Otherwise (and before its first round) the
-    global adapter as it came."""
+    global adapter as it came.
+
+    The second item describes the mix (``global-weight``, and what it was made from); it
+    goes into the kept adapter's metadata (:func:`keep_global_adapter`), so that the next
+    round takes the mix its evaluation chose instead of choosing again."""
     own = state.own_adapter
     if settings.personal_mix == "off" or own is None:
-        return arrays, 1.0
+        return arrays, {"global-weight": "1.0"}
     if own.keys() != arrays.keys() or any(own[k].shape != arrays[k].shape for k in arrays):
         raise ValueError("the partner's own adapter in its private state does not match the server's arrays (another adapter config?)")
+    made_from = {"global-sha256": arrays_digest(arrays), "own-round": str(state.last_round), "run-id": settings.run_id}
+    kept, meta = read_kept_adapter(folder)
+    if kept is not None and all(meta.get(k) == v for k, v in made_from.items()):
+        return kept, meta
     best: tuple[float, float, dict[str, torch.Tensor]] | None = None
     for weight in GLOBAL_WEIGHTS:
         mixed = {k: own[k] + weight * (arrays[k] - own[k]) for k in arrays}
-        model = build_model(settings, data, adapter_arrays=mixed, head=state.head).eval()
-        ndcg = ranking_metrics(model, data.split, "valid")["ndcg@10"]
+        ndcg = ranking_metrics(build_model(settings, data, adapter_arrays=mixed, head=state.head), data.split, "valid")["ndcg@10"]
         if best is None or ndcg > best[0]:
             best = (ndcg, weight, mixed)
     assert best is not None
-    return best[2], best[1]
+    return best[2], {"global-weight": str(best[1]), **made_from}
 
 
-def ranking_metrics(model: DomainModel, split: DomainSplit, which: str) -> dict[str, float]:
-    """NDCG@10 and Recall@10 of ``model`` (in eval mode) on ``split``'s valid or test users, full catalogue."""
-    catalogue = model.catalogue()
-    with torch.no_grad():
-        return evaluate(lambda s, n: model.score_all(s, n, catalogue), split, which, max_len=HEAD.max_len)
+def arrays_digest(arrays: dict[str, torch.Tensor]) -> str:
+    """SHA-256 over an adapter's names and float32 bytes."""
+    digest = hashlib.sha256()
+    for name in sorted(arrays):
+        digest.update(name.encode())
+        digest.update(arrays[name].detach().float().contiguous().numpy().tobytes())
+    return digest.hexdigest()
 
 
 def head_state(model: DomainModel) -> dict[str, torch.Tensor]:
@@ -456,7 +466,7 @@ def train(
             accountant.record(event)
         plan = DPPlan(sigma, settings.max_grad_norm, accountant)
 
-    start, _ = personal_adapter(settings, data, arrays=arrays, state=state)
+    start, _ = personal_adapter(settings, data, arrays=arrays, state=state, folder=folder)
     model = build_model(settings, data, adapter_arrays=start, head=state.head, counts=counts, counts_noise=counts_noise)
     freeze_untrained(model, settings.trains)
     outcome, optimizer_state = train_round(
@@ -572,13 +582,13 @@ def keep_global_adapter(
     settings: FederationSettings,
     server_round: int,
     split: DomainSplit,
-    global_weight: float = 1.0,
+    mix: dict[str, str] | None = None,
 ) -> None:
     """Keeps the adapter of the partner's model after ``server_round`` in the state folder,
     as the start of a local fine-tune after the federation (``fedxrec finetune``).
 
     It is the one the coordinator sent (with ``personal-mix``, the partner's mix of it,
-    whose ``global-weight`` the metadata holds); the metadata also names the run, the round,
+    which ``mix`` describes: :func:`personal_adapter`); the metadata also names the run, the round,
     the adapter's config and the catalogue the partner's private head belongs to (it
     never leaves the state folder)."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -588,12 +598,22 @@ def keep_global_adapter(
         "domain": split.name,
         "items": str(split.n_items),
         "catalogue": catalogue_fingerprint(split),
-        "global-weight": str(global_weight),
+        "global-weight": "1.0",
+        **(mix or {}),
         **{k: str(v) for k, v in asdict(adapter_config(settings)).items()},
     }
     tmp = folder / f".{GLOBAL_ADAPTER}.{os.getpid()}"
     save_file({k: v.contiguous() for k, v in arrays.items()}, str(tmp), metadata=meta)
     tmp.replace(folder / GLOBAL_ADAPTER)  # atomic, as the state
+
+
+def read_kept_adapter(folder: Path) -> tuple[dict[str, torch.Tensor] | None, dict[str, str]]:
+    """The adapter :func:`keep_global_adapter` kept in ``folder``, and its metadata; (None, {}) if there is none."""
+    path = folder / GLOBAL_ADAPTER
+    if not path.is_file():
+        return None, {}
+    with safe_open(str(path), framework="pt") as fh:
+        return {k: fh.get_tensor(k) for k in fh.keys()}, dict(fh.metadata() or {})  # noqa: SIM118 (safe_open is not a dict)
 
 
 def evaluate_global(
@@ -612,10 +632,10 @@ def evaluate_global(
     The adapter is also kept in the state folder (:func:`keep_global_adapter`)."""
     check_same_run(state, settings, folder)
     data = partner_data(spec, max_len=HEAD.max_len)
-    adapter, weight = personal_adapter(settings, data, arrays=arrays, state=state)
-    keep_global_adapter(folder, adapter, settings=settings, server_round=server_round, split=data.split, global_weight=weight)
-    model = build_model(settings, data, adapter_arrays=adapter, head=state.head).eval()
-    out: dict[str, float] = {"num-examples": len(data.split.eval_users("test")), "global-weight": weight}
+    adapter, mix = personal_adapter(settings, data, arrays=arrays, state=state, folder=folder)
+    keep_global_adapter(folder, adapter, settings=settings, server_round=server_round, split=data.split, mix=mix)
+    model = build_model(settings, data, adapter_arrays=adapter, head=state.head)
+    out: dict[str, float] = {"num-examples": len(data.split.eval_users("test")), "global-weight": float(mix["global-weight"])}
     for which in ("valid", "test"):
         m = ranking_metrics(model, data.split, which)
         out[f"{which}-ndcg@10"], out[f"{which}-recall@10"] = m["ndcg@10"], m["recall@10"]

@@ -73,11 +73,16 @@ def training_batches(
         yield next_item_pairs(seqs, max(len(s) for s in seqs) - 1)
 
 
-def evaluate_model(run: DomainRun, which: str) -> dict[str, float]:
-    model = run.model
+def ranking_metrics(model: DomainModel, split: DomainSplit, which: str) -> dict[str, float]:
+    """Full-catalogue ranking metrics of ``model`` (put in eval mode) on ``split``'s valid or test users."""
     model.eval()
-    catalogue = model.catalogue()
-    return evaluate(lambda s, n: model.score_all(s, n, catalogue), run.split, which, max_len=model.max_len)
+    with torch.no_grad():
+        catalogue = model.catalogue()
+        return evaluate(lambda s, n: model.score_all(s, n, catalogue), split, which, max_len=model.max_len)
+
+
+def evaluate_model(run: DomainRun, which: str) -> dict[str, float]:
+    return ranking_metrics(run.model, run.split, which)
 
 
 def train(runs: list[DomainRun], config: TrainConfig, *, log: Callable[[str], None] = print) -> list[dict[str, object]]:

@@ -16,14 +16,12 @@ import argparse
 import time
 from pathlib import Path
 
-import torch
-
 from client.local_training import DPPlan, poisson_schedule, train_round
 from client.partner import HEAD, partner_data
-from shared.evaluation import evaluate
 from shared.federation.scenario import PartnerSpec
 from shared.federation.settings import OPTIMIZERS, FederationSettings
 from shared.privacy.accounting import Budget, PartnerAccountant, calibrate_noise
+from shared.training import ranking_metrics
 from simulations.bench_dp_step import model_for
 from simulations.common import machine, real_domain, write_json
 
@@ -45,10 +43,7 @@ def main() -> None:
     model = model_for(data, settings)
 
     def test_ndcg() -> float:
-        model.eval()
-        catalogue = model.catalogue()
-        with torch.no_grad():
-            return evaluate(lambda s, n: model.score_all(s, n, catalogue), data.split, "test", max_len=HEAD.max_len)["ndcg@10"]
+        return ranking_metrics(model, data.split, "test")["ndcg@10"]
 
     untrained = test_ndcg()
     n_users = len(data.examples)

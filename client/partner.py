@@ -279,9 +279,10 @@ def personal_adapter(
     ``w = 0`` the partner trains on as if alone. Otherwise (and before its first round) the
     global adapter as it came.
 
-    The second item describes the mix (``global-weight``, and what it was made from); it
-    goes into the kept adapter's metadata (:func:`keep_global_adapter`), so that the next
-    round takes the mix its evaluation chose instead of choosing again."""
+    The second item describes the mix (``global-weight``, its validation NDCG@10 and
+    Recall@10, and what it was made from); it goes into the kept adapter's metadata
+    (:func:`keep_global_adapter`), so that the evaluation reports those scores and the next
+    round takes the mix its evaluation chose, instead of scoring it again."""
     own = state.own_adapter
     if settings.personal_mix == "off" or own is None:
         return arrays, {"global-weight": "1.0"}
@@ -291,14 +292,16 @@ def personal_adapter(
     kept, meta = read_kept_adapter(folder)
     if kept is not None and all(meta.get(k) == v for k, v in made_from.items()):
         return kept, meta
-    best: tuple[float, float, dict[str, torch.Tensor]] | None = None
+    best: tuple[dict[str, float], float, dict[str, torch.Tensor]] | None = None
     for weight in GLOBAL_WEIGHTS:
         mixed = {k: own[k] + weight * (arrays[k] - own[k]) for k in arrays}
-        ndcg = ranking_metrics(build_model(settings, data, adapter_arrays=mixed, head=state.head), data.split, "valid")["ndcg@10"]
-        if best is None or ndcg > best[0]:
-            best = (ndcg, weight, mixed)
+        valid = ranking_metrics(build_model(settings, data, adapter_arrays=mixed, head=state.head), data.split, "valid")
+        if best is None or valid["ndcg@10"] > best[0]["ndcg@10"]:
+            best = (valid, weight, mixed)
     assert best is not None
-    return best[2], {"global-weight": str(best[1]), **made_from}
+    # the chosen mix's validation metrics (repr: exact), so its evaluation need not score it again
+    scores = {f"valid-{m}": repr(best[0][m]) for m in ("ndcg@10", "recall@10")}
+    return best[2], {"global-weight": str(best[1]), **scores, **made_from}
 
 
 def arrays_digest(arrays: dict[str, torch.Tensor]) -> str:
@@ -637,6 +640,10 @@ def evaluate_global(
     model = build_model(settings, data, adapter_arrays=adapter, head=state.head)
     out: dict[str, float] = {"num-examples": len(data.split.eval_users("test")), "global-weight": float(mix["global-weight"])}
     for which in ("valid", "test"):
+        names = (f"{which}-ndcg@10", f"{which}-recall@10")
+        if all(n in mix for n in names):  # scored while choosing the mix
+            out.update({n: float(mix[n]) for n in names})
+            continue
         m = ranking_metrics(model, data.split, which)
-        out[f"{which}-ndcg@10"], out[f"{which}-recall@10"] = m["ndcg@10"], m["recall@10"]
+        out[names[0]], out[names[1]] = m["ndcg@10"], m["recall@10"]
     return out

@@ -316,7 +316,7 @@ def test_personal_mix_is_refused_under_dp_and_named_when_mistyped() -> None:
         settings_from_run_config({"personal-mix": "auto", "dp": False})
 
 
-def test_a_personal_mix_keeps_the_global_weight_with_the_best_validation_ndcg(tmp_path: Path) -> None:
+def test_a_personal_mix_keeps_the_global_weight_with_the_best_validation_ndcg(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     settings = settings_for(tmp_path, dp=False, personal_mix="valid")
     start = initial_adapter(settings, in_dim=ENCODER_DIM)
     ctx = context()
@@ -324,8 +324,17 @@ def test_a_personal_mix_keeps_the_global_weight_with_the_best_validation_ndcg(tm
     folder = tmp_path / "test" / "partners" / "books"
     state = partner.PartnerState.load(folder)
     assert state.own_adapter is not None and all(torch.equal(state.own_adapter[k], sent[k]) for k in sent)  # kept: what it sent
+    scored: list[str] = []  # which split each scoring pass of the partner was on
+    ranking_metrics = partner.ranking_metrics
+    monkeypatch.setattr(
+        partner, "ranking_metrics", lambda model, split, which: scored.append(which) or ranking_metrics(model, split, which)
+    )
     # a "global" adapter far from the partner's own: the untrained start
     evaluated = dict(evaluate(message(MessageType.EVALUATE, start, settings, 1), ctx).content[wire.METRICS])
+    assert sorted(scored) == ["test"] + ["valid"] * len(partner.GLOBAL_WEIGHTS)  # each mix scored once
+    train(message(MessageType.TRAIN, start, settings, 2), ctx)
+    assert len(scored) == 1 + len(partner.GLOBAL_WEIGHTS)  # the next round starts from the mix its evaluation chose
+    monkeypatch.undo()
     spec = partner.resolve_partner({"partition-id": 0, "num-partitions": 3}, settings)
     data = partner.partner_data(spec, max_len=partner.HEAD.max_len)
     by_weight = {}

@@ -7,7 +7,7 @@ trains it on the partner's own data: head and adapter, full softmax, exact item
 counts, learning-rate halving and early stopping on valid NDCG@10. This is the
 simplest personalised federated learning ("FedAvg + local fine-tuning", e.g.
 Yu, Bagdasaryan & Shmatikov, "Salvaging Federated Learning by Local
-Adaptation", 2020). In the README's experiments it beats training alone on
+Adaptation", 2020). In the experiments (docs/experiments.md) it beats training alone on
 both domains (thousands of users each); on a 300-user partner it did not: early
 stopping on 300 users' valid items picks an epoch by noise (a note says so below
 ``FEW_VALID_USERS``).
@@ -112,7 +112,7 @@ def finetune(
     ``"continue"`` goes on with the federation's own training, locally: the
     adapter and the prior's weight (the head stays as the federation left it),
     sampled softmax, the federation's last-``popularity-window`` item counts
-    (exact, with each user's own share left out). In the README's five-domain
+    (exact, with each user's own share left out). In the five-domain
     runs (4,000 users each) the recipe's first epochs pulled the federated model
     down and early stopping kept it; ``continue`` improved it; on Scientific and
     office the recipe did better. ``"best"`` (the default) runs both and keeps the

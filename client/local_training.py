@@ -96,7 +96,7 @@ def freeze_untrained(model: DomainModel, trains: str) -> None:
     Under DP, noise on the head's ~200 k weights, not the adapter's, pulled models
     below their start. Without DP, the head trained in 3 rounds x 2 epochs
     overfitted: adapter-only local models scored higher on both real domains
-    (README, "Experiments"). A head fine-tuned without DP must never come back to a
+    (docs/experiments.md). A head fine-tuned without DP must never come back to a
     DP round: the adapter's gradients would then see every user through it
     (``client.partner.train`` refuses a state trained without DP)."""
     if trains == "adapter":

@@ -14,7 +14,7 @@ with DP-SGD's steps exactly as they compose those steps with each other.
 Why only the latest items: the items a model is tested on are each user's latest,
 and popularity drifts. On amazon2014-office, counts over whole histories rank test
 items worse than no prior at all, while counts over each user's last 1 to 3 items
-help (README, "Federated experiments"). A short window also concentrates a user's
+help (docs/experiments.md, "What got Scientific over the target"). A short window also concentrates a user's
 unit of sensitivity on few items, so each count carries more signal per unit of noise.
 """
 

@@ -37,6 +37,8 @@ def simulation_env(flwr_home: Path, ray_tmp: Path) -> dict[str, str]:
             "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",  # keeps every Ray socket on loopback
             "RAY_TMPDIR": str(ray_tmp),
             "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
+            # Ray starts its workers, where the partners train, at nice 15: beside any other job they would wait
+            "RAY_worker_niceness": env.get("RAY_worker_niceness", "0"),
             "PYTHONWARNINGS": "ignore",
             # flwr starts `flower-superlink` by name: this environment's scripts come first
             "PATH": f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",

@@ -34,6 +34,7 @@ def simulate(run_config: dict[str, object], *, partners: int, client_cpus: float
     os.environ.setdefault("RAY_TMPDIR", f"/tmp/fedxrec-ray-{os.getpid()}")
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+    os.environ.setdefault("RAY_worker_niceness", "0")  # Ray's default, 15, starves the partners beside other jobs
     os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
     run_simulation(
         server_app=server_with_config(run_config),

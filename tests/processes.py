@@ -27,6 +27,18 @@ def descendants(pid: int | None = None) -> set[int]:
     return out
 
 
+def niceness(pids: set[int], *, named: str) -> dict[int, int]:
+    """Scheduling niceness of each of ``pids`` whose command line starts with ``named``."""
+    out = {}
+    for pid in pids:
+        try:
+            if Path(f"/proc/{pid}/cmdline").read_bytes().startswith(named.encode()):
+                out[pid] = os.getpriority(os.PRIO_PROCESS, pid)
+        except OSError:
+            continue
+    return out
+
+
 def wait_for_exit(before: set[int], *, timeout: float = 60.0) -> set[int]:
     """Descendants that appeared since ``before`` and are still alive after ``timeout`` s.
 

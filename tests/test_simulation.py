@@ -15,17 +15,21 @@ from shared.cli import main as cli_main
 from shared.privacy import ledger
 from simulations.runner import simulate as run_federation
 from tests.browser import assert_page_shows_every_partner
-from tests.processes import descendants, is_loopback, listening_addresses, wait_for_exit
+from tests.processes import descendants, is_loopback, listening_addresses, niceness, wait_for_exit
 
 
-def simulate(client: ClientApp, run_config: dict[str, object], *, partners: int = 3) -> set[str]:
-    """Runs the simulation; returns every address our process tree listened on meanwhile."""
+def simulate(client: ClientApp, run_config: dict[str, object], *, partners: int = 3) -> tuple[set[str], set[int]]:
+    """Runs the simulation; returns every address our process tree listened on meanwhile,
+    and the niceness seen on the Ray workers that ran the partners."""
     seen: set[str] = set()
+    worker_niceness: set[int] = set()
     done = threading.Event()
 
     def watch() -> None:
         while not done.wait(0.5):
-            seen.update(listening_addresses(descendants() | {os.getpid()}))
+            ours = descendants() | {os.getpid()}
+            seen.update(listening_addresses(ours))
+            worker_niceness.update(niceness(ours, named="ray::ClientAppActor").values())
 
     watcher = threading.Thread(target=watch, daemon=True)
     watcher.start()
@@ -34,7 +38,7 @@ def simulate(client: ClientApp, run_config: dict[str, object], *, partners: int 
     finally:
         done.set()
         watcher.join()
-    return seen
+    return seen, worker_niceness
 
 
 @pytest.fixture
@@ -52,7 +56,7 @@ def ray_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 def test_dp_federation_writes_a_complete_run_folder(tmp_path: Path, ray_env: Path) -> None:
     before = descendants()
     config = {"rounds": 2, "runs-dir": str(tmp_path / "runs"), "run-id": "ci", "batch-size": 128, "target-epsilon": 8.0}
-    addresses = simulate(client_app, config)
+    addresses, worker_niceness = simulate(client_app, config)
     run = tmp_path / "runs" / "ci"
 
     assert json.loads((run / "config.json").read_text())["rounds"] == 2
@@ -96,5 +100,7 @@ def test_dp_federation_writes_a_complete_run_folder(tmp_path: Path, ray_env: Pat
     assert_page_shows_every_partner(report_dir / "report.html", ["books", "games", "gear"], tmp_path)
 
     assert addresses and all(is_loopback(a) for a in addresses), addresses
+    # the partners train at this process's priority, not Ray's default nice 15
+    assert worker_niceness and max(worker_niceness) <= os.getpriority(os.PRIO_PROCESS, 0), worker_niceness
     leftover = wait_for_exit(before)
     assert not leftover, f"processes left behind: {leftover}"

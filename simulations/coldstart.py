@@ -1,9 +1,10 @@
 """Cold start: a partner with few users joins a federation, versus training alone.
 
     python -m simulations.coldstart [--scenarios simulations/scenarios/scientific-office-coldstart.toml ...]
-        [--rounds 3] [--local-epochs 2] [--recipe-epochs 40] [--recipe-minutes 12] [--out runs/coldstart]
+        [--rounds 3] [--local-epochs 2] [--seed 0] [--recipe-epochs 40] [--recipe-minutes 12] [--out runs/coldstart]
 
-Each scenario names one cold partner (``max-users``: its domain's first users).
+Each scenario's cold partner is its one partner with the smallest ``max-users`` (its
+domain's first users).
 Both runs are the real ServerApp + ClientApp in Flower's simulation engine, no DP:
 ``alone`` is the cold partner in a federation of one, ``in the federation`` the
 whole scenario. With the full recipe on (``--recipe-minutes`` > 0), also each
@@ -54,15 +55,24 @@ def federated_model(run: Path, spec: PartnerSpec) -> tuple[dict[str, torch.Tenso
     return final_adapter(run), partner.PartnerState.load(run / "partners" / spec.name).head
 
 
+def cold_partner(specs: list[PartnerSpec], *, scenario: Path) -> PartnerSpec:
+    """The scenario's one partner with the smallest ``max-users``."""
+    fewest = min((s.max_users for s in specs if s.max_users), default=None)
+    cold = [s for s in specs if fewest is not None and s.max_users == fewest]
+    if len(cold) != 1:
+        raise ValueError(
+            f"{scenario}: a cold-start scenario's cold partner is its one partner with the smallest max-users; "
+            f"found {len(cold)} with max-users = {fewest}"
+        )
+    return cold[0]
+
+
 def cold_start(scenario: Path, base: dict[str, Any], out: Path, *, recipe: TrainConfig | None) -> dict[str, Any]:
     """The cold partner alone and in the scenario's federation (and, with ``recipe``, the full
     recipe alone vs ``fedxrec finetune`` after the federation): test metrics on its own users
     and on its domain's other users."""
     specs = load_scenario(scenario)
-    cold = [s for s in specs if s.max_users]
-    if len(cold) != 1:
-        raise SystemExit(f"{scenario}: a cold-start scenario names exactly one partner with max-users, found {len(cold)}")
-    spec = cold[0]
+    spec = cold_partner(specs, scenario=scenario)
     settings = FederationSettings(**_settings(base))
     alone, together = out / f"{scenario.stem}-alone", out / f"{scenario.stem}-federated"
     own = {
@@ -106,9 +116,9 @@ def cold_start(scenario: Path, base: dict[str, Any], out: Path, *, recipe: Train
     }
 
 
-def recipe_config(*, epochs: int, minutes: float) -> TrainConfig | None:
+def recipe_config(*, epochs: int, minutes: float, seed: int = 0) -> TrainConfig | None:
     """The full recipe's settings (early stopping on valid; the time cap is a safety net); None when ``minutes`` is 0."""
-    return TrainConfig(epochs=epochs, patience=5, lr_patience=2, max_minutes=minutes) if minutes else None
+    return TrainConfig(epochs=epochs, patience=5, lr_patience=2, max_minutes=minutes, seed=seed) if minutes else None
 
 
 def _settings(base: dict[str, Any]) -> dict[str, Any]:
@@ -154,6 +164,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--local-epochs", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--seed", type=int, default=0, help="the federations' seed (initial adapter, sampling, negatives)")
     parser.add_argument(
         "--recipe-epochs", type=int, default=40, help="most epochs of the full recipe alone and of the fine-tune (early stopping on valid)"
     )
@@ -161,10 +172,10 @@ def main() -> None:
     parser.add_argument("--out", default="runs/coldstart")
     args = parser.parse_args()
     out = Path(args.out)
-    base: dict[str, Any] = {"rounds": args.rounds, "local-epochs": args.local_epochs, "batch-size": args.batch_size}
-    recipe = recipe_config(epochs=args.recipe_epochs, minutes=args.recipe_minutes)
+    base: dict[str, Any] = {"rounds": args.rounds, "local-epochs": args.local_epochs, "batch-size": args.batch_size, "seed": args.seed}
+    recipe = recipe_config(epochs=args.recipe_epochs, minutes=args.recipe_minutes, seed=args.seed)
     results = [cold_start(Path(s), base, out, recipe=recipe) for s in args.scenarios]
-    text = [f"{args.rounds} rounds x {args.local_epochs} local epoch(s), batch {args.batch_size}; {machine()}", ""]
+    text = [f"{args.rounds} rounds x {args.local_epochs} local epoch(s), batch {args.batch_size}, seed {args.seed}; {machine()}", ""]
     for r in results:
         text += table(r)
     (out / "coldstart.md").write_text("\n".join(text))

@@ -1,0 +1,31 @@
+"""The scenario files shipped in simulations/scenarios/ load, and name data that exists."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from shared.federation.scenario import PartnerSpec, load_scenario
+from simulations.coldstart import cold_partner
+
+SCENARIOS = sorted((Path(__file__).resolve().parents[1] / "simulations" / "scenarios").glob("*.toml"))
+
+
+def test_there_are_scenarios() -> None:
+    assert len(SCENARIOS) >= 6, SCENARIOS
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS, ids=[p.stem for p in SCENARIOS])
+def test_a_scenario_loads_and_its_data_folders_exist(scenario: Path, real_data: Path) -> None:
+    specs = load_scenario(scenario)
+    assert specs and all(spec.data.is_dir() for spec in specs), [str(s.data) for s in specs if not s.data.is_dir()]
+    if scenario.stem.endswith("-coldstart"):
+        assert cold_partner(specs, scenario=scenario).max_users == 300
+
+
+def test_a_cold_start_scenario_needs_one_smallest_partner(tmp_path: Path) -> None:
+    specs = [PartnerSpec("a", tmp_path, max_users=300), PartnerSpec("b", tmp_path, max_users=300), PartnerSpec("c", tmp_path)]
+    with pytest.raises(ValueError, match=r"x\.toml: .*one partner with the smallest max-users; found 2 with max-users = 300"):
+        cold_partner(specs, scenario=Path("x.toml"))
+    assert cold_partner([*specs[1:], PartnerSpec("d", tmp_path, max_users=4000)], scenario=Path("x.toml")).name == "b"

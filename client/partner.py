@@ -25,7 +25,7 @@ from safetensors.torch import save_file
 
 from client.local_training import DPPlan, freeze_untrained, poisson_schedule, train_round, user_sequences
 from shared.data.split import DomainSplit
-from shared.encoder import TextEncoder
+from shared.encoder import TextEncoder, hash_tensors
 from shared.federation.adapter import adapter_config
 from shared.federation.scenario import SIMULATION_NODE_CONFIG, PartnerSpec, partner_from_node_config, scenario_partners
 from shared.federation.settings import FederationSettings
@@ -305,11 +305,9 @@ def personal_adapter(
 
 
 def arrays_digest(arrays: dict[str, torch.Tensor]) -> str:
-    """SHA-256 over an adapter's names and float32 bytes."""
+    """SHA-256 over an adapter's arrays (names, dtypes, shapes, bytes)."""
     digest = hashlib.sha256()
-    for name in sorted(arrays):
-        digest.update(name.encode())
-        digest.update(arrays[name].detach().float().contiguous().numpy().tobytes())
+    hash_tensors(digest, arrays)
     return digest.hexdigest()
 
 
@@ -585,7 +583,7 @@ def keep_global_adapter(
     settings: FederationSettings,
     server_round: int,
     split: DomainSplit,
-    mix: dict[str, str] | None = None,
+    mix: dict[str, str],
 ) -> None:
     """Keeps the adapter of the partner's model after ``server_round`` in the state folder,
     as the start of a local fine-tune after the federation (``fedxrec finetune``).
@@ -601,8 +599,7 @@ def keep_global_adapter(
         "domain": split.name,
         "items": str(split.n_items),
         "catalogue": catalogue_fingerprint(split),
-        "global-weight": "1.0",
-        **(mix or {}),
+        **mix,
         **{k: str(v) for k, v in asdict(adapter_config(settings)).items()},
     }
     tmp = folder / f".{GLOBAL_ADAPTER}.{os.getpid()}"

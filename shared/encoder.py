@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -43,12 +45,17 @@ def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (hidden * m).sum(1) / m.sum(1).clamp(min=1.0)
 
 
-def fingerprint_model(model: nn.Module, model_path: Path) -> str:
-    h = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
+def hash_tensors(h: Any, tensors: Mapping[str, torch.Tensor]) -> None:
+    """Feeds ``tensors`` (name, dtype, shape and bytes of each, in name order) into the hash ``h``."""
+    for name, tensor in sorted(tensors.items()):
         t = tensor.detach().cpu().contiguous()
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
         h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+
+
+def fingerprint_model(model: nn.Module, model_path: Path) -> str:
+    h = hashlib.sha256()
+    hash_tensors(h, model.state_dict())
     for fname in TOKENIZER_FILES:
         f = model_path / fname
         if f.is_file():

@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 PROJECT = Path(__file__).resolve().parents[1]
@@ -25,20 +26,28 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def ray_settings(env: Mapping[str, str]) -> dict[str, str]:
+    """The environment every simulation here runs Ray and Flower with (``make demo`` and the
+    experiment scripts, :mod:`simulations.runner`)."""
+    return {
+        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",  # keeps every Ray socket on loopback
+        "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
+        "FLWR_DISABLE_UPDATE_CHECK": "1",
+        # Ray starts its workers, where the partners train, at nice 15: beside any other job they would wait
+        "RAY_worker_niceness": env.get("RAY_worker_niceness", "0"),
+    }
+
+
 def simulation_env(flwr_home: Path, ray_tmp: Path) -> dict[str, str]:
     env = dict(os.environ)
     env.update(
         {
+            **ray_settings(env),
             "FLWR_HOME": str(flwr_home),
             "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",  # else uv downloads a CUDA torch
-            "FLWR_DISABLE_UPDATE_CHECK": "1",
             "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(_free_port()),
             "FLWR_LOCAL_CONTROL_API_PORT": str(_free_port()),
-            "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",  # keeps every Ray socket on loopback
             "RAY_TMPDIR": str(ray_tmp),
-            "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
-            # Ray starts its workers, where the partners train, at nice 15: beside any other job they would wait
-            "RAY_worker_niceness": env.get("RAY_worker_niceness", "0"),
             "PYTHONWARNINGS": "ignore",
             # flwr starts `flower-superlink` by name: this environment's scripts come first
             "PATH": f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",

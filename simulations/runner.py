@@ -16,6 +16,7 @@ from flwr.simulation import run_simulation
 
 from client.client_app import app as client_app
 from server.server_app import main as server_main
+from shared.flower_run import ray_settings
 
 
 def server_with_config(run_config: dict[str, object]) -> ServerApp:
@@ -32,10 +33,8 @@ def server_with_config(run_config: dict[str, object]) -> ServerApp:
 def simulate(run_config: dict[str, object], *, partners: int, client_cpus: float = 1.0, client_gpus: float = 0.0) -> Path:
     """Runs one federation; returns its run folder."""
     os.environ.setdefault("RAY_TMPDIR", f"/tmp/fedxrec-ray-{os.getpid()}")
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
-    os.environ.setdefault("RAY_worker_niceness", "0")  # Ray's default, 15, starves the partners beside other jobs
-    os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
+    for key, value in ray_settings(os.environ).items():
+        os.environ.setdefault(key, value)
     run_simulation(
         server_app=server_with_config(run_config),
         client_app=client_app,

@@ -1,13 +1,15 @@
 """Cold start: a partner with few users joins a federation, versus training alone.
 
     python -m simulations.coldstart [--scenarios simulations/scenarios/scientific-office-coldstart.toml ...]
-        [--rounds 3] [--local-epochs 2] [--seed 0] [--recipe-epochs 40] [--recipe-minutes 12] [--out runs/coldstart]
+        [--rounds 3] [--local-epochs 2] [--seed 0] [--recipe-epochs 40] [--recipe-minutes 12] [--personal-mix]
+        [--out runs/coldstart]
 
 Each scenario's cold partner is its one partner with the smallest ``max-users`` (its
 domain's first users).
 Both runs are the real ServerApp + ClientApp in Flower's simulation engine, no DP:
 ``alone`` is the cold partner in a federation of one, ``in the federation`` the
-whole scenario. With the full recipe on (``--recipe-minutes`` > 0), also each
+whole scenario (plain FedAvg; with ``--personal-mix`` also each partner's own mix of
+the global adapter, ``personal-mix = "valid"``). With the full recipe on (``--recipe-minutes`` > 0), also each
 path's best local training: ``alone, full recipe`` (``fedxrec train``'s recipe on
 the cold partner's users) and ``in the federation + fine-tune`` (``fedxrec
 finetune`` on its state folder after the federation). Its own few test users give a noisy estimate (a handful of hits
@@ -29,15 +31,23 @@ from safetensors.torch import load_file
 
 from client import partner
 from client.finetune import finetune as partner_finetune
+from server.run_folder import RunFolder
 from shared.federation.adapter import initial_adapter
 from shared.federation.scenario import PartnerSpec, load_scenario
 from shared.federation.settings import FederationSettings
 from shared.model.adapters import adapter_state
 from shared.training import DomainRun, TrainConfig, evaluate_model
 from simulations.common import machine, write_json
-from simulations.federations import federate, final_adapter, metrics_row, one_partner_scenario, recipe_alone, test_row, zero_shot
+from simulations.federations import federate, metrics_row, one_partner_scenario, recipe_alone, test_row, zero_shot
 
-METHODS = ("zero-shot (untrained)", "alone", "in the federation", "alone, full recipe", "in the federation + fine-tune")
+METHODS = (
+    "zero-shot (untrained)",
+    "alone",
+    "in the federation",
+    "in the federation, personal mix",
+    "alone, full recipe",
+    "in the federation + fine-tune",
+)
 
 
 def on_other_users(spec: PartnerSpec, arrays: dict[str, torch.Tensor], head: dict[str, torch.Tensor] | None) -> dict[str, Any]:
@@ -52,7 +62,14 @@ def on_other_users(spec: PartnerSpec, arrays: dict[str, torch.Tensor], head: dic
 
 
 def federated_model(run: Path, spec: PartnerSpec) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
-    return final_adapter(run), partner.PartnerState.load(run / "partners" / spec.name).head
+    """The cold partner's model after the run: the adapter it kept after the last round (the
+    global adapter, or with personal-mix its mix of it) and its private head."""
+    folder = run / "partners" / spec.name
+    kept, meta = partner.read_kept_adapter(folder)
+    last = RunFolder(run).last_round()
+    if kept is None or meta.get("round") != str(last):
+        raise ValueError(f"{folder}: no adapter kept after the run's last round ({last}); was the run's evaluation cut short?")
+    return kept, partner.PartnerState.load(folder).head
 
 
 def cold_partner(specs: list[PartnerSpec], *, scenario: Path) -> PartnerSpec:
@@ -67,10 +84,13 @@ def cold_partner(specs: list[PartnerSpec], *, scenario: Path) -> PartnerSpec:
     return cold[0]
 
 
-def cold_start(scenario: Path, base: dict[str, Any], out: Path, *, recipe: TrainConfig | None) -> dict[str, Any]:
-    """The cold partner alone and in the scenario's federation (and, with ``recipe``, the full
-    recipe alone vs ``fedxrec finetune`` after the federation): test metrics on its own users
-    and on its domain's other users."""
+def cold_start(
+    scenario: Path, base: dict[str, Any], out: Path, *, recipe: TrainConfig | None, personal_mix: bool = False
+) -> dict[str, Any]:
+    """The cold partner alone and in the scenario's federation (plain FedAvg and, with
+    ``personal_mix``, each partner's own mix of the global adapter; with ``recipe``, the full
+    recipe alone vs ``fedxrec finetune`` after the FedAvg federation): test metrics on its own
+    users and on its domain's other users."""
     specs = load_scenario(scenario)
     spec = cold_partner(specs, scenario=scenario)
     settings = FederationSettings(**_settings(base))
@@ -87,6 +107,11 @@ def cold_start(scenario: Path, base: dict[str, Any], out: Path, *, recipe: Train
         "alone": on_other_users(spec, *federated_model(alone, spec)),
         "in the federation": on_other_users(spec, *federated_model(together, spec)),
     }
+    if personal_mix:
+        mixed = out / f"{scenario.stem}-federated-mix"
+        key = "in the federation, personal mix"
+        own[key] = federate(mixed.name, scenario, len(specs), base, out, dp=False, **{"personal-mix": "valid"})[spec.name]
+        others[key] = on_other_users(spec, *federated_model(mixed, spec))
     if recipe is not None:
         model = recipe_alone(spec, settings, config=recipe)
         own["alone, full recipe"] = test_row(spec, model)
@@ -144,6 +169,14 @@ def table(result: dict[str, Any]) -> list[str]:
         f"federation vs alone: {gain_own:+.1%} NDCG@10 on its own users, {gain_others:+.1%} on the other users",
         *(
             [
+                f"federation with personal mix vs alone: {_gain(own, 'in the federation, personal mix', 'alone'):+.1%} "
+                f"on its own users, {_gain(others, 'in the federation, personal mix', 'alone'):+.1%} on the other users"
+            ]
+            if "in the federation, personal mix" in own
+            else []
+        ),
+        *(
+            [
                 f"federation + fine-tune vs full recipe alone: {_gain(own, 'in the federation + fine-tune', 'alone, full recipe'):+.1%} "
                 f"on its own users, {_gain(others, 'in the federation + fine-tune', 'alone, full recipe'):+.1%} on the other users"
             ]
@@ -169,12 +202,19 @@ def main() -> None:
         "--recipe-epochs", type=int, default=40, help="most epochs of the full recipe alone and of the fine-tune (early stopping on valid)"
     )
     parser.add_argument("--recipe-minutes", type=float, default=12.0, help="time cap of each (0: no such rows)")
+    parser.add_argument(
+        "--personal-mix",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="also the federation with personal-mix = 'valid' (each partner mixes the global adapter with its own; "
+        "docs/experiments.md: it gave the cold partner less than FedAvg)",
+    )
     parser.add_argument("--out", default="runs/coldstart")
     args = parser.parse_args()
     out = Path(args.out)
     base: dict[str, Any] = {"rounds": args.rounds, "local-epochs": args.local_epochs, "batch-size": args.batch_size, "seed": args.seed}
     recipe = recipe_config(epochs=args.recipe_epochs, minutes=args.recipe_minutes, seed=args.seed)
-    results = [cold_start(Path(s), base, out, recipe=recipe) for s in args.scenarios]
+    results = [cold_start(Path(s), base, out, recipe=recipe, personal_mix=args.personal_mix) for s in args.scenarios]
     text = [f"{args.rounds} rounds x {args.local_epochs} local epoch(s), batch {args.batch_size}, seed {args.seed}; {machine()}", ""]
     for r in results:
         text += table(r)

@@ -14,7 +14,6 @@ from typing import Any
 import torch
 
 from client import partner
-from server.run_folder import RunFolder
 from shared.federation.adapter import initial_adapter
 from shared.federation.scenario import PartnerSpec
 from shared.federation.settings import FederationSettings
@@ -60,12 +59,6 @@ def federate(name: str, scenario: Path, n: int, base: dict[str, Any], out: Path,
     run = simulate(config, partners=n)
     print(f"[{name}] {time.monotonic() - started:.0f} s")
     return final_metrics(run)
-
-
-def final_adapter(run: Path) -> dict[str, torch.Tensor]:
-    """The global adapter after a run's last round."""
-    folder = RunFolder(run)
-    return folder.adapter(folder.last_round())
 
 
 def test_row(spec: PartnerSpec, model: DomainModel) -> dict[str, Any]:

@@ -8,11 +8,15 @@ import threading
 from pathlib import Path
 
 import pytest
+import torch
 from flwr.clientapp import ClientApp
 
 from client.client_app import app as client_app
+from server.run_folder import RunFolder
 from shared.cli import main as cli_main
+from shared.federation.scenario import PartnerSpec
 from shared.privacy import ledger
+from simulations.coldstart import federated_model
 from simulations.runner import simulate as run_federation
 from tests.browser import assert_page_shows_every_partner
 from tests.processes import descendants, is_loopback, listening_addresses, niceness, wait_for_exit
@@ -80,6 +84,11 @@ def test_dp_federation_writes_a_complete_run_folder(tmp_path: Path, ray_env: Pat
     assert set(summary["partners"]) == {"books", "games", "gear"}
     assert all(p["ledger_head"]["lines"] == 2 for p in summary["partners"].values())
     assert "| books |" in (run / "summary.md").read_text()
+    # each partner keeps the last global adapter, the model the experiment scripts score
+    last = RunFolder(run).adapter(2)
+    for name in ("books", "games", "gear"):
+        kept, head = federated_model(run, PartnerSpec(name, Path(name)))
+        assert head and kept.keys() == last.keys() and all(torch.equal(kept[k], last[k]) for k in last)
 
     # resuming a finished run trains nothing more; raising rounds continues at round 3,
     # where each partner's budget (planned for 2 rounds) makes it decline

@@ -49,6 +49,13 @@ METHODS = (
     "in the federation + fine-tune",
 )
 
+# The table's comparisons: (label, method, the method it is compared with), each printed where both ran.
+GAINS = (
+    ("federation vs alone", "in the federation", "alone"),
+    ("federation with personal mix vs alone", "in the federation, personal mix", "alone"),
+    ("federation + fine-tune vs full recipe alone", "in the federation + fine-tune", "alone, full recipe"),
+)
+
 
 def on_other_users(spec: PartnerSpec, arrays: dict[str, torch.Tensor], head: dict[str, torch.Tensor] | None) -> dict[str, Any]:
     """A model of the cold partner (adapter arrays, private head and prior) on its domain's other users' test items."""
@@ -61,10 +68,10 @@ def on_other_users(spec: PartnerSpec, arrays: dict[str, torch.Tensor], head: dic
     return {"ndcg@10": m["ndcg@10"], "recall@10": m["recall@10"], "users": len(others.users)}
 
 
-def federated_model(run: Path, spec: PartnerSpec) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
-    """The cold partner's model after the run: the adapter it kept after the last round (the
+def federated_model(run: Path, name: str) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
+    """Partner ``name``'s model after the run: the adapter it kept after the last round (the
     global adapter, or with personal-mix its mix of it) and its private head."""
-    folder = run / "partners" / spec.name
+    folder = run / "partners" / name
     kept, meta = partner.read_kept_adapter(folder)
     last = RunFolder(run).last_round()
     if kept is None or meta.get("round") != str(last):
@@ -94,24 +101,20 @@ def cold_start(
     specs = load_scenario(scenario)
     spec = cold_partner(specs, scenario=scenario)
     settings = FederationSettings(**_settings(base))
-    alone, together = out / f"{scenario.stem}-alone", out / f"{scenario.stem}-federated"
-    own = {
-        "zero-shot (untrained)": zero_shot(spec, settings),
-        "alone": federate(alone.name, one_partner_scenario(spec, out / "scenarios"), 1, base, out, dp=False)[spec.name],
-        "in the federation": federate(together.name, scenario, len(specs), base, out, dp=False)[spec.name],
-    }
     data = partner.partner_data(spec, max_len=partner.HEAD.max_len)
     untrained = initial_adapter(settings, in_dim=int(data.vectors.shape[1])), None
-    others = {
-        "zero-shot (untrained)": on_other_users(spec, *untrained),
-        "alone": on_other_users(spec, *federated_model(alone, spec)),
-        "in the federation": on_other_users(spec, *federated_model(together, spec)),
+    own = {"zero-shot (untrained)": zero_shot(spec, settings)}
+    others = {"zero-shot (untrained)": on_other_users(spec, *untrained)}
+    together = out / f"{scenario.stem}-federated"
+    runs = {  # method: (run folder, its scenario, partners, run config overrides)
+        "alone": (out / f"{scenario.stem}-alone", one_partner_scenario(spec, out / "scenarios"), 1, {}),
+        "in the federation": (together, scenario, len(specs), {}),
     }
     if personal_mix:
-        mixed = out / f"{scenario.stem}-federated-mix"
-        key = "in the federation, personal mix"
-        own[key] = federate(mixed.name, scenario, len(specs), base, out, dp=False, **{"personal-mix": "valid"})[spec.name]
-        others[key] = on_other_users(spec, *federated_model(mixed, spec))
+        runs["in the federation, personal mix"] = (out / f"{scenario.stem}-federated-mix", scenario, len(specs), {"personal-mix": "valid"})
+    for method, (run, federation, n, overrides) in runs.items():
+        own[method] = federate(run.name, federation, n, base, out, dp=False, **overrides)[spec.name]
+        others[method] = on_other_users(spec, *federated_model(run, spec.name))
     if recipe is not None:
         model = recipe_alone(spec, settings, config=recipe)
         own["alone, full recipe"] = test_row(spec, model)
@@ -153,7 +156,6 @@ def _settings(base: dict[str, Any]) -> dict[str, Any]:
 def table(result: dict[str, Any]) -> list[str]:
     own, others = result["own"], result["others"]
     n = others["alone"]["users"]
-    gain_own, gain_others = _gain(own, "in the federation", "alone"), _gain(others, "in the federation", "alone")
     return [
         f"**cold start: {result['partner']}** ({result['users']} users) joining {', '.join(result['joins'])} "
         f"(no DP; test metrics on its own users and on its domain's {n:,} other users)",
@@ -166,22 +168,10 @@ def table(result: dict[str, Any]) -> list[str]:
             if k in own
         ),
         "",
-        f"federation vs alone: {gain_own:+.1%} NDCG@10 on its own users, {gain_others:+.1%} on the other users",
         *(
-            [
-                f"federation with personal mix vs alone: {_gain(own, 'in the federation, personal mix', 'alone'):+.1%} "
-                f"on its own users, {_gain(others, 'in the federation, personal mix', 'alone'):+.1%} on the other users"
-            ]
-            if "in the federation, personal mix" in own
-            else []
-        ),
-        *(
-            [
-                f"federation + fine-tune vs full recipe alone: {_gain(own, 'in the federation + fine-tune', 'alone, full recipe'):+.1%} "
-                f"on its own users, {_gain(others, 'in the federation + fine-tune', 'alone, full recipe'):+.1%} on the other users"
-            ]
-            if "alone, full recipe" in own
-            else []
+            f"{label}: {_gain(own, new, old):+.1%} NDCG@10 on its own users, {_gain(others, new, old):+.1%} on the other users"
+            for label, new, old in GAINS
+            if new in own and old in own
         ),
         "",
     ]

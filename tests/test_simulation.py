@@ -14,7 +14,6 @@ from flwr.clientapp import ClientApp
 from client.client_app import app as client_app
 from server.run_folder import RunFolder
 from shared.cli import main as cli_main
-from shared.federation.scenario import PartnerSpec
 from shared.privacy import ledger
 from simulations.coldstart import federated_model
 from simulations.runner import simulate as run_federation
@@ -87,7 +86,7 @@ def test_dp_federation_writes_a_complete_run_folder(tmp_path: Path, ray_env: Pat
     # each partner keeps the last global adapter, the model the experiment scripts score
     last = RunFolder(run).adapter(2)
     for name in ("books", "games", "gear"):
-        kept, head = federated_model(run, PartnerSpec(name, Path(name)))
+        kept, head = federated_model(run, name)
         assert head and kept.keys() == last.keys() and all(torch.equal(kept[k], last[k]) for k in last)
 
     # resuming a finished run trains nothing more; raising rounds continues at round 3,

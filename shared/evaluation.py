@@ -11,12 +11,16 @@ With rank r of the single target item:
 - NDCG@K   = 1[r <= K] / log2(r + 1)   (one relevant item, so IDCG = 1)
 - MRR      = 1 / r                      (untruncated)
 
-each averaged over evaluated users.
+each averaged over evaluated users. Two models scored on the same users compare
+user by user (:func:`paired_difference`): the interval of their difference in
+NDCG@10 says whether a change is more than the users' noise.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -59,7 +63,7 @@ def pad_histories(histories: list[np.ndarray], max_len: int) -> tuple[torch.Tens
 
 
 @torch.no_grad()
-def evaluate(
+def user_ranks(
     scorer: Scorer,
     split: DomainSplit,
     which: str,
@@ -67,8 +71,9 @@ def evaluate(
     max_len: int = 50,
     batch_size: int = 512,
     device: str | torch.device = "cpu",
-) -> dict[str, float]:
-    """Metrics of ``scorer`` on the ``which`` ("valid"/"test") targets of ``split``."""
+) -> torch.Tensor:
+    """Rank of each evaluated user's ``which`` ("valid"/"test") target [U], in ``split.eval_users``
+    order (users without history are left out), so two models' ranks pair user by user."""
     users = split.eval_users(which)
     targets = split.valid if which == "valid" else split.test
     ranks = []
@@ -81,7 +86,57 @@ def evaluate(
         scores = scorer(seqs.to(device), lengths.to(device))  # [B, N]
         t = torch.as_tensor(targets[users_with_history] - 1, device=scores.device)
         ranks.append(ranks_from_scores(scores, t).cpu())
-    return metrics_from_ranks(torch.cat(ranks) if ranks else torch.zeros(0))
+    return torch.cat(ranks) if ranks else torch.zeros(0, dtype=torch.long)
+
+
+def evaluate(
+    scorer: Scorer,
+    split: DomainSplit,
+    which: str,
+    *,
+    max_len: int = 50,
+    batch_size: int = 512,
+    device: str | torch.device = "cpu",
+) -> dict[str, float]:
+    """Metrics of ``scorer`` on the ``which`` ("valid"/"test") targets of ``split``."""
+    return metrics_from_ranks(user_ranks(scorer, split, which, max_len=max_len, batch_size=batch_size, device=device))
+
+
+def user_ndcg(ranks: torch.Tensor, k: int = 10) -> torch.Tensor:
+    """Each user's NDCG@k [U] from its target's rank [U]: 1[r <= k] / log2(r + 1); their mean is NDCG@k."""
+    r = ranks.to(torch.float64)
+    return torch.where(r <= k, 1.0 / torch.log2(r + 1), torch.zeros_like(r))
+
+
+@dataclass(frozen=True)
+class PairedDifference:
+    """Mean of a per-user difference ``a - b`` with its normal-approximation interval.
+
+    With d_i = a_i - b_i over n users: mean = sum(d_i) / n, se = sd(d) / sqrt(n)
+    (sd with n - 1), z = mean / se, 95 % interval = mean +- 1.96 se. Pairing
+    takes out what the two models share (the users' difficulty), so a change far
+    smaller than either score's own spread can still be told from noise.
+    """
+
+    mean: float
+    se: float
+    n: int
+
+    @property
+    def z(self) -> float:
+        return self.mean / self.se if self.se > 0 else 0.0
+
+    @property
+    def interval(self) -> tuple[float, float]:
+        return self.mean - 1.96 * self.se, self.mean + 1.96 * self.se
+
+
+def paired_difference(a: torch.Tensor, b: torch.Tensor) -> PairedDifference:
+    """:class:`PairedDifference` of per-user scores ``a`` and ``b`` [U] (the same users, in the same order)."""
+    if a.shape != b.shape or a.ndim != 1 or len(a) < 2:
+        raise ValueError(f"paired scores need the same users (at least 2): got shapes {tuple(a.shape)} and {tuple(b.shape)}")
+    d = a.to(torch.float64) - b.to(torch.float64)
+    return PairedDifference(float(d.mean()), float(d.std(correction=1)) / math.sqrt(len(d)), len(d))
 
 
 def popularity_scorer(split: DomainSplit) -> Scorer:

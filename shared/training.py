@@ -21,7 +21,7 @@ import torch
 
 from shared.allocator import keep_freed_memory
 from shared.data.split import DomainSplit
-from shared.evaluation import evaluate
+from shared.evaluation import metrics_from_ranks, user_ranks
 from shared.model.recommender import DomainModel
 
 
@@ -73,12 +73,17 @@ def training_batches(
         yield next_item_pairs(seqs, max(len(s) for s in seqs) - 1)
 
 
-def ranking_metrics(model: DomainModel, split: DomainSplit, which: str) -> dict[str, float]:
-    """Full-catalogue ranking metrics of ``model`` (put in eval mode) on ``split``'s valid or test users."""
+def model_user_ranks(model: DomainModel, split: DomainSplit, which: str) -> torch.Tensor:
+    """Each evaluated user's full-catalogue rank of its ``which`` target under ``model`` (put in eval mode) [U]."""
     model.eval()
     with torch.no_grad():
         catalogue = model.catalogue()
-        return evaluate(lambda s, n: model.score_all(s, n, catalogue), split, which, max_len=model.max_len)
+        return user_ranks(lambda s, n: model.score_all(s, n, catalogue), split, which, max_len=model.max_len)
+
+
+def ranking_metrics(model: DomainModel, split: DomainSplit, which: str) -> dict[str, float]:
+    """Full-catalogue ranking metrics of ``model`` (put in eval mode) on ``split``'s valid or test users."""
+    return metrics_from_ranks(model_user_ranks(model, split, which))
 
 
 def evaluate_model(run: DomainRun, which: str) -> dict[str, float]:

@@ -31,14 +31,13 @@ from safetensors.torch import load_file
 
 from client import partner
 from client.finetune import finetune as partner_finetune
-from server.run_folder import RunFolder
 from shared.federation.adapter import initial_adapter
 from shared.federation.scenario import PartnerSpec, load_scenario
 from shared.federation.settings import FederationSettings
 from shared.model.adapters import adapter_state
 from shared.training import DomainRun, TrainConfig, evaluate_model
 from simulations.common import machine, write_json
-from simulations.federations import federate, metrics_row, one_partner_scenario, recipe_alone, test_row, zero_shot
+from simulations.federations import federate, federated_model, metrics_row, one_partner_scenario, recipe_alone, test_row, zero_shot
 
 METHODS = (
     "zero-shot (untrained)",
@@ -66,17 +65,6 @@ def on_other_users(spec: PartnerSpec, arrays: dict[str, torch.Tensor], head: dic
     others = whole.split.select_users(slice(spec.max_users, None))
     m = evaluate_model(DomainRun(others, model), "test")
     return {"ndcg@10": m["ndcg@10"], "recall@10": m["recall@10"], "users": len(others.users)}
-
-
-def federated_model(run: Path, name: str) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
-    """Partner ``name``'s model after the run: the adapter it kept after the last round (the
-    global adapter, or with personal-mix its mix of it) and its private head."""
-    folder = run / "partners" / name
-    kept, meta = partner.read_kept_adapter(folder)
-    last = RunFolder(run).last_round()
-    if kept is None or meta.get("round") != str(last):
-        raise ValueError(f"{folder}: no adapter kept after the run's last round ({last}); was the run's evaluation cut short?")
-    return kept, partner.PartnerState.load(folder).head
 
 
 def cold_partner(specs: list[PartnerSpec], *, scenario: Path) -> PartnerSpec:

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from client import partner
+from server.run_folder import RunFolder
 from shared.federation.adapter import initial_adapter
 from shared.federation.scenario import PartnerSpec
 from shared.federation.settings import FederationSettings
@@ -34,6 +35,22 @@ def final_metrics(run: Path) -> dict[str, dict[str, Any]]:
         if r.get("epsilon") is not None and r["partner"] in out:
             out[r["partner"]]["epsilon"] = r["epsilon"]
     return out
+
+
+def federated_model(run: Path, name: str) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
+    """Partner ``name``'s model after the run: the adapter it kept after the last round (the
+    global adapter, or with personal-mix its mix of it) and its private head."""
+    if not (run / "config.json").is_file():
+        raise FileNotFoundError(f"{run}: not a run folder (no config.json)")
+    folder = run / "partners" / name
+    if not folder.is_dir():
+        found = sorted(p.name for p in (run / "partners").glob("*") if p.is_dir())
+        raise FileNotFoundError(f"{run}: no partner {name!r} took part in this run (partners: {found})")
+    kept, meta = partner.read_kept_adapter(folder)
+    last = RunFolder(run).last_round()
+    if kept is None or meta.get("round") != str(last):
+        raise ValueError(f"{folder}: no adapter kept after the run's last round ({last}); was the run's evaluation cut short?")
+    return kept, partner.PartnerState.load(folder).head
 
 
 def one_partner_scenario(spec: PartnerSpec, folder: Path) -> Path:

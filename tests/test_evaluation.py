@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from shared.data.split import DomainSplit
-from shared.evaluation import evaluate, metrics_from_ranks, ranks_from_scores
+from shared.evaluation import evaluate, metrics_from_ranks, paired_difference, ranks_from_scores, user_ndcg
 
 
 def test_ranks_count_ties_against_the_model() -> None:
@@ -32,6 +32,28 @@ def test_metrics_by_hand() -> None:
     assert m["recall@5"] == pytest.approx(1.0)
     assert m["ndcg@5"] == pytest.approx((1 + 1 / math.log2(5) + 1 / math.log2(3)) / 3)
     assert m["mrr"] == pytest.approx((1 + 1 / 4 + 1 / 2) / 3)
+
+
+def test_user_ndcg_averages_to_ndcg() -> None:
+    ranks = torch.tensor([1, 4, 2, 11])
+    assert user_ndcg(ranks).tolist() == pytest.approx([1.0, 1 / math.log2(5), 1 / math.log2(3), 0.0])
+    assert float(user_ndcg(ranks).mean()) == pytest.approx(metrics_from_ranks(ranks)["ndcg@10"])
+
+
+def test_paired_difference_by_hand() -> None:
+    # d = [0.4, 0, 0.2]: mean 0.2, sd 0.2 (n - 1), se 0.2 / sqrt(3)
+    diff = paired_difference(torch.tensor([0.5, 0.2, 0.3]), torch.tensor([0.1, 0.2, 0.1]))
+    se = 0.2 / math.sqrt(3)
+    assert (diff.mean, diff.se, diff.n) == (pytest.approx(0.2), pytest.approx(se), 3)
+    assert diff.z == pytest.approx(math.sqrt(3))
+    assert diff.interval == (pytest.approx(0.2 - 1.96 * se), pytest.approx(0.2 + 1.96 * se))
+    same = paired_difference(torch.ones(5), torch.ones(5))
+    assert (same.mean, same.se, same.z) == (0.0, 0.0, 0.0)
+
+
+def test_paired_difference_needs_the_same_users() -> None:
+    with pytest.raises(ValueError, match=r"same users.*\(4,\) and \(3,\)"):
+        paired_difference(torch.zeros(4), torch.zeros(3))
 
 
 def small_split() -> DomainSplit:

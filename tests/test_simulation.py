@@ -14,8 +14,10 @@ from flwr.clientapp import ClientApp
 from client.client_app import app as client_app
 from server.run_folder import RunFolder
 from shared.cli import main as cli_main
+from shared.federation.scenario import PartnerSpec, scenario_partners
 from shared.privacy import ledger
-from simulations.coldstart import federated_model
+from simulations import compare_runs
+from simulations.federations import federated_model
 from simulations.runner import simulate as run_federation
 from tests.browser import assert_page_shows_every_partner
 from tests.processes import descendants, is_loopback, listening_addresses, niceness, wait_for_exit
@@ -55,6 +57,17 @@ def ray_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return ray_tmp
 
 
+def test_compare_names_what_is_not_a_finished_run(tmp_path: Path) -> None:
+    spec = PartnerSpec("books", tmp_path / "data")
+    with pytest.raises(FileNotFoundError, match=r"nope: not a run folder \(no config.json\)"):
+        compare_runs.compare(spec, run=tmp_path / "nope", baseline=tmp_path / "nope")
+    run = tmp_path / "run"
+    (run / "partners" / "games").mkdir(parents=True)
+    (run / "config.json").write_text("{}")
+    with pytest.raises(FileNotFoundError, match=r"no partner 'books' took part in this run \(partners: \['games'\]\)"):
+        compare_runs.compare(spec, run=run, baseline=run)
+
+
 @pytest.mark.slow
 def test_dp_federation_writes_a_complete_run_folder(tmp_path: Path, ray_env: Path) -> None:
     before = descendants()
@@ -88,6 +101,13 @@ def test_dp_federation_writes_a_complete_run_folder(tmp_path: Path, ray_env: Pat
     for name in ("books", "games", "gear"):
         kept, head = federated_model(run, name)
         assert head and kept.keys() == last.keys() and all(torch.equal(kept[k], last[k]) for k in last)
+    # the paired comparison scores the very models the run reported; a run against itself differs by nothing
+    reported = {r["partner"]: r for r in rows if r["round"] == 2}
+    for spec in scenario_partners("synthetic", root=tmp_path / "runs" / "_data", n_partners=3):
+        row = compare_runs.compare(spec, run=run, baseline=run)
+        assert row["test"]["run"] == pytest.approx(reported[spec.name]["test_ndcg@10"])
+        assert row["valid"]["run"] == pytest.approx(reported[spec.name]["valid_ndcg@10"])
+        assert row["test"]["difference"] == 0 and row["kept"] == {"model": "baseline", "test": row["test"]["baseline"]}
 
     # resuming a finished run trains nothing more; raising rounds continues at round 3,
     # where each partner's budget (planned for 2 rounds) makes it decline

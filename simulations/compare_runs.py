@@ -1,0 +1,109 @@
+"""Two runs' models compared user by user: is a change in NDCG@10 larger than the users' noise?
+
+    python -m simulations.compare_runs --scenario simulations/scenarios/amazon-steam-4k.toml
+        --run runs/experiments/federated-nodp --baseline 'runs/experiments/local-{partner}' [--out runs/compare]
+
+Each partner's model after ``--run`` (the adapter it kept after the last round and
+its private head) is scored on the partner's validation and test users beside its
+model after ``--baseline`` (a run folder holding every partner, or a pattern with
+``{partner}`` for one run per partner, as the experiments' ``local-<partner>``
+rows). The difference of their NDCG@10 is paired user by user
+(:func:`shared.evaluation.paired_difference`): its 95 % interval says whether a
+change of a few per cent on a few thousand test users is more than noise.
+
+The last columns apply a no-harm rule a partner can use to pick its model: keep
+``--run``'s only where its validation gain over the baseline is significant
+(one-sided 5 %, z > 1.645), else the baseline's; then its test score. Writes
+``compare.md`` and ``compare.json`` to ``--out`` if given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from client import partner
+from shared.evaluation import paired_difference, user_ndcg
+from shared.federation.scenario import PartnerSpec, load_scenario
+from shared.federation.settings import settings_from_run_config
+from shared.training import model_user_ranks
+from simulations.common import write_json
+from simulations.federations import federated_model
+
+SPLITS = ("valid", "test")
+Z_ONE_SIDED_5 = 1.645  # a validation gain this many standard errors above 0 is kept
+
+
+def run_folder(pattern: str, name: str) -> Path:
+    return Path(pattern.replace("{partner}", name))
+
+
+def scores(run: Path, spec: PartnerSpec) -> dict[str, Any]:
+    """Per-user NDCG@10 on the valid and test users of partner ``spec`` under its model after ``run``."""
+    arrays, head = federated_model(run, spec.name)  # checks that run is a finished run folder
+    settings = settings_from_run_config(json.loads((run / "config.json").read_text()))
+    data = partner.partner_data(spec, max_len=partner.HEAD.max_len)
+    model = partner.build_model(settings, data, adapter_arrays=arrays, head=head)
+    return {which: user_ndcg(model_user_ranks(model, data.split, which)) for which in SPLITS}
+
+
+def compare(spec: PartnerSpec, *, run: Path, baseline: Path) -> dict[str, Any]:
+    """One partner's row: each split's NDCG@10 under both models and their paired difference, and the no-harm pick."""
+    ours, theirs = scores(run, spec), scores(baseline, spec)
+    row: dict[str, Any] = {"partner": spec.name}
+    for which in SPLITS:
+        diff = paired_difference(ours[which], theirs[which])
+        low, high = diff.interval
+        row[which] = {
+            "users": diff.n,
+            "baseline": float(theirs[which].mean()),
+            "run": float(ours[which].mean()),
+            "difference": diff.mean,
+            "interval": [low, high],
+            "z": diff.z,
+        }
+    keep_run = row["valid"]["z"] > Z_ONE_SIDED_5
+    row["kept"] = {"model": "run" if keep_run else "baseline", "test": row["test"]["run" if keep_run else "baseline"]}
+    return row
+
+
+def table(rows: list[dict[str, Any]]) -> list[str]:
+    lines = [
+        "| partner | test users | baseline NDCG@10 | run NDCG@10 | change (95 % interval) | z | valid z | kept (no-harm rule) | its change |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        t = r["test"]
+        low, high = t["interval"]
+        lines.append(
+            f"| {r['partner']} | {t['users']} | {t['baseline']:.4f} | {t['run']:.4f} "
+            f"| {t['difference'] / t['baseline']:+.1%} ({low / t['baseline']:+.1%} to {high / t['baseline']:+.1%}) "
+            f"| {t['z']:+.2f} | {r['valid']['z']:+.2f} "
+            f"| {r['kept']['model']} | {r['kept']['test'] / t['baseline'] - 1:+.1%} |"
+        )
+    return lines
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--scenario", type=Path, required=True, help="the runs' scenario file: each partner's data")
+    parser.add_argument("--run", required=True, help="run folder (or pattern with {partner}) whose models are compared")
+    parser.add_argument("--baseline", required=True, help="run folder (or pattern with {partner}) of the models compared against")
+    parser.add_argument("--out", type=Path, help="folder for compare.md and compare.json")
+    args = parser.parse_args(argv)
+    rows = [
+        compare(spec, run=run_folder(args.run, spec.name), baseline=run_folder(args.baseline, spec.name))
+        for spec in load_scenario(args.scenario)
+    ]
+    lines = [f"`{args.run}` against `{args.baseline}`, test NDCG@10, paired user by user:", "", *table(rows)]
+    print("\n".join(lines))
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "compare.md").write_text("\n".join(lines) + "\n")
+        write_json(args.out / "compare.json", {"run": args.run, "baseline": args.baseline, "partners": rows})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,7 +1,8 @@
 """Two runs' models compared user by user: is a change in NDCG@10 larger than the users' noise?
 
     python -m simulations.compare_runs --scenario simulations/scenarios/amazon-steam-4k.toml
-        --run runs/experiments/federated-nodp --baseline 'runs/experiments/local-{partner}' [--out runs/compare]
+        --run runs/experiments/federated-nodp --baseline 'runs/experiments/local-{partner}'
+        [--partners NAME ...] [--other-users] [--out runs/compare]
 
 Each partner's model after ``--run`` (the adapter it kept after the last round and
 its private head) is scored on the partner's validation and test users beside its
@@ -10,6 +11,9 @@ model after ``--baseline`` (a run folder holding every partner, or a pattern wit
 rows). The difference of their NDCG@10 is paired user by user
 (:func:`shared.evaluation.paired_difference`): its 95 % interval says whether a
 change of a few per cent on a few thousand test users is more than noise.
+With ``--other-users`` a partner with ``max-users`` (a cold-start partner) is
+scored on its domain's other users instead, whom it never saw, as
+:mod:`simulations.coldstart` scores it.
 
 The last columns apply a no-harm rule a partner can use to pick its model: keep
 ``--run``'s only where its validation gain over the baseline is significant
@@ -40,18 +44,26 @@ def run_folder(pattern: str, name: str) -> Path:
     return Path(pattern.replace("{partner}", name))
 
 
-def scores(run: Path, spec: PartnerSpec) -> dict[str, Any]:
-    """Per-user NDCG@10 on the valid and test users of partner ``spec`` under its model after ``run``."""
+def scores(run: Path, spec: PartnerSpec, *, other_users: bool = False) -> dict[str, Any]:
+    """Per-user NDCG@10 on the valid and test users of partner ``spec`` under its model after ``run``
+    (with ``other_users``, on its domain's users after its ``max-users``, whom it never saw)."""
     arrays, head = federated_model(run, spec.name)  # checks that run is a finished run folder
     settings = settings_from_run_config(json.loads((run / "config.json").read_text()))
-    data = partner.partner_data(spec, max_len=partner.HEAD.max_len)
+    if other_users:
+        if not spec.max_users:
+            raise ValueError(f"--other-users: partner {spec.name!r} has no max-users, so its domain has no other users")
+        data = partner.partner_data(PartnerSpec(spec.name, spec.data, data_format=spec.data_format), max_len=partner.HEAD.max_len)
+        split = data.split.select_users(slice(spec.max_users, None))
+    else:
+        data = partner.partner_data(spec, max_len=partner.HEAD.max_len)
+        split = data.split
     model = partner.build_model(settings, data, adapter_arrays=arrays, head=head)
-    return {which: user_ndcg(model_user_ranks(model, data.split, which)) for which in SPLITS}
+    return {which: user_ndcg(model_user_ranks(model, split, which)) for which in SPLITS}
 
 
-def compare(spec: PartnerSpec, *, run: Path, baseline: Path) -> dict[str, Any]:
+def compare(spec: PartnerSpec, *, run: Path, baseline: Path, other_users: bool = False) -> dict[str, Any]:
     """One partner's row: each split's NDCG@10 under both models and their paired difference, and the no-harm pick."""
-    ours, theirs = scores(run, spec), scores(baseline, spec)
+    ours, theirs = scores(run, spec, other_users=other_users), scores(baseline, spec, other_users=other_users)
     row: dict[str, Any] = {"partner": spec.name}
     for which in SPLITS:
         diff = paired_difference(ours[which], theirs[which])
@@ -91,13 +103,26 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--scenario", type=Path, required=True, help="the runs' scenario file: each partner's data")
     parser.add_argument("--run", required=True, help="run folder (or pattern with {partner}) whose models are compared")
     parser.add_argument("--baseline", required=True, help="run folder (or pattern with {partner}) of the models compared against")
+    parser.add_argument("--partners", nargs="+", help="only these partners (default: every partner of the scenario)")
+    parser.add_argument(
+        "--other-users",
+        action="store_true",
+        help="score each partner on its domain's users after its max-users, whom it never saw (a cold-start partner)",
+    )
     parser.add_argument("--out", type=Path, help="folder for compare.md and compare.json")
     args = parser.parse_args(argv)
+    specs = load_scenario(args.scenario)
+    if args.partners:
+        unknown = sorted(set(args.partners) - {s.name for s in specs})
+        if unknown:
+            parser.error(f"--partners {unknown} not in {args.scenario} (its partners: {[s.name for s in specs]})")
+        specs = [s for s in specs if s.name in args.partners]
     rows = [
-        compare(spec, run=run_folder(args.run, spec.name), baseline=run_folder(args.baseline, spec.name))
-        for spec in load_scenario(args.scenario)
+        compare(spec, run=run_folder(args.run, spec.name), baseline=run_folder(args.baseline, spec.name), other_users=args.other_users)
+        for spec in specs
     ]
-    lines = [f"`{args.run}` against `{args.baseline}`, test NDCG@10, paired user by user:", "", *table(rows)]
+    users = " on each domain's other users" if args.other_users else ""
+    lines = [f"`{args.run}` against `{args.baseline}`, test NDCG@10{users}, paired user by user:", "", *table(rows)]
     print("\n".join(lines))
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)

@@ -68,6 +68,14 @@ def test_compare_names_what_is_not_a_finished_run(tmp_path: Path) -> None:
         compare_runs.compare(spec, run=run, baseline=run)
 
 
+def test_compare_names_a_partner_the_scenario_lacks(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    scenario = tmp_path / "two.toml"
+    scenario.write_text('[[partner]]\nname = "books"\ndata = "books"\n\n[[partner]]\nname = "games"\ndata = "games"\n')
+    with pytest.raises(SystemExit):
+        compare_runs.main(["--scenario", str(scenario), "--run", "r", "--baseline", "b", "--partners", "books", "gear"])
+    assert "--partners ['gear'] not in" in capsys.readouterr().err
+
+
 @pytest.mark.slow
 def test_dp_federation_writes_a_complete_run_folder(tmp_path: Path, ray_env: Path) -> None:
     before = descendants()
@@ -103,11 +111,14 @@ def test_dp_federation_writes_a_complete_run_folder(tmp_path: Path, ray_env: Pat
         assert head and kept.keys() == last.keys() and all(torch.equal(kept[k], last[k]) for k in last)
     # the paired comparison scores the very models the run reported; a run against itself differs by nothing
     reported = {r["partner"]: r for r in rows if r["round"] == 2}
-    for spec in scenario_partners("synthetic", root=tmp_path / "runs" / "_data", n_partners=3):
+    spec_of = {s.name: s for s in scenario_partners("synthetic", root=tmp_path / "runs" / "_data", n_partners=3)}
+    for spec in spec_of.values():
         row = compare_runs.compare(spec, run=run, baseline=run)
         assert row["test"]["run"] == pytest.approx(reported[spec.name]["test_ndcg@10"])
         assert row["valid"]["run"] == pytest.approx(reported[spec.name]["valid_ndcg@10"])
         assert row["test"]["difference"] == 0 and row["kept"] == {"model": "baseline", "test": row["test"]["baseline"]}
+    with pytest.raises(ValueError, match="partner 'books' has no max-users"):
+        compare_runs.compare(spec_of["books"], run=run, baseline=run, other_users=True)
 
     # resuming a finished run trains nothing more; raising rounds continues at round 3,
     # where each partner's budget (planned for 2 rounds) makes it decline

@@ -19,7 +19,10 @@ from the partner's final federated model (the global adapter it kept, its privat
 head and prior); nothing of it is sent, so it spends none of the federation's
 budget. ``pooled`` is the centralised, non-private upper bound
 (``fedxrec train --mode pooled``). The cold-start part is :mod:`simulations.coldstart`
-on ``--coldstart-scenario``. Writes ``results.md`` (tables), ``results.json`` and
+on ``--coldstart-scenario``. Each federation's row also gives its change against
+``local`` with the 95 % interval of the paired difference, user by user on the same
+test users (:mod:`simulations.compare_runs`): a change inside it is within the
+users' noise. Writes ``results.md`` (tables), ``results.json`` and
 ``ndcg_vs_epsilon.png``.
 """
 
@@ -37,6 +40,7 @@ from shared.federation.scenario import PartnerSpec, load_scenario
 from shared.federation.settings import FederationSettings
 from shared.pipeline import train_and_evaluate
 from shared.training import TrainConfig
+from simulations import compare_runs
 from simulations.coldstart import cold_start
 from simulations.coldstart import table as cold_table
 from simulations.common import machine, write_json
@@ -103,16 +107,37 @@ def plot(results: dict[str, dict[str, dict[str, Any]]], epsilons: list[float], p
     fig.savefig(path, dpi=120)
 
 
+def against_local(out: Path, run_name: str, specs: list[PartnerSpec]) -> dict[str, dict[str, float]]:
+    """Each partner's change in test NDCG@10 after run ``run_name`` against its ``local`` run, as a
+    fraction of ``local``'s, with the paired difference's 95 % interval (``low``, ``high``) and z."""
+    out_of: dict[str, dict[str, float]] = {}
+    for spec in specs:
+        test = compare_runs.compare(spec, run=out / run_name, baseline=out / f"local-{spec.name}")["test"]
+        low, high = test["interval"]
+        base = test["baseline"]
+        out_of[spec.name] = {"change": test["difference"] / base, "low": low / base, "high": high / base, "z": test["z"]}
+    return out_of
+
+
 def table(results: dict[str, dict[str, dict[str, Any]]]) -> str:
     domains = list(results["local"])
     lines = []
     for d in domains:
-        lines += [f"**{d}**", "", "| method | test NDCG@10 | test Recall@10 | epsilon |", "|---|---|---|---|"]
+        lines += [
+            f"**{d}**",
+            "",
+            "| method | test NDCG@10 | test Recall@10 | epsilon | change vs local (95 % interval) |",
+            "|---|---|---|---|---|",
+        ]
         for method, by_domain in results.items():
             if d in by_domain:
                 r = by_domain[d]
                 eps = r.get("epsilon")
-                lines.append(f"| {method} | {r['ndcg@10']:.4f} | {r['recall@10']:.4f} | {'-' if eps is None else format(eps, '.2f')} |")
+                vs = r.get("vs-local")
+                change = f"{vs['change']:+.1%} ({vs['low']:+.1%} to {vs['high']:+.1%})" if vs else "-"
+                lines.append(
+                    f"| {method} | {r['ndcg@10']:.4f} | {r['recall@10']:.4f} | {'-' if eps is None else format(eps, '.2f')} | {change} |"
+                )
         lines.append("")
     return "\n".join(lines)
 
@@ -188,6 +213,13 @@ def main() -> None:
             train_config=dataclasses.replace(recipe, max_minutes=args.pooled_minutes),
         )
         results["pooled"] = {d: metrics_row(m["test"]) for d, m in pooled.items()}
+
+    runs = {"federated, no DP": "federated-nodp", "federated, no DP, personal mix": "federated-nodp-mix"}
+    runs.update({f"federated DP eps={eps:g}": f"federated-dp-{eps:g}" for eps in args.epsilons})
+    for key, run_name in runs.items():
+        if key in results:
+            for d, vs in against_local(out, run_name, specs).items():
+                results[key][d]["vs-local"] = vs
 
     cold: dict[str, Any] = {}
     if args.coldstart_scenario:

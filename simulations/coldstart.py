@@ -37,7 +37,16 @@ from shared.federation.settings import FederationSettings
 from shared.model.adapters import adapter_state
 from shared.training import DomainRun, TrainConfig, evaluate_model
 from simulations.common import machine, write_json
-from simulations.federations import federate, federated_model, metrics_row, one_partner_scenario, recipe_alone, test_row, zero_shot
+from simulations.federations import (
+    federate,
+    federated_model,
+    metrics_row,
+    one_partner_scenario,
+    other_users,
+    recipe_alone,
+    test_row,
+    zero_shot,
+)
 
 METHODS = (
     "zero-shot (untrained)",
@@ -58,11 +67,9 @@ GAINS = (
 
 def on_other_users(spec: PartnerSpec, arrays: dict[str, torch.Tensor], head: dict[str, torch.Tensor] | None) -> dict[str, Any]:
     """A model of the cold partner (adapter arrays, private head and prior) on its domain's other users' test items."""
-    assert spec.max_users
-    whole = partner.partner_data(PartnerSpec(spec.name, spec.data), max_len=partner.HEAD.max_len)
+    whole, others = other_users(spec)
     settings = FederationSettings(private_residual=partner.has_private_residual(head))
     model = partner.build_model(settings, whole, adapter_arrays=arrays, head=head)
-    others = whole.split.select_users(slice(spec.max_users, None))
     m = evaluate_model(DomainRun(others, model), "test")
     return {"ndcg@10": m["ndcg@10"], "recall@10": m["recall@10"], "users": len(others.users)}
 

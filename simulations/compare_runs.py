@@ -33,8 +33,8 @@ from shared.evaluation import paired_difference, user_ndcg
 from shared.federation.scenario import PartnerSpec, load_scenario
 from shared.federation.settings import settings_from_run_config
 from shared.training import model_user_ranks
+from simulations import federations
 from simulations.common import write_json
-from simulations.federations import federated_model
 
 SPLITS = ("valid", "test")
 Z_ONE_SIDED_5 = 1.645  # a validation gain this many standard errors above 0 is kept
@@ -47,13 +47,10 @@ def run_folder(pattern: str, name: str) -> Path:
 def scores(run: Path, spec: PartnerSpec, *, other_users: bool = False) -> dict[str, Any]:
     """Per-user NDCG@10 on the valid and test users of partner ``spec`` under its model after ``run``
     (with ``other_users``, on its domain's users after its ``max-users``, whom it never saw)."""
-    arrays, head = federated_model(run, spec.name)  # checks that run is a finished run folder
+    arrays, head = federations.federated_model(run, spec.name)  # checks that run is a finished run folder
     settings = settings_from_run_config(json.loads((run / "config.json").read_text()))
     if other_users:
-        if not spec.max_users:
-            raise ValueError(f"--other-users: partner {spec.name!r} has no max-users, so its domain has no other users")
-        data = partner.partner_data(PartnerSpec(spec.name, spec.data, data_format=spec.data_format), max_len=partner.HEAD.max_len)
-        split = data.split.select_users(slice(spec.max_users, None))
+        data, split = federations.other_users(spec)
     else:
         data = partner.partner_data(spec, max_len=partner.HEAD.max_len)
         split = data.split
@@ -61,24 +58,32 @@ def scores(run: Path, spec: PartnerSpec, *, other_users: bool = False) -> dict[s
     return {which: user_ndcg(model_user_ranks(model, split, which)) for which in SPLITS}
 
 
-def compare(spec: PartnerSpec, *, run: Path, baseline: Path, other_users: bool = False) -> dict[str, Any]:
-    """One partner's row: each split's NDCG@10 under both models and their paired difference, and the no-harm pick."""
-    ours, theirs = scores(run, spec, other_users=other_users), scores(baseline, spec, other_users=other_users)
-    row: dict[str, Any] = {"partner": spec.name}
+def paired(ours: dict[str, Any], theirs: dict[str, Any]) -> dict[str, Any]:
+    """Two models' :func:`scores` on the same users: each split's NDCG@10 under both, their
+    paired difference (also as a fraction of the baseline's, ``change``), and the no-harm pick."""
+    row: dict[str, Any] = {}
     for which in SPLITS:
         diff = paired_difference(ours[which], theirs[which])
         low, high = diff.interval
+        base = float(theirs[which].mean())
         row[which] = {
             "users": diff.n,
-            "baseline": float(theirs[which].mean()),
+            "baseline": base,
             "run": float(ours[which].mean()),
             "difference": diff.mean,
             "interval": [low, high],
             "z": diff.z,
+            "change": diff.mean / base,
+            "change-interval": [low / base, high / base],
         }
     keep_run = row["valid"]["z"] > Z_ONE_SIDED_5
     row["kept"] = {"model": "run" if keep_run else "baseline", "test": row["test"]["run" if keep_run else "baseline"]}
     return row
+
+
+def compare(spec: PartnerSpec, *, run: Path, baseline: Path, other_users: bool = False) -> dict[str, Any]:
+    """Partner ``spec``'s row: its models after ``run`` and ``baseline``, :func:`paired`."""
+    return {"partner": spec.name, **paired(scores(run, spec, other_users=other_users), scores(baseline, spec, other_users=other_users))}
 
 
 def table(rows: list[dict[str, Any]]) -> list[str]:
@@ -88,10 +93,9 @@ def table(rows: list[dict[str, Any]]) -> list[str]:
     ]
     for r in rows:
         t = r["test"]
-        low, high = t["interval"]
+        low, high = t["change-interval"]
         lines.append(
-            f"| {r['partner']} | {t['users']} | {t['baseline']:.4f} | {t['run']:.4f} "
-            f"| {t['difference'] / t['baseline']:+.1%} ({low / t['baseline']:+.1%} to {high / t['baseline']:+.1%}) "
+            f"| {r['partner']} | {t['users']} | {t['baseline']:.4f} | {t['run']:.4f} | {t['change']:+.1%} ({low:+.1%} to {high:+.1%}) "
             f"| {t['z']:+.2f} | {r['valid']['z']:+.2f} "
             f"| {r['kept']['model']} | {r['kept']['test'] / t['baseline'] - 1:+.1%} |"
         )

@@ -107,16 +107,18 @@ def plot(results: dict[str, dict[str, dict[str, Any]]], epsilons: list[float], p
     fig.savefig(path, dpi=120)
 
 
-def against_local(out: Path, run_name: str, specs: list[PartnerSpec]) -> dict[str, dict[str, float]]:
-    """Each partner's change in test NDCG@10 after run ``run_name`` against its ``local`` run, as a
-    fraction of ``local``'s, with the paired difference's 95 % interval (``low``, ``high``) and z."""
-    out_of: dict[str, dict[str, float]] = {}
+def against_local(out: Path, runs: dict[str, str], specs: list[PartnerSpec]) -> dict[str, dict[str, dict[str, float]]]:
+    """For each row of ``runs`` (row name: run folder name), each partner's change in test NDCG@10
+    against its ``local`` run, as a fraction of ``local``'s, with the paired difference's 95 %
+    interval (``low``, ``high``) and z."""
+    by_row: dict[str, dict[str, dict[str, float]]] = {key: {} for key in runs}
     for spec in specs:
-        test = compare_runs.compare(spec, run=out / run_name, baseline=out / f"local-{spec.name}")["test"]
-        low, high = test["interval"]
-        base = test["baseline"]
-        out_of[spec.name] = {"change": test["difference"] / base, "low": low / base, "high": high / base, "z": test["z"]}
-    return out_of
+        local = compare_runs.scores(out / f"local-{spec.name}", spec)  # scored once for every row
+        for key, run_name in runs.items():
+            test = compare_runs.paired(compare_runs.scores(out / run_name, spec), local)["test"]
+            low, high = test["change-interval"]
+            by_row[key][spec.name] = {"change": test["change"], "low": low, "high": high, "z": test["z"]}
+    return by_row
 
 
 def table(results: dict[str, dict[str, dict[str, Any]]]) -> str:
@@ -216,10 +218,9 @@ def main() -> None:
 
     runs = {"federated, no DP": "federated-nodp", "federated, no DP, personal mix": "federated-nodp-mix"}
     runs.update({f"federated DP eps={eps:g}": f"federated-dp-{eps:g}" for eps in args.epsilons})
-    for key, run_name in runs.items():
-        if key in results:
-            for d, vs in against_local(out, run_name, specs).items():
-                results[key][d]["vs-local"] = vs
+    for key, by_domain in against_local(out, {k: v for k, v in runs.items() if k in results}, specs).items():
+        for d, vs in by_domain.items():
+            results[key][d]["vs-local"] = vs
 
     cold: dict[str, Any] = {}
     if args.coldstart_scenario:

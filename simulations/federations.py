@@ -15,6 +15,7 @@ import torch
 
 from client import partner
 from server.run_folder import RunFolder
+from shared.data.split import DomainSplit
 from shared.federation.adapter import initial_adapter
 from shared.federation.scenario import PartnerSpec
 from shared.federation.settings import FederationSettings
@@ -51,6 +52,15 @@ def federated_model(run: Path, name: str) -> tuple[dict[str, torch.Tensor], dict
     if kept is None or meta.get("round") != str(last):
         raise ValueError(f"{folder}: no adapter kept after the run's last round ({last}); was the run's evaluation cut short?")
     return kept, partner.PartnerState.load(folder).head
+
+
+def other_users(spec: PartnerSpec) -> tuple[partner.PartnerData, DomainSplit]:
+    """A cold partner's whole domain (its data, catalogue vectors included) and the domain's users
+    after its ``max-users``, whom it never saw: the inductive model is scored on them too."""
+    if not spec.max_users:
+        raise ValueError(f"partner {spec.name!r} has no max-users, so its domain has no other users")
+    whole = partner.partner_data(PartnerSpec(spec.name, spec.data, data_format=spec.data_format), max_len=partner.HEAD.max_len)
+    return whole, whole.split.select_users(slice(spec.max_users, None))
 
 
 def one_partner_scenario(spec: PartnerSpec, folder: Path) -> Path:

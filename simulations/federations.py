@@ -63,14 +63,28 @@ def other_users(spec: PartnerSpec) -> tuple[partner.PartnerData, DomainSplit]:
     return whole, whole.split.select_users(slice(spec.max_users, None))
 
 
-def one_partner_scenario(spec: PartnerSpec, folder: Path) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"{spec.name}.toml"
-    lines = ["[[partner]]", f'name = "{spec.name}"', f'data = "{spec.data}"'] + (
-        [f"max-users = {spec.max_users}"] if spec.max_users else []
-    )
-    path.write_text("\n".join(lines) + "\n")
+def scenario_file(specs: list[PartnerSpec], path: Path) -> Path:
+    """Writes a scenario file of ``specs`` (each partner's name, data folder and limits) to ``path``;
+    :func:`shared.federation.scenario.load_scenario` reads back the same specs."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lines = []
+    for spec in specs:
+        lines += ["[[partner]]", f"name = {json.dumps(spec.name)}", f"data = {json.dumps(str(spec.data))}"]
+        for key, value in (
+            ("data-format", spec.data_format),
+            ("max-users", spec.max_users),
+            ("max-epsilon", spec.max_epsilon),
+            ("max-delta", spec.max_delta),
+        ):
+            if value is not None:
+                lines.append(f"{key} = {json.dumps(value)}")
+        lines.append("")
+    path.write_text("\n".join(lines))
     return path
+
+
+def one_partner_scenario(spec: PartnerSpec, folder: Path) -> Path:
+    return scenario_file([spec], folder / f"{spec.name}.toml")
 
 
 def federate(name: str, scenario: Path, n: int, base: dict[str, Any], out: Path, **overrides: Any) -> dict[str, dict[str, Any]]:

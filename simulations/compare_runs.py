@@ -102,6 +102,17 @@ def table(rows: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
+def scenario_partners(parser: argparse.ArgumentParser, scenario: Path, names: list[str] | None) -> list[PartnerSpec]:
+    """The scenario's partners, or only those named by ``--partners`` (an unknown name is a usage error)."""
+    specs = load_scenario(scenario)
+    if names:
+        unknown = sorted(set(names) - {s.name for s in specs})
+        if unknown:
+            parser.error(f"--partners {unknown} not in {scenario} (its partners: {[s.name for s in specs]})")
+        specs = [s for s in specs if s.name in names]
+    return specs
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--scenario", type=Path, required=True, help="the runs' scenario file: each partner's data")
@@ -115,12 +126,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--out", type=Path, help="folder for compare.md and compare.json")
     args = parser.parse_args(argv)
-    specs = load_scenario(args.scenario)
-    if args.partners:
-        unknown = sorted(set(args.partners) - {s.name for s in specs})
-        if unknown:
-            parser.error(f"--partners {unknown} not in {args.scenario} (its partners: {[s.name for s in specs]})")
-        specs = [s for s in specs if s.name in args.partners]
+    specs = scenario_partners(parser, args.scenario, args.partners)
     rows = [
         compare(spec, run=run_folder(args.run, spec.name), baseline=run_folder(args.baseline, spec.name), other_users=args.other_users)
         for spec in specs

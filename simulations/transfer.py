@@ -28,9 +28,8 @@ from itertools import combinations
 from pathlib import Path
 from typing import Any
 
-from shared.federation.scenario import load_scenario
 from simulations.common import machine, write_json
-from simulations.compare_runs import paired, run_folder, scores
+from simulations.compare_runs import paired, run_folder, scenario_partners, scores
 from simulations.federations import federate, one_partner_scenario, scenario_file
 
 # the settings a baseline run must share with the pairs for the comparison to be like for like
@@ -91,12 +90,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--together", type=Path, help="a run folder of all the partners together, for the last column")
     parser.add_argument("--out", type=Path, default=Path("runs/transfer"))
     args = parser.parse_args(argv)
-    specs = load_scenario(args.scenario)
-    if args.partners:
-        unknown = sorted(set(args.partners) - {s.name for s in specs})
-        if unknown:
-            parser.error(f"--partners {unknown} not in {args.scenario} (its partners: {[s.name for s in specs]})")
-        specs = [s for s in specs if s.name in args.partners]
+    specs = scenario_partners(parser, args.scenario, args.partners)
     if len(specs) < 2:
         parser.error(f"--partners: a pair needs two partners, got {[s.name for s in specs]}")
     base: dict[str, Any] = {

@@ -48,12 +48,12 @@ def check_matches(run: Path, base: dict[str, Any]) -> None:
 
 
 def pair_name(a: str, b: str) -> str:
-    return f"pair-{a}__{b}"
+    """The run of partners ``a`` and ``b`` (either order)."""
+    first, second = sorted((a, b))
+    return f"pair-{first}__{second}"
 
 
-def cell(row: dict[str, Any] | None) -> str:
-    if row is None:
-        return "—"
+def cell(row: dict[str, Any]) -> str:
     t = row["test"]
     low, high = t["change-interval"]
     mark = "**" if low > 0 or high < 0 else ""  # the interval excludes no change
@@ -65,15 +65,11 @@ def matrix(names: list[str], pairs: dict[str, dict[str, Any]], together: dict[st
     columns = names + (["all together"] if together else [])
     lines = ["| scored \\ federated with | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
     for scored in names:
-        cells = [cell(pairs[pair_name(*sorted_pair(scored, other))][scored]) if other != scored else "—" for other in names]
+        cells = [cell(pairs[pair_name(scored, other)][scored]) if other != scored else "—" for other in names]
         if together:
             cells.append(cell(together[scored]))
         lines.append(f"| {scored} | " + " | ".join(cells) + " |")
     return lines
-
-
-def sorted_pair(a: str, b: str) -> tuple[str, str]:
-    return (a, b) if a < b else (b, a)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -92,7 +88,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     specs = scenario_partners(parser, args.scenario, args.partners)
     if len(specs) < 2:
-        parser.error(f"--partners: a pair needs two partners, got {[s.name for s in specs]}")
+        parser.error(f"{args.scenario} (with --partners, if given): a pair needs two partners, got {[s.name for s in specs]}")
     base: dict[str, Any] = {
         "rounds": args.rounds,
         "local-epochs": args.local_epochs,

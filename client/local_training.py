@@ -103,7 +103,8 @@ def freeze_untrained(model: DomainModel, trains: str) -> None:
         model.head.requires_grad_(False)
 
 
-def _trim(inputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def trim_padding(inputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A batch cut to its longest history: the columns that are padding in every row go."""
     width = int((targets > 0).sum(1).max().clamp(min=1))
     return inputs[:, :width], targets[:, :width]  # [B, W]: right-padded, so the tail is padding
 
@@ -172,7 +173,7 @@ def train_round(
         for inputs, targets in loader:
             if len(inputs) == 0:  # an empty Poisson batch: the model stays as it is, nothing is released
                 continue
-            inputs, targets = _trim(inputs, targets)
+            inputs, targets = trim_padding(inputs, targets)
             negative_items = torch.randint(1, n_items + 1, (len(inputs), negatives), generator=generator)
             loss = module(inputs, targets, negative_items)
             optimizer.zero_grad(set_to_none=True)

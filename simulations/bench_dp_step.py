@@ -22,7 +22,7 @@ import torch
 from opacus import PrivacyEngine
 from torch.utils.data import DataLoader
 
-from client.local_training import _trim, freeze_untrained, trainable_parameters, user_sequences
+from client.local_training import freeze_untrained, trainable_parameters, trim_padding, user_sequences
 from client.partner import HEAD, PartnerData, build_model, partner_data
 from shared.allocator import keep_freed_memory
 from shared.federation.adapter import initial_adapter
@@ -69,7 +69,7 @@ def main() -> None:
     rows: list[int] = []
     batches = iter(loader)
     for step in range(args.steps + 3):
-        inputs, targets = _trim(*next(batches))
+        inputs, targets = trim_padding(*next(batches))
         rows.append(inputs.shape[1] + 1 + settings.negatives)  # adapter rows per user
         negatives = torch.randint(1, n_items + 1, (len(inputs), settings.negatives))
         for name, module, opt in (("plain", plain, plain_opt), ("dp", dp_model, dp_opt)):

@@ -1,0 +1,72 @@
+"""The federation's centralised counterpart: pooled partners train one adapter, alone ones their own."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from client import partner
+from shared.federation.scenario import PartnerSpec, synthetic_scenario
+from shared.federation.settings import FederationSettings
+from simulations import centralised
+
+
+def two_partners(root: Path) -> list[PartnerSpec]:
+    return synthetic_scenario(root, partners=2)
+
+
+def adapter_copy(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items() if k.startswith("adapter.")}
+
+
+@pytest.mark.slow
+def test_pooled_partners_train_one_adapter_and_partners_alone_their_own(tmp_path: Path) -> None:
+    specs = two_partners(tmp_path)
+    settings = FederationSettings(dp=False, rounds=1, local_epochs=1, batch_size=32)
+    data = {s.name: partner.partner_data(s, max_len=partner.HEAD.max_len) for s in specs}
+    a, b = (s.name for s in specs)
+    start = adapter_copy(centralised.partner_model(settings, data[a]))
+
+    alone = {n: centralised.partner_model(settings, data[n]) for n in (a, b)}
+    for n in (a, b):
+        centralised.train_together({n: alone[n]}, data, settings, log=lambda _: None)
+    trained_a, trained_b = adapter_copy(alone[a]), adapter_copy(alone[b])
+    assert any(not torch.equal(trained_a[k], start[k]) for k in start)
+    assert any(not torch.equal(trained_a[k], trained_b[k]) for k in start)  # each its own
+
+    pooled = {n: centralised.partner_model(settings, data[n]) for n in (a, b)}
+    pooled[b].adapter = pooled[a].adapter
+    history = centralised.train_together(pooled, data, settings, log=lambda _: None)
+    assert pooled[a].adapter is pooled[b].adapter
+    assert all(not p.requires_grad for m in pooled.values() for p in m.head.parameters())  # trains = "adapter"
+    assert any(not torch.equal(adapter_copy(pooled[a])[k], trained_a[k]) for k in start)  # saw b's batches too
+    assert [h["round"] for h in history[a]] == [1]
+    assert set(history[b][0]) == {"round", "epochs", "valid", "test"}
+
+
+@pytest.mark.slow
+def test_the_command_writes_a_row_per_partner_with_each_rounds_scores(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    specs = two_partners(tmp_path)
+    scenario = tmp_path / "two.toml"
+    scenario.write_text("".join(f'[[partner]]\nname = "{s.name}"\ndata = "{s.data}"\n\n' for s in specs))
+    out = tmp_path / "out"
+    centralised.main(["--scenario", str(scenario), "--rounds", "2", "--local-epochs", "1", "--batch-size", "32", "--out", str(out)])
+    lines = (out / "centralised.md").read_text().splitlines()
+    assert lines[2].startswith("| partner | alone / pooled, round 1 | alone / pooled, round 2 | change in test NDCG@10")
+    assert [line.split(" | ")[0] for line in lines[4:]] == [f"| {s.name}" for s in specs]
+    result = json.loads((out / "centralised.json").read_text())
+    for s in specs:
+        row = result["partners"][s.name]
+        assert [h["round"] for h in row["history"]["pooled"]] == [1, 2]
+        assert row["test"]["users"] > 0 and "z" in row["test"]
+
+
+def test_pooling_needs_two_partners(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    scenario = tmp_path / "one.toml"
+    scenario.write_text('[[partner]]\nname = "books"\ndata = "books"\n')
+    with pytest.raises(SystemExit):
+        centralised.main(["--scenario", str(scenario)])
+    assert "pooling needs two partners, got ['books']" in capsys.readouterr().err

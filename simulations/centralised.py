@@ -111,8 +111,9 @@ def train_together(
             for name, model in models.items():
                 scores = {which: float(s.mean()) for which, s in per_user_scores(model, data[name]).items()}
                 history[name].append({"round": epoch // settings.local_epochs, "epochs": epoch, **scores})
+                arm = "pooled" if len(models) > 1 else "alone"
                 log(
-                    f"{'+'.join(models) if len(models) > 1 else name}: epoch {epoch}, {name} valid {scores['valid']:.4f} test {scores['test']:.4f} ({time.monotonic() - started:.0f} s)"
+                    f"{arm}, epoch {epoch}: {name} valid {scores['valid']:.4f} test {scores['test']:.4f} ({time.monotonic() - started:.0f} s)"
                 )
     return history
 

@@ -19,7 +19,7 @@ the prior; the sampled softmax with uniform negatives; batches of
 each partner's users, in one process:
 
 - ``alone``: each partner's model on its own users (the experiments' ``local``
-  arm, whose figures it reproduces within a run's spread);
+  arm, in one process: the same training, with its batches drawn differently);
 - ``pooled``: every partner's model holds one and the same adapter, and all
   partners' batches are shuffled into one order, one optimizer step each, as if
   the raw data were in one place. The adapter thus takes as many steps as all

@@ -52,7 +52,7 @@ from shared.federation.settings import FederationSettings
 from shared.model.recommender import DomainModel
 from shared.privacy.item_counts import user_weighted_counts
 from shared.training import model_user_ranks
-from simulations.common import machine, write_json
+from simulations.common import machine, write_report
 from simulations.compare_runs import SPLITS, paired, scenario_partners
 
 ARMS = ("alone", "pooled")
@@ -79,10 +79,11 @@ def train_together(
     settings: FederationSettings,
     *,
     log: Callable[[str], None] = print,
-) -> dict[str, list[dict[str, float]]]:
+) -> tuple[dict[str, list[dict[str, float]]], dict[str, dict[str, torch.Tensor]]]:
     """Trains ``models`` for ``rounds x local-epochs`` passes with one optimizer, the partners'
-    batches shuffled into one order; returns each partner's valid and test NDCG@10 after every
-    ``local-epochs`` passes. Models that hold one adapter object train it together (pooled)."""
+    batches shuffled into one order. Returns each partner's valid and test NDCG@10 after every
+    ``local-epochs`` passes, and its per-user scores (:func:`per_user_scores`) after the last.
+    Models that hold one adapter object train it together (pooled)."""
     params = list({id(p): p for m in models.values() for p in m.parameters() if p.requires_grad}.values())
     prior = [m.popularity.weight for m in models.values() if m.popularity is not None]
     optimizer = make_optimizer(settings.optimizer, params, lr=settings.lr, fast=prior)
@@ -90,6 +91,7 @@ def train_together(
     torch.manual_seed(settings.seed)  # dropout
     order = np.random.default_rng(settings.seed)
     history: dict[str, list[dict[str, float]]] = {name: [] for name in models}
+    final: dict[str, dict[str, torch.Tensor]] = {}
     started = time.monotonic()
     for epoch in range(1, settings.rounds * settings.local_epochs + 1):
         batches = [
@@ -109,13 +111,14 @@ def train_together(
             optimizer.step()
         if epoch % settings.local_epochs == 0:
             for name, model in models.items():
-                scores = {which: float(s.mean()) for which, s in per_user_scores(model, data[name]).items()}
+                final[name] = per_user_scores(model, data[name])
+                scores = {which: float(s.mean()) for which, s in final[name].items()}
                 history[name].append({"round": epoch // settings.local_epochs, "epochs": epoch, **scores})
                 arm = "pooled" if len(models) > 1 else "alone"
                 log(
                     f"{arm}, epoch {epoch}: {name} valid {scores['valid']:.4f} test {scores['test']:.4f} ({time.monotonic() - started:.0f} s)"
                 )
-    return history
+    return history, final
 
 
 def run_arm(arm: str, specs: list[PartnerSpec], settings: FederationSettings, *, log: Callable[[str], None] = print) -> dict[str, Any]:
@@ -129,10 +132,11 @@ def run_arm(arm: str, specs: list[PartnerSpec], settings: FederationSettings, *,
         groups = [list(models)]
     else:
         groups = [[name] for name in models]
-    history: dict[str, list[dict[str, float]]] = {}
+    arm_scores: dict[str, Any] = {}
     for group in groups:
-        history.update(train_together({n: models[n] for n in group}, data, settings, log=log))
-    return {name: {"history": history[name], "scores": per_user_scores(models[name], data[name])} for name in models}
+        history, final = train_together({n: models[n] for n in group}, data, settings, log=log)
+        arm_scores.update({n: {"history": history[n], "scores": final[n]} for n in group})
+    return arm_scores
 
 
 def table(names: list[str], arms: dict[str, dict[str, Any]], rows: dict[str, dict[str, Any]]) -> list[str]:
@@ -169,9 +173,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--partners", nargs="+", help="only these partners (default: every partner of the scenario)")
     parser.add_argument("--out", type=Path, default=Path("runs/centralised"), help="folder for centralised.md and centralised.json")
     args = parser.parse_args(argv)
-    specs = scenario_partners(parser, args.scenario, args.partners)
-    if len(specs) < 2:
-        parser.error(f"{args.scenario} (with --partners, if given): pooling needs two partners, got {[s.name for s in specs]}")
+    specs = scenario_partners(parser, args.scenario, args.partners, two_for="pooling")
     settings = FederationSettings(dp=False, rounds=args.rounds, local_epochs=args.local_epochs, batch_size=args.batch_size, seed=args.seed)
     started = time.monotonic()
     arms = {arm: run_arm(arm, specs, settings) for arm in ARMS}
@@ -185,11 +187,10 @@ def main(argv: list[str] | None = None) -> None:
         "",
         *table(names, arms, rows),
     ]
-    print("\n".join(lines))
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "centralised.md").write_text("\n".join(lines) + "\n")
-    write_json(
-        args.out / "centralised.json",
+    write_report(
+        args.out,
+        "centralised",
+        lines,
         {
             "scenario": str(args.scenario),
             "settings": {"rounds": args.rounds, "local-epochs": args.local_epochs, "batch-size": args.batch_size, "seed": args.seed},

@@ -36,7 +36,7 @@ from shared.federation.scenario import PartnerSpec, load_scenario
 from shared.federation.settings import FederationSettings
 from shared.model.adapters import adapter_state
 from shared.training import DomainRun, TrainConfig, evaluate_model
-from simulations.common import machine, write_json
+from simulations.common import machine, write_report
 from simulations.federations import (
     federate,
     federated_model,
@@ -203,9 +203,7 @@ def main() -> None:
     text = [f"{args.rounds} rounds x {args.local_epochs} local epoch(s), batch {args.batch_size}, seed {args.seed}; {machine()}", ""]
     for r in results:
         text += table(r)
-    (out / "coldstart.md").write_text("\n".join(text))
-    print("\n" + "\n".join(text))
-    write_json(out / "coldstart.json", {"results": results, "args": vars(args)})
+    write_report(out, "coldstart", text, {"results": results, "args": vars(args)})
 
 
 if __name__ == "__main__":

@@ -23,6 +23,14 @@ def machine() -> str:
     return f"{platform.machine()}, {os.cpu_count()} CPU(s), torch {torch.__version__}, {torch.get_num_threads()} thread(s)"
 
 
+def write_report(folder: Path, name: str, lines: list[str], data: object) -> None:
+    """Prints a script's Markdown ``lines`` and writes them to ``folder/<name>.md``, its ``data`` to ``<name>.json``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{name}.md").write_text("\n".join(lines) + "\n")
+    print("\n" + "\n".join(lines))
+    write_json(folder / f"{name}.json", data)
+
+
 def write_json(path: Path, obj: object) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(obj, indent=2))

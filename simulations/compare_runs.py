@@ -102,14 +102,19 @@ def table(rows: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
-def scenario_partners(parser: argparse.ArgumentParser, scenario: Path, names: list[str] | None) -> list[PartnerSpec]:
-    """The scenario's partners, or only those named by ``--partners`` (an unknown name is a usage error)."""
+def scenario_partners(
+    parser: argparse.ArgumentParser, scenario: Path, names: list[str] | None, *, two_for: str | None = None
+) -> list[PartnerSpec]:
+    """The scenario's partners, or only those named by ``--partners`` (an unknown name is a usage error).
+    ``two_for``: what needs at least two of them (fewer is a usage error that says so)."""
     specs = load_scenario(scenario)
     if names:
         unknown = sorted(set(names) - {s.name for s in specs})
         if unknown:
             parser.error(f"--partners {unknown} not in {scenario} (its partners: {[s.name for s in specs]})")
         specs = [s for s in specs if s.name in names]
+    if two_for and len(specs) < 2:
+        parser.error(f"{scenario} (with --partners, if given): {two_for} needs two partners, got {[s.name for s in specs]}")
     return specs
 
 

@@ -43,7 +43,7 @@ from shared.training import TrainConfig
 from simulations import compare_runs
 from simulations.coldstart import cold_start
 from simulations.coldstart import table as cold_table
-from simulations.common import machine, write_json
+from simulations.common import machine, write_report
 from simulations.federations import federate, metrics_row, one_partner_scenario, recipe_alone, test_row, zero_shot
 
 
@@ -233,10 +233,8 @@ def main() -> None:
         *(cold_table(cold) if cold else []),
         f"total time {time.monotonic() - started:.0f} s",
     ]
-    (out / "results.md").write_text("\n".join(text) + "\n")
-    print("\n" + "\n".join(text))
+    write_report(out, "results", text, {"results": results, "cold_start": cold, "args": vars(args)})
     plot(results, args.epsilons, out / "ndcg_vs_epsilon.png")
-    write_json(out / "results.json", {"results": results, "cold_start": cold, "args": vars(args)})
 
 
 if __name__ == "__main__":

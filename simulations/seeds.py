@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from shared.federation.scenario import load_scenario
-from simulations.common import machine, write_json
+from simulations.common import machine, write_report
 from simulations.federations import federate, one_partner_scenario
 
 
@@ -61,9 +61,7 @@ def main() -> None:
         "",
         *table(by_seed, [s.name for s in specs]),
     ]
-    (out / "seeds.md").write_text("\n".join(text) + "\n")
-    print("\n" + "\n".join(text))
-    write_json(out / "seeds.json", {"ndcg@10": by_seed, "args": vars(args)})
+    write_report(out, "seeds", text, {"ndcg@10": by_seed, "args": vars(args)})
 
 
 if __name__ == "__main__":

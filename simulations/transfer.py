@@ -28,7 +28,7 @@ from itertools import combinations
 from pathlib import Path
 from typing import Any
 
-from simulations.common import machine, write_json
+from simulations.common import machine, write_report
 from simulations.compare_runs import paired, run_folder, scenario_partners, scores
 from simulations.federations import federate, one_partner_scenario, scenario_file
 
@@ -86,9 +86,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--together", type=Path, help="a run folder of all the partners together, for the last column")
     parser.add_argument("--out", type=Path, default=Path("runs/transfer"))
     args = parser.parse_args(argv)
-    specs = scenario_partners(parser, args.scenario, args.partners)
-    if len(specs) < 2:
-        parser.error(f"{args.scenario} (with --partners, if given): a pair needs two partners, got {[s.name for s in specs]}")
+    specs = scenario_partners(parser, args.scenario, args.partners, two_for="a pair")
     base: dict[str, Any] = {
         "rounds": args.rounds,
         "local-epochs": args.local_epochs,
@@ -130,10 +128,10 @@ def main(argv: list[str] | None = None) -> None:
         "",
         *matrix(names, pairs, together),
     ]
-    (out / "transfer.md").write_text("\n".join(text) + "\n")
-    print("\n" + "\n".join(text))
-    write_json(
-        out / "transfer.json",
+    write_report(
+        out,
+        "transfer",
+        text,
         {
             "pairs": pairs,
             "together": together,

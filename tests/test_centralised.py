@@ -12,6 +12,7 @@ from client import partner
 from shared.federation.scenario import PartnerSpec, synthetic_scenario
 from shared.federation.settings import FederationSettings
 from simulations import centralised
+from simulations.federations import scenario_file
 
 
 def two_partners(root: Path) -> list[PartnerSpec]:
@@ -39,7 +40,7 @@ def test_pooled_partners_train_one_adapter_and_partners_alone_their_own(tmp_path
 
     pooled = {n: centralised.partner_model(settings, data[n]) for n in (a, b)}
     pooled[b].adapter = pooled[a].adapter
-    history = centralised.train_together(pooled, data, settings, log=lambda _: None)
+    history, _ = centralised.train_together(pooled, data, settings, log=lambda _: None)
     assert pooled[a].adapter is pooled[b].adapter
     assert all(not p.requires_grad for m in pooled.values() for p in m.head.parameters())  # trains = "adapter"
     assert any(not torch.equal(adapter_copy(pooled[a])[k], trained_a[k]) for k in start)  # saw b's batches too
@@ -50,8 +51,7 @@ def test_pooled_partners_train_one_adapter_and_partners_alone_their_own(tmp_path
 @pytest.mark.slow
 def test_the_command_writes_a_row_per_partner_with_each_rounds_scores(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     specs = two_partners(tmp_path)
-    scenario = tmp_path / "two.toml"
-    scenario.write_text("".join(f'[[partner]]\nname = "{s.name}"\ndata = "{s.data}"\n\n' for s in specs))
+    scenario = scenario_file(specs, tmp_path / "two.toml")
     out = tmp_path / "out"
     centralised.main(["--scenario", str(scenario), "--rounds", "2", "--local-epochs", "1", "--batch-size", "32", "--out", str(out)])
     lines = (out / "centralised.md").read_text().splitlines()

@@ -45,15 +45,12 @@ from torch.utils.data import DataLoader
 
 from client import partner
 from client.local_training import freeze_untrained, make_optimizer, trim_padding
-from shared.evaluation import user_ndcg
 from shared.federation.adapter import initial_adapter
-from shared.federation.scenario import PartnerSpec
 from shared.federation.settings import FederationSettings
 from shared.model.recommender import DomainModel
 from shared.privacy.item_counts import user_weighted_counts
-from shared.training import model_user_ranks
 from simulations.common import machine, write_report
-from simulations.compare_runs import SPLITS, paired, scenario_partners
+from simulations.compare_runs import paired, scenario_partners, user_scores
 
 ARMS = ("alone", "pooled")
 
@@ -68,11 +65,6 @@ def partner_model(settings: FederationSettings, data: partner.PartnerData) -> Do
     return model
 
 
-def per_user_scores(model: DomainModel, data: partner.PartnerData) -> dict[str, torch.Tensor]:
-    """Each valid and test user's NDCG@10 [U] under ``model``."""
-    return {which: user_ndcg(model_user_ranks(model, data.split, which)) for which in SPLITS}
-
-
 def train_together(
     models: dict[str, DomainModel],
     data: dict[str, partner.PartnerData],
@@ -82,7 +74,7 @@ def train_together(
 ) -> tuple[dict[str, list[dict[str, float]]], dict[str, dict[str, torch.Tensor]]]:
     """Trains ``models`` for ``rounds x local-epochs`` passes with one optimizer, the partners'
     batches shuffled into one order. Returns each partner's valid and test NDCG@10 after every
-    ``local-epochs`` passes, and its per-user scores (:func:`per_user_scores`) after the last.
+    ``local-epochs`` passes, and its per-user scores (:func:`simulations.compare_runs.user_scores`) after the last.
     Models that hold one adapter object train it together (pooled)."""
     params = list({id(p): p for m in models.values() for p in m.parameters() if p.requires_grad}.values())
     prior = [m.popularity.weight for m in models.values() if m.popularity is not None]
@@ -92,6 +84,7 @@ def train_together(
     order = np.random.default_rng(settings.seed)
     history: dict[str, list[dict[str, float]]] = {name: [] for name in models}
     final: dict[str, dict[str, torch.Tensor]] = {}
+    arm = "pooled" if len(models) > 1 else "alone"
     started = time.monotonic()
     for epoch in range(1, settings.rounds * settings.local_epochs + 1):
         batches = [
@@ -111,19 +104,19 @@ def train_together(
             optimizer.step()
         if epoch % settings.local_epochs == 0:
             for name, model in models.items():
-                final[name] = per_user_scores(model, data[name])
+                final[name] = user_scores(model, data[name].split)
                 scores = {which: float(s.mean()) for which, s in final[name].items()}
                 history[name].append({"round": epoch // settings.local_epochs, "epochs": epoch, **scores})
-                arm = "pooled" if len(models) > 1 else "alone"
                 log(
                     f"{arm}, epoch {epoch}: {name} valid {scores['valid']:.4f} test {scores['test']:.4f} ({time.monotonic() - started:.0f} s)"
                 )
     return history, final
 
 
-def run_arm(arm: str, specs: list[PartnerSpec], settings: FederationSettings, *, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """One arm's models, trained: each partner's history and per-user scores at the end."""
-    data = {s.name: partner.partner_data(s, max_len=partner.HEAD.max_len) for s in specs}
+def run_arm(
+    arm: str, data: dict[str, partner.PartnerData], settings: FederationSettings, *, log: Callable[[str], None] = print
+) -> dict[str, Any]:
+    """One arm's models, trained from the start: each partner's history and per-user scores at the end."""
     models = {name: partner_model(settings, d) for name, d in data.items()}
     if arm == "pooled":
         shared = next(iter(models.values())).adapter
@@ -176,7 +169,8 @@ def main(argv: list[str] | None = None) -> None:
     specs = scenario_partners(parser, args.scenario, args.partners, two_for="pooling")
     settings = FederationSettings(dp=False, rounds=args.rounds, local_epochs=args.local_epochs, batch_size=args.batch_size, seed=args.seed)
     started = time.monotonic()
-    arms = {arm: run_arm(arm, specs, settings) for arm in ARMS}
+    data = {s.name: partner.partner_data(s, max_len=partner.HEAD.max_len) for s in specs}  # read once, for both arms
+    arms = {arm: run_arm(arm, data, settings) for arm in ARMS}
     names = [s.name for s in specs]
     rows = {name: paired(arms["pooled"][name]["scores"], arms["alone"][name]["scores"]) for name in names}
     minutes = (time.monotonic() - started) / 60

@@ -28,10 +28,14 @@ import json
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from client import partner
+from shared.data.split import DomainSplit
 from shared.evaluation import paired_difference, user_ndcg
 from shared.federation.scenario import PartnerSpec, load_scenario
 from shared.federation.settings import settings_from_run_config
+from shared.model.recommender import DomainModel
 from shared.training import model_user_ranks
 from simulations import federations
 from simulations.common import write_json
@@ -54,7 +58,11 @@ def scores(run: Path, spec: PartnerSpec, *, other_users: bool = False) -> dict[s
     else:
         data = partner.partner_data(spec, max_len=partner.HEAD.max_len)
         split = data.split
-    model = partner.build_model(settings, data, adapter_arrays=arrays, head=head)
+    return user_scores(partner.build_model(settings, data, adapter_arrays=arrays, head=head), split)
+
+
+def user_scores(model: DomainModel, split: DomainSplit) -> dict[str, torch.Tensor]:
+    """Each valid and test user's NDCG@10 [U] under ``model``, in ``split.eval_users`` order."""
     return {which: user_ndcg(model_user_ranks(model, split, which)) for which in SPLITS}
 
 

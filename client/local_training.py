@@ -74,6 +74,28 @@ def make_optimizer(
     raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {kind!r}")
 
 
+def pull_towards_start(optimizer: torch.optim.Optimizer, params: list[torch.nn.Parameter], *, mu: float) -> Any:
+    """FedProx's proximal term (Li et al., "Federated Optimization in Heterogeneous
+    Networks", MLSys 2020), ``mu / 2 x ||w - w_start||^2`` on ``params``: before every
+    step of ``optimizer``, ``mu x (w - w_start)`` is added to their gradients.
+
+    Added in a step pre-hook rather than to the loss: under DP, Opacus clips and
+    noises only the per-sample gradients its hooks collect, and a term added to the
+    loss would be dropped from them. Registered on the optimizer before Opacus wraps
+    it, the hook runs after clipping and noise, on the privatised gradient; the term
+    depends on no user's data (the start is the global adapter the partner received),
+    so adding it is post-processing and spends nothing. Returns the hook's handle."""
+    start = {p: p.detach().clone() for p in params}
+
+    def add_pull(*_: Any) -> None:
+        with torch.no_grad():
+            for p, p0 in start.items():
+                if p.grad is not None:
+                    p.grad.add_(p.detach() - p0, alpha=mu)
+
+    return optimizer.register_step_pre_hook(add_pull)
+
+
 def os_entropy_generator() -> torch.Generator:
     """A generator seeded from the OS's entropy pool, for DP-SGD's sampling and noise.
 
@@ -122,13 +144,15 @@ def train_round(
     optimizer_state: dict[str, Any] | None = None,
     params: list[torch.nn.Parameter] | None = None,
     optimizer_kind: str = "adamw",
+    proximal_mu: float = 0.0,
 ) -> tuple[RoundOutcome, dict[str, Any]]:
     """Trains ``model`` in place for ``epochs`` passes; returns the outcome and the optimizer state.
 
     ``params`` (default: all trainable) restricts what is trained, e.g. the head
     only for a local fine-tune. ``optimizer_kind``: ``adamw``, or ``sgd`` (momentum
     0.9), whose steps scale with the (noisy) gradient instead of being normalised
-    per weight as Adam's are.
+    per weight as Adam's are. ``proximal_mu`` > 0 keeps the shared adapter near
+    where the round started (:func:`pull_towards_start`).
     """
     keep_freed_memory()
     generator = torch.Generator().manual_seed(seed)  # negatives (and, without DP, the users' order)
@@ -140,6 +164,8 @@ def train_round(
     if optimizer_state:
         with contextlib.suppress(ValueError, KeyError):  # the parameter set changed (e.g. fine-tune): start afresh
             optimizer.load_state_dict(optimizer_state)
+    if proximal_mu > 0:
+        pull_towards_start(optimizer, [p for p in model.adapter.parameters() if p.requires_grad], mu=proximal_mu)
     # Under DP, Poisson sampling and noise must be secret: Opacus' loader samples with the
     # loader's generator and its optimizer adds noise from the one it is given.
     secret = os_entropy_generator() if dp is not None else None

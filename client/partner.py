@@ -481,6 +481,7 @@ def train(
         seed=settings.seed * 100_003 + server_round,
         dp=plan,
         optimizer_state=state.optimizer,
+        proximal_mu=settings.proximal_mu,
     )
     line = ""
     if settings.dp:

@@ -2,10 +2,12 @@
 
     python -m simulations.experiments [--scenario simulations/scenarios/scientific-office.toml]
         [--rounds 3] [--local-epochs 1] [--epsilons 8 3 1] [--finetune-epsilons 8] [--recipe-epochs 40]
-        [--recipe-minutes 12] [--pooled-minutes 15] [--no-personal-mix] [--out runs/experiments]
+        [--recipe-minutes 12] [--pooled-minutes 15] [--no-personal-mix] [--proximal-mu 1] [--out runs/experiments]
 
 ``federated, no DP, personal mix`` is the same federation with ``personal-mix =
 "valid"``: each partner mixes the global adapter with its own by validation NDCG@10.
+With ``--proximal-mu``, each federation is also run with FedProx's proximal term
+(``proximal-mu``: each partner's local training is pulled towards the global adapter).
 ``zero-shot (untrained)`` ranks by the frozen encoder's text similarity to the
 last item (initial adapter, identity head, no prior): what training adds is
 measured from it. Every federated result and ``local`` run the real ServerApp and ClientApp in
@@ -178,6 +180,12 @@ def main() -> None:
         default=True,
         help="add the federation without DP with personal-mix = 'valid' (each partner mixes the global adapter with its own)",
     )
+    parser.add_argument(
+        "--proximal-mu",
+        type=float,
+        default=0.0,
+        help="also run each federation (without DP, and DP at each --epsilons) with FedProx's proximal-mu = this (0: no such rows)",
+    )
     parser.add_argument("--out", default="runs/experiments")
     args = parser.parse_args()
     out = Path(args.out)
@@ -199,6 +207,11 @@ def main() -> None:
     if args.personal_mix:
         mix = {"personal-mix": "valid"}
         results["federated, no DP, personal mix"] = federate("federated-nodp-mix", scenario, len(specs), base, out, dp=False, **mix)
+    prox = {"proximal-mu": args.proximal_mu}
+    if args.proximal_mu:
+        results[f"federated, no DP, proximal mu={args.proximal_mu:g}"] = federate(
+            "federated-nodp-prox", scenario, len(specs), base, out, dp=False, **prox
+        )
     if args.recipe_minutes:
         results["federated, no DP + fine-tune"] = finetune(out / "federated-nodp", specs, recipe, mode=args.finetune_mode)
     for eps in args.epsilons:
@@ -207,6 +220,11 @@ def main() -> None:
         if args.recipe_minutes and (args.finetune_epsilons is None or eps in args.finetune_epsilons):
             tuned = finetune(out / f"federated-dp-{eps:g}", specs, recipe, mode=args.finetune_mode)
             results[f"{key} + fine-tune"] = {d: {**tuned[d], "epsilon": results[key][d]["epsilon"]} for d in tuned}
+        if args.proximal_mu:
+            run = f"federated-dp-{eps:g}-prox"
+            results[f"{key}, proximal mu={args.proximal_mu:g}"] = federate(
+                run, scenario, len(specs), base, out, dp=True, **{"target-epsilon": eps}, **prox
+            )
     if args.pooled_minutes:
         pooled = train_and_evaluate(
             [s.data for s in specs],
@@ -218,6 +236,9 @@ def main() -> None:
 
     runs = {"federated, no DP": "federated-nodp", "federated, no DP, personal mix": "federated-nodp-mix"}
     runs.update({f"federated DP eps={eps:g}": f"federated-dp-{eps:g}" for eps in args.epsilons})
+    if args.proximal_mu:
+        runs[f"federated, no DP, proximal mu={args.proximal_mu:g}"] = "federated-nodp-prox"
+        runs.update({f"federated DP eps={eps:g}, proximal mu={args.proximal_mu:g}": f"federated-dp-{eps:g}-prox" for eps in args.epsilons})
     for key, by_domain in against_local(out, {k: v for k, v in runs.items() if k in results}, specs).items():
         for d, vs in by_domain.items():
             results[key][d]["vs-local"] = vs

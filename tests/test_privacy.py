@@ -12,7 +12,7 @@ from opacus import GradSampleModule
 from torch.nn import functional as F
 from torch.utils.data import TensorDataset
 
-from client.local_training import DPPlan, poisson_schedule, train_round
+from client.local_training import DPPlan, poisson_schedule, pull_towards_start, train_round
 from shared.model.adapters import MoEAdapter, MoEAdapterConfig, adapter_state
 from shared.model.head import HeadConfig
 from shared.model.recommender import DomainModel, ItemFeatures
@@ -210,3 +210,36 @@ def test_a_dp_step_with_sgd_changes_the_adapter() -> None:
     after = adapter_state(model.adapter)
     assert all(not torch.equal(before[k], after[k]) for k in before)
     assert ledger.steps == 5
+
+
+@pytest.mark.parametrize("dp", [False, True], ids=["plain", "opacus"])
+def test_the_proximal_pull_is_added_once_to_the_privatised_gradient(dp: bool) -> None:
+    """FedProx's term mu x (w - w_start) joins the gradient at the step: with Opacus, after
+    clipping and noise (here none), once, not dropped with the loss' non-per-sample part."""
+    torch.manual_seed(0)
+    x, y = torch.randn(6, 3), torch.randn(6, 1)
+    layer, twin = torch.nn.Linear(3, 1), torch.nn.Linear(3, 1)
+    twin.load_state_dict(layer.state_dict())
+    optimizer = torch.optim.SGD(layer.parameters(), lr=0.5)
+    pull_towards_start(optimizer, list(layer.parameters()), mu=2.0)
+    with torch.no_grad():  # away from the start, so that the pull is not zero
+        for p, q in zip(layer.parameters(), twin.parameters(), strict=True):
+            p.add_(1.0)
+            q.add_(1.0)
+    module: torch.nn.Module = layer
+    if dp:
+        from opacus import PrivacyEngine
+
+        loader = torch.utils.data.DataLoader(TensorDataset(x, y), batch_size=6)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            module, optimizer, _ = PrivacyEngine().make_private(
+                module=layer, optimizer=optimizer, data_loader=loader, noise_multiplier=0.0, max_grad_norm=1e6, poisson_sampling=False
+            )
+    optimizer.zero_grad()
+    F.mse_loss(module(x), y).backward()
+    optimizer.step()
+    F.mse_loss(twin(x), y).backward()
+    for p, q in zip(layer.parameters(), twin.parameters(), strict=True):
+        assert q.grad is not None
+        torch.testing.assert_close(p.detach(), q.detach() - 0.5 * (q.grad + 2.0 * 1.0))

@@ -60,6 +60,14 @@ class FederationSettings:
             "gains nothing from the others loses little (adaptive local aggregation, as in FedALA and APFL)"
         },
     )
+    proximal_mu: float = field(
+        default=0.0,
+        metadata={
+            "help": "FedProx's mu: each partner's local training adds mu / 2 x ||adapter - global adapter||^2, which "
+            "keeps the shared adapter near the average and leaves what a partner's own catalogue needs to its private "
+            "residual; 0 is plain FedAvg. Under DP it is added to the privatised gradient (it reads no data)"
+        },
+    )
     max_grad_norm: float = field(default=1.0, metadata={"help": "per-user gradient clipping norm"})
     popularity_prior: bool = field(
         default=True,
@@ -136,6 +144,8 @@ class FederationSettings:
         if self.run_id and not RUN_ID.fullmatch(self.run_id):
             # partners keep each run's state in <state-dir>/runs/<run-id>: a plain name only
             problems.append(f"run-id must be letters, digits, '.', '_' or '-' (not starting with '.'), at most 100, got {self.run_id!r}")
+        if self.proximal_mu < 0:
+            problems.append(f"proximal-mu must be >= 0 (0: plain FedAvg), got {self.proximal_mu}")
         if self.max_grad_norm <= 0 or self.lr <= 0:
             problems.append("max-grad-norm and lr must be > 0")
         return problems

@@ -236,8 +236,11 @@ def test_a_partner_declines_a_delta_above_its_max(tmp_path: Path) -> None:
 
 def test_run_config_errors_name_every_key() -> None:
     with pytest.raises(SettingsError) as info:
-        settings_from_run_config({"round": 3, "lr": "fast", "fraction-train": 1.5, "adapter": "lora", "optimizer": "adam"})
+        settings_from_run_config(
+            {"round": 3, "lr": "fast", "fraction-train": 1.5, "adapter": "lora", "optimizer": "adam", "proximal-mu": -0.5}
+        )
     text = str(info.value)
+    assert "proximal-mu must be >= 0 (0: plain FedAvg), got -0.5" in text
     assert "optimizer must be 'adamw' or 'sgd', got 'adam'" in text
     assert "unknown run-config key 'round'; did you mean 'rounds'?" in text
     assert "'lr': expected float, got 'fast'" in text

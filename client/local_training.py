@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.hooks import RemovableHandle
 
 from shared.allocator import keep_freed_memory
 from shared.data.split import DomainSplit
@@ -74,7 +75,7 @@ def make_optimizer(
     raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {kind!r}")
 
 
-def pull_towards_start(optimizer: torch.optim.Optimizer, params: list[torch.nn.Parameter], *, mu: float) -> Any:
+def pull_towards_start(optimizer: torch.optim.Optimizer, params: list[torch.nn.Parameter], *, mu: float) -> RemovableHandle:
     """FedProx's proximal term (Li et al., "Federated Optimization in Heterogeneous
     Networks", MLSys 2020), ``mu / 2 x ||w - w_start||^2`` on ``params``: before every
     step of ``optimizer``, ``mu x (w - w_start)`` is added to their gradients.

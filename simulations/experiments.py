@@ -203,28 +203,29 @@ def main() -> None:
         results["local"].update(federate(f"local-{spec.name}", one_partner_scenario(spec, out / "scenarios"), 1, base, out, dp=False))
     if args.recipe_minutes:
         results["local, full recipe"] = {s.name: test_row(s, recipe_alone(s, settings, config=recipe)) for s in specs}
-    results["federated, no DP"] = federate("federated-nodp", scenario, len(specs), base, out, dp=False)
+    runs: dict[str, str] = {}  # each federation's row: its run folder, for the paired comparison against local
+
+    def federation(key: str, run: str, **overrides: Any) -> dict[str, dict[str, Any]]:
+        runs[key] = run
+        results[key] = federate(run, scenario, len(specs), base, out, **overrides)
+        return results[key]
+
+    prox = f"proximal mu={args.proximal_mu:g}"
+    federation("federated, no DP", "federated-nodp", dp=False)
     if args.personal_mix:
-        mix = {"personal-mix": "valid"}
-        results["federated, no DP, personal mix"] = federate("federated-nodp-mix", scenario, len(specs), base, out, dp=False, **mix)
-    prox = {"proximal-mu": args.proximal_mu}
+        federation("federated, no DP, personal mix", "federated-nodp-mix", dp=False, **{"personal-mix": "valid"})
     if args.proximal_mu:
-        results[f"federated, no DP, proximal mu={args.proximal_mu:g}"] = federate(
-            "federated-nodp-prox", scenario, len(specs), base, out, dp=False, **prox
-        )
+        federation(f"federated, no DP, {prox}", "federated-nodp-prox", dp=False, **{"proximal-mu": args.proximal_mu})
     if args.recipe_minutes:
         results["federated, no DP + fine-tune"] = finetune(out / "federated-nodp", specs, recipe, mode=args.finetune_mode)
     for eps in args.epsilons:
         key = f"federated DP eps={eps:g}"
-        results[key] = federate(f"federated-dp-{eps:g}", scenario, len(specs), base, out, dp=True, **{"target-epsilon": eps})
+        dp = federation(key, f"federated-dp-{eps:g}", dp=True, **{"target-epsilon": eps})
         if args.recipe_minutes and (args.finetune_epsilons is None or eps in args.finetune_epsilons):
             tuned = finetune(out / f"federated-dp-{eps:g}", specs, recipe, mode=args.finetune_mode)
-            results[f"{key} + fine-tune"] = {d: {**tuned[d], "epsilon": results[key][d]["epsilon"]} for d in tuned}
+            results[f"{key} + fine-tune"] = {d: {**tuned[d], "epsilon": dp[d]["epsilon"]} for d in tuned}
         if args.proximal_mu:
-            run = f"federated-dp-{eps:g}-prox"
-            results[f"{key}, proximal mu={args.proximal_mu:g}"] = federate(
-                run, scenario, len(specs), base, out, dp=True, **{"target-epsilon": eps}, **prox
-            )
+            federation(f"{key}, {prox}", f"federated-dp-{eps:g}-prox", dp=True, **{"target-epsilon": eps, "proximal-mu": args.proximal_mu})
     if args.pooled_minutes:
         pooled = train_and_evaluate(
             [s.data for s in specs],
@@ -234,12 +235,7 @@ def main() -> None:
         )
         results["pooled"] = {d: metrics_row(m["test"]) for d, m in pooled.items()}
 
-    runs = {"federated, no DP": "federated-nodp", "federated, no DP, personal mix": "federated-nodp-mix"}
-    runs.update({f"federated DP eps={eps:g}": f"federated-dp-{eps:g}" for eps in args.epsilons})
-    if args.proximal_mu:
-        runs[f"federated, no DP, proximal mu={args.proximal_mu:g}"] = "federated-nodp-prox"
-        runs.update({f"federated DP eps={eps:g}, proximal mu={args.proximal_mu:g}": f"federated-dp-{eps:g}-prox" for eps in args.epsilons})
-    for key, by_domain in against_local(out, {k: v for k, v in runs.items() if k in results}, specs).items():
+    for key, by_domain in against_local(out, runs, specs).items():
         for d, vs in by_domain.items():
             results[key][d]["vs-local"] = vs
 

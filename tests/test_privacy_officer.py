@@ -56,7 +56,8 @@ def test_plan_never_overshoots_the_target() -> None:
         p = plan(epsilon=target, delta=1e-5, sample_rate=rate, steps=steps, accountant="prv")  # calibrates both accountants
         spent = {a: epsilon_of([(sigma, rate, steps)], delta=1e-5, accountant=a) for a, sigma in p.multipliers.items()}
         assert all(0.97 * target <= e <= target for e in spent.values()), (target, rate, steps, spent)
-        assert p.noise_multiplier == p.multipliers["prv"] and p.epsilon == pytest.approx(spent["prv"])
+        assert p.noise_multiplier == p.multipliers["prv"] and p.epsilon == p.per_round["prv"][-1]
+        assert p.epsilon == pytest.approx(spent["prv"])
 
 
 def test_plan_command_json_and_per_round(capsys: pytest.CaptureFixture[str]) -> None:

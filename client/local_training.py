@@ -84,7 +84,8 @@ def pull_towards_start(optimizer: torch.optim.Optimizer, params: list[torch.nn.P
     noises only the per-sample gradients its hooks collect, and a term added to the
     loss would be dropped from them. Registered on the optimizer before Opacus wraps
     it, the hook runs after clipping and noise, on the privatised gradient; the term
-    depends on no user's data (the start is the global adapter the partner received),
+    depends on no user's data (under DP the start is the global adapter the partner
+    received; the personal mix, which reads validation users, is refused under DP),
     so adding it is post-processing and spends nothing. Returns the hook's handle."""
     start = {p: p.detach().clone() for p in params}
 
@@ -166,7 +167,7 @@ def train_round(
         with contextlib.suppress(ValueError, KeyError):  # the parameter set changed (e.g. fine-tune): start afresh
             optimizer.load_state_dict(optimizer_state)
     if proximal_mu > 0:
-        pull_towards_start(optimizer, [p for p in model.adapter.parameters() if p.requires_grad], mu=proximal_mu)
+        pull_towards_start(optimizer, trainable_parameters(model.adapter), mu=proximal_mu)
     # Under DP, Poisson sampling and noise must be secret: Opacus' loader samples with the
     # loader's generator and its optimizer adds noise from the one it is given.
     secret = os_entropy_generator() if dp is not None else None

@@ -220,10 +220,10 @@ def main() -> None:
         results["federated, no DP + fine-tune"] = finetune(out / "federated-nodp", specs, recipe, mode=args.finetune_mode)
     for eps in args.epsilons:
         key = f"federated DP eps={eps:g}"
-        dp = federation(key, f"federated-dp-{eps:g}", dp=True, **{"target-epsilon": eps})
+        dp_rows = federation(key, f"federated-dp-{eps:g}", dp=True, **{"target-epsilon": eps})
         if args.recipe_minutes and (args.finetune_epsilons is None or eps in args.finetune_epsilons):
             tuned = finetune(out / f"federated-dp-{eps:g}", specs, recipe, mode=args.finetune_mode)
-            results[f"{key} + fine-tune"] = {d: {**tuned[d], "epsilon": dp[d]["epsilon"]} for d in tuned}
+            results[f"{key} + fine-tune"] = {d: {**tuned[d], "epsilon": dp_rows[d]["epsilon"]} for d in tuned}
         if args.proximal_mu:
             federation(f"{key}, {prox}", f"federated-dp-{eps:g}-prox", dp=True, **{"target-epsilon": eps, "proximal-mu": args.proximal_mu})
     if args.pooled_minutes:

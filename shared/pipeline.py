@@ -8,6 +8,10 @@ Saved model layout (what ``fedxrec recommend`` loads)::
     OUT/model/<domain>/adapter.safetensors   the shared adapter (wire format)
     OUT/model/<domain>/head.safetensors      the private head (+ item-id residual)
     OUT/model/<domain>/items.tsv             the catalogue: index, item id, text
+
+A seed ensemble (``fedxrec finetune --seeds N``, model.json ``"members": N``)
+keeps each member's two weight files in ``<domain>/member-<k>/`` (k = 0..N-1)
+beside the one ``items.tsv``; it recommends by the members' averaged scores.
 """
 
 from __future__ import annotations
@@ -43,7 +47,7 @@ from shared.model.adapters import (
 )
 from shared.model.head import HeadConfig
 from shared.model.recommender import DomainModel, ItemFeatures
-from shared.training import DomainRun, TrainConfig, evaluate_model, seed_everything, train
+from shared.training import DomainRun, TrainConfig, averaged_scorer, evaluate_model, seed_everything, train
 from shared.vector_cache import CacheStats, VectorCache, encode_texts
 
 
@@ -209,9 +213,18 @@ def train_and_evaluate(
 
 
 def write_model_index(
-    model_dir: Path, *, mode: str, config: ModelConfig, encoder: TextEncoder, domains: list[str], data: Sequence[str | Path], **extra: Any
+    model_dir: Path,
+    *,
+    mode: str,
+    config: ModelConfig,
+    encoder: TextEncoder,
+    domains: list[str],
+    data: Sequence[str | Path],
+    members: int = 1,
+    **extra: Any,
 ) -> None:
-    """``model.json``: what :func:`load_domain_model` needs to rebuild the saved domains' models."""
+    """``model.json``: what :func:`load_domain_model` needs to rebuild the saved domains' models
+    (``members``: how many models each domain's folder holds, a seed ensemble's size)."""
     index = {
         "mode": mode,
         "model": config.to_dict(),
@@ -219,17 +232,31 @@ def write_model_index(
         "encoder_path": str(encoder.model_path),
         "domains": domains,
         "data": [str(Path(p).resolve()) for p in data],
+        "members": members,
         **extra,
     }
     (model_dir / "model.json").write_text(json.dumps(index, indent=2))
 
 
-def save_domain_model(folder: Path, run: DomainRun, config: ModelConfig) -> None:
-    """One domain's model: ``adapter.safetensors``, ``head.safetensors`` (head and prior) and ``items.tsv``."""
+def member_folder(folder: Path, k: int) -> Path:
+    """Where member ``k`` of a seed ensemble keeps its weights inside a domain's folder."""
+    return folder / f"member-{k}"
+
+
+def save_domain_model(folder: Path, run: DomainRun | Sequence[DomainRun], config: ModelConfig) -> None:
+    """One domain's model: ``adapter.safetensors``, ``head.safetensors`` (head and prior) and ``items.tsv``;
+    for several runs of one domain (a seed ensemble), each run's two weight files in ``member-<k>/``."""
+    runs = [run] if isinstance(run, DomainRun) else list(run)
+    if not runs or len({r.split.name for r in runs}) != 1:
+        raise ValueError(f"save_domain_model saves one domain's model(s); got domains {[r.split.name for r in runs]}")
     folder.mkdir(parents=True, exist_ok=True)
-    save_adapter(run.model.adapter, folder / "adapter.safetensors", config=config.adapter)
-    head = {k: v.detach().contiguous() for k, v in run.model.state_dict().items() if not k.startswith("adapter.")}
-    save_file(head, str(folder / "head.safetensors"))
+    for k, r in enumerate(runs):
+        weights = folder if len(runs) == 1 else member_folder(folder, k)
+        weights.mkdir(exist_ok=True)
+        save_adapter(r.model.adapter, weights / "adapter.safetensors", config=config.adapter)
+        head = {key: v.detach().contiguous() for key, v in r.model.state_dict().items() if not key.startswith("adapter.")}
+        save_file(head, str(weights / "head.safetensors"))
+    run = runs[0]
     with (folder / "items.tsv").open("w", newline="", encoding="utf-8") as fh:
         w = csv.writer(fh, delimiter="\t")
         w.writerow(["index", "item_id", "text"])
@@ -239,9 +266,17 @@ def save_domain_model(folder: Path, run: DomainRun, config: ModelConfig) -> None
 
 @dataclass
 class LoadedModel:
-    model: DomainModel
+    members: list[DomainModel]  # one model, or a seed ensemble's members
     item_ids: list[str]
     item_texts: list[str]
+
+    @property
+    def max_len(self) -> int:
+        return self.members[0].max_len
+
+    def scores(self, seqs: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """Every catalogue item's score [B, N] for histories [B, L]: the members' average."""
+        return averaged_scorer(self.members)(seqs, lengths)
 
 
 def load_domain_model(
@@ -277,12 +312,20 @@ def load_domain_model(
     vectors, _ = encode_texts(texts, encoder=encoder, cache=cache if cache is not None else VectorCache(), progress=True)
     split = DomainSplit(domain, item_ids, texts, [], [], np.zeros(0, np.int64), np.zeros(0, np.int64))
     prepared = PreparedDomain(None, split, np.concatenate([np.zeros((1, vectors.shape[1]), np.float32), vectors]), CacheStats())  # type: ignore[arg-type]
-    model = build_model(prepared, config, adapter=new_adapter(config, encoder), encoder=encoder)
-    load_adapter(model.adapter, folder / "adapter.safetensors")
-    head = load_file(str(folder / "head.safetensors"))
-    missing, unexpected = model.load_state_dict(head, strict=False)
-    missing = [k for k in missing if not k.startswith("adapter.")]
-    if missing or unexpected:
-        raise ValueError(f"{folder / 'head.safetensors'} does not fit the model config: missing {missing[:3]}, unexpected {unexpected[:3]}")
-    model.eval()
-    return LoadedModel(model, item_ids, texts)
+    n_members = int(meta.get("members", 1))
+    weights = [folder] if n_members == 1 else [member_folder(folder, k) for k in range(n_members)]
+    members = []
+    for w in weights:
+        model = build_model(prepared, config, adapter=new_adapter(config, encoder), encoder=encoder)
+        for name in ("adapter.safetensors", "head.safetensors"):
+            if not (w / name).is_file():
+                raise FileNotFoundError(f"{w / name} not found: {meta_path} names {n_members} member(s) of {domain!r}")
+        load_adapter(model.adapter, w / "adapter.safetensors")
+        head = load_file(str(w / "head.safetensors"))
+        missing, unexpected = model.load_state_dict(head, strict=False)
+        missing = [k for k in missing if not k.startswith("adapter.")]
+        if missing or unexpected:
+            raise ValueError(f"{w / 'head.safetensors'} does not fit the model config: missing {missing[:3]}, unexpected {unexpected[:3]}")
+        model.eval()
+        members.append(model)
+    return LoadedModel(members, item_ids, texts)

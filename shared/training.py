@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import copy
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -21,7 +21,7 @@ import torch
 
 from shared.allocator import keep_freed_memory
 from shared.data.split import DomainSplit
-from shared.evaluation import metrics_from_ranks, user_ranks
+from shared.evaluation import Scorer, metrics_from_ranks, user_ranks
 from shared.model.recommender import DomainModel
 
 
@@ -73,16 +73,43 @@ def training_batches(
         yield next_item_pairs(seqs, max(len(s) for s in seqs) - 1)
 
 
-def model_user_ranks(model: DomainModel, split: DomainSplit, which: str) -> torch.Tensor:
-    """Each evaluated user's full-catalogue rank of its ``which`` target under ``model`` (put in eval mode) [U]."""
-    model.eval()
+def averaged_scorer(models: Sequence[DomainModel]) -> Scorer:
+    """Full-catalogue scores averaged over ``models`` (each put in eval mode): s(u, i) = 1/M sum_m s_m(u, i).
+
+    With several models fine-tuned from one start under different seeds this is a
+    seed ensemble (Lakshminarayanan et al., "Simple and Scalable Predictive
+    Uncertainty Estimation using Deep Ensembles", 2017): the members' errors
+    differ, so the average ranks better than the typical member. The members must
+    share one catalogue (the same item order); the scores averaged are the logits
+    (cosine / temperature + prior). One model: its own scores."""
+    if not models:
+        raise ValueError("averaged_scorer needs at least one model")
+    if len({m.features.n_items for m in models}) > 1:
+        raise ValueError(f"the models score different catalogues ({sorted({m.features.n_items for m in models})} items)")
+    for m in models:
+        m.eval()
     with torch.no_grad():
-        catalogue = model.catalogue()
-        return user_ranks(lambda s, n: model.score_all(s, n, catalogue), split, which, max_len=model.max_len)
+        catalogues = [m.catalogue() for m in models]  # [N, d] each, computed once
+
+    @torch.no_grad()
+    def score(seqs: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        total = models[0].score_all(seqs, lengths, catalogues[0])  # [B, N]
+        for m, c in zip(models[1:], catalogues[1:], strict=True):
+            total += m.score_all(seqs, lengths, c)
+        return total / len(models)
+
+    return score
 
 
-def ranking_metrics(model: DomainModel, split: DomainSplit, which: str) -> dict[str, float]:
-    """Full-catalogue ranking metrics of ``model`` (put in eval mode) on ``split``'s valid or test users."""
+def model_user_ranks(model: DomainModel | Sequence[DomainModel], split: DomainSplit, which: str) -> torch.Tensor:
+    """Each evaluated user's full-catalogue rank of its ``which`` target [U] under ``model``
+    (put in eval mode), or under the average of several models' scores (:func:`averaged_scorer`)."""
+    models = [model] if isinstance(model, DomainModel) else list(model)
+    return user_ranks(averaged_scorer(models), split, which, max_len=models[0].max_len)
+
+
+def ranking_metrics(model: DomainModel | Sequence[DomainModel], split: DomainSplit, which: str) -> dict[str, float]:
+    """Full-catalogue ranking metrics of ``model`` (or of several models' averaged scores) on ``split``'s valid or test users."""
     return metrics_from_ranks(model_user_ranks(model, split, which))
 
 

@@ -2,7 +2,8 @@
 
     python -m simulations.experiments [--scenario simulations/scenarios/scientific-office.toml]
         [--rounds 3] [--local-epochs 1] [--epsilons 8 3 1] [--finetune-epsilons 8] [--recipe-epochs 40]
-        [--recipe-minutes 12] [--pooled-minutes 15] [--no-personal-mix] [--proximal-mu 1] [--out runs/experiments]
+        [--recipe-minutes 12] [--pooled-minutes 15] [--no-personal-mix] [--proximal-mu 1] [--finetune-seeds 4]
+        [--out runs/experiments]
 
 ``federated, no DP, personal mix`` is the same federation with ``personal-mix =
 "valid"``: each partner mixes the global adapter with its own by validation NDCG@10.
@@ -19,7 +20,7 @@ binds makes the result depend on the machine's load). ``+ fine-tune`` is ``fedxr
 (:mod:`client.finetune`) on each partner's state folder: that same recipe started
 from the partner's final federated model (the global adapter it kept, its private
 head and prior); nothing of it is sent, so it spends none of the federation's
-budget. ``pooled`` is the centralised, non-private upper bound
+budget (``--finetune-seeds N``: N such fine-tunes averaged, a seed ensemble). ``pooled`` is the centralised, non-private upper bound
 (``fedxrec train --mode pooled``). The cold-start part is :mod:`simulations.coldstart`
 on ``--coldstart-scenario``. Each federation's row also gives its change against
 ``local`` with the 95 % interval of the paired difference, user by user on the same
@@ -49,9 +50,12 @@ from simulations.common import machine, write_report
 from simulations.federations import federate, metrics_row, one_partner_scenario, recipe_alone, test_row, zero_shot
 
 
-def finetune(run: Path, specs: list[PartnerSpec], config: TrainConfig, *, mode: str = "recipe") -> dict[str, dict[str, Any]]:
+def finetune(
+    run: Path, specs: list[PartnerSpec], config: TrainConfig, *, mode: str = "recipe", seeds: int = 1
+) -> dict[str, dict[str, Any]]:
     """``fedxrec finetune`` on each partner's state folder: its final federated model
-    (the global adapter it kept, its private head and prior), then the full recipe."""
+    (the global adapter it kept, its private head and prior), then the full recipe
+    (``seeds`` > 1: that many, kept as a seed ensemble when it wins on valid)."""
     out = {}
     for spec in specs:
         tuned = partner_finetune(
@@ -62,6 +66,7 @@ def finetune(run: Path, specs: list[PartnerSpec], config: TrainConfig, *, mode: 
             domain=spec.name,
             max_users=spec.max_users,
             mode=mode,
+            seeds=seeds,
             log=lambda _: None,
         )
         out[spec.name] = metrics_row(tuned["fine-tuned"]["test"])
@@ -175,6 +180,9 @@ def main() -> None:
         help="fedxrec finetune's --mode for the fine-tune rows (default: recipe, the mode of README's Scientific/office tables)",
     )
     parser.add_argument(
+        "--finetune-seeds", type=int, default=1, help="fedxrec finetune's --seeds for the fine-tune rows (a seed ensemble; default: 1)"
+    )
+    parser.add_argument(
         "--personal-mix",
         action=argparse.BooleanOptionalAction,
         default=True,
@@ -217,12 +225,14 @@ def main() -> None:
     if args.proximal_mu:
         federation(f"federated, no DP, {prox}", "federated-nodp-prox", dp=False, **{"proximal-mu": args.proximal_mu})
     if args.recipe_minutes:
-        results["federated, no DP + fine-tune"] = finetune(out / "federated-nodp", specs, recipe, mode=args.finetune_mode)
+        results["federated, no DP + fine-tune"] = finetune(
+            out / "federated-nodp", specs, recipe, mode=args.finetune_mode, seeds=args.finetune_seeds
+        )
     for eps in args.epsilons:
         key = f"federated DP eps={eps:g}"
         dp_rows = federation(key, f"federated-dp-{eps:g}", dp=True, **{"target-epsilon": eps})
         if args.recipe_minutes and (args.finetune_epsilons is None or eps in args.finetune_epsilons):
-            tuned = finetune(out / f"federated-dp-{eps:g}", specs, recipe, mode=args.finetune_mode)
+            tuned = finetune(out / f"federated-dp-{eps:g}", specs, recipe, mode=args.finetune_mode, seeds=args.finetune_seeds)
             results[f"{key} + fine-tune"] = {d: {**tuned[d], "epsilon": dp_rows[d]["epsilon"]} for d in tuned}
         if args.proximal_mu:
             federation(f"{key}, {prox}", f"federated-dp-{eps:g}-prox", dp=True, **{"target-epsilon": eps, "proximal-mu": args.proximal_mu})

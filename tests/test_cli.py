@@ -2,13 +2,23 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
+from safetensors.torch import load_file
 
 from shared.cli import main
+from shared.data.readers import read_domain
+from shared.data.split import split_domain
+from shared.encoder import TextEncoder
+from shared.evaluation import pad_histories
+from shared.pipeline import ModelConfig, load_domain_model, save_domain_model, write_model_index
+from shared.training import DomainRun
 
 TRAIN_FAST = ["--epochs", "2", "--moe-dim", "16", "--moe-n-experts", "2", "--head-n-layers", "1", "--batch-size", "64"]
 METRICS = {"recall@10", "ndcg@10", "recall@20", "ndcg@20", "recall@50", "ndcg@50", "mrr"}
@@ -103,3 +113,54 @@ def test_usage_errors_are_one_line(synthetic: list[Path], tmp_path: Path, capsys
     assert "--data" in capsys.readouterr().err
     assert main(["recommend", "--model", str(tmp_path), "--history", "1"]) == 2
     assert "model.json not found" in capsys.readouterr().err
+
+
+def test_a_seed_ensemble_saves_each_member_and_recommends_by_their_mean(
+    synthetic: list[Path], tiny_encoder: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "run"
+    assert main(["train", "--data", str(synthetic[0]), "--out", str(out), "--encoder", str(tiny_encoder), *TRAIN_FAST]) == 0
+    encoder = TextEncoder(tiny_encoder)
+    index = json.loads((out / "model" / "model.json").read_text())
+    assert index["members"] == 1
+    config = ModelConfig.from_dict(index["model"])
+    split = split_domain(read_domain(synthetic[0]))
+    first = load_domain_model(out / "model", encoder=encoder).members[0]
+    second = copy.deepcopy(first)
+    with torch.no_grad():
+        for p in second.parameters():
+            p.add_(0.1 * torch.randn_like(p))  # another member: other weights, same catalogue
+
+    ensemble = tmp_path / "ensemble"
+    save_domain_model(ensemble / "books", [DomainRun(split, first), DomainRun(split, second)], config)
+    write_model_index(ensemble, mode="finetune", config=config, encoder=encoder, domains=["books"], data=[synthetic[0]], members=2)
+    assert sorted(p.name for p in (ensemble / "books").iterdir()) == ["items.tsv", "member-0", "member-1"]
+    loaded = load_domain_model(ensemble, encoder=encoder)
+    assert len(loaded.members) == 2
+    seqs, lengths = pad_histories([split.history(u, "test") for u in split.eval_users("test")[:4]], loaded.max_len)
+    mean = (first.score_all(seqs, lengths) + second.score_all(seqs, lengths)) / 2
+    assert torch.allclose(loaded.scores(seqs, lengths), mean, atol=1e-5)
+
+    # save -> load -> save keeps every member's weights
+    again = tmp_path / "again"
+    save_domain_model(again / "books", [DomainRun(split, m) for m in loaded.members], config)
+    for k in (0, 1):
+        for name in ("adapter.safetensors", "head.safetensors"):
+            saved, resaved = (
+                load_file(str(ensemble / "books" / f"member-{k}" / name)),
+                load_file(str(again / "books" / f"member-{k}" / name)),
+            )
+            assert saved.keys() == resaved.keys() and all(torch.equal(saved[key], resaved[key]) for key in saved)
+
+    capsys.readouterr()
+    assert main(["recommend", "--model", str(ensemble), "--history", *loaded.item_ids[:3], "-k", "3", "--json"]) == 0
+    top = [r["item_id"] for r in json.loads(capsys.readouterr().out)]
+    history = pad_histories([np.arange(1, 4)], loaded.max_len)
+    scores = (first.score_all(*history) + second.score_all(*history))[0] / 2
+    scores[:3] = float("-inf")  # the history, left out by default
+    assert top == [loaded.item_ids[i] for i in torch.topk(scores, 3).indices.tolist()]
+
+    (ensemble / "books" / "member-1" / "head.safetensors").unlink()
+    assert main(["recommend", "--model", str(ensemble), "--history", loaded.item_ids[0]]) == 2
+    err = capsys.readouterr().err
+    assert str(ensemble / "books" / "member-1" / "head.safetensors") in err and "names 2 member(s)" in err

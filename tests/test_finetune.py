@@ -17,7 +17,9 @@ from client.client_app import evaluate, train
 from shared.cli import main
 from shared.federation import wire
 from shared.federation.adapter import initial_adapter
+from shared.federation.scenario import PartnerSpec
 from shared.pipeline import load_domain_model
+from shared.training import ranking_metrics
 from tests.test_federation import ENCODER_DIM, context, message, settings_for
 
 FAST = ["--epochs", "2", "--batch-size", "64"]
@@ -92,7 +94,7 @@ def test_finetune_continue_trains_the_adapter_and_prior_and_keeps_the_head(tmp_p
     assert main(["finetune", "--mode", "continue", "--state-dir", str(folder), "--data", str(data), "--out", str(out), *FAST]) == 0
     result = json.loads((out / "metrics.json").read_text())
     assert result["federated"]["test"]["ndcg@10"] == pytest.approx(evaluated["test-ndcg@10"])
-    loaded = load_domain_model(out / "model").model
+    loaded = load_domain_model(out / "model").members[0]
     head = partner.PartnerState.load(folder).head
     assert head is not None
     saved = loaded.state_dict()
@@ -101,3 +103,30 @@ def test_finetune_continue_trains_the_adapter_and_prior_and_keeps_the_head(tmp_p
     kept = load_file(str(folder / partner.GLOBAL_ADAPTER))
     if result["fine-tuned"]["valid"]["ndcg@10"] > result["federated"]["valid"]["ndcg@10"]:  # an epoch beat the start
         assert any(not torch.equal(saved[f"adapter.{k}"], v) for k, v in kept.items())
+
+
+@pytest.mark.slow
+def test_finetune_seeds_keeps_the_ensemble_or_its_best_member_by_valid_and_serves_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    folder, data, _ = federate_one_round(tmp_path)
+    out = tmp_path / "ensemble"
+    args = ["finetune", "--mode", "recipe", "--seeds", "3", "--seed", "5", "--state-dir", str(folder), "--data", str(data)]
+    assert main([*args, "--out", str(out), *FAST]) == 0
+    result = json.loads((out / "metrics.json").read_text())
+    assert [s["seed"] for s in result["seeds"]] == [5, 6, 7] and result["mode"] == "recipe"
+    best = max(result["seeds"], key=lambda s: s["valid"]["ndcg@10"])
+    ensemble_wins = result["ensemble"]["valid"]["ndcg@10"] >= best["valid"]["ndcg@10"]
+    assert result["kept"] == ("ensemble" if ensemble_wins else f"seed {best['seed']}")
+    assert result["fine-tuned"] == (result["ensemble"] if ensemble_wins else {w: best[w] for w in ("valid", "test")})
+    assert "ensemble" in capsys.readouterr().out
+
+    # what 'fedxrec recommend' serves scores as the kept metrics say
+    loaded = load_domain_model(out / "model")
+    assert len(loaded.members) == json.loads((out / "model" / "model.json").read_text())["members"] == (3 if ensemble_wins else 1)
+    own = partner.partner_data(PartnerSpec(data.name, data), max_len=partner.HEAD.max_len)
+    for which in ("valid", "test"):
+        assert ranking_metrics(loaded.members, own.split, which) == pytest.approx(result["fine-tuned"][which])
+
+    assert main([*args, "--seeds", "0", "--out", str(tmp_path / "x")]) == 2
+    assert "--seeds must be >= 1" in capsys.readouterr().err

@@ -1,4 +1,4 @@
-"""The non-DP training loop: learning-rate halving and early stopping."""
+"""The non-DP training loop (learning-rate halving, early stopping) and scoring by several models' mean."""
 
 from __future__ import annotations
 
@@ -9,11 +9,12 @@ import torch
 from torch.nn import functional as F
 
 from shared.data.readers import read_domain
-from shared.data.split import split_domain
+from shared.data.split import DomainSplit, split_domain
+from shared.evaluation import metrics_from_ranks, pad_histories, user_ranks
 from shared.model.adapters import MoEAdapter, MoEAdapterConfig
 from shared.model.head import HeadConfig
 from shared.model.recommender import DomainModel, ItemFeatures
-from shared.training import DomainRun, TrainConfig, train
+from shared.training import DomainRun, TrainConfig, averaged_scorer, ranking_metrics, train
 
 
 def test_lr_halves_after_stale_epochs_and_training_stops_at_patience(synthetic: list[Path], monkeypatch: pytest.MonkeyPatch) -> None:
@@ -33,3 +34,38 @@ def test_lr_halves_after_stale_epochs_and_training_stops_at_patience(synthetic: 
     assert [h["epoch"] for h in history] == [0, 1, 2, 3, 4, 5]  # 4 stale epochs after the best (1)
     assert [line for line in lines if "halved" in line] == ["learning rate halved to 5.00e-04", "learning rate halved to 2.50e-04"]
     assert lines[-1] == "best epoch 1 (mean valid NDCG@10 0.2000)"
+
+
+def small_model(split: DomainSplit, seed: int) -> DomainModel:
+    torch.manual_seed(seed)
+    vectors = F.normalize(torch.randn(split.n_items + 1, 16, generator=torch.Generator().manual_seed(0)), dim=-1)
+    return DomainModel(
+        adapter=MoEAdapter(16, MoEAdapterConfig(n_experts=2, dim=8)),
+        features=ItemFeatures(vectors=vectors),
+        head_config=HeadConfig(n_layers=1, max_len=8),
+        item_counts=torch.as_tensor(split.item_popularity()),
+    )
+
+
+def test_several_models_rank_by_the_mean_of_their_scores(synthetic: list[Path]) -> None:
+    split = split_domain(read_domain(synthetic[0]))
+    a, b = small_model(split, 0), small_model(split, 1)
+    a.eval(), b.eval()
+    seqs, lengths = pad_histories([split.history(u, "test") for u in split.eval_users("test")[:5]], 8)
+    mean = (a.score_all(seqs, lengths) + b.score_all(seqs, lengths)) / 2  # [5, N]
+    assert torch.allclose(averaged_scorer([a, b])(seqs, lengths), mean)
+    assert not torch.allclose(mean, a.score_all(seqs, lengths))  # two different members
+    for which in ("valid", "test"):
+        by_hand = user_ranks(lambda s, n: (a.score_all(s, n) + b.score_all(s, n)) / 2, split, which, max_len=8)
+        assert ranking_metrics([a, b], split, which) == pytest.approx(metrics_from_ranks(by_hand))
+    assert ranking_metrics([a], split, "test") == ranking_metrics(a, split, "test")
+
+    bigger = DomainModel(
+        adapter=MoEAdapter(16, MoEAdapterConfig(n_experts=2, dim=8)),
+        features=ItemFeatures(vectors=torch.randn(split.n_items + 6, 16)),
+        head_config=HeadConfig(n_layers=1, max_len=8),
+    )
+    with pytest.raises(ValueError, match="different catalogues"):
+        averaged_scorer([a, bigger])
+    with pytest.raises(ValueError, match="at least one model"):
+        averaged_scorer([])

@@ -19,6 +19,7 @@ from __future__ import annotations
 import csv
 import json
 import resource
+import shutil
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -250,17 +251,22 @@ def save_domain_model(folder: Path, run: DomainRun | Sequence[DomainRun], config
     if not runs or len({r.split.name for r in runs}) != 1:
         raise ValueError(f"save_domain_model saves one domain's model(s); got domains {[r.split.name for r in runs]}")
     folder.mkdir(parents=True, exist_ok=True)
+    # a model saved here before (one model, or another number of members) must not leave weights behind
+    for stale in folder.glob("member-*"):
+        shutil.rmtree(stale)
+    for name in ("adapter.safetensors", "head.safetensors"):
+        (folder / name).unlink(missing_ok=True)
     for k, r in enumerate(runs):
         weights = folder if len(runs) == 1 else member_folder(folder, k)
         weights.mkdir(exist_ok=True)
         save_adapter(r.model.adapter, weights / "adapter.safetensors", config=config.adapter)
         head = {key: v.detach().contiguous() for key, v in r.model.state_dict().items() if not key.startswith("adapter.")}
         save_file(head, str(weights / "head.safetensors"))
-    run = runs[0]
+    split = runs[0].split
     with (folder / "items.tsv").open("w", newline="", encoding="utf-8") as fh:
         w = csv.writer(fh, delimiter="\t")
         w.writerow(["index", "item_id", "text"])
-        for i, (item, text) in enumerate(zip(run.split.item_ids, run.split.item_texts, strict=True), start=1):
+        for i, (item, text) in enumerate(zip(split.item_ids, split.item_texts, strict=True), start=1):
             w.writerow([i, item, text])
 
 

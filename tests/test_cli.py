@@ -141,9 +141,11 @@ def test_a_seed_ensemble_saves_each_member_and_recommends_by_their_mean(
     mean = (first.score_all(seqs, lengths) + second.score_all(seqs, lengths)) / 2
     assert torch.allclose(loaded.scores(seqs, lengths), mean, atol=1e-5)
 
-    # save -> load -> save keeps every member's weights
+    # save -> load -> save keeps every member's weights; a model saved over another leaves none of its weights
     again = tmp_path / "again"
+    save_domain_model(again / "books", DomainRun(split, first), config)
     save_domain_model(again / "books", [DomainRun(split, m) for m in loaded.members], config)
+    assert sorted(p.name for p in (again / "books").iterdir()) == ["items.tsv", "member-0", "member-1"]
     for k in (0, 1):
         for name in ("adapter.safetensors", "head.safetensors"):
             saved, resaved = (

@@ -23,6 +23,7 @@ import shutil
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +35,7 @@ from shared.data.readers import read_domain
 from shared.data.split import DomainSplit, split_domain
 from shared.data.tables import DomainData
 from shared.encoder import TextEncoder
-from shared.evaluation import baselines
+from shared.evaluation import Scorer, baselines
 from shared.model.adapters import (
     AdapterConfig,
     LoraAdapter,
@@ -280,9 +281,11 @@ class LoadedModel:
     def max_len(self) -> int:
         return self.members[0].max_len
 
-    def scores(self, seqs: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        """Every catalogue item's score [B, N] for histories [B, L]: the members' average."""
-        return averaged_scorer(self.members)(seqs, lengths)
+    @cached_property
+    def scores(self) -> Scorer:
+        """Every catalogue item's score [B, N] for histories [B, L]: the members' average
+        (each member's catalogue vectors computed once, on first use)."""
+        return averaged_scorer(self.members)
 
 
 def load_domain_model(
@@ -322,10 +325,10 @@ def load_domain_model(
     weights = [folder] if n_members == 1 else [member_folder(folder, k) for k in range(n_members)]
     members = []
     for w in weights:
-        model = build_model(prepared, config, adapter=new_adapter(config, encoder), encoder=encoder)
         for name in ("adapter.safetensors", "head.safetensors"):
             if not (w / name).is_file():
                 raise FileNotFoundError(f"{w / name} not found: {meta_path} names {n_members} member(s) of {domain!r}")
+        model = build_model(prepared, config, adapter=new_adapter(config, encoder), encoder=encoder)
         load_adapter(model.adapter, w / "adapter.safetensors")
         head = load_file(str(w / "head.safetensors"))
         missing, unexpected = model.load_state_dict(head, strict=False)

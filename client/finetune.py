@@ -29,13 +29,12 @@ import torch
 
 from client import partner
 from client.local_training import freeze_untrained
-from shared.data.split import DomainSplit
 from shared.federation.adapter import adapter_config
 from shared.federation.scenario import PartnerSpec
 from shared.federation.settings import FederationSettings
 from shared.pipeline import ModelConfig, save_domain_model, write_model_index
 from shared.privacy.item_counts import user_weighted_counts
-from shared.training import DomainRun, TrainConfig, evaluate_model, ranking_metrics, seed_everything, train
+from shared.training import DomainRun, TrainConfig, evaluate_model, keep_ensemble_or_best, seed_everything, train
 
 FINETUNE_MODES = ("best", "recipe", "continue")
 
@@ -175,7 +174,7 @@ def finetune(
             chosen, settings=settings, own=own, arrays=arrays, head=state.head, config=dataclasses.replace(config, seed=seed), log=log
         )
         members.append((seed, member, {w: evaluate_model(member, w) for w in ("valid", "test")}))
-    kept, after, ensemble, kept_label = _keep_ensemble_or_member(members, own.split, log=log)
+    kept, after, ensemble, kept_label = keep_ensemble_or_best(members, own.split, log=log)
 
     model_config = ModelConfig(adapter=adapter_config(settings), head=partner.HEAD, private_residual=settings.private_residual)
     model_dir = out / "model"
@@ -203,30 +202,6 @@ def finetune(
         "kept": kept_label,
         "from": source,
     }
-
-
-Metrics = dict[str, dict[str, float]]
-
-
-def _keep_ensemble_or_member(
-    members: list[tuple[int, DomainRun, Metrics]], split: DomainSplit, *, log: Callable[[str], None]
-) -> tuple[list[DomainRun], Metrics, Metrics | None, str]:
-    """(the runs to save, their valid/test metrics, the ensemble's metrics or None for one seed, "ensemble" or "seed S"):
-    the averaged scores of all members, or the best member, whichever has the higher valid NDCG@10."""
-    seed, run, metrics = max(members, key=lambda m: m[2]["valid"]["ndcg@10"])  # ties: the first seed
-    if len(members) == 1:
-        return [run], metrics, None, f"seed {seed}"
-    runs = [r for _, r, _ in members]
-    ensemble = {w: ranking_metrics([r.model for r in runs], split, w) for w in ("valid", "test")}
-    keep_all = ensemble["valid"]["ndcg@10"] >= metrics["valid"]["ndcg@10"]
-    each = ", ".join(f"{s} {m['valid']['ndcg@10']:.4f}" for s, _, m in members)
-    log(
-        f"valid NDCG@10: seeds {each}; their averaged scores {ensemble['valid']['ndcg@10']:.4f}: kept "
-        + (f"the ensemble of {len(runs)}" if keep_all else f"seed {seed} alone")
-    )
-    if keep_all:
-        return runs, ensemble, ensemble, "ensemble"
-    return [run], metrics, ensemble, f"seed {seed}"
 
 
 def _train_mode(

@@ -9,14 +9,17 @@ Saved model layout (what ``fedxrec recommend`` loads)::
     OUT/model/<domain>/head.safetensors      the private head (+ item-id residual)
     OUT/model/<domain>/items.tsv             the catalogue: index, item id, text
 
-A seed ensemble (``fedxrec finetune --seeds N``, model.json ``"members": N``)
-keeps each member's two weight files in ``<domain>/member-<k>/`` (k = 0..N-1)
-beside the one ``items.tsv``; it recommends by the members' averaged scores.
+A seed ensemble (``fedxrec train --seeds N`` or ``fedxrec finetune --seeds N``;
+model.json ``"members"``: N, or ``{domain: N}`` where domains kept different
+numbers) keeps each member's two weight files in ``<domain>/member-<k>/``
+(k = 0..N-1) beside the one ``items.tsv``; it recommends by the members'
+averaged scores.
 """
 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import resource
 import shutil
@@ -49,7 +52,16 @@ from shared.model.adapters import (
 )
 from shared.model.head import HeadConfig
 from shared.model.recommender import DomainModel, ItemFeatures
-from shared.training import DomainRun, TrainConfig, averaged_scorer, evaluate_model, seed_everything, train
+from shared.training import (
+    DomainRun,
+    Metrics,
+    TrainConfig,
+    averaged_scorer,
+    evaluate_model,
+    keep_ensemble_or_best,
+    seed_everything,
+    train,
+)
 from shared.vector_cache import CacheStats, VectorCache, encode_texts
 
 
@@ -146,11 +158,23 @@ def train_and_evaluate(
     train_config: TrainConfig | None = None,
     encoder: TextEncoder | None = None,
     cache: VectorCache | None = None,
+    seeds: int = 1,
     log: Any = print,
 ) -> dict[str, dict[str, dict[str, float]]]:
-    """Trains (``local``: each domain alone; ``pooled``: one shared adapter), evaluates, saves."""
+    """Trains (``local``: each domain alone; ``pooled``: one shared adapter), evaluates, saves;
+    returns each domain's valid/test metrics.
+
+    ``seeds`` > 1: a seed ensemble. The whole training is repeated with seeds
+    ``train_config.seed`` .. ``+ seeds - 1`` (each repeat is exactly a one-seed run
+    with that seed), and each domain keeps the average of its models' scores or its
+    best model alone, whichever has the higher valid NDCG@10
+    (:func:`shared.training.keep_ensemble_or_best`); ``report.json`` holds every
+    seed's metrics under ``"seeds"``. The counterpart of ``fedxrec finetune
+    --seeds``, so that training alone can be compared with the same averaging."""
     if mode not in ("local", "pooled"):
         raise ValueError(f"--mode must be 'local' or 'pooled', got {mode!r}")
+    if seeds < 1:
+        raise ValueError(f"seeds must be >= 1, got {seeds}")
     mcfg = model_config or ModelConfig()
     tcfg = train_config or TrainConfig()
     out = Path(out)
@@ -168,31 +192,55 @@ def train_and_evaluate(
             f"{d.split.name}: {len(d.split.users)} users, {d.split.n_items} items; encoder cache hit rate {d.cache.hit_rate:.0%} ({d.cache.encoded} texts encoded)"
         )
 
-    seed_everything(tcfg.seed)
-    groups: list[list[PreparedDomain]] = [domains] if mode == "pooled" else [[d] for d in domains]
-    runs_by_group = []
-    for group in groups:
-        adapter = new_adapter(mcfg, encoder)
-        runs_by_group.append([DomainRun(d.split, build_model(d, mcfg, adapter=adapter, encoder=encoder)) for d in group])
-
     base = {d.split.name: baselines(d.split, d.vectors, max_len=mcfg.head.max_len) for d in domains}
+    seed_list = list(range(tcfg.seed, tcfg.seed + seeds))
+    members: dict[str, list[tuple[int, DomainRun, Metrics]]] = {name: [] for name in names}
     epoch0: dict[str, dict[str, float]] = {}
-    histories = []
+    histories: list[list[dict[str, object]]] = []
     t1 = time.monotonic()
-    for runs in runs_by_group:
-        for r in runs:
-            epoch0[r.split.name] = evaluate_model(r, "test")
-        histories.append(train(runs, tcfg, log=log))
+    for seed in seed_list:
+        if seeds > 1:
+            log(f"seed {seed} ({seed - tcfg.seed + 1} of {seeds}):")
+        # each seed is the whole of a one-seed 'fedxrec train --seed S', so a member is reproducible alone
+        seed_everything(seed)
+        groups: list[list[PreparedDomain]] = [domains] if mode == "pooled" else [[d] for d in domains]
+        runs_by_group = []
+        for group in groups:
+            adapter = new_adapter(mcfg, encoder)
+            runs_by_group.append([DomainRun(d.split, build_model(d, mcfg, adapter=adapter, encoder=encoder)) for d in group])
+        for runs in runs_by_group:
+            if seed == tcfg.seed:
+                for r in runs:
+                    epoch0[r.split.name] = evaluate_model(r, "test")
+            histories.append(train(runs, dataclasses.replace(tcfg, seed=seed), log=log))
+            for r in runs:
+                members[r.split.name].append((seed, r, {w: evaluate_model(r, w) for w in ("valid", "test")}))
     train_seconds = time.monotonic() - t1
 
     metrics: dict[str, dict[str, dict[str, float]]] = {}
-    for runs in runs_by_group:
-        for r in runs:
-            metrics[r.split.name] = {"valid": evaluate_model(r, "valid"), "test": evaluate_model(r, "test")}
-            save_domain_model(out / "model" / r.split.name, r, mcfg)
-    adapter_params = n_parameters(runs_by_group[0][0].model.adapter)
+    ensembles: dict[str, dict[str, Any]] = {}
+    for d in domains:
+        name = d.split.name
+        kept, metrics[name], ensemble, label = keep_ensemble_or_best(members[name], d.split, log=log)
+        save_domain_model(out / "model" / name, kept, mcfg)
+        ensembles[name] = {
+            "seeds": [{"seed": seed, **m} for seed, _, m in members[name]],
+            "ensemble": ensemble,
+            "kept": label,
+            "members": len(kept),
+        }
+    adapter_params = n_parameters(members[names[0]][0][1].model.adapter)
+    kept_members = {name: e["members"] for name, e in ensembles.items()}
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    write_model_index(out / "model", mode=mode, config=mcfg, encoder=encoder, domains=names, data=data_paths)
+    write_model_index(
+        out / "model",
+        mode=mode,
+        config=mcfg,
+        encoder=encoder,
+        domains=names,
+        data=data_paths,
+        members=kept_members if len(set(kept_members.values())) > 1 else kept_members[names[0]],
+    )
     report = {
         "mode": mode,
         "model": mcfg.to_dict(),
@@ -204,6 +252,7 @@ def train_and_evaluate(
         "baselines": base,
         "epoch0_test": epoch0,
         "metrics": metrics,
+        "seeds": ensembles if seeds > 1 else None,
         "history": histories,
         "seconds": {"prepare": round(prep_seconds, 1), "train": round(train_seconds, 1), "total": round(time.monotonic() - t0, 1)},
         "peak_memory_mb": round(peak_memory_mb(), 1),
@@ -222,11 +271,12 @@ def write_model_index(
     encoder: TextEncoder,
     domains: list[str],
     data: Sequence[str | Path],
-    members: int = 1,
+    members: int | dict[str, int] = 1,
     **extra: Any,
 ) -> None:
     """``model.json``: what :func:`load_domain_model` needs to rebuild the saved domains' models
-    (``members``: how many models each domain's folder holds, a seed ensemble's size)."""
+    (``members``: how many models each domain's folder holds, a seed ensemble's size; one number
+    for every domain, or one per domain)."""
     index = {
         "mode": mode,
         "model": config.to_dict(),
@@ -321,7 +371,8 @@ def load_domain_model(
     vectors, _ = encode_texts(texts, encoder=encoder, cache=cache if cache is not None else VectorCache(), progress=True)
     split = DomainSplit(domain, item_ids, texts, [], [], np.zeros(0, np.int64), np.zeros(0, np.int64))
     prepared = PreparedDomain(None, split, np.concatenate([np.zeros((1, vectors.shape[1]), np.float32), vectors]), CacheStats())  # type: ignore[arg-type]
-    n_members = int(meta.get("members", 1))
+    members_by_domain = meta.get("members", 1)  # models saved before ensembles have none
+    n_members = int(members_by_domain[domain] if isinstance(members_by_domain, dict) else members_by_domain)
     weights = [folder] if n_members == 1 else [member_folder(folder, k) for k in range(n_members)]
     members = []
     for w in weights:

@@ -117,6 +117,34 @@ def evaluate_model(run: DomainRun, which: str) -> dict[str, float]:
     return ranking_metrics(run.model, run.split, which)
 
 
+Metrics = dict[str, dict[str, float]]  # {"valid": {...}, "test": {...}}
+
+
+def keep_ensemble_or_best(
+    members: Sequence[tuple[int, DomainRun, Metrics]], split: DomainSplit, *, log: Callable[[str], None] = print
+) -> tuple[list[DomainRun], Metrics, Metrics | None, str]:
+    """Which of one domain's seed runs ``(seed, run, metrics)`` to keep: all of them, recommending by their
+    averaged scores (:func:`averaged_scorer`), or the best one alone, whichever has the higher valid NDCG@10
+    (ties: the ensemble; between members, the first seed). Chosen on valid users only, so test stays unseen.
+
+    Returns (the runs to save, their valid/test metrics, the ensemble's metrics or None for one seed,
+    ``"ensemble"`` or ``"seed S"``)."""
+    seed, run, metrics = max(members, key=lambda m: m[2]["valid"]["ndcg@10"])
+    if len(members) == 1:
+        return [run], metrics, None, f"seed {seed}"
+    runs = [r for _, r, _ in members]
+    ensemble = {w: ranking_metrics([r.model for r in runs], split, w) for w in ("valid", "test")}
+    keep_all = ensemble["valid"]["ndcg@10"] >= metrics["valid"]["ndcg@10"]
+    each = ", ".join(f"{s} {m['valid']['ndcg@10']:.4f}" for s, _, m in members)
+    log(
+        f"{split.name}: valid NDCG@10 of seeds {each}; of their averaged scores {ensemble['valid']['ndcg@10']:.4f}: kept "
+        + (f"the ensemble of {len(runs)}" if keep_all else f"seed {seed} alone")
+    )
+    if keep_all:
+        return runs, ensemble, ensemble, "ensemble"
+    return [run], metrics, ensemble, f"seed {seed}"
+
+
 def train(runs: list[DomainRun], config: TrainConfig, *, log: Callable[[str], None] = print) -> list[dict[str, object]]:
     """Trains all ``runs`` together; returns one history record per epoch (epoch 0 = untrained)."""
     keep_freed_memory()

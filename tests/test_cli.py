@@ -18,7 +18,7 @@ from shared.data.split import split_domain
 from shared.encoder import TextEncoder
 from shared.evaluation import pad_histories
 from shared.pipeline import ModelConfig, load_domain_model, save_domain_model, write_model_index
-from shared.training import DomainRun
+from shared.training import DomainRun, ranking_metrics
 
 TRAIN_FAST = ["--epochs", "2", "--moe-dim", "16", "--moe-n-experts", "2", "--head-n-layers", "1", "--batch-size", "64"]
 METRICS = {"recall@10", "ndcg@10", "recall@20", "ndcg@20", "recall@50", "ndcg@50", "mrr"}
@@ -106,6 +106,50 @@ def test_train_local_writes_one_model_per_domain(synthetic: list[Path], tiny_enc
         == 0
     )
     assert sorted(p.name for p in (out / "model").iterdir() if p.is_dir()) == ["books", "games"]
+
+
+def test_train_seeds_keeps_each_domains_ensemble_or_best_seed_and_each_seed_is_a_one_seed_run(
+    synthetic: list[Path], tiny_encoder: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = [a for p in synthetic[:2] for a in ("--data", str(p))]
+    common = ["train", *data, "--encoder", str(tiny_encoder), *TRAIN_FAST]
+    out = tmp_path / "ensemble"
+    assert main([*common, "--seeds", "2", "--seed", "3", "--out", str(out)]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    seeds = json.loads((out / "report.json").read_text())["seeds"]
+    index = json.loads((out / "model" / "model.json").read_text())
+    encoder = TextEncoder(tiny_encoder)
+    for path in synthetic[:2]:
+        name = path.name
+        run = seeds[name]
+        assert [s["seed"] for s in run["seeds"]] == [3, 4]
+        best = max(run["seeds"], key=lambda s: s["valid"]["ndcg@10"])
+        ensemble_wins = run["ensemble"]["valid"]["ndcg@10"] >= best["valid"]["ndcg@10"]
+        assert run["kept"] == ("ensemble" if ensemble_wins else f"seed {best['seed']}")
+        assert metrics[name] == (run["ensemble"] if ensemble_wins else {w: best[w] for w in ("valid", "test")})
+        saved = index["members"][name] if isinstance(index["members"], dict) else index["members"]
+        assert saved == run["members"] == (2 if ensemble_wins else 1)
+        # what 'fedxrec recommend' loads scores as metrics.json says
+        loaded = load_domain_model(out / "model", name, encoder=encoder)
+        split = split_domain(read_domain(path))
+        assert ranking_metrics(loaded.members, split, "test") == pytest.approx(metrics[name]["test"])
+    assert "kept" in capsys.readouterr().out
+    # where domains keep different numbers of models, model.json holds one number per domain
+    index["members"] = {name: s["members"] for name, s in seeds.items()}
+    (out / "model" / "model.json").write_text(json.dumps(index))
+    for name, s in seeds.items():
+        assert len(load_domain_model(out / "model", name, encoder=encoder).members) == s["members"]
+
+    # seed 4 of the ensemble is exactly what a one-seed run with --seed 4 trains
+    alone = tmp_path / "seed-4"
+    assert main([*common, "--seed", "4", "--out", str(alone)]) == 0
+    for name, m in json.loads((alone / "metrics.json").read_text()).items():
+        assert m == {w: seeds[name]["seeds"][1][w] for w in ("valid", "test")}
+    assert json.loads((alone / "report.json").read_text())["seeds"] is None
+
+    capsys.readouterr()
+    assert main([*common, "--seeds", "0", "--out", str(tmp_path / "x")]) == 2
+    assert "--seeds must be >= 1" in capsys.readouterr().err
 
 
 def test_usage_errors_are_one_line(synthetic: list[Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

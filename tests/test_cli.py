@@ -108,11 +108,12 @@ def test_train_local_writes_one_model_per_domain(synthetic: list[Path], tiny_enc
     assert sorted(p.name for p in (out / "model").iterdir() if p.is_dir()) == ["books", "games"]
 
 
+@pytest.mark.parametrize("mode", ["local", "pooled"])
 def test_train_seeds_keeps_each_domains_ensemble_or_best_seed_and_each_seed_is_a_one_seed_run(
-    synthetic: list[Path], tiny_encoder: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    mode: str, synthetic: list[Path], tiny_encoder: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     data = [a for p in synthetic[:2] for a in ("--data", str(p))]
-    common = ["train", *data, "--encoder", str(tiny_encoder), *TRAIN_FAST]
+    common = ["train", *data, "--mode", mode, "--encoder", str(tiny_encoder), *TRAIN_FAST]
     out = tmp_path / "ensemble"
     assert main([*common, "--seeds", "2", "--seed", "3", "--out", str(out)]) == 0
     metrics = json.loads((out / "metrics.json").read_text())

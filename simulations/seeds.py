@@ -1,11 +1,13 @@
 """Federated without DP vs local, over several seeds: is the difference larger than the seeds'?
 
     python -m simulations.seeds [--scenario simulations/scenarios/scientific-office.toml]
-        [--seeds 0 1 2] [--rounds 3] [--local-epochs 2] [--out runs/experiments-seeds]
+        [--seeds 0 1 2] [--rounds 3] [--local-epochs 2] [--proximal-mu 1] [--out runs/experiments-seeds]
 
 The same runs as :mod:`simulations.experiments`' ``local`` and ``federated, no DP``
 rows (the real ServerApp + ClientApp in Flower's simulation engine), once per
 seed. A seed changes the initial adapter, the users' sampling and the negatives.
+With ``--proximal-mu`` each seed also runs the federation with FedProx's
+proximal term (the ``federated-nodp-prox`` row of :mod:`simulations.experiments`).
 Writes ``seeds.md`` and ``seeds.json``; a run folder that exists is resumed.
 """
 
@@ -23,14 +25,19 @@ from simulations.federations import federate, one_partner_scenario
 
 
 def table(by_seed: dict[int, dict[str, dict[str, float]]], domains: list[str]) -> list[str]:
-    lines = ["| domain | seed | local NDCG@10 | federated, no DP | change |", "|---|---|---|---|---|"]
+    """One row per domain and seed, and one with the means over the seeds; a column pair per federated arm."""
+    arms = [a for a in ("federated", "federated-prox") if all(a in r for r in by_seed.values())]
+    titles = {"federated": "federated, no DP", "federated-prox": "FedProx, no DP"}
+    lines = [
+        "| domain | seed | local NDCG@10 | " + " | ".join(f"{titles[a]} | change" for a in arms) + " |",
+        "|---|---|---|" + "---|---|" * len(arms),
+    ]
     for d in domains:
-        for seed, r in by_seed.items():
-            local, fed = r["local"][d], r["federated"][d]
-            lines.append(f"| {d} | {seed} | {local:.4f} | {fed:.4f} | {fed / local - 1:+.1%} |")
-        local_mean = float(np.mean([r["local"][d] for r in by_seed.values()]))
-        fed_mean = float(np.mean([r["federated"][d] for r in by_seed.values()]))
-        lines.append(f"| {d} | mean | {local_mean:.4f} | {fed_mean:.4f} | {fed_mean / local_mean - 1:+.1%} |")
+        rows = [(str(seed), {k: v[d] for k, v in r.items()}) for seed, r in by_seed.items()]
+        rows.append(("mean", {k: float(np.mean([r[k][d] for r in by_seed.values()])) for k in ("local", *arms)}))
+        for label, r in rows:
+            cells = " | ".join(f"{r[a]:.4f} | {r[a] / r['local'] - 1:+.1%}" for a in arms)
+            lines.append(f"| {d} | {label} | {r['local']:.4f} | {cells} |")
     return lines
 
 
@@ -41,6 +48,12 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--local-epochs", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument(
+        "--proximal-mu",
+        type=float,
+        default=0.0,
+        help="also run each seed's federation with FedProx's proximal-mu = this (0: no such column)",
+    )
     parser.add_argument("--out", default="runs/experiments-seeds")
     args = parser.parse_args()
     out, scenario = Path(args.out), Path(args.scenario)
@@ -54,8 +67,15 @@ def main() -> None:
             local[spec.name] = federate(f"local-{spec.name}-seed{seed}", alone, 1, base, out, dp=False, seed=seed)[spec.name]["ndcg@10"]
         together = federate(f"federated-nodp-seed{seed}", scenario, len(specs), base, out, dp=False, seed=seed)
         by_seed[seed] = {"local": local, "federated": {d: r["ndcg@10"] for d, r in together.items()}}
+        if args.proximal_mu:
+            prox = federate(
+                f"federated-nodp-prox-seed{seed}", scenario, len(specs), {**base, "proximal-mu": args.proximal_mu}, out, dp=False, seed=seed
+            )
+            by_seed[seed]["federated-prox"] = {d: r["ndcg@10"] for d, r in prox.items()}
     text = [
-        f"Scenario {scenario.name}: {args.rounds} rounds x {args.local_epochs} local epoch(s), batch {args.batch_size}; {machine()}",
+        f"Scenario {scenario.name}: {args.rounds} rounds x {args.local_epochs} local epoch(s), batch {args.batch_size}"
+        + (f", FedProx mu {args.proximal_mu:g}" if args.proximal_mu else "")
+        + f"; {machine()}",
         "",
         "test NDCG@10",
         "",

@@ -218,19 +218,19 @@ def train_and_evaluate(
     train_seconds = time.monotonic() - t1
 
     metrics: dict[str, dict[str, dict[str, float]]] = {}
-    ensembles: dict[str, dict[str, Any]] = {}
+    seed_report: dict[str, dict[str, Any]] = {}
     for d in domains:
         name = d.split.name
         kept, metrics[name], ensemble, label = keep_ensemble_or_best(members[name], d.split, log=log)
         save_domain_model(out / "model" / name, kept, mcfg)
-        ensembles[name] = {
+        seed_report[name] = {
             "seeds": [{"seed": seed, **m} for seed, _, m in members[name]],
             "ensemble": ensemble,
             "kept": label,
             "members": len(kept),
         }
     adapter_params = n_parameters(members[names[0]][0][1].model.adapter)
-    kept_members = {name: e["members"] for name, e in ensembles.items()}
+    kept_members = {name: e["members"] for name, e in seed_report.items()}
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     write_model_index(
         out / "model",
@@ -252,7 +252,7 @@ def train_and_evaluate(
         "baselines": base,
         "epoch0_test": epoch0,
         "metrics": metrics,
-        "seeds": ensembles if seeds > 1 else None,
+        "seeds": seed_report if seeds > 1 else None,
         "history": histories,
         "seconds": {"prepare": round(prep_seconds, 1), "train": round(train_seconds, 1), "total": round(time.monotonic() - t0, 1)},
         "peak_memory_mb": round(peak_memory_mb(), 1),
@@ -371,7 +371,7 @@ def load_domain_model(
     vectors, _ = encode_texts(texts, encoder=encoder, cache=cache if cache is not None else VectorCache(), progress=True)
     split = DomainSplit(domain, item_ids, texts, [], [], np.zeros(0, np.int64), np.zeros(0, np.int64))
     prepared = PreparedDomain(None, split, np.concatenate([np.zeros((1, vectors.shape[1]), np.float32), vectors]), CacheStats())  # type: ignore[arg-type]
-    members_by_domain = meta.get("members", 1)  # models saved before ensembles have none
+    members_by_domain = meta.get("members", 1)  # models saved before seed ensembles have none
     n_members = int(members_by_domain[domain] if isinstance(members_by_domain, dict) else members_by_domain)
     weights = [folder] if n_members == 1 else [member_folder(folder, k) for k in range(n_members)]
     members = []

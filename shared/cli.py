@@ -135,6 +135,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     from shared.pipeline import train_and_evaluate
 
     model, train = model_and_train_configs(args)
+    if args.seeds < 1:
+        raise UsageError(f"--seeds must be >= 1 (how many trainings to average), got {args.seeds}")
     for path in args.data:
         if not Path(path).is_dir():
             raise UsageError(f"--data {path}: not a folder (expected a domain's data folder)")
@@ -143,8 +145,6 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.encoder and not Path(args.encoder).is_dir():
         raise UsageError(f"--encoder {args.encoder}: not a folder (expected a transformers model folder)")
     encoder = TextEncoder(args.encoder) if args.encoder else None
-    if args.seeds < 1:
-        raise UsageError(f"--seeds must be >= 1 (how many trainings to average), got {args.seeds}")
     metrics = train_and_evaluate(
         args.data, args.out, mode=args.mode, model_config=model, train_config=train, encoder=encoder, seeds=args.seeds
     )

@@ -229,8 +229,8 @@ def train_and_evaluate(
             "kept": label,
             "members": len(kept),
         }
-    adapter_params = n_parameters(members[names[0]][0][1].model.adapter)
-    kept_members = {name: e["members"] for name, e in seed_report.items()}
+    _, first_run, _ = members[names[0]][0]
+    adapter_params = n_parameters(first_run.model.adapter)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     write_model_index(
         out / "model",
@@ -239,7 +239,7 @@ def train_and_evaluate(
         encoder=encoder,
         domains=names,
         data=data_paths,
-        members=kept_members if len(set(kept_members.values())) > 1 else kept_members[names[0]],
+        members={name: e["members"] for name, e in seed_report.items()},
     )
     report = {
         "mode": mode,
@@ -277,6 +277,8 @@ def write_model_index(
     """``model.json``: what :func:`load_domain_model` needs to rebuild the saved domains' models
     (``members``: how many models each domain's folder holds, a seed ensemble's size; one number
     for every domain, or one per domain)."""
+    if isinstance(members, dict) and len(set(members.values())) == 1:
+        members = next(iter(members.values()))  # the same for every domain: one number
     index = {
         "mode": mode,
         "model": config.to_dict(),

@@ -13,6 +13,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 
 from client import partner
+from client.private_state import newest_state, state_dir
 from shared.federation import wire
 from shared.federation.settings import settings_from_run_config
 
@@ -27,9 +28,9 @@ def _setup(msg: Message, context: Context) -> tuple[Any, ...]:
     settings = settings_from_run_config(config)
     node_config = dict(context.node_config)
     spec = partner.resolve_partner(node_config, settings)
-    folder = partner.state_dir(node_config, settings, spec)
+    folder = state_dir(node_config, settings, spec)
     blob = context.state[STATE_KEY]["blob"] if STATE_KEY in context.state else None
-    state = partner.newest_state(blob, folder)  # type: ignore[arg-type]
+    state = newest_state(blob, folder)  # type: ignore[arg-type]
     arrays = msg.content.array_records[wire.ARRAYS].to_torch_state_dict()
     return settings, server_round, spec, folder, state, arrays
 

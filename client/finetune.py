@@ -1,7 +1,7 @@
 """After the federation: a partner's local fine-tune, which never leaves the partner.
 
 The start is the partner's federated model: the last global adapter the
-coordinator sent (kept in the state folder, :func:`client.partner.keep_global_adapter`)
+coordinator sent (kept in the state folder, :func:`client.private_state.keep_global_adapter`)
 with the partner's private head and popularity prior. ``fedxrec train``'s recipe
 trains it on the partner's own data: head and adapter, full softmax, exact item
 counts, learning-rate halving and early stopping on valid NDCG@10. This is the
@@ -29,6 +29,7 @@ import torch
 
 from client import partner
 from client.local_training import freeze_untrained
+from client.private_state import GLOBAL_ADAPTER, PartnerState, catalogue_fingerprint, read_kept_adapter
 from shared.federation.adapter import adapter_config
 from shared.federation.scenario import PartnerSpec
 from shared.federation.settings import FederationSettings
@@ -64,9 +65,9 @@ def run_state_folder(state_dir: Path, run_id: str | None, *, log: Callable[[str]
     return trained[-1]
 
 
-def federated_start(state_dir: Path) -> tuple[dict[str, torch.Tensor], dict[str, str], partner.PartnerState]:
+def federated_start(state_dir: Path) -> tuple[dict[str, torch.Tensor], dict[str, str], PartnerState]:
     """The adapter of the partner's final federated model (arrays, metadata) and the private state kept in its state folder."""
-    state_file, adapter_file = state_dir / "state.pt", state_dir / partner.GLOBAL_ADAPTER
+    state_file, adapter_file = state_dir / "state.pt", state_dir / GLOBAL_ADAPTER
     problems = []
     if not state_file.is_file():
         problems.append(
@@ -79,10 +80,10 @@ def federated_start(state_dir: Path) -> tuple[dict[str, torch.Tensor], dict[str,
         )
     if problems:
         raise FileNotFoundError("; ".join(problems))
-    state = partner.PartnerState.load(state_dir)
+    state = PartnerState.load(state_dir)
     if state.head is None:
         raise ValueError(f"{state_file} holds no private head: the partner never trained a round")
-    arrays, meta = partner.read_kept_adapter(state_dir)
+    arrays, meta = read_kept_adapter(state_dir)
     assert arrays is not None  # its file was checked above
     if meta.get("kind", "moe") != "moe":
         raise ValueError(f"{adapter_file}: adapter kind {meta.get('kind')!r}; the federation's adapter is 'moe'")
@@ -141,7 +142,7 @@ def finetune(
     )
     spec = PartnerSpec(domain or data.name, data, max_users=max_users)
     own = partner.partner_data(spec, max_len=partner.HEAD.max_len)
-    if meta.get("catalogue") != partner.catalogue_fingerprint(own.split):
+    if meta.get("catalogue") != catalogue_fingerprint(own.split):
         raise ValueError(
             f"--data {data}: not the catalogue the model in {state_dir} was trained on ({meta.get('domain')!r}, "
             f"{int(meta.get('items', 0)):,} items; this folder: {own.split.name!r}, {own.split.n_items:,} items): "

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from client import partner
+from client.private_state import PartnerState, read_kept_adapter
 from server.run_folder import RunFolder
 from shared.data.split import DomainSplit
 from shared.federation.adapter import initial_adapter
@@ -47,11 +48,11 @@ def federated_model(run: Path, name: str) -> tuple[dict[str, torch.Tensor], dict
     if not folder.is_dir():
         found = sorted(p.name for p in (run / "partners").glob("*") if p.is_dir())
         raise FileNotFoundError(f"{run}: no partner {name!r} took part in this run (partners: {found})")
-    kept, meta = partner.read_kept_adapter(folder)
+    kept, meta = read_kept_adapter(folder)
     last = RunFolder(run).last_round()
     if kept is None or meta.get("round") != str(last):
         raise ValueError(f"{folder}: no adapter kept after the run's last round ({last}); was the run's evaluation cut short?")
-    return kept, partner.PartnerState.load(folder).head
+    return kept, PartnerState.load(folder).head
 
 
 def other_users(spec: PartnerSpec) -> tuple[partner.PartnerData, DomainSplit]:

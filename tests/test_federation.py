@@ -15,6 +15,7 @@ from flwr.supercore.task_identity import TaskIdentity
 from client import partner
 from client.client_app import STATE_KEY, evaluate, train
 from client.finetune import federated_start
+from client.private_state import PartnerState, newest_state
 from server.run_folder import RunFolder
 from shared.federation import wire
 from shared.federation.adapter import initial_adapter
@@ -92,20 +93,20 @@ def test_a_restarted_partner_keeps_its_spent_epsilon(tmp_path: Path) -> None:
     second = train(message(MessageType.TRAIN, first.content[wire.ARRAYS].to_torch_state_dict(), settings, 2), context())
     metrics = dict(second.content[wire.METRICS])
     assert metrics["epsilon"] > spent
-    state = partner.PartnerState.load(tmp_path / "test" / "partners" / "books")
+    state = PartnerState.load(tmp_path / "test" / "partners" / "books")
     counts, *training = state.accountant["history"]  # the prior's item counts, released once in round 1
     assert counts == [settings.popularity_noise, 1.0, 1]
     assert state.last_round == 2 and sum(h[2] for h in training) == 2 * metrics["steps"]
     # and a Context.state newer than the folder wins within a process
     ctx = context(state=RecordDict({STATE_KEY: ConfigRecord({"blob": state.to_bytes()})}))
-    assert partner.newest_state(ctx.state[STATE_KEY]["blob"], tmp_path / "nowhere").last_round == 2  # type: ignore[arg-type]
+    assert newest_state(ctx.state[STATE_KEY]["blob"], tmp_path / "nowhere").last_round == 2  # type: ignore[arg-type]
 
 
 @pytest.mark.slow
 def test_a_partner_declining_its_first_round_spends_nothing_on_its_item_counts(tmp_path: Path) -> None:
     settings = settings_for(tmp_path, popularity_prior=True)
     spec = partner.resolve_partner({"partition-id": 0, "num-partitions": 3}, settings)
-    state = partner.PartnerState(noise_multiplier=0.05)  # a round this noisy cannot fit epsilon 8
+    state = PartnerState(noise_multiplier=0.05)  # a round this noisy cannot fit epsilon 8
     reply, after = partner.train(
         settings=settings, server_round=1, spec=spec, arrays=initial_adapter(settings, in_dim=ENCODER_DIM), state=state, folder=tmp_path
     )
@@ -120,9 +121,9 @@ def test_a_state_trained_without_dp_is_refused_by_a_dp_round(tmp_path: Path) -> 
     plain = settings_for(tmp_path, dp=False)
     spec = partner.resolve_partner({"partition-id": 0, "num-partitions": 3}, plain)
     arrays = initial_adapter(plain, in_dim=ENCODER_DIM)
-    _, state = partner.train(settings=plain, server_round=1, spec=spec, arrays=arrays, state=partner.PartnerState(), folder=tmp_path)
+    _, state = partner.train(settings=plain, server_round=1, spec=spec, arrays=arrays, state=PartnerState(), folder=tmp_path)
     assert state.trained_without_dp
-    restarted = partner.PartnerState.load(tmp_path)  # e.g. a SuperNode reusing its state-dir for a DP run
+    restarted = PartnerState.load(tmp_path)  # e.g. a SuperNode reusing its state-dir for a DP run
     with pytest.raises(ValueError, match=r"trained without DP .* fresh state folder"):
         partner.train(settings=settings_for(tmp_path), server_round=2, spec=spec, arrays=arrays, state=restarted, folder=tmp_path)
 
@@ -133,13 +134,11 @@ def test_a_state_folder_holds_one_run(tmp_path: Path) -> None:
     spec = partner.resolve_partner({"partition-id": 0, "num-partitions": 3}, first)
     arrays = initial_adapter(first, in_dim=ENCODER_DIM)
     folder = tmp_path / "state"
-    _, state = partner.train(settings=first, server_round=1, spec=spec, arrays=arrays, state=partner.PartnerState(), folder=folder)
-    assert partner.PartnerState.load(folder).run_id == "first"
+    _, state = partner.train(settings=first, server_round=1, spec=spec, arrays=arrays, state=PartnerState(), folder=folder)
+    assert PartnerState.load(folder).run_id == "first"
     # resuming the same run goes on; another run reusing the folder (a SuperNode's state-dir) is refused,
     # before it could write round 1 after round 1 into the ledger
-    _, state = partner.train(
-        settings=first, server_round=2, spec=spec, arrays=arrays, state=partner.PartnerState.load(folder), folder=folder
-    )
+    _, state = partner.train(settings=first, server_round=2, spec=spec, arrays=arrays, state=PartnerState.load(folder), folder=folder)
     second = settings_for(tmp_path, run_id="second")
     for call in (
         lambda: partner.train(settings=second, server_round=1, spec=spec, arrays=arrays, state=state, folder=folder),
@@ -157,7 +156,7 @@ def test_a_partner_cap_below_the_server_target_binds(tmp_path: Path) -> None:
     spec = partner.resolve_partner({"partition-id": 1, "num-partitions": 3}, settings)
     capped = partner.PartnerSpec(spec.name, spec.data, max_epsilon=1.0)
     arrays = initial_adapter(settings, in_dim=ENCODER_DIM)
-    state = partner.PartnerState()
+    state = PartnerState()
     for server_round in (1, 2):
         reply, state = partner.train(
             settings=settings, server_round=server_round, spec=capped, arrays=arrays, state=state, folder=tmp_path / "capped"
@@ -176,7 +175,7 @@ def test_a_privacy_account_caps_every_run_on_the_data_together(tmp_path: Path) -
     for run in ("first", "second", "third"):  # each run its own state folder, as a coordinator would start them
         run_settings = settings_for(tmp_path, rounds=1, target_epsilon=4.0, run_id=run)
         replies[run], _ = partner.train(
-            settings=run_settings, server_round=1, spec=capped, arrays=arrays, state=partner.PartnerState(), folder=tmp_path / run
+            settings=run_settings, server_round=1, spec=capped, arrays=arrays, state=PartnerState(), folder=tmp_path / run
         )
     first, second, third = (replies[r] for r in ("first", "second", "third"))
     assert first.metrics["epsilon"] == pytest.approx(4.0, rel=0.011)
@@ -207,7 +206,7 @@ def test_a_capped_partner_declines_a_run_without_dp(tmp_path: Path) -> None:
     spec = partner.resolve_partner({"partition-id": 0, "num-partitions": 3}, plain)
     capped = partner.PartnerSpec(spec.name, spec.data, max_epsilon=8.0)
     arrays = initial_adapter(plain, in_dim=ENCODER_DIM)
-    reply, state = partner.train(settings=plain, server_round=1, spec=capped, arrays=arrays, state=partner.PartnerState(), folder=tmp_path)
+    reply, state = partner.train(settings=plain, server_round=1, spec=capped, arrays=arrays, state=PartnerState(), folder=tmp_path)
     assert reply.metrics["declined"] == 1 and reply.arrays is arrays and state.head is None
     assert "trains without DP (dp = false)" in reply.note and "caps its epsilon at 8" in reply.note
     assert not (tmp_path / "state.pt").exists()
@@ -219,7 +218,7 @@ def test_a_partner_declines_a_delta_above_its_max(tmp_path: Path) -> None:
     settings = settings_for(tmp_path, delta=0.1)
     spec = partner.resolve_partner({"partition-id": 0, "num-partitions": 3}, settings)
     arrays = initial_adapter(settings, in_dim=ENCODER_DIM)
-    reply, state = partner.train(settings=settings, server_round=1, spec=spec, arrays=arrays, state=partner.PartnerState(), folder=tmp_path)
+    reply, state = partner.train(settings=settings, server_round=1, spec=spec, arrays=arrays, state=PartnerState(), folder=tmp_path)
     assert reply.metrics["declined"] == 1 and reply.arrays is arrays and state.head is None
     assert "delta 0.1 is above this partner's max-delta" in reply.note
     stricter = partner.PartnerSpec(spec.name, spec.data, max_delta=1e-6)  # the partner's own, below the default 1 / users
@@ -228,7 +227,7 @@ def test_a_partner_declines_a_delta_above_its_max(tmp_path: Path) -> None:
         server_round=1,
         spec=stricter,
         arrays=arrays,
-        state=partner.PartnerState(),
+        state=PartnerState(),
         folder=tmp_path / "next",
     )
     assert reply.metrics["declined"] == 1 and "above this partner's max-delta 1e-06" in reply.note
@@ -267,7 +266,7 @@ def test_trains_decides_whether_the_head_trains_with_and_without_dp(tmp_path: Pa
     reply = train(message(MessageType.TRAIN, arrays, settings, 1), context())
     sent = reply.content[wire.ARRAYS].to_torch_state_dict()
     assert any(not torch.equal(sent[k], arrays[k]) for k in arrays)  # the adapter trained
-    state = partner.PartnerState.load(tmp_path / "test" / "partners" / "books")
+    state = PartnerState.load(tmp_path / "test" / "partners" / "books")
     assert state.head is not None
     # the head's zero-initialised weights move once it trains (DP noise, or plain gradients)
     moved = [k for k in ("head.positions.weight", "head.blocks.0.attn.out.weight", "head.blocks.1.ffn_out.weight") if state.head[k].any()]
@@ -285,10 +284,10 @@ def test_a_private_residual_trains_in_the_rounds_and_never_leaves_the_partner(tm
     sent = first.content[wire.ARRAYS].to_torch_state_dict()
     assert {k: v.shape for k, v in sent.items()} == {k: v.shape for k, v in arrays.items()}  # the adapter, nothing more
     folder = tmp_path / "test" / "partners" / "books"
-    after_one = partner.PartnerState.load(folder).head
+    after_one = PartnerState.load(folder).head
     assert after_one is not None and after_one["residual.weight"].any()  # trained from its zero start
     train(message(MessageType.TRAIN, sent, settings, 2), ctx)
-    after_two = partner.PartnerState.load(folder).head
+    after_two = PartnerState.load(folder).head
     assert after_two is not None and not torch.equal(after_two["residual.weight"], after_one["residual.weight"])  # kept, trained on
     evaluated = evaluate(message(MessageType.EVALUATE, sent, settings, 2), ctx)
     assert set(evaluated.content[wire.METRICS].keys()) == set(wire.EVALUATE_METRICS)
@@ -298,7 +297,7 @@ def test_a_stored_head_from_other_residual_settings_is_refused_by_name(tmp_path:
     settings = settings_for(tmp_path, private_residual=False, dp=False)
     arrays = initial_adapter(settings, in_dim=ENCODER_DIM)
     train(message(MessageType.TRAIN, arrays, settings, 1), context())
-    head = partner.PartnerState.load(tmp_path / "test" / "partners" / "books").head
+    head = PartnerState.load(tmp_path / "test" / "partners" / "books").head
     assert not partner.has_private_residual(head)
     spec = partner.resolve_partner({"partition-id": 0, "num-partitions": 3}, settings)
     data = partner.partner_data(spec, max_len=partner.HEAD.max_len)
@@ -325,7 +324,7 @@ def test_a_personal_mix_keeps_the_global_weight_with_the_best_validation_ndcg(tm
     ctx = context()
     sent = train(message(MessageType.TRAIN, start, settings, 1), ctx).content[wire.ARRAYS].to_torch_state_dict()
     folder = tmp_path / "test" / "partners" / "books"
-    state = partner.PartnerState.load(folder)
+    state = PartnerState.load(folder)
     assert state.own_adapter is not None and all(torch.equal(state.own_adapter[k], sent[k]) for k in sent)  # kept: what it sent
     scored: list[str] = []  # which split each scoring pass of the partner was on
     ranking_metrics = partner.ranking_metrics
@@ -354,7 +353,7 @@ def test_a_personal_mix_keeps_the_global_weight_with_the_best_validation_ndcg(tm
     # without personal-mix the partner is scored with the global adapter as it came, and keeps no own adapter
     plain = settings_for(tmp_path / "plain", dp=False)
     train(message(MessageType.TRAIN, start, plain, 1), context())
-    assert partner.PartnerState.load(tmp_path / "plain" / "test" / "partners" / "books").own_adapter is None
+    assert PartnerState.load(tmp_path / "plain" / "test" / "partners" / "books").own_adapter is None
     assert dict(evaluate(message(MessageType.EVALUATE, start, plain, 1), context()).content[wire.METRICS])["global-weight"] == 1.0
 
 

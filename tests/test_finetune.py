@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 
 from client import partner
 from client.client_app import evaluate, train
+from client.private_state import GLOBAL_ADAPTER, PartnerState
 from shared.cli import main
 from shared.federation import wire
 from shared.federation.adapter import initial_adapter
@@ -40,7 +41,7 @@ def federate_one_round(tmp_path: Path) -> tuple[Path, Path, dict[str, float]]:
     # what the server would send for evaluation: the new global adapter (here, the one reply)
     evaluated = evaluate(message(MessageType.EVALUATE, arrays, settings, 1), ctx)
     folder = tmp_path / "test" / "partners" / "books"
-    kept = load_file(str(folder / partner.GLOBAL_ADAPTER))
+    kept = load_file(str(folder / GLOBAL_ADAPTER))
     assert kept.keys() == arrays.keys() and all(torch.equal(kept[k], arrays[k]) for k in arrays)
     spec = partner.resolve_partner({"partition-id": 0, "num-partitions": 3}, settings)
     return folder, spec.data, dict(evaluated.content[wire.METRICS])
@@ -79,7 +80,7 @@ def test_finetune_errors_name_what_is_missing_or_wrong(tmp_path: Path, capsys: p
     empty.mkdir()
     assert main(["finetune", "--state-dir", str(empty), "--data", str(data), "--out", str(tmp_path / "x")]) == 2
     err = capsys.readouterr().err
-    assert f"{empty / 'state.pt'} not found" in err and partner.GLOBAL_ADAPTER in err and "Traceback" not in err
+    assert f"{empty / 'state.pt'} not found" in err and GLOBAL_ADAPTER in err and "Traceback" not in err
     other = data.parent / "games"  # another domain's data: another catalogue
     assert main(["finetune", "--state-dir", str(folder), "--data", str(other), "--out", str(tmp_path / "x")]) == 2
     assert "not the catalogue the model in" in capsys.readouterr().err
@@ -95,12 +96,12 @@ def test_finetune_continue_trains_the_adapter_and_prior_and_keeps_the_head(tmp_p
     result = json.loads((out / "metrics.json").read_text())
     assert result["federated"]["test"]["ndcg@10"] == pytest.approx(evaluated["test-ndcg@10"])
     loaded = load_domain_model(out / "model").members[0]
-    head = partner.PartnerState.load(folder).head
+    head = PartnerState.load(folder).head
     assert head is not None
     saved = loaded.state_dict()
     # the head is the federation's, untouched; the prior counts are the federation's kind (last 2 items, exact)
     assert all(torch.equal(saved[k], v) for k, v in head.items() if k.startswith("head."))
-    kept = load_file(str(folder / partner.GLOBAL_ADAPTER))
+    kept = load_file(str(folder / GLOBAL_ADAPTER))
     if result["fine-tuned"]["valid"]["ndcg@10"] > result["federated"]["valid"]["ndcg@10"]:  # an epoch beat the start
         assert any(not torch.equal(saved[f"adapter.{k}"], v) for k, v in kept.items())
 

@@ -4,8 +4,9 @@ The folder holds this run's private head, optimizer state and accountant
 (``state.pt``, :class:`PartnerState`), its privacy ledger (``ledger.jsonl``,
 written by :func:`client.partner.train`) and the adapter of its model after the
 last evaluated round (``global-adapter.safetensors``), the start of a local
-fine-tune after the federation (:mod:`client.finetune`). Every file is replaced
-atomically, so a crash leaves the previous one.
+fine-tune after the federation (:mod:`client.finetune`). The state and the
+adapter are replaced atomically, so a crash leaves the previous ones; the ledger
+is only ever appended to (:mod:`shared.privacy.ledger`).
 """
 
 from __future__ import annotations

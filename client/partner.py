@@ -18,9 +18,9 @@ from typing import Any
 
 import torch
 
-from client.local_training import freeze_untrained, poisson_schedule, train_round, user_sequences
+from client.local_training import freeze_untrained, train_round, user_sequences
 from client.private_state import PartnerState, check_same_run, keep_global_adapter, read_kept_adapter
-from client.round_privacy import Declined, ledger_entry, ledger_events, plan_round
+from client.round_privacy import Declined, ledger_entry, ledger_events, plan_round, round_schedule
 from shared.data.split import DomainSplit
 from shared.encoder import TextEncoder, hash_tensors
 from shared.federation.adapter import adapter_config
@@ -31,7 +31,7 @@ from shared.model.head import HeadConfig
 from shared.model.recommender import DomainModel, ItemFeatures
 from shared.pipeline import prepare_domain
 from shared.privacy import ledger
-from shared.privacy.accounting import PartnerAccountant, partner_budget
+from shared.privacy.accounting import PartnerAccountant
 from shared.training import ranking_metrics
 from shared.vector_cache import VectorCache
 
@@ -245,16 +245,8 @@ def train(
             "state folder (node config state-dir, or a new run-id), or run it without dp"
         )
     data = partner_data(spec, max_len=HEAD.max_len)
-    n_users = len(data.examples)
-    sample_rate, per_epoch = poisson_schedule(n_users, settings.batch_size)
-    steps = settings.local_epochs * per_epoch
-    budget = partner_budget(
-        server_epsilon=settings.target_epsilon,
-        partner_cap=spec.max_epsilon,
-        delta=settings.delta,
-        n_users=n_users,
-        accountant=settings.accountant,
-    )
+    schedule = round_schedule(settings, spec, n_users=len(data.examples))
+    budget, sample_rate = schedule.budget, schedule.sample_rate
     accountant = PartnerAccountant(budget, state.accountant)
     ledger_path = folder / "ledger.jsonl"
 
@@ -269,13 +261,10 @@ def train(
         settings=settings,
         spec=spec,
         split=data.split,
-        n_users=n_users,
         state=state,
-        budget=budget,
+        schedule=schedule,
         accountant=accountant,
         server_round=server_round,
-        sample_rate=sample_rate,
-        steps=steps,
     )
     if isinstance(privacy, Declined):
         return decline(privacy.note, privacy.noise_multiplier)

@@ -27,13 +27,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from client.local_training import DPPlan
+from client.local_training import DPPlan, poisson_schedule
 from client.private_state import PartnerState
 from shared.data.split import DomainSplit
 from shared.federation.scenario import PartnerSpec
 from shared.federation.settings import FederationSettings
 from shared.privacy import account, ledger
-from shared.privacy.accounting import Budget, Event, PartnerAccountant, calibrate_noise, release_fits
+from shared.privacy.accounting import Budget, Event, PartnerAccountant, calibrate_noise, partner_budget, release_fits
 from shared.privacy.item_counts import release_item_counts, user_weighted_counts
 
 # A run whose rounds the privacy account could fund only at over twice the run's own
@@ -98,6 +98,29 @@ def prior_counts(
     return torch.as_tensor(counts), sigma, [event], ""
 
 
+@dataclass(frozen=True)
+class RoundSchedule:
+    """A round's DP-SGD schedule over a partner's users, and the budget it is planned against."""
+
+    budget: Budget  # the run's target lowered to the partner's cap; delta 0 means 1 / (10 x users)
+    sample_rate: float  # Poisson sampling: expected batch size / users
+    steps: int  # this round's steps: local epochs x steps per epoch
+    users: int  # the partner's users, one training example each (user-level DP)
+
+
+def round_schedule(settings: FederationSettings, spec: PartnerSpec, *, n_users: int) -> RoundSchedule:
+    """A round's schedule and budget for a partner of ``n_users`` users (``partner.train`` and the tests build it the same way)."""
+    sample_rate, per_epoch = poisson_schedule(n_users, settings.batch_size)
+    budget = partner_budget(
+        server_epsilon=settings.target_epsilon,
+        partner_cap=spec.max_epsilon,
+        delta=settings.delta,
+        n_users=n_users,
+        accountant=settings.accountant,
+    )
+    return RoundSchedule(budget, sample_rate, settings.local_epochs * per_epoch, n_users)
+
+
 @dataclass
 class RoundPrivacy:
     """A round cleared to train."""
@@ -120,21 +143,19 @@ def plan_round(
     settings: FederationSettings,
     spec: PartnerSpec,
     split: DomainSplit,
-    n_users: int,
     state: PartnerState,
-    budget: Budget,
+    schedule: RoundSchedule,
     accountant: PartnerAccountant,
     server_round: int,
-    sample_rate: float,
-    steps: int,
 ) -> RoundPrivacy | Declined:
-    """Clears a round of ``steps`` DP-SGD steps at ``sample_rate``, or declines it (the checks: module docstring).
+    """Clears a round of ``schedule``'s DP-SGD steps against its budget, or declines it (the checks: module docstring).
 
     The first DP round calibrates ``state.noise_multiplier`` in place; the state keeps
     it for every later round, declined or not. A granted round has its prior's
     release recorded in ``accountant`` (the steps are recorded as they are taken)
     and, for a partner with a privacy account, its events reserved there."""
-    max_delta = spec.max_delta if spec.max_delta is not None else 1.0 / n_users
+    budget, sample_rate, steps = schedule.budget, schedule.sample_rate, schedule.steps
+    max_delta = spec.max_delta if spec.max_delta is not None else 1.0 / schedule.users
     if settings.dp and budget.delta > max_delta:
         return Declined(
             f"declined round {server_round}: this run's delta {budget.delta:.3g} is above this partner's max-delta "

@@ -7,14 +7,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from client.local_training import poisson_schedule
 from client.private_state import PartnerState
-from client.round_privacy import Declined, RoundPrivacy, plan_round
+from client.round_privacy import Declined, RoundPrivacy, RoundSchedule, plan_round, round_schedule
 from shared.data.split import DomainSplit
 from shared.federation.scenario import PartnerSpec
 from shared.federation.settings import FederationSettings
 from shared.privacy import account
-from shared.privacy.accounting import PartnerAccountant, partner_budget
+from shared.privacy.accounting import PartnerAccountant
 
 USERS, ITEMS = 400, 30
 
@@ -33,49 +32,40 @@ def split_of(seed: int = 0) -> DomainSplit:
 
 
 def plan(
-    settings: FederationSettings, spec: PartnerSpec, state: PartnerState, *, accountant: PartnerAccountant | None = None
-) -> tuple[RoundPrivacy | Declined, PartnerAccountant, int, float]:
-    """Plans round 1 of ``settings``' run; returns the plan, the accountant, the round's steps and sample rate."""
-    sample_rate, per_epoch = poisson_schedule(USERS, settings.batch_size)
-    steps = settings.local_epochs * per_epoch
-    budget = partner_budget(
-        server_epsilon=settings.target_epsilon,
-        partner_cap=spec.max_epsilon,
-        delta=settings.delta,
-        n_users=USERS,
-        accountant=settings.accountant,
-    )
-    accountant = accountant or PartnerAccountant(budget, state.accountant)
+    settings: FederationSettings, spec: PartnerSpec, state: PartnerState
+) -> tuple[RoundPrivacy | Declined, PartnerAccountant, RoundSchedule]:
+    """Plans round 1 of ``settings``' run; returns the plan, the accountant and the round's schedule."""
+    schedule = round_schedule(settings, spec, n_users=USERS)
+    accountant = PartnerAccountant(schedule.budget, state.accountant)
     out = plan_round(
         settings=settings,
         spec=spec,
         split=split_of(),
-        n_users=USERS,
         state=state,
-        budget=budget,
+        schedule=schedule,
         accountant=accountant,
         server_round=1,
-        sample_rate=sample_rate,
-        steps=steps,
     )
-    return out, accountant, steps, sample_rate
+    return out, accountant, schedule
 
 
 def test_a_first_dp_round_calibrates_its_noise_for_every_planned_round_and_records_only_the_prior_release() -> None:
     settings = FederationSettings(rounds=3, target_epsilon=4.0, popularity_prior=True)
     state = PartnerState()
-    out, accountant, steps, rate = plan(settings, PartnerSpec("books", Path("unused")), state)
+    out, accountant, schedule = plan(settings, PartnerSpec("books", Path("unused")), state)
     assert isinstance(out, RoundPrivacy) and out.dp is not None and out.counts is not None
     assert out.dp.noise_multiplier == state.noise_multiplier and out.dp.ledger is accountant
     assert out.counts_noise == settings.popularity_noise and len(out.released) == 1
     assert accountant.events == out.released  # the steps are recorded as they are taken, not before
     # all planned rounds at this noise, after the counts, spend the budget (to the calibration's tolerance)
-    planned = accountant.epsilon_after(noise_multiplier=out.dp.noise_multiplier, sample_rate=rate, steps=settings.rounds * steps)
+    planned = accountant.epsilon_after(
+        noise_multiplier=out.dp.noise_multiplier, sample_rate=schedule.sample_rate, steps=settings.rounds * schedule.steps
+    )
     assert 4.0 * 0.98 <= planned <= 4.0 + 1e-9
 
 
 def test_a_round_without_dp_has_exact_counts_and_no_plan() -> None:
-    out, accountant, _, _ = plan(FederationSettings(dp=False, popularity_prior=True), PartnerSpec("books", Path("unused")), PartnerState())
+    out, accountant, _ = plan(FederationSettings(dp=False, popularity_prior=True), PartnerSpec("books", Path("unused")), PartnerState())
     assert isinstance(out, RoundPrivacy) and out.dp is None and out.released == [] and accountant.events == []
     assert out.counts is not None and out.counts_noise == 0.0
 
@@ -98,7 +88,7 @@ def test_a_declined_round_records_and_reserves_nothing(
     tmp_path: Path, settings: FederationSettings, spec: PartnerSpec, state: PartnerState, reason: str
 ) -> None:
     spec = PartnerSpec(spec.name, spec.data, max_epsilon=spec.max_epsilon, account=tmp_path / "account.jsonl")
-    out, accountant, _, _ = plan(settings, spec, state)
+    out, accountant, _ = plan(settings, spec, state)
     assert isinstance(out, Declined) and reason in out.note
     assert accountant.events == []  # not even the prior's counts, drawn before the decline
     assert account.read(tmp_path / "account.jsonl") == []
@@ -107,10 +97,10 @@ def test_a_declined_round_records_and_reserves_nothing(
 def test_a_capped_account_that_cannot_fund_the_run_declines_it(tmp_path: Path) -> None:
     settings = FederationSettings(rounds=1, target_epsilon=4.0)
     spec = PartnerSpec("books", Path("unused"), max_epsilon=4.0, account=tmp_path / "account.jsonl")
-    first, _, _, _ = plan(settings, spec, PartnerState())
+    first, _, _ = plan(settings, spec, PartnerState())
     assert isinstance(first, RoundPrivacy)  # its one round, reserved in the account, takes all of the cap
     state = PartnerState()
-    second, _, _, _ = plan(FederationSettings(rounds=2, target_epsilon=4.0, run_id="next"), spec, state)
+    second, _, _ = plan(FederationSettings(rounds=2, target_epsilon=4.0, run_id="next"), spec, state)
     assert isinstance(second, Declined) and "too little is left of this partner's lifetime epsilon 4 over 2 run(s)" in second.note
     assert state.noise_multiplier is None  # the next round plans afresh
     assert [x["run"] for x in account.read(tmp_path / "account.jsonl")] == [settings.run_id]

@@ -121,7 +121,7 @@ def round_schedule(settings: FederationSettings, spec: PartnerSpec, *, n_users: 
     return RoundSchedule(budget, sample_rate, settings.local_epochs * per_epoch, n_users)
 
 
-@dataclass
+@dataclass(frozen=True)
 class RoundPrivacy:
     """A round cleared to train."""
 

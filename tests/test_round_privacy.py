@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +17,7 @@ from shared.privacy import account
 from shared.privacy.accounting import PartnerAccountant
 
 USERS, ITEMS = 400, 30
+BOOKS = PartnerSpec("books", Path("unused"))  # plan_round reads no data files
 
 
 def split_of(seed: int = 0) -> DomainSplit:
@@ -52,7 +54,7 @@ def plan(
 def test_a_first_dp_round_calibrates_its_noise_for_every_planned_round_and_records_only_the_prior_release() -> None:
     settings = FederationSettings(rounds=3, target_epsilon=4.0, popularity_prior=True)
     state = PartnerState()
-    out, accountant, schedule = plan(settings, PartnerSpec("books", Path("unused")), state)
+    out, accountant, schedule = plan(settings, BOOKS, state)
     assert isinstance(out, RoundPrivacy) and out.dp is not None and out.counts is not None
     assert out.dp.noise_multiplier == state.noise_multiplier and out.dp.ledger is accountant
     assert out.counts_noise == settings.popularity_noise and len(out.released) == 1
@@ -65,7 +67,7 @@ def test_a_first_dp_round_calibrates_its_noise_for_every_planned_round_and_recor
 
 
 def test_a_round_without_dp_has_exact_counts_and_no_plan() -> None:
-    out, accountant, _ = plan(FederationSettings(dp=False, popularity_prior=True), PartnerSpec("books", Path("unused")), PartnerState())
+    out, accountant, _ = plan(FederationSettings(dp=False, popularity_prior=True), BOOKS, PartnerState())
     assert isinstance(out, RoundPrivacy) and out.dp is None and out.released == [] and accountant.events == []
     assert out.counts is not None and out.counts_noise == 0.0
 
@@ -75,19 +77,19 @@ def test_a_round_without_dp_has_exact_counts_and_no_plan() -> None:
     [
         (
             FederationSettings(delta=0.1),
-            PartnerSpec("books", Path("unused")),
+            BOOKS,
             PartnerState(),
             "delta 0.1 is above this partner's max-delta",
         ),
-        (FederationSettings(dp=False), PartnerSpec("books", Path("unused"), max_epsilon=8.0), PartnerState(), "trains without DP"),
-        (FederationSettings(), PartnerSpec("books", Path("unused")), PartnerState(noise_multiplier=0.05), "epsilon would reach"),
+        (FederationSettings(dp=False), dataclasses.replace(BOOKS, max_epsilon=8.0), PartnerState(), "trains without DP"),
+        (FederationSettings(), BOOKS, PartnerState(noise_multiplier=0.05), "epsilon would reach"),
     ],
     ids=["delta-above-max", "no-dp-for-a-capped-partner", "over-budget"],
 )
 def test_a_declined_round_records_and_reserves_nothing(
     tmp_path: Path, settings: FederationSettings, spec: PartnerSpec, state: PartnerState, reason: str
 ) -> None:
-    spec = PartnerSpec(spec.name, spec.data, max_epsilon=spec.max_epsilon, account=tmp_path / "account.jsonl")
+    spec = dataclasses.replace(spec, account=tmp_path / "account.jsonl")
     out, accountant, _ = plan(settings, spec, state)
     assert isinstance(out, Declined) and reason in out.note
     assert accountant.events == []  # not even the prior's counts, drawn before the decline
@@ -96,7 +98,7 @@ def test_a_declined_round_records_and_reserves_nothing(
 
 def test_a_capped_account_that_cannot_fund_the_run_declines_it(tmp_path: Path) -> None:
     settings = FederationSettings(rounds=1, target_epsilon=4.0)
-    spec = PartnerSpec("books", Path("unused"), max_epsilon=4.0, account=tmp_path / "account.jsonl")
+    spec = dataclasses.replace(BOOKS, max_epsilon=4.0, account=tmp_path / "account.jsonl")
     first, _, _ = plan(settings, spec, PartnerState())
     assert isinstance(first, RoundPrivacy)  # its one round, reserved in the account, takes all of the cap
     state = PartnerState()

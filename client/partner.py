@@ -119,8 +119,7 @@ def build_model(
     ``counts`` [N + 1] (released with ``counts_noise``, or exact with 0) give the
     popularity prior and replace counts stored in ``head``; without them the prior
     is the one stored in ``head``, if any."""
-    adapter = MoEAdapter(int(data.vectors.shape[1]), adapter_config(settings))
-    load_adapter_weights(adapter, adapter_arrays, source="the server's arrays")
+    adapter = checked_adapter(settings, data, adapter_arrays)
     stored = head is not None and PRIOR_KEYS[0] in head
     if counts is not None and head is not None:
         head = {k: v for k, v in head.items() if k not in PRIOR_KEYS}
@@ -148,6 +147,14 @@ def build_model(
                 f"it was trained with other settings ({hint})"
             )
     return model
+
+
+def checked_adapter(settings: FederationSettings, data: PartnerData, arrays: dict[str, torch.Tensor]) -> MoEAdapter:
+    """The adapter of ``arrays``, refused with every problem named unless they are this run's
+    adapter (names, shapes, dtypes) with finite weights: the coordinator is not trusted that far."""
+    adapter = MoEAdapter(int(data.vectors.shape[1]), adapter_config(settings))
+    load_adapter_weights(adapter, arrays, source="the server's arrays")
+    return adapter
 
 
 def has_private_residual(head: dict[str, torch.Tensor] | None) -> bool:
@@ -245,6 +252,7 @@ def train(
             "state folder (node config state-dir, or a new run-id), or run it without dp"
         )
     data = partner_data(spec, max_len=HEAD.max_len)
+    checked_adapter(settings, data, arrays)  # before anything is planned, reserved or spent
     schedule = round_schedule(settings, spec, n_users=len(data.examples))
     budget, sample_rate = schedule.budget, schedule.sample_rate
     accountant = PartnerAccountant(budget, state.accountant)
@@ -349,6 +357,7 @@ def evaluate_global(
     The adapter is also kept in the state folder (:func:`client.private_state.keep_global_adapter`)."""
     check_same_run(state, settings, folder)
     data = partner_data(spec, max_len=HEAD.max_len)
+    checked_adapter(settings, data, arrays)  # before it is kept
     adapter, mix = personal_adapter(settings, data, arrays=arrays, state=state, folder=folder)
     keep_global_adapter(folder, adapter, settings=settings, server_round=server_round, split=data.split, mix=mix)
     model = build_model(settings, data, adapter_arrays=adapter, head=state.head)

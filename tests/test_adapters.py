@@ -19,6 +19,7 @@ from shared.model.adapters import (
     load_adapter_weights,
     n_parameters,
     save_adapter,
+    state_problems,
 )
 
 MINILM_BYTES = 90_852_864  # all-MiniLM-L6-v2: 22,713,216 float32 parameters
@@ -66,6 +67,20 @@ def test_wrong_state_is_refused_with_every_difference() -> None:
         ValueError, match=r"experts.weight: shape \(256, 384\), expected \(512, 384\).*unexpected extra|unexpected extra.*experts.weight"
     ):
         load_adapter_weights(big, state)
+
+
+def test_non_finite_or_retyped_weights_are_refused_by_name() -> None:
+    adapter = MoEAdapter(384, MoEAdapterConfig(dim=64))
+    state = adapter_state(adapter)
+    state["experts.weight"] = state["experts.weight"].clone()
+    state["experts.weight"][0, :3] = torch.tensor([float("nan"), float("inf"), -float("inf")])
+    state["gate.weight"] = state["gate.weight"].double()
+    assert state_problems(state, adapter_state(adapter)) == [
+        "experts.weight: 3 non-finite value(s) (NaN or infinity)",
+        "gate.weight: dtype torch.float64, expected torch.float32",
+    ]
+    with pytest.raises(ValueError, match=r"the server's arrays: not weights of this adapter.*non-finite"):
+        load_adapter_weights(adapter, state, source="the server's arrays")
 
 
 def test_untrained_moe_preserves_cosine_ranking() -> None:

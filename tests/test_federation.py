@@ -201,6 +201,20 @@ def test_a_privacy_account_caps_every_run_on_the_data_together(tmp_path: Path) -
 
 
 @pytest.mark.slow
+def test_a_coordinators_non_finite_adapter_is_refused_before_anything_is_spent(tmp_path: Path) -> None:
+    settings = settings_for(tmp_path)
+    spec = partner.resolve_partner({"partition-id": 0, "num-partitions": 3}, settings)
+    with_account = partner.PartnerSpec(spec.name, spec.data, max_epsilon=8.0, account=tmp_path / "account.jsonl")
+    arrays = initial_adapter(settings, in_dim=ENCODER_DIM)
+    arrays["experts.weight"][0, 0] = float("nan")  # one NaN would reach every partner through the average
+    for run in (partner.train, partner.evaluate_global):
+        with pytest.raises(ValueError, match=r"the server's arrays: not weights of this adapter .* experts.weight: 1 non-finite"):
+            run(settings=settings, server_round=1, spec=with_account, arrays=arrays, state=PartnerState(), folder=tmp_path / "state")
+    # no ledger line, no reservation in the lifetime account, no state, no kept adapter
+    assert not (tmp_path / "state").exists() and not (tmp_path / "account.jsonl").exists()
+
+
+@pytest.mark.slow
 def test_a_capped_partner_declines_a_run_without_dp(tmp_path: Path) -> None:
     plain = settings_for(tmp_path, dp=False)
     spec = partner.resolve_partner({"partition-id": 0, "num-partitions": 3}, plain)

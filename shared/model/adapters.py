@@ -139,19 +139,31 @@ def adapter_state(adapter: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().contiguous() for k, v in state.items()}
 
 
+def state_problems(state: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> list[str]:
+    """Every way ``state`` differs from ``expected`` in form: missing and unexpected names,
+    other shapes or dtypes, and non-finite values (one NaN would spread to every partner
+    through the average)."""
+    problems = [f"missing {k}" for k in expected if k not in state]
+    problems += [f"unexpected {k}" for k in state if k not in expected]
+    for k in expected:
+        if k not in state:
+            continue
+        got, want = state[k], expected[k]
+        if got.shape != want.shape:
+            problems.append(f"{k}: shape {tuple(got.shape)}, expected {tuple(want.shape)}")
+        elif got.dtype != want.dtype:
+            problems.append(f"{k}: dtype {got.dtype}, expected {want.dtype}")
+        elif got.is_floating_point() and not bool(torch.isfinite(got).all()):
+            problems.append(f"{k}: {int((~torch.isfinite(got)).sum())} non-finite value(s) (NaN or infinity)")
+    return problems
+
+
 def load_adapter_weights(adapter: nn.Module, state: dict[str, torch.Tensor], *, source: str = "state") -> None:
-    """Loads wire-format weights, checking names and shapes first (all problems at once)."""
+    """Loads wire-format weights, checking them first (:func:`state_problems`, all problems at once)."""
     module = getattr(adapter, "_module", adapter)
-    ours = adapter_state(module)
-    problems = [f"missing {k}" for k in ours if k not in state]
-    problems += [f"unexpected {k}" for k in state if k not in ours]
-    problems += [
-        f"{k}: shape {tuple(state[k].shape)}, expected {tuple(ours[k].shape)}"
-        for k in ours
-        if k in state and state[k].shape != ours[k].shape
-    ]
+    problems = state_problems(state, adapter_state(module))
     if problems:
-        raise ValueError(f"{source}: not an adapter of this kind and size: {'; '.join(problems[:5])}")
+        raise ValueError(f"{source}: not weights of this adapter (its names, shapes and dtypes, all finite): {'; '.join(problems[:5])}")
     if isinstance(module, LoraAdapter):
         from peft import set_peft_model_state_dict
 

@@ -24,7 +24,8 @@ def round_rows(server_round: int, log: RoundLog) -> list[dict[str, Any]]:
             value = reply.metrics.get(name)
             row[_key(name)] = None if value == NO_DP and name in ("epsilon", "delta") else value
         row["declined"] = bool(reply.metrics.get("declined"))
-        row["note"] = reply.note
+        row["rejected"] = bool(reply.rejected)  # left out of the average by the server (server.screening)
+        row["note"] = _note(reply.note, reply.rejected, "update")
         row["bytes_sent"] = log.bytes_sent_each
         row["bytes_received"] = reply.bytes_received
     for reply in log.evaluate:
@@ -36,13 +37,23 @@ def round_rows(server_round: int, log: RoundLog) -> list[dict[str, Any]]:
                 "num_examples": 0,
                 "steps": 0,
                 "declined": False,
+                "rejected": False,
                 "note": "not sampled this round",
             },
         )
         for name in EVALUATE_METRICS:
             if name != "num-examples":
                 row[_key(name)] = reply.metrics.get(name)
+        if reply.rejected:
+            row["note"] = _note(row["note"], reply.rejected, "evaluation")
     return list(rows.values())
+
+
+def _note(note: str, rejected: list[str], what: str) -> str:
+    if not rejected:
+        return note
+    why = f"the server rejected this {what}: {'; '.join(rejected[:5])}" + (f" (and {len(rejected) - 5} more)" if len(rejected) > 5 else "")
+    return f"{note}; {why}" if note else why
 
 
 def end_round(run: RunFolder, server_round: int, arrays: dict[str, Any], log: RoundLog, *, encoder_bytes: int) -> list[dict[str, Any]]:

@@ -1,23 +1,28 @@
-"""Flower's FedAvg, plus a record of each partner's reply.
+"""Flower's FedAvg, plus a check and a record of each partner's reply.
 
-Aggregation is Flower's own (weighted by ``num-examples``). Two additions:
-replies of partners that declined a round (budget) are left out of the average
-rather than averaged in with weight 0, and every reply's metrics, partner name
-and size are kept so that the run folder can hold one line per partner per round.
+Aggregation is Flower's own (weighted by ``num-examples``). Three additions:
+replies that break the wire contract are left out with what was wrong
+(:mod:`server.screening`), instead of stopping the round or reaching every
+partner through the average; replies of partners that declined a round (budget)
+are left out of the average rather than averaged in with weight 0; and every
+reply's metrics, partner name and size are kept so that the run folder can hold
+one line per partner per round.
 Rounds are numbered from ``first_round`` so that a resumed run continues its
 numbering.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
+from server.screening import evaluate_reply_problems, train_reply_problems
 from shared.federation import wire
 
 
@@ -33,6 +38,7 @@ class PartnerReply:
     metrics: dict[str, Any]
     bytes_received: int = 0
     ledger_line: str = ""  # the partner's own ledger line for the round, copied verbatim
+    rejected: list[str] = field(default_factory=list)  # why the server left the reply out (server.screening)
 
 
 @dataclass
@@ -43,17 +49,20 @@ class RoundLog:
     bytes_sent_each: int = 0
 
 
-def _reply(msg: Message, *, with_arrays: bool) -> PartnerReply:
-    info = (
-        msg.content[wire.PARTNER] if wire.PARTNER in msg.content else ConfigRecord({"name": f"node-{msg.metadata.src_node_id}", "note": ""})
-    )
+def _reply(msg: Message, *, problems: list[str]) -> PartnerReply:
+    """What the run folder keeps of a reply; of a rejected one, its name, size and ledger line only."""
+    content = msg.content
+    info = dict(content.config_records[wire.PARTNER]) if wire.PARTNER in content.config_records else {}
+    name, note, line = (info.get(k) for k in ("name", "note", "ledger-line"))
+    arrays = content.array_records.get(wire.ARRAYS)
     return PartnerReply(
         node_id=msg.metadata.src_node_id,
-        partner=str(info["name"]),
-        note=str(info.get("note", "")),
-        ledger_line=str(info.get("ledger-line", "")),
-        metrics=dict(msg.content[wire.METRICS]),
-        bytes_received=record_bytes(msg.content.array_records[wire.ARRAYS]) if with_arrays else 0,
+        partner=name if isinstance(name, str) and name else f"node-{msg.metadata.src_node_id}",
+        note=note if isinstance(note, str) else "",
+        ledger_line=line if isinstance(line, str) and "\n" not in line.rstrip("\n") else "",
+        metrics={} if problems else dict(content.metric_records[wire.METRICS]),
+        bytes_received=record_bytes(arrays) if arrays is not None else 0,
+        rejected=problems,
     )
 
 
@@ -62,36 +71,44 @@ class PartnerFedAvg(FedAvg):
         super().__init__(**fedavg)
         self.offset = first_round - 1
         self.rounds: dict[int, RoundLog] = {}
+        self.sent: dict[str, torch.Tensor] = {}  # this round's global adapter, which replies are checked against
 
     def round_log(self, server_round: int) -> RoundLog:
         return self.rounds.setdefault(server_round + self.offset, RoundLog())
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         self.round_log(server_round).bytes_sent_each = record_bytes(arrays)
+        self.sent = arrays.to_torch_state_dict()
         return super().configure_train(server_round + self.offset, arrays, config, grid)
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         return super().configure_evaluate(server_round + self.offset, arrays, config, grid)
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        replies = list(replies)
         log = self.round_log(server_round)
-        log.failures += [f"node {m.metadata.src_node_id}: {m.error.reason}" for m in replies if m.has_error()]
-        taken = []
-        for msg in replies:
-            if msg.has_error():
-                continue
-            reply = _reply(msg, with_arrays=True)
-            log.train.append(reply)
-            if not reply.metrics.get("declined"):
-                taken.append(msg)
-        if not taken:  # everybody declined or failed: the adapter stays as it was
+        passed = _screen(replies, log, log.train, lambda content: train_reply_problems(content, sent=self.sent))
+        taken = [m for m in passed if not m.content.metric_records[wire.METRICS]["declined"]]
+        if not taken:  # everybody declined, failed or was rejected: the adapter stays as it was
             return None, None
         return super().aggregate_train(server_round, taken)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        replies = list(replies)
         log = self.round_log(server_round)
-        log.failures += [f"node {m.metadata.src_node_id}: {m.error.reason}" for m in replies if m.has_error()]
-        log.evaluate += [_reply(m, with_arrays=False) for m in replies if not m.has_error()]
-        return super().aggregate_evaluate(server_round, replies)
+        taken = _screen(replies, log, log.evaluate, evaluate_reply_problems)
+        return super().aggregate_evaluate(server_round, taken) if taken else None
+
+
+def _screen(
+    replies: Iterable[Message], log: RoundLog, into: list[PartnerReply], problems_of: Callable[[RecordDict], list[str]]
+) -> list[Message]:
+    """Logs each reply (a failure, or the partner's reply with its contract problems) and returns those without problems."""
+    passed = []
+    for msg in replies:
+        if msg.has_error():
+            log.failures.append(f"node {msg.metadata.src_node_id}: {msg.error.reason}")
+            continue
+        reply = _reply(msg, problems=problems_of(msg.content))
+        into.append(reply)
+        if not reply.rejected:
+            passed.append(msg)
+    return passed

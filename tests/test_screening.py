@@ -1,0 +1,161 @@
+"""The coordinator's check of partners' replies (server.screening), on real Flower Messages."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp.exception import InconsistentMessageReplies
+from flwr.serverapp.strategy import FedAvg
+from flwr.supercore.task_identity import TaskIdentity
+
+from server.rounds import end_round
+from server.run_folder import RunFolder
+from server.screening import evaluate_reply_problems, train_reply_problems
+from server.strategy import PartnerFedAvg
+from shared.federation import wire
+from shared.federation.settings import FederationSettings
+
+SENT = {"w": torch.ones(4, 3), "b": torch.zeros(3)}
+
+
+@pytest.fixture(autouse=True)
+def _task_identity() -> Iterator[None]:
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
+    yield
+
+
+def train_metrics(examples: int = 10, **changes: Any) -> dict[str, Any]:
+    metrics = {
+        "num-examples": examples,
+        "loss": 1.5,
+        "steps": 3,
+        "epsilon": 2.0,
+        "delta": 1e-5,
+        "noise-multiplier": 1.1,
+        "sample-rate": 0.1,
+        "declined": 0,
+        **changes,
+    }
+    return {k: v for k, v in metrics.items() if v is not None}  # None: leave the metric out
+
+
+def train_content(
+    scale: float = 1.0, *, name: str = "books", examples: int = 10, arrays: dict[str, torch.Tensor] | None = None, **metrics: Any
+) -> RecordDict:
+    """A partner's training reply: ``scale`` x the sent adapter, or ``arrays``."""
+    return RecordDict(
+        {
+            wire.ARRAYS: ArrayRecord(arrays if arrays is not None else {k: scale * v for k, v in SENT.items()}),
+            wire.METRICS: MetricRecord(train_metrics(examples, **metrics)),
+            wire.PARTNER: ConfigRecord({"name": name, "note": "", "ledger-line": f'{{"partner": "{name}"}}'}),
+        }
+    )
+
+
+def reply(node: int, content: RecordDict) -> Message:
+    instruction = Message(content=RecordDict({wire.ARRAYS: ArrayRecord(SENT)}), dst_node_id=node, message_type=MessageType.TRAIN)
+    return Message(content=content, reply_to=instruction)
+
+
+def test_a_well_formed_reply_passes_and_a_declined_one_may_have_no_examples() -> None:
+    assert train_reply_problems(train_content(), sent=SENT) == []
+    assert train_reply_problems(train_content(examples=0, declined=1), sent=SENT) == []
+    evaluation = {"num-examples": 40, **dict.fromkeys(wire.EVALUATE_METRICS[1:], 0.5)}
+    assert evaluate_reply_problems(RecordDict({wire.METRICS: MetricRecord(evaluation)})) == []
+
+
+def _edit(content: RecordDict, change: Callable[[RecordDict], None]) -> RecordDict:
+    change(content)
+    return content
+
+
+def _one_nan() -> dict[str, torch.Tensor]:
+    w = SENT["w"].clone()
+    w[1, 2] = float("nan")
+    return {"w": w, "b": SENT["b"]}
+
+
+BROKEN = {
+    "NaN everywhere": (train_content(arrays={"w": SENT["w"].clone().fill_(float("nan")), "b": SENT["b"]}), "w: 12 non-finite value(s)"),
+    "one NaN": (train_content(arrays=_one_nan()), "w: 1 non-finite value(s)"),
+    "another shape": (train_content(arrays={"w": torch.ones(3, 3), "b": SENT["b"]}), "w: shape (3, 3), expected (4, 3)"),
+    "another dtype": (train_content(arrays={"w": SENT["w"].double(), "b": SENT["b"]}), "w: dtype torch.float64, expected torch.float32"),
+    "a missing array": (train_content(arrays={"w": SENT["w"]}), "missing b"),
+    "an extra array": (train_content(arrays={**SENT, "extra": torch.ones(1)}), "unexpected extra"),
+    "an extra metric": (train_content(accuracy=0.9), "unexpected metric 'accuracy'"),
+    "a missing metric": (train_content(loss=None), "no metric 'loss'"),
+    "a list metric": (train_content(loss=[1.0, 2.0]), "metric 'loss' is [1.0, 2.0], expected one finite number"),
+    "an infinite epsilon": (train_content(epsilon=float("inf")), "metric 'epsilon' is inf"),
+    "no examples in a trained round": (train_content(examples=0), "num-examples is 0 in a round the partner trained"),
+    "negative examples": (train_content(examples=-3), "num-examples is -3, expected a whole number"),
+    "fractional examples": (train_content(examples=2.5), "num-examples is 2.5, expected a whole number"),  # type: ignore[arg-type]
+    "declined 2": (train_content(declined=2), "metric 'declined' is 2, expected 0 or 1"),
+    "an extra record": (_edit(train_content(), lambda c: c.__setitem__("extra", ConfigRecord({"a": 1}))), "unexpected record 'extra'"),
+    "no arrays": (_edit(train_content(), lambda c: c.__delitem__(wire.ARRAYS)), "no 'arrays' record"),
+    "metrics of another kind": (
+        _edit(train_content(), lambda c: c.__setitem__(wire.METRICS, ConfigRecord({"loss": "low"}))),
+        "record 'metrics' is of another kind than declared",
+    ),
+    "a multi-line ledger line": (
+        _edit(train_content(), lambda c: c.__setitem__(wire.PARTNER, ConfigRecord({"name": "p", "ledger-line": "{}\n{}"}))),
+        "the ledger line holds more than one line",
+    ),
+    "an extra partner field": (
+        _edit(train_content(), lambda c: c.__setitem__(wire.PARTNER, ConfigRecord({"name": "p", "email": "x"}))),
+        "unexpected partner field 'email'",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(BROKEN))
+def test_every_break_of_the_wire_contract_is_named(case: str) -> None:
+    content, expected = BROKEN[case]
+    problems = train_reply_problems(content, sent=SENT)
+    assert any(expected in p for p in problems), problems
+
+
+def test_fedavg_leaves_a_broken_reply_out_and_the_run_goes_on(tmp_path: Path) -> None:
+    good = [reply(1, train_content(1.0, name="books", examples=10)), reply(2, train_content(3.0, name="games", examples=30))]
+    poisoned = reply(3, train_content(name="gear", arrays={"w": SENT["w"] * float("inf"), "b": SENT["b"]}, examples=1000))
+    renamed = reply(4, train_content(name="music", arrays={"weight": SENT["w"], "b": SENT["b"]}))
+    # Flower's FedAvg alone stops the round on the renamed reply, and averages the poisoned one in
+    with pytest.raises(InconsistentMessageReplies):
+        FedAvg().aggregate_train(1, [*good, renamed])
+    averaged, _ = FedAvg().aggregate_train(1, [*good, poisoned])
+    assert averaged is not None and not torch.isfinite(averaged.to_torch_state_dict()["w"]).any()
+
+    strategy = PartnerFedAvg()
+    strategy.configure_train(1, ArrayRecord(SENT), ConfigRecord({}), grid=_Grid())  # type: ignore[arg-type]
+    arrays, _ = strategy.aggregate_train(1, [*good, poisoned, renamed])
+    assert arrays is not None
+    torch.testing.assert_close(arrays.to_torch_state_dict()["w"], torch.full((4, 3), 2.5))  # (10 x 1 + 30 x 3) / 40
+
+    # the run folder says which updates were left out and why; the partners' ledger lines are kept
+    run = RunFolder(tmp_path / "run")
+    rows = {r["partner"]: r for r in end_round(run, 1, arrays.to_torch_state_dict(), strategy.round_log(1), encoder_bytes=10**6)}
+    assert [p for p, r in rows.items() if r["rejected"]] == ["gear", "music"]
+    assert rows["books"]["num_examples"] == 10 and rows["books"]["note"] == ""
+    assert rows["gear"]["note"] == "the server rejected this update: w: 12 non-finite value(s) (NaN or infinity)"
+    assert rows["music"]["note"] == "the server rejected this update: missing w; unexpected weight"
+    assert run.ledger_path("gear").read_text() == '{"partner": "gear"}\n'
+    summary = run.write_summary(settings=FederationSettings(), adapter_bytes=100, encoder_bytes=10**6)
+    assert summary["partners"]["gear"]["rounds_rejected"] == 1 and summary["partners"]["books"]["rounds_trained"] == 1
+    assert "| rounds trained | declined | rejected |" in (run.root / "summary.md").read_text()
+
+
+def test_every_update_rejected_keeps_the_adapter() -> None:
+    strategy = PartnerFedAvg()
+    strategy.configure_train(1, ArrayRecord(SENT), ConfigRecord({}), grid=_Grid())  # type: ignore[arg-type]
+    assert strategy.aggregate_train(1, [reply(1, train_content(examples=0))]) == (None, None)
+
+
+class _Grid:
+    """The grid's one call that ``configure_train`` makes here (its messages are not sent)."""
+
+    def get_node_ids(self) -> list[int]:
+        return [1, 2, 3, 4]

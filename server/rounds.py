@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from server.run_folder import RunFolder
-from server.strategy import RoundLog
+from server.strategy import PartnerReply, RoundLog
 from shared.federation.wire import EVALUATE_METRICS, TRAIN_METRICS
 
 NO_DP = -1.0
@@ -25,7 +25,8 @@ def round_rows(server_round: int, log: RoundLog) -> list[dict[str, Any]]:
             row[_key(name)] = None if value == NO_DP and name in ("epsilon", "delta") else value
         row["declined"] = bool(reply.metrics.get("declined"))
         row["rejected"] = bool(reply.rejected)  # left out of the average by the server (server.screening)
-        row["note"] = _note(reply.note, reply.rejected, "update")
+        row["failed"] = bool(reply.failed)  # the partner's ClientApp raised instead of replying
+        row["note"] = _note(reply, "update")
         row["bytes_sent"] = log.bytes_sent_each
         row["bytes_received"] = reply.bytes_received
     for reply in log.evaluate:
@@ -38,22 +39,27 @@ def round_rows(server_round: int, log: RoundLog) -> list[dict[str, Any]]:
                 "steps": 0,
                 "declined": False,
                 "rejected": False,
+                "failed": False,
                 "note": "not sampled this round",
             },
         )
         for name in EVALUATE_METRICS:
             if name != "num-examples":
                 row[_key(name)] = reply.metrics.get(name)
-        if reply.rejected:
-            row["note"] = _note(row["note"], reply.rejected, "evaluation")
+        if reply.rejected or reply.failed:
+            row["note"] = "; ".join(filter(None, [row["note"], _note(reply, "evaluation")]))
     return list(rows.values())
 
 
-def _note(note: str, rejected: list[str], what: str) -> str:
-    if not rejected:
-        return note
-    why = f"the server rejected this {what}: {'; '.join(rejected[:5])}" + (f" (and {len(rejected) - 5} more)" if len(rejected) > 5 else "")
-    return f"{note}; {why}" if note else why
+def _note(reply: PartnerReply, what: str) -> str:
+    """The partner's note, and why its reply was left out, if it was."""
+    why = ""
+    if reply.failed:
+        why = f"the partner's {what} failed: {reply.failed}"
+    elif reply.rejected:
+        more = f" (and {len(reply.rejected) - 5} more)" if len(reply.rejected) > 5 else ""
+        why = f"the server rejected this {what}: {'; '.join(reply.rejected[:5])}{more}"
+    return "; ".join(filter(None, [reply.note, why]))
 
 
 def end_round(run: RunFolder, server_round: int, arrays: dict[str, Any], log: RoundLog, *, encoder_bytes: int) -> list[dict[str, Any]]:
@@ -75,6 +81,4 @@ def end_round(run: RunFolder, server_round: int, arrays: dict[str, Any], log: Ro
     print(
         f"  the full encoder would be {encoder_bytes:,} bytes; each partner sent and received {log.bytes_sent_each / encoder_bytes:.2%} of that"
     )
-    for failure in log.failures:
-        print(f"  failure: {failure}")
     return rows

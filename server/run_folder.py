@@ -135,8 +135,10 @@ class RunFolder:
         rows = self.metrics()
         partners: dict[str, dict[str, Any]] = {}
         for row in rows:
-            p = partners.setdefault(row["partner"], {"rounds_trained": 0, "rounds_declined": 0, "rounds_rejected": 0})
-            if row.get("rejected"):
+            p = partners.setdefault(row["partner"], {"rounds_trained": 0, "rounds_declined": 0, "rounds_rejected": 0, "rounds_failed": 0})
+            if row.get("failed"):
+                p["rounds_failed"] += 1
+            elif row.get("rejected"):
                 p["rounds_rejected"] += 1
             elif row.get("declined"):
                 p["rounds_declined"] += 1
@@ -169,7 +171,8 @@ class RunFolder:
                 p["ledger_head"] = ledger.head_of(self.ledger_path(name)).to_dict()
         (self.root / "summary.json").write_text(json.dumps(summary, indent=2))
         mixed = settings.personal_mix != "off"  # each partner's model mixes the global adapter with its own
-        rejected = any(p["rounds_rejected"] for p in partners.values())  # shown only where the server left updates out
+        # shown only where updates were left out: rejected by the server's check, or the partner's ClientApp failed
+        left_out = [k for k in ("rejected", "failed") if any(p[f"rounds_{k}"] for p in partners.values())]
         lines = [
             f"# Run {self.root.name}",
             "",
@@ -177,9 +180,9 @@ class RunFolder:
             f"adapter {adapter_bytes:,} bytes per round each way ({adapter_bytes / encoder_bytes:.2%} of the encoder's {encoder_bytes:,}).",
             "",
             "| partner | test NDCG@10 | test Recall@10 | valid NDCG@10 | epsilon | delta | rounds trained | declined |"
-            + (" rejected |" if rejected else "")
+            + "".join(f" {k} |" for k in left_out)
             + (" global weight |" if mixed else ""),
-            "|---|---|---|---|---|---|---|---|" + ("---|" * (rejected + mixed)),
+            "|---|---|---|---|---|---|---|---|" + ("---|" * (len(left_out) + mixed)),
         ]
         for name, p in partners.items():
             eps = "no DP" if p.get("epsilon") is None else f"{p['epsilon']:.3f}"
@@ -187,7 +190,7 @@ class RunFolder:
             lines.append(
                 f"| {name} | {p.get('test_ndcg@10', float('nan')):.4f} | {p.get('test_recall@10', float('nan')):.4f} | "
                 f"{p.get('valid_ndcg@10', float('nan')):.4f} | {eps} | {delta} | {p['rounds_trained']} | {p['rounds_declined']} |"
-                + (f" {p['rounds_rejected']} |" if rejected else "")
+                + "".join(f" {p[f'rounds_{k}']} |" for k in left_out)
                 + (f" {p.get('global_weight', float('nan')):g} |" if mixed else "")
             )
         (self.root / "summary.md").write_text("\n".join(lines) + "\n")

@@ -39,13 +39,13 @@ class PartnerReply:
     bytes_received: int = 0
     ledger_line: str = ""  # the partner's own ledger line for the round, copied verbatim
     rejected: list[str] = field(default_factory=list)  # why the server left the reply out (server.screening)
+    failed: str = ""  # Flower's error reason, where the partner's ClientApp raised instead of replying
 
 
 @dataclass
 class RoundLog:
     train: list[PartnerReply] = field(default_factory=list)
     evaluate: list[PartnerReply] = field(default_factory=list)
-    failures: list[str] = field(default_factory=list)
     bytes_sent_each: int = 0
 
 
@@ -72,6 +72,7 @@ class PartnerFedAvg(FedAvg):
         self.offset = first_round - 1
         self.rounds: dict[int, RoundLog] = {}
         self.sent: dict[str, torch.Tensor] = {}  # this round's global adapter, which replies are checked against
+        self.names: dict[int, str] = {}  # node id -> partner name, from its replies: a failure names no partner
 
     def round_log(self, server_round: int) -> RoundLog:
         return self.rounds.setdefault(server_round + self.offset, RoundLog())
@@ -86,7 +87,7 @@ class PartnerFedAvg(FedAvg):
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         log = self.round_log(server_round)
-        passed = _screen(replies, log, log.train, lambda content: train_reply_problems(content, sent=self.sent))
+        passed = _screen(replies, log.train, self.names, lambda content: train_reply_problems(content, sent=self.sent))
         taken = [m for m in passed if not m.content.metric_records[wire.METRICS]["declined"]]
         if not taken:  # everybody declined, failed or was rejected: the adapter stays as it was
             return None, None
@@ -94,20 +95,24 @@ class PartnerFedAvg(FedAvg):
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         log = self.round_log(server_round)
-        taken = _screen(replies, log, log.evaluate, evaluate_reply_problems)
+        taken = _screen(replies, log.evaluate, self.names, evaluate_reply_problems)
         return super().aggregate_evaluate(server_round, taken) if taken else None
 
 
 def _screen(
-    replies: Iterable[Message], log: RoundLog, into: list[PartnerReply], problems_of: Callable[[RecordDict], list[str]]
+    replies: Iterable[Message], into: list[PartnerReply], names: dict[int, str], problems_of: Callable[[RecordDict], list[str]]
 ) -> list[Message]:
-    """Logs each reply (a failure, or the partner's reply with its contract problems) and returns those without problems."""
+    """Logs each reply into ``into`` (a failure, or the partner's reply with its contract problems) and returns those without problems."""
     passed = []
     for msg in replies:
+        node = msg.metadata.src_node_id
         if msg.has_error():
-            log.failures.append(f"node {msg.metadata.src_node_id}: {msg.error.reason}")
+            into.append(
+                PartnerReply(node, names.get(node, f"node-{node}"), "", {}, failed=msg.error.reason or f"error code {msg.error.code}")
+            )
             continue
         reply = _reply(msg, problems=problems_of(msg.content))
+        names.setdefault(node, reply.partner)
         into.append(reply)
         if not reply.rejected:
             passed.append(msg)

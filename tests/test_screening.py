@@ -8,12 +8,12 @@ from typing import Any
 
 import pytest
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp.exception import InconsistentMessageReplies
 from flwr.serverapp.strategy import FedAvg
 from flwr.supercore.task_identity import TaskIdentity
 
-from server.rounds import end_round
+from server.rounds import end_round, round_rows
 from server.run_folder import RunFolder
 from server.screening import evaluate_reply_problems, train_reply_problems
 from server.strategy import PartnerFedAvg
@@ -57,9 +57,12 @@ def train_content(
     )
 
 
+def instruction(node: int) -> Message:
+    return Message(content=RecordDict({wire.ARRAYS: ArrayRecord(SENT)}), dst_node_id=node, message_type=MessageType.TRAIN)
+
+
 def reply(node: int, content: RecordDict) -> Message:
-    instruction = Message(content=RecordDict({wire.ARRAYS: ArrayRecord(SENT)}), dst_node_id=node, message_type=MessageType.TRAIN)
-    return Message(content=content, reply_to=instruction)
+    return Message(content=content, reply_to=instruction(node))
 
 
 def test_a_well_formed_reply_passes_and_a_declined_one_may_have_no_examples() -> None:
@@ -152,6 +155,22 @@ def test_every_update_rejected_keeps_the_adapter() -> None:
     strategy = PartnerFedAvg()
     strategy.configure_train(1, ArrayRecord(SENT), ConfigRecord({}), grid=_Grid())  # type: ignore[arg-type]
     assert strategy.aggregate_train(1, [reply(1, train_content(examples=0))]) == (None, None)
+
+
+def test_a_partner_whose_clientapp_failed_is_named_in_its_row(tmp_path: Path) -> None:
+    strategy = PartnerFedAvg()
+    strategy.configure_train(1, ArrayRecord(SENT), ConfigRecord({}), grid=_Grid())  # type: ignore[arg-type]
+    strategy.aggregate_train(1, [reply(1, train_content(name="books")), reply(2, train_content(name="games"))])
+    strategy.configure_train(2, ArrayRecord(SENT), ConfigRecord({}), grid=_Grid())  # type: ignore[arg-type]
+    reason = "<class 'ValueError'>:<'the server's arrays: not weights of this adapter'>"  # as Flower reports a raise
+    failures = [Message(Error(code=0, reason=reason), reply_to=instruction(node)) for node in (1, 7)]
+    arrays, _ = strategy.aggregate_train(2, [*failures, reply(2, train_content(3.0, name="games"))])
+    assert arrays is not None
+    torch.testing.assert_close(arrays.to_torch_state_dict()["w"], 3 * SENT["w"])
+    rows = {r["partner"]: r for r in round_rows(2, strategy.round_log(2))}
+    assert rows["books"]["failed"] and rows["books"]["note"] == f"the partner's update failed: {reason}"
+    assert rows["node-7"]["failed"]  # a node that never replied has no name yet
+    assert not rows["games"]["failed"] and not rows["games"]["rejected"]
 
 
 class _Grid:

@@ -9,9 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from flwr.clientapp import ClientApp
 
-from client.client_app import app as client_app
 from server.run_folder import RunFolder
 from shared.cli import main as cli_main
 from shared.federation.scenario import PartnerSpec, scenario_partners
@@ -23,7 +21,7 @@ from tests.browser import assert_page_shows_every_partner
 from tests.processes import descendants, is_loopback, listening_addresses, niceness, wait_for_exit
 
 
-def simulate(client: ClientApp, run_config: dict[str, object], *, partners: int = 3) -> tuple[set[str], set[int]]:
+def simulate(run_config: dict[str, object], *, partners: int = 3) -> tuple[set[str], set[int]]:
     """Runs the simulation; returns every address our process tree listened on meanwhile,
     and the niceness seen on the Ray workers that ran the partners."""
     seen: set[str] = set()
@@ -80,7 +78,7 @@ def test_compare_names_a_partner_the_scenario_lacks(tmp_path: Path, capsys: pyte
 def test_dp_federation_writes_a_complete_run_folder(tmp_path: Path, ray_env: Path) -> None:
     before = descendants()
     config = {"rounds": 2, "runs-dir": str(tmp_path / "runs"), "run-id": "ci", "batch-size": 128, "target-epsilon": 8.0}
-    addresses, worker_niceness = simulate(client_app, config)
+    addresses, worker_niceness = simulate(config)
     run = tmp_path / "runs" / "ci"
 
     assert json.loads((run / "config.json").read_text())["rounds"] == 2
@@ -122,7 +120,7 @@ def test_dp_federation_writes_a_complete_run_folder(tmp_path: Path, ray_env: Pat
 
     # resuming a finished run trains nothing more; raising rounds continues at round 3,
     # where each partner's budget (planned for 2 rounds) makes it decline
-    simulate(client_app, {**config, "rounds": 3})
+    simulate({**config, "rounds": 3})
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     third = [r for r in rows if r["round"] == 3]
     assert len(third) == 3 and all(r["declined"] for r in third)

@@ -112,7 +112,8 @@ def _screen(
             )
             continue
         reply = _reply(msg, problems=problems_of(msg.content))
-        names.setdefault(node, reply.partner)
+        if reply.partner != f"node-{node}":  # a name the partner gave
+            names[node] = reply.partner
         into.append(reply)
         if not reply.rejected:
             passed.append(msg)

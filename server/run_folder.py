@@ -185,7 +185,7 @@ class RunFolder:
             "|---|---|---|---|---|---|---|---|" + ("---|" * (len(left_out) + mixed)),
         ]
         for name, p in partners.items():
-            eps = "no DP" if p.get("epsilon") is None else f"{p['epsilon']:.3f}"
+            eps = "no DP" if not settings.dp else "-" if p.get("epsilon") is None else f"{p['epsilon']:.3f}"
             delta = "" if p.get("delta") is None else f"{p['delta']:.1e}"
             lines.append(
                 f"| {name} | {p.get('test_ndcg@10', float('nan')):.4f} | {p.get('test_recall@10', float('nan')):.4f} | "

@@ -13,6 +13,7 @@ numbering.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -49,18 +50,21 @@ class RoundLog:
     bytes_sent_each: int = 0
 
 
-def _reply(msg: Message, *, problems: list[str]) -> PartnerReply:
-    """What the run folder keeps of a reply; of a rejected one, its name, size and ledger line only."""
+def _reply(msg: Message, *, problems: list[str], declared: tuple[str, ...]) -> PartnerReply:
+    """What the run folder keeps of a reply; of a rejected one, only the declared metrics that are finite numbers."""
     content = msg.content
     info = dict(content.config_records[wire.PARTNER]) if wire.PARTNER in content.config_records else {}
     name, note, line = (info.get(k) for k in ("name", "note", "ledger-line"))
+    metrics = dict(content.metric_records[wire.METRICS]) if wire.METRICS in content.metric_records else {}
+    if problems:  # what the partner reported (its epsilon, say) stays on record where it is well-formed
+        metrics = {k: v for k, v in metrics.items() if k in declared and not isinstance(v, list) and math.isfinite(v)}
     arrays = content.array_records.get(wire.ARRAYS)
     return PartnerReply(
         node_id=msg.metadata.src_node_id,
         partner=name if isinstance(name, str) and name else f"node-{msg.metadata.src_node_id}",
         note=note if isinstance(note, str) else "",
         ledger_line=line if isinstance(line, str) and "\n" not in line.rstrip("\n") else "",
-        metrics={} if problems else dict(content.metric_records[wire.METRICS]),
+        metrics=metrics,
         bytes_received=record_bytes(arrays) if arrays is not None else 0,
         rejected=problems,
     )
@@ -87,7 +91,7 @@ class PartnerFedAvg(FedAvg):
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         log = self.round_log(server_round)
-        passed = _screen(replies, log.train, self.names, lambda content: train_reply_problems(content, sent=self.sent))
+        passed = _screen(replies, log.train, self.names, lambda content: train_reply_problems(content, sent=self.sent), wire.TRAIN_METRICS)
         taken = [m for m in passed if not m.content.metric_records[wire.METRICS]["declined"]]
         if not taken:  # everybody declined, failed or was rejected: the adapter stays as it was
             return None, None
@@ -95,12 +99,16 @@ class PartnerFedAvg(FedAvg):
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         log = self.round_log(server_round)
-        taken = _screen(replies, log.evaluate, self.names, evaluate_reply_problems)
+        taken = _screen(replies, log.evaluate, self.names, evaluate_reply_problems, wire.EVALUATE_METRICS)
         return super().aggregate_evaluate(server_round, taken) if taken else None
 
 
 def _screen(
-    replies: Iterable[Message], into: list[PartnerReply], names: dict[int, str], problems_of: Callable[[RecordDict], list[str]]
+    replies: Iterable[Message],
+    into: list[PartnerReply],
+    names: dict[int, str],
+    problems_of: Callable[[RecordDict], list[str]],
+    declared: tuple[str, ...],
 ) -> list[Message]:
     """Logs each reply into ``into`` (a failure, or the partner's reply with its contract problems) and returns those without problems."""
     passed = []
@@ -111,7 +119,7 @@ def _screen(
                 PartnerReply(node, names.get(node, f"node-{node}"), "", {}, failed=msg.error.reason or f"error code {msg.error.code}")
             )
             continue
-        reply = _reply(msg, problems=problems_of(msg.content))
+        reply = _reply(msg, problems=problems_of(msg.content), declared=declared)
         if reply.partner != f"node-{node}":  # a name the partner gave
             names[node] = reply.partner
         into.append(reply)

@@ -144,6 +144,7 @@ def test_fedavg_leaves_a_broken_reply_out_and_the_run_goes_on(tmp_path: Path) ->
     assert [p for p, r in rows.items() if r["rejected"]] == ["gear", "music"]
     assert rows["books"]["num_examples"] == 10 and rows["books"]["note"] == ""
     assert rows["gear"]["note"] == "the server rejected this update: w: 12 non-finite value(s) (NaN or infinity)"
+    assert rows["gear"]["epsilon"] == 2.0 and rows["gear"]["num_examples"] == 1000  # what it reported stays on record
     assert rows["music"]["note"] == "the server rejected this update: missing w; unexpected weight"
     assert run.ledger_path("gear").read_text() == '{"partner": "gear"}\n'
     summary = run.write_summary(settings=FederationSettings(), adapter_bytes=100, encoder_bytes=10**6)

@@ -7,7 +7,7 @@ only if it is what :mod:`shared.federation.wire` declares: the records named the
 and no others; under ``"arrays"`` the names, shapes and dtypes of the adapter the
 server sent, all finite; under ``"metrics"`` exactly the declared names, each one
 finite number; ``num-examples`` a whole number, at least 1 unless the partner
-declined. Any other reply is left out of the round and logged with what was wrong,
+declined a training round (Flower divides by the sum of these weights). Any other reply is left out of the round and logged with what was wrong,
 and the run goes on with the others.
 
 What this cannot check is whether a well-formed update is honest (a partner can
@@ -48,7 +48,11 @@ def evaluate_reply_problems(content: RecordDict) -> list[str]:
     """Every way an evaluation reply differs from the wire contract."""
     problems = _record_problems(content, arrays=False)
     if wire.METRICS in content.metric_records:
-        problems += _metric_problems(dict(content.metric_records[wire.METRICS]), wire.EVALUATE_METRICS)
+        metrics = dict(content.metric_records[wire.METRICS])
+        problems += _metric_problems(metrics, wire.EVALUATE_METRICS)
+        examples = metrics.get("num-examples")
+        if isinstance(examples, int) and examples == 0:
+            problems.append("num-examples is 0: an evaluation over no users scores nothing (and weighs nothing in the average)")
     return problems
 
 

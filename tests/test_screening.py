@@ -65,11 +65,15 @@ def reply(node: int, content: RecordDict) -> Message:
     return Message(content=content, reply_to=instruction(node))
 
 
-def test_a_well_formed_reply_passes_and_a_declined_one_may_have_no_examples() -> None:
+def test_a_well_formed_reply_passes_and_only_a_declined_one_may_have_no_examples() -> None:
     assert train_reply_problems(train_content(), sent=SENT) == []
     assert train_reply_problems(train_content(examples=0, declined=1), sent=SENT) == []
     evaluation = {"num-examples": 40, **dict.fromkeys(wire.EVALUATE_METRICS[1:], 0.5)}
     assert evaluate_reply_problems(RecordDict({wire.METRICS: MetricRecord(evaluation)})) == []
+    no_users = RecordDict({wire.METRICS: MetricRecord({**evaluation, "num-examples": 0})})
+    assert evaluate_reply_problems(no_users) == [
+        "num-examples is 0: an evaluation over no users scores nothing (and weighs nothing in the average)"
+    ]
 
 
 def _edit(content: RecordDict, change: Callable[[RecordDict], None]) -> RecordDict:

@@ -1,14 +1,15 @@
 """The coordinator's check of each partner's reply before it is averaged or logged.
 
-Flower's FedAvg trusts what it receives: one reply with other array names stops the
-whole round (``InconsistentMessageReplies``), and one NaN, or a reply of weight 0
-from every partner, reaches every partner through the average. A reply is taken
-only if it is what :mod:`shared.federation.wire` declares: the records named there
-and no others; under ``"arrays"`` the names, shapes and dtypes of the adapter the
-server sent, all finite; under ``"metrics"`` exactly the declared names, each one
-finite number; ``num-examples`` a whole number, at least 1 unless the partner
-declined a training round (Flower divides by the sum of these weights). Any other reply is left out of the round and logged with what was wrong,
-and the run goes on with the others.
+Flower's FedAvg trusts what it receives: one reply with other array names stops
+the whole round (``InconsistentMessageReplies``), weights of 0 in every reply
+divide by zero, and one NaN reaches every partner through the average. A reply
+is taken only if it is what :mod:`shared.federation.wire` declares: the records
+named there and no others; under ``"arrays"`` the names, shapes and dtypes of
+the adapter the server sent, all finite; under ``"metrics"`` exactly the
+declared names, each one finite number; ``num-examples`` (FedAvg's weight) a
+whole number, at least 1 unless the partner declined a training round. Any
+other reply is left out of the round and logged with what was wrong, and the
+run goes on with the others.
 
 What this cannot check is whether a well-formed update is honest (a partner can
 still overstate ``num-examples`` or send weights trained to harm): that takes

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -76,8 +76,13 @@ def test_a_well_formed_reply_passes_and_only_a_declined_one_may_have_no_examples
     ]
 
 
-def _edit(content: RecordDict, change: Callable[[RecordDict], None]) -> RecordDict:
-    change(content)
+def with_record(name: str, record: ConfigRecord | None) -> RecordDict:
+    """A well-formed training reply with its record ``name`` replaced (None: removed)."""
+    content = train_content()
+    if record is None:
+        del content[name]
+    else:
+        content[name] = record
     return content
 
 
@@ -102,20 +107,17 @@ BROKEN = {
     "negative examples": (train_content(examples=-3), "num-examples is -3, expected a whole number"),
     "fractional examples": (train_content(examples=2.5), "num-examples is 2.5, expected a whole number"),  # type: ignore[arg-type]
     "declined 2": (train_content(declined=2), "metric 'declined' is 2, expected 0 or 1"),
-    "an extra record": (_edit(train_content(), lambda c: c.__setitem__("extra", ConfigRecord({"a": 1}))), "unexpected record 'extra'"),
-    "no arrays": (_edit(train_content(), lambda c: c.__delitem__(wire.ARRAYS)), "no 'arrays' record"),
+    "an extra record": (with_record("extra", ConfigRecord({"a": 1})), "unexpected record 'extra'"),
+    "no arrays": (with_record(wire.ARRAYS, None), "no 'arrays' record"),
     "metrics of another kind": (
-        _edit(train_content(), lambda c: c.__setitem__(wire.METRICS, ConfigRecord({"loss": "low"}))),
+        with_record(wire.METRICS, ConfigRecord({"loss": "low"})),
         "record 'metrics' is of another kind than declared",
     ),
     "a multi-line ledger line": (
-        _edit(train_content(), lambda c: c.__setitem__(wire.PARTNER, ConfigRecord({"name": "p", "ledger-line": "{}\n{}"}))),
+        with_record(wire.PARTNER, ConfigRecord({"name": "p", "ledger-line": "{}\n{}"})),
         "the ledger line holds more than one line",
     ),
-    "an extra partner field": (
-        _edit(train_content(), lambda c: c.__setitem__(wire.PARTNER, ConfigRecord({"name": "p", "email": "x"}))),
-        "unexpected partner field 'email'",
-    ),
+    "an extra partner field": (with_record(wire.PARTNER, ConfigRecord({"name": "p", "email": "x"})), "unexpected partner field 'email'"),
 }
 
 

@@ -14,12 +14,12 @@ numbering.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
@@ -90,39 +90,32 @@ class PartnerFedAvg(FedAvg):
         return super().configure_evaluate(server_round + self.offset, arrays, config, grid)
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        log = self.round_log(server_round)
-        passed = _screen(replies, log.train, self.names, lambda content: train_reply_problems(content, sent=self.sent), wire.TRAIN_METRICS)
+        passed = self._screen(replies, self.round_log(server_round).train, train=True)
         taken = [m for m in passed if not m.content.metric_records[wire.METRICS]["declined"]]
         if not taken:  # everybody declined, failed or was rejected: the adapter stays as it was
             return None, None
         return super().aggregate_train(server_round, taken)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        log = self.round_log(server_round)
-        taken = _screen(replies, log.evaluate, self.names, evaluate_reply_problems, wire.EVALUATE_METRICS)
+        taken = self._screen(replies, self.round_log(server_round).evaluate, train=False)
         return super().aggregate_evaluate(server_round, taken) if taken else None
 
-
-def _screen(
-    replies: Iterable[Message],
-    into: list[PartnerReply],
-    names: dict[int, str],
-    problems_of: Callable[[RecordDict], list[str]],
-    declared: tuple[str, ...],
-) -> list[Message]:
-    """Logs each reply into ``into`` (a failure, or the partner's reply with its contract problems) and returns those without problems."""
-    passed = []
-    for msg in replies:
-        node = msg.metadata.src_node_id
-        if msg.has_error():
-            into.append(
-                PartnerReply(node, names.get(node, f"node-{node}"), "", {}, failed=msg.error.reason or f"error code {msg.error.code}")
-            )
-            continue
-        reply = _reply(msg, problems=problems_of(msg.content), declared=declared)
-        if reply.partner != f"node-{node}":  # a name the partner gave
-            names[node] = reply.partner
-        into.append(reply)
-        if not reply.rejected:
-            passed.append(msg)
-    return passed
+    def _screen(self, replies: Iterable[Message], into: list[PartnerReply], *, train: bool) -> list[Message]:
+        """Logs each reply into ``into`` (a failure, or the partner's reply with its contract problems); returns those without problems."""
+        passed = []
+        for msg in replies:
+            node = msg.metadata.src_node_id
+            if msg.has_error():
+                reason = msg.error.reason or f"error code {msg.error.code}"
+                into.append(PartnerReply(node, self.names.get(node, f"node-{node}"), "", {}, failed=reason))
+                continue
+            if train:
+                reply = _reply(msg, problems=train_reply_problems(msg.content, sent=self.sent), declared=wire.TRAIN_METRICS)
+            else:
+                reply = _reply(msg, problems=evaluate_reply_problems(msg.content), declared=wire.EVALUATE_METRICS)
+            if reply.partner != f"node-{node}":  # a name the partner gave
+                self.names[node] = reply.partner
+            into.append(reply)
+            if not reply.rejected:
+                passed.append(msg)
+        return passed

@@ -29,6 +29,16 @@ from shared.federation import wire
 from shared.model.adapters import state_problems
 
 
+def is_finite_number(value: object) -> bool:
+    """One metric value as the contract declares it: a single finite number."""
+    return isinstance(value, int | float) and math.isfinite(value)
+
+
+def is_one_line(text: str) -> bool:
+    """A ledger line is copied into the run's ledger verbatim: one line, or it would forge others."""
+    return "\n" not in text.rstrip("\n")
+
+
 def train_reply_problems(content: RecordDict, *, sent: dict[str, torch.Tensor]) -> list[str]:
     """Every way a training reply differs from the wire contract, given the adapter ``sent``."""
     problems = _record_problems(content, arrays=True)
@@ -72,8 +82,8 @@ def _record_problems(content: RecordDict, *, arrays: bool) -> list[str]:
         info = dict(content.config_records[wire.PARTNER])
         problems += [f"unexpected partner field {k!r}" for k in info if k not in wire.PARTNER_FIELDS]
         problems += [f"partner field {k!r} is not text" for k, v in info.items() if k in wire.PARTNER_FIELDS and not isinstance(v, str)]
-        if "\n" in str(info.get("ledger-line", "")).rstrip("\n"):
-            problems.append("the ledger line holds more than one line")  # it is copied into the run's ledger verbatim
+        if not is_one_line(str(info.get("ledger-line", ""))):
+            problems.append("the ledger line holds more than one line")
     return problems
 
 
@@ -81,7 +91,7 @@ def _metric_problems(metrics: dict[str, Any], declared: tuple[str, ...]) -> list
     problems = [f"no metric {name!r}" for name in declared if name not in metrics]
     problems += [f"unexpected metric {name!r}" for name in metrics if name not in declared]
     for name, value in metrics.items():
-        if isinstance(value, list) or not math.isfinite(value):
+        if not is_finite_number(value):
             problems.append(f"metric {name!r} is {value!r}, expected one finite number")
     examples = metrics.get("num-examples")
     if examples is not None and not (isinstance(examples, int) and examples >= 0):

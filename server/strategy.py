@@ -13,7 +13,6 @@ numbering.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,7 +22,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
-from server.screening import evaluate_reply_problems, train_reply_problems
+from server.screening import evaluate_reply_problems, is_finite_number, is_one_line, train_reply_problems
 from shared.federation import wire
 
 
@@ -50,24 +49,32 @@ class RoundLog:
     bytes_sent_each: int = 0
 
 
-def _reply(msg: Message, *, problems: list[str], declared: tuple[str, ...]) -> PartnerReply:
+def _reply(msg: Message, *, partner: str, problems: list[str], declared: tuple[str, ...]) -> PartnerReply:
     """What the run folder keeps of a reply; of a rejected one, only the declared metrics that are finite numbers."""
     content = msg.content
     info = dict(content.config_records[wire.PARTNER]) if wire.PARTNER in content.config_records else {}
-    name, note, line = (info.get(k) for k in ("name", "note", "ledger-line"))
+    note, line = info.get("note"), info.get("ledger-line")
     metrics = dict(content.metric_records[wire.METRICS]) if wire.METRICS in content.metric_records else {}
     if problems:  # what the partner reported (its epsilon, say) stays on record where it is well-formed
-        metrics = {k: v for k, v in metrics.items() if k in declared and not isinstance(v, list) and math.isfinite(v)}
+        metrics = {k: v for k, v in metrics.items() if k in declared and is_finite_number(v)}
     arrays = content.array_records.get(wire.ARRAYS)
     return PartnerReply(
         node_id=msg.metadata.src_node_id,
-        partner=name if isinstance(name, str) and name else f"node-{msg.metadata.src_node_id}",
+        partner=partner,
         note=note if isinstance(note, str) else "",
-        ledger_line=line if isinstance(line, str) and "\n" not in line.rstrip("\n") else "",
+        ledger_line=line if isinstance(line, str) and is_one_line(line) else "",
         metrics=metrics,
         bytes_received=record_bytes(arrays) if arrays is not None else 0,
         rejected=problems,
     )
+
+
+def _given_name(msg: Message) -> str | None:
+    """The name a reply gives its partner, if any (a failure gives none)."""
+    if msg.has_error() or wire.PARTNER not in msg.content.config_records:
+        return None
+    name = msg.content.config_records[wire.PARTNER].get("name")
+    return name if isinstance(name, str) and name else None
 
 
 class PartnerFedAvg(FedAvg):
@@ -105,16 +112,14 @@ class PartnerFedAvg(FedAvg):
         passed = []
         for msg in replies:
             node = msg.metadata.src_node_id
+            if name := _given_name(msg):
+                self.names[node] = name
+            partner = self.names.get(node, f"node-{node}")
             if msg.has_error():
-                reason = msg.error.reason or f"error code {msg.error.code}"
-                into.append(PartnerReply(node, self.names.get(node, f"node-{node}"), "", {}, failed=reason))
+                into.append(PartnerReply(node, partner, "", {}, failed=msg.error.reason or f"error code {msg.error.code}"))
                 continue
-            if train:
-                reply = _reply(msg, problems=train_reply_problems(msg.content, sent=self.sent), declared=wire.TRAIN_METRICS)
-            else:
-                reply = _reply(msg, problems=evaluate_reply_problems(msg.content), declared=wire.EVALUATE_METRICS)
-            if reply.partner != f"node-{node}":  # a name the partner gave
-                self.names[node] = reply.partner
+            problems = train_reply_problems(msg.content, sent=self.sent) if train else evaluate_reply_problems(msg.content)
+            reply = _reply(msg, partner=partner, problems=problems, declared=wire.TRAIN_METRICS if train else wire.EVALUATE_METRICS)
             into.append(reply)
             if not reply.rejected:
                 passed.append(msg)

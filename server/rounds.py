@@ -19,7 +19,7 @@ def round_rows(server_round: int, log: RoundLog) -> list[dict[str, Any]]:
     """One row per partner: its training reply (if sampled) joined with its evaluation reply."""
     rows: dict[str, dict[str, Any]] = {}
     for reply in log.train:
-        row = rows.setdefault(reply.partner, {"round": server_round, "partner": reply.partner})
+        row = rows.setdefault(reply.partner, {"round": server_round, "partner": reply.partner, "node_id": reply.node_id})
         for name in TRAIN_METRICS:
             value = reply.metrics.get(name)
             row[_key(name)] = None if value == NO_DP and name in ("epsilon", "delta") else value
@@ -35,6 +35,7 @@ def round_rows(server_round: int, log: RoundLog) -> list[dict[str, Any]]:
             {
                 "round": server_round,
                 "partner": reply.partner,
+                "node_id": reply.node_id,  # Flower's id of the SuperNode: who holds the name (PartnerFedAvg.finish_round)
                 "num_examples": 0,
                 "steps": 0,
                 "declined": False,
@@ -48,7 +49,21 @@ def round_rows(server_round: int, log: RoundLog) -> list[dict[str, Any]]:
                 row[_key(name)] = reply.metrics.get(name)
         if reply.rejected or reply.failed:
             row["note"] = "; ".join(filter(None, [row["note"], _note(reply, "evaluation")]))
+    for reply in [*log.train, *log.evaluate]:  # kept apart from another node of the same name (PartnerFedAvg.finish_round)
+        row = rows[reply.partner]
+        if reply.given_name not in (None, reply.partner) and CLASH not in row["note"]:
+            row["note"] = "; ".join(filter(None, [row["note"], _clash(reply)]))
     return list(rows.values())
+
+
+CLASH = "another SuperNode gave the name"
+
+
+def _clash(reply: PartnerReply) -> str:
+    return (
+        f"{CLASH} '{reply.given_name}' this round: this one's rows and ledger copy are kept apart as '{reply.partner}'; "
+        f"give each SuperNode a name of its own (domain='<name>' in its --node-config)"
+    )
 
 
 def _note(reply: PartnerReply, what: str) -> str:

@@ -130,6 +130,10 @@ class RunFolder:
         path = self.root / "metrics.jsonl"
         return [json.loads(line) for line in path.read_text().splitlines() if line] if path.is_file() else []
 
+    def name_holders(self) -> dict[str, int]:
+        """Partner name -> the node that gave it in the run's last round with it (for a resumed run)."""
+        return {row["partner"]: row["node_id"] for row in self.metrics() if "node_id" in row}
+
     # ------------------------------------------------------------- the end
     def write_summary(self, *, settings: FederationSettings, adapter_bytes: int, encoder_bytes: int) -> dict[str, Any]:
         rows = self.metrics()
@@ -166,8 +170,9 @@ class RunFolder:
             "encoder_bytes": encoder_bytes,
             "partners": partners,
         }
-        for name, p in partners.items():  # where each ledger ends: truncation is caught against this
+        for name, p in partners.items():  # which ledger is whose, and where it ends: truncation is caught against this
             if self.ledger_path(name).is_file():
+                p["ledger_file"] = self.ledger_path(name).relative_to(self.root).as_posix()
                 p["ledger_head"] = ledger.head_of(self.ledger_path(name)).to_dict()
         (self.root / "summary.json").write_text(json.dumps(summary, indent=2))
         mixed = settings.personal_mix != "off"  # each partner's model mixes the global adapter with its own

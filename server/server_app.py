@@ -36,6 +36,7 @@ def main(grid: Grid, context: Context) -> None:
     print(f"run folder {run.root}" + (f"; resuming after round {done}" if done else ""))
     strategy = PartnerFedAvg(
         first_round=done + 1,
+        holders=run.name_holders(),
         fraction_train=settings.fraction_train,
         fraction_evaluate=1.0,
         min_train_nodes=settings.min_partners,
@@ -46,7 +47,7 @@ def main(grid: Grid, context: Context) -> None:
 
     def after_round(server_round: int, record: ArrayRecord) -> None:
         r = server_round + done
-        end_round(run, r, record.to_torch_state_dict(), strategy.round_log(server_round), encoder_bytes=encoder.n_bytes)
+        end_round(run, r, record.to_torch_state_dict(), strategy.finish_round(server_round), encoder_bytes=encoder.n_bytes)
 
     if settings.rounds > done:
         strategy.start(

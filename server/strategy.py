@@ -40,6 +40,7 @@ class PartnerReply:
     ledger_line: str = ""  # the partner's own ledger line for the round, copied verbatim
     rejected: list[str] = field(default_factory=list)  # why the server left the reply out (server.screening)
     failed: str = ""  # Flower's error reason, where the partner's ClientApp raised instead of replying
+    given_name: str | None = None  # the name the reply gave; ``partner`` differs where another SuperNode gave it too
 
 
 @dataclass
@@ -66,6 +67,7 @@ def _reply(msg: Message, *, partner: str, problems: list[str], declared: tuple[s
         metrics=metrics,
         bytes_received=record_bytes(arrays) if arrays is not None else 0,
         rejected=problems,
+        given_name=_given_name(msg),
     )
 
 
@@ -78,15 +80,41 @@ def _given_name(msg: Message) -> str | None:
 
 
 class PartnerFedAvg(FedAvg):
-    def __init__(self, *, first_round: int = 1, **fedavg: Any) -> None:
+    def __init__(self, *, first_round: int = 1, holders: dict[str, int] | None = None, **fedavg: Any) -> None:
+        """``holders``: partner name -> node id, as the run's earlier rounds had them (a resumed run)."""
         super().__init__(**fedavg)
         self.offset = first_round - 1
         self.rounds: dict[int, RoundLog] = {}
         self.sent: dict[str, torch.Tensor] = {}  # this round's global adapter, which replies are checked against
         self.names: dict[int, str] = {}  # node id -> partner name, from its replies: a failure names no partner
+        self.holders: dict[str, int] = dict(holders or {})  # partner name -> the node that holds it in this run (finish_round)
 
     def round_log(self, server_round: int) -> RoundLog:
         return self.rounds.setdefault(server_round + self.offset, RoundLog())
+
+    def finish_round(self, server_round: int) -> RoundLog:
+        """The round's log with each reply under its partner's name for the run.
+
+        A name is one partner's records (rows, ledger copy), so two SuperNodes that give the same
+        name in one round (both mounted their data at ``/data``, say) must not share them: the
+        name stays with the node that held it in earlier rounds (else the first to give it), and
+        the other node's records are kept apart as ``<name>@node-<id>``. A node that gives a name
+        nobody else gave this round takes it over: a restarted SuperNode comes back with a new id.
+        """
+        log = self.round_log(server_round)
+        replies = [*log.train, *log.evaluate]
+        claims: dict[str, list[int]] = {}
+        for reply in replies:
+            if reply.given_name and reply.node_id not in (nodes := claims.setdefault(reply.given_name, [])):
+                nodes.append(reply.node_id)
+        for name, nodes in claims.items():
+            holder = self.holders.get(name)
+            self.holders[name] = holder = holder if holder in nodes else nodes[0]
+            for node in nodes:
+                self.names[node] = name if node == holder else f"{name}@node-{node}"
+        for reply in replies:
+            reply.partner = self.names.get(reply.node_id, reply.partner)
+        return log
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         self.round_log(server_round).bytes_sent_each = record_bytes(arrays)
@@ -113,7 +141,7 @@ class PartnerFedAvg(FedAvg):
         for msg in replies:
             node = msg.metadata.src_node_id
             if name := _given_name(msg):
-                self.names[node] = name
+                self.names.setdefault(node, name)  # finish_round settles names that two nodes gave
             partner = self.names.get(node, f"node-{node}")
             if msg.has_error():
                 into.append(PartnerReply(node, partner, "", {}, failed=msg.error.reason or f"error code {msg.error.code}"))

@@ -19,6 +19,9 @@ from server.screening import evaluate_reply_problems, train_reply_problems
 from server.strategy import PartnerFedAvg
 from shared.federation import wire
 from shared.federation.settings import FederationSettings
+from shared.privacy import ledger
+from shared.privacy.report import build_report
+from tests.test_privacy_officer import write_ledger
 
 SENT = {"w": torch.ones(4, 3), "b": torch.zeros(3)}
 
@@ -178,6 +181,64 @@ def test_a_partner_whose_clientapp_failed_is_named_in_its_row(tmp_path: Path) ->
     assert rows["books"]["failed"] and rows["books"]["note"] == f"the partner's update failed: {reason}"
     assert rows["node-7"]["failed"]  # a node that never replied has no name yet
     assert not rows["games"]["failed"] and not rows["games"]["rejected"]
+
+
+def evaluation_content(name: str, ndcg: float) -> RecordDict:
+    metrics = {"num-examples": 40, **dict.fromkeys(wire.EVALUATE_METRICS[1:], ndcg), "global-weight": 1.0}
+    return RecordDict({wire.METRICS: MetricRecord(metrics), wire.PARTNER: ConfigRecord({"name": name, "note": "", "ledger-line": ""})})
+
+
+def test_two_supernodes_of_one_name_keep_their_records_apart(tmp_path: Path) -> None:
+    """Two containers that both mount their data at /data both call themselves "data"."""
+    own = {node: write_ledger(tmp_path / f"partner-{node}.jsonl", partner=name, rounds=2, decline_last=False)
+           for node, name in ((1, "data"), (2, "data"), (3, "books"))}  # fmt: skip
+    strategy, run = PartnerFedAvg(), RunFolder(tmp_path / "run")
+    for rnd, order in ((1, (1, 2, 3)), (2, (2, 1, 3))):  # the holder of a name keeps it, whichever replies first
+        strategy.configure_train(rnd, ArrayRecord(SENT), ConfigRecord({}), grid=_Grid())  # type: ignore[arg-type]
+        names = {1: "data", 2: "data", 3: "books"}
+        replies = []
+        for node in order:
+            content = train_content(float(node), name=names[node])
+            content[wire.PARTNER] = ConfigRecord({"name": names[node], "note": "", "ledger-line": own[node][rnd - 1]})
+            replies.append(reply(node, content))
+        arrays, _ = strategy.aggregate_train(rnd, replies)
+        assert arrays is not None  # both are averaged in: each is a partner of its own
+        torch.testing.assert_close(arrays.to_torch_state_dict()["w"], 2 * SENT["w"])
+        strategy.aggregate_evaluate(rnd, [reply(node, evaluation_content(names[node], 0.1 * node)) for node in order])
+        rows = {r["partner"]: r for r in end_round(run, rnd, arrays.to_torch_state_dict(), strategy.finish_round(rnd), encoder_bytes=10**6)}
+        assert sorted(rows) == ["books", "data", "data@node-2"]
+        assert rows["data"]["test_ndcg@10"] == pytest.approx(0.1) and rows["data@node-2"]["test_ndcg@10"] == pytest.approx(0.2)
+        assert rows["data"]["note"] == "" and rows["books"]["note"] == ""
+        assert rows["data@node-2"]["note"] == (
+            "another SuperNode gave the name 'data' this round: this one's rows and ledger copy are kept apart as 'data@node-2'; "
+            "give each SuperNode a name of its own (domain='<name>' in its --node-config)"
+        )
+    # a resumed run (a new ServerApp, the same SuperNodes) gives each name to the node that held it
+    resumed = PartnerFedAvg(first_round=3, holders=run.name_holders())
+    resumed.aggregate_evaluate(1, [reply(node, evaluation_content(names[node], 0.1 * node)) for node in (2, 1, 3)])
+    assert {r.node_id: r.partner for r in resumed.finish_round(1).evaluate} == {1: "data", 2: "data@node-2", 3: "books"}
+    run.write_summary(settings=FederationSettings(), adapter_bytes=100, encoder_bytes=10**6)
+    # each ledger copy is one partner's, byte for byte, and verifies against the head the summary recorded
+    for node, name in ((1, "data"), (2, "data@node-2"), (3, "books")):
+        copy = run.ledger_path(name)
+        assert copy.read_bytes() == (tmp_path / f"partner-{node}.jsonl").read_bytes()
+        assert ledger.summary_entry(copy) is not None and ledger.summary_entry(copy)[0] == name  # type: ignore[index]
+        check = ledger.verify(copy, head=ledger.recorded_head(copy))
+        assert check.ok and check.lines == 2, check.problems
+    report = build_report(run.root)
+    assert report["verified"] and sorted(p["partner"] for p in report["partners"]) == ["books", "data", "data@node-2"]
+    assert {p["partner"]: p["quality"][-1]["test_ndcg@10"] for p in report["partners"]} == pytest.approx(
+        {"books": 0.3, "data": 0.1, "data@node-2": 0.2}
+    )
+
+
+def test_a_restarted_supernode_takes_its_name_back() -> None:
+    """A SuperNode that restarts registers with a new node id: alone with its name, it keeps it."""
+    strategy = PartnerFedAvg()
+    for rnd, node in ((1, 1), (2, 9)):
+        strategy.configure_train(rnd, ArrayRecord(SENT), ConfigRecord({}), grid=_Grid())  # type: ignore[arg-type]
+        strategy.aggregate_train(rnd, [reply(node, train_content(name="books"))])
+        assert [r.partner for r in strategy.finish_round(rnd).train] == ["books"]
 
 
 class _Grid:

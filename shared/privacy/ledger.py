@@ -75,16 +75,32 @@ def head_of(path: Path) -> Head:
     return Head(len(lines), line_hash(lines[-1]) if lines else GENESIS)
 
 
-def recorded_head(path: Path) -> Head | None:
-    """The head a run's ``summary.json`` recorded for ``runs/<id>/ledger/<partner>.jsonl``, if any."""
+def summary_entry(path: Path) -> tuple[str, dict[str, Any]] | None:
+    """For ``runs/<id>/ledger/<file>.jsonl``: the partner's name in the run's ``summary.json``, and its entry.
+
+    The summary says which ledger file is whose (``ledger_file``): the name inside the lines is
+    the partner's own, and two SuperNodes may have given the same one (the server then keeps
+    their records apart). A summary written before ``ledger_file`` is matched by that name.
+    """
     summary = path.parent.parent / "summary.json"
     if path.parent.name != "ledger" or not summary.is_file() or not path.is_file():
         return None
+    partners: dict[str, dict[str, Any]] = json.loads(summary.read_text()).get("partners", {})
+    for name, entry in partners.items():
+        if entry.get("ledger_file") == f"ledger/{path.name}":
+            return name, entry
     try:
         name = json.loads(path.read_text(encoding="utf-8").split("\n", 1)[0])["partner"]
     except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
         return None  # verify names the broken first line
-    recorded = json.loads(summary.read_text()).get("partners", {}).get(name, {}).get("ledger_head")
+    legacy = partners.get(name)
+    return (name, legacy) if legacy is not None and "ledger_file" not in legacy else None
+
+
+def recorded_head(path: Path) -> Head | None:
+    """The head a run's ``summary.json`` recorded for ``runs/<id>/ledger/<partner>.jsonl``, if any."""
+    found = summary_entry(path)
+    recorded = found[1].get("ledger_head") if found else None
     return Head(**recorded) if recorded else None
 
 

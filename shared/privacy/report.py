@@ -168,7 +168,9 @@ def build_report(source: str | Path, *, head: ledger.Head | None = None, account
             raise FileNotFoundError(f"{source}: no ledger/*.jsonl: not a run folder with DP, or no round finished")
         quality = _quality(source)
         partners = [_partner_report(path, head=ledger.recorded_head(path), quality=[]) for path in paths]
-        for p in partners:
+        for path, p in zip(paths, partners, strict=True):
+            if found := ledger.summary_entry(path):  # the run's name for it, where two nodes gave one name
+                p["partner"] = found[0]
             p["quality"] = quality.get(p["partner"], [])
         config_path = source / "config.json"
         config = json.loads(config_path.read_text()) if config_path.is_file() else {}

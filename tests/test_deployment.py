@@ -150,17 +150,19 @@ def test_supernodes_serve_run_after_run_within_their_lifetime_budget(tmp_path: P
 
 
 def test_the_docker_files_hold_what_the_deployment_test_runs() -> None:
-    """docker/ is not built here (no Docker daemon on these machines): check what can be checked."""
+    """What CI can check of docker/ without a Docker daemon (README says how the image was built and run)."""
     import yaml
     from flwr.common.config import parse_config_args
 
     from shared.federation.scenario import partner_from_node_config
 
     docker = PROJECT / "docker"
+    admitted = {line[1:] for line in (PROJECT / ".dockerignore").read_text().splitlines() if line.startswith("!")}
     for line in (docker / "Dockerfile").read_text().splitlines():
         if line.startswith("COPY "):
             *sources, _ = line.split()[1:]
             assert all((PROJECT / s).exists() for s in sources), line
+            assert set(sources) <= admitted, f"{line}: .dockerignore keeps {set(sources) - admitted} out of the build context"
     services = yaml.safe_load((docker / "compose.yaml").read_text())["services"]
     link = services.pop("superlink")["command"]
     assert link[0] == "flower-superlink" and "--isolation=subprocess" in link
@@ -171,3 +173,5 @@ def test_the_docker_files_hold_what_the_deployment_test_runs() -> None:
         node_config = parse_config_args([next(c for c in command if c.startswith("--node-config=")).split("=", 1)[1]])
         spec = partner_from_node_config(node_config)  # every key known, data-path and state-dir given
         assert spec.max_epsilon is not None and spec.account is not None, name
+        # each container mounts its data at /data: without its own name, every partner would be "data"
+        assert spec.name == name, f"{name}: its node config names the partner {spec.name!r}"

@@ -1,4 +1,4 @@
-"""A deployment: a real SuperLink and one SuperNode per partner, on 127.0.0.1, runs started by ``flwr run``.
+"""A deployment: a real SuperLink and one SuperNode per partner, on 127.0.0.1 and over TLS, runs started by ``flwr run``.
 
 What a partner organisation runs (README, "Deploying a partner"): its SuperNode
 serves run after run from one ``state-dir``, and its privacy account caps them
@@ -7,9 +7,12 @@ together.
 
 from __future__ import annotations
 
+import datetime
+import ipaddress
 import json
 import os
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -34,13 +37,58 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def wait_healthy(port: int, process: subprocess.Popen[bytes], log: Path, *, timeout: float = 60.0) -> None:
+def write_tls_files(folder: Path) -> tuple[Path, Path, Path]:
+    """A throwaway certificate authority and the SuperLink's certificate for 127.0.0.1, signed by it:
+    (CA certificate, server certificate, server key). A real coordinator uses its organisation's PKI."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    now = datetime.datetime.now(datetime.UTC)
+
+    def certificate(
+        subject: str, key: ec.EllipticCurvePrivateKey, *, issuer: x509.Certificate | None, signer: ec.EllipticCurvePrivateKey
+    ) -> x509.Certificate:
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
+            .issuer_name(issuer.subject if issuer else x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.BasicConstraints(ca=issuer is None, path_length=None), critical=True)
+        )
+        if issuer is not None:  # the server: valid for 127.0.0.1, for TLS server authentication only
+            builder = builder.add_extension(
+                x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False
+            )
+            builder = builder.add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        return builder.sign(signer, hashes.SHA256())
+
+    ca_key, server_key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    ca = certificate("fedxrec test CA", ca_key, issuer=None, signer=ca_key)
+    server = certificate("127.0.0.1", server_key, issuer=ca, signer=ca_key)
+    folder.mkdir(parents=True)
+    paths = folder / "ca.pem", folder / "superlink.pem", folder / "superlink.key"
+    paths[0].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    paths[1].write_bytes(server.public_bytes(serialization.Encoding.PEM))
+    paths[2].write_bytes(
+        server_key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    paths[2].chmod(0o600)
+    return paths
+
+
+def wait_healthy(port: int, process: subprocess.Popen[bytes], log: Path, *, ca: Path, timeout: float = 60.0) -> None:
     deadline = time.monotonic() + timeout
+    context = ssl.create_default_context(cafile=str(ca))
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise AssertionError(f"flower-superlink exited with {process.returncode}:\n{log.read_text()[-3000:]}")
         try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1) as response:
+            with urllib.request.urlopen(f"https://127.0.0.1:{port}/health", timeout=1, context=context) as response:
                 if response.status == 200:
                     return
         except OSError:
@@ -61,9 +109,10 @@ def test_supernodes_serve_run_after_run_within_their_lifetime_budget(tmp_path: P
         "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
     }
     link = free_port()
+    ca, certificate, key = write_tls_files(tmp_path / "tls")  # every connection below is TLS, as across organisations
     (tmp_path / "flwr").mkdir()
     (tmp_path / "flwr" / "config.toml").write_text(
-        f'[superlink]\ndefault = "partners"\n\n[superlink.partners]\naddress = "127.0.0.1:{link}"\ninsecure = true\n'
+        f'[superlink]\ndefault = "partners"\n\n[superlink.partners]\naddress = "127.0.0.1:{link}"\nroot-certificates = "{ca}"\n'
     )
     before = descendants()
     processes: list[subprocess.Popen[bytes]] = []
@@ -78,7 +127,9 @@ def test_supernodes_serve_run_after_run_within_their_lifetime_budget(tmp_path: P
         superlink = start(
             [
                 str(BIN / "flower-superlink"),
-                "--insecure",
+                f"--ssl-ca-certfile={ca}",
+                f"--ssl-certfile={certificate}",
+                f"--ssl-keyfile={key}",
                 "--isolation=subprocess",
                 "--host=127.0.0.1",
                 f"--port={link}",
@@ -87,13 +138,13 @@ def test_supernodes_serve_run_after_run_within_their_lifetime_budget(tmp_path: P
             ],
             tmp_path / "superlink.log",
         )
-        wait_healthy(link, superlink, tmp_path / "superlink.log")
+        wait_healthy(link, superlink, tmp_path / "superlink.log", ca=ca)
         for name in names:  # each partner: its data, its private folder, its own cap
             node_config = f"data-path='{tmp_path / 'data' / name}' state-dir='{tmp_path / 'partners' / name}' max-epsilon=8"
             start(
                 [
                     str(BIN / "flower-supernode"),
-                    "--insecure",
+                    f"--root-certificates={ca}",
                     f"--superlink=127.0.0.1:{link}",
                     "--host=127.0.0.1",
                     f"--port={free_port()}",

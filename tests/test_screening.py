@@ -190,12 +190,13 @@ def evaluation_content(name: str, ndcg: float) -> RecordDict:
 
 def test_two_supernodes_of_one_name_keep_their_records_apart(tmp_path: Path) -> None:
     """Two containers that both mount their data at /data both call themselves "data"."""
-    own = {node: write_ledger(tmp_path / f"partner-{node}.jsonl", partner=name, rounds=2, decline_last=False)
-           for node, name in ((1, "data"), (2, "data"), (3, "books"))}  # fmt: skip
+    names = {1: "data", 2: "data", 3: "books"}  # node id -> the name it gives
+    own = {
+        node: write_ledger(tmp_path / f"partner-{node}.jsonl", partner=name, rounds=2, decline_last=False) for node, name in names.items()
+    }
     strategy, run = PartnerFedAvg(), RunFolder(tmp_path / "run")
     for rnd, order in ((1, (1, 2, 3)), (2, (2, 1, 3))):  # the holder of a name keeps it, whichever replies first
         strategy.configure_train(rnd, ArrayRecord(SENT), ConfigRecord({}), grid=_Grid())  # type: ignore[arg-type]
-        names = {1: "data", 2: "data", 3: "books"}
         replies = []
         for node in order:
             content = train_content(float(node), name=names[node])
@@ -222,7 +223,8 @@ def test_two_supernodes_of_one_name_keep_their_records_apart(tmp_path: Path) -> 
     for node, name in ((1, "data"), (2, "data@node-2"), (3, "books")):
         copy = run.ledger_path(name)
         assert copy.read_bytes() == (tmp_path / f"partner-{node}.jsonl").read_bytes()
-        assert ledger.summary_entry(copy) is not None and ledger.summary_entry(copy)[0] == name  # type: ignore[index]
+        found = ledger.summary_entry(copy)
+        assert found and found[0] == name
         check = ledger.verify(copy, head=ledger.recorded_head(copy))
         assert check.ok and check.lines == 2, check.problems
     report = build_report(run.root)

@@ -1,4 +1,5 @@
-"""A deployment: a real SuperLink and one SuperNode per partner, on 127.0.0.1 and over TLS, runs started by ``flwr run``.
+"""A deployment: a real SuperLink and one SuperNode per partner, on 127.0.0.1, over TLS, with SuperNode
+authentication; runs started by ``flwr run``.
 
 What a partner organisation runs (README, "Deploying a partner"): its SuperNode
 serves run after run from one ``state-dir``, and its privacy account caps them
@@ -81,6 +82,20 @@ def write_tls_files(folder: Path) -> tuple[Path, Path, Path]:
     return paths
 
 
+def write_supernode_key(path: Path) -> Path:
+    """A SuperNode's authentication key pair (EC P-384, OpenSSH format, as ``ssh-keygen -t ecdsa -b 384``
+    writes it): the private key at ``path``, the public key, which the coordinator registers, returned."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    key = ec.generate_private_key(ec.SECP384R1())
+    path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()))
+    path.chmod(0o600)
+    public = path.with_suffix(".pub")
+    public.write_bytes(key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH))
+    return public
+
+
 def wait_healthy(port: int, process: subprocess.Popen[bytes], log: Path, *, ca: Path, timeout: float = 60.0) -> None:
     deadline = time.monotonic() + timeout
     context = ssl.create_default_context(cafile=str(ca))
@@ -130,6 +145,7 @@ def test_supernodes_serve_run_after_run_within_their_lifetime_budget(tmp_path: P
                 f"--ssl-ca-certfile={ca}",
                 f"--ssl-certfile={certificate}",
                 f"--ssl-keyfile={key}",
+                "--enable-supernode-auth",  # only SuperNodes whose keys the coordinator registered may connect
                 "--isolation=subprocess",
                 "--host=127.0.0.1",
                 f"--port={link}",
@@ -139,19 +155,30 @@ def test_supernodes_serve_run_after_run_within_their_lifetime_budget(tmp_path: P
             tmp_path / "superlink.log",
         )
         wait_healthy(link, superlink, tmp_path / "superlink.log", ca=ca)
-        for name in names:  # each partner: its data, its private folder, its own cap
+
+        def supernode(name: str) -> list[str]:  # each partner: its data, its private folder, its own cap, its key
             node_config = f"data-path='{tmp_path / 'data' / name}' state-dir='{tmp_path / 'partners' / name}' max-epsilon=8"
-            start(
-                [
-                    str(BIN / "flower-supernode"),
-                    f"--root-certificates={ca}",
-                    f"--superlink=127.0.0.1:{link}",
-                    "--host=127.0.0.1",
-                    f"--port={free_port()}",
-                    f"--node-config={node_config}",
-                ],
-                tmp_path / f"supernode-{name}.log",
-            )
+            return [
+                str(BIN / "flower-supernode"),
+                f"--root-certificates={ca}",
+                f"--superlink=127.0.0.1:{link}",
+                "--host=127.0.0.1",
+                f"--port={free_port()}",
+                f"--auth-supernode-private-key={tmp_path / 'tls' / name}",
+                f"--node-config={node_config}",
+            ]
+
+        for name in names:
+            public_key = write_supernode_key(tmp_path / "tls" / name)
+            register = [str(BIN / "flwr"), "supernode", "register", str(public_key), "partners"]
+            registered = subprocess.run(register, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+            assert registered.returncode == 0 and "registered successfully" in registered.stdout, registered.stdout + registered.stderr
+            start(supernode(name), tmp_path / f"supernode-{name}.log")
+        # a SuperNode whose key the coordinator never registered is refused
+        write_supernode_key(tmp_path / "tls" / "stranger")
+        stranger = start([*supernode("stranger"), "--max-retries=2"], tmp_path / "supernode-stranger.log")
+        assert stranger.wait(timeout=120) != 0
+        assert "Failed to activate SuperNode" in (tmp_path / "supernode-stranger.log").read_text()
         for run_id in ("first", "second"):  # the second run finds the partners' lifetime budget spent
             config = {"rounds": 2, "min-partners": 2, "batch-size": 64, "runs-dir": str(tmp_path / "runs"), "run-id": run_id}
             command = [str(BIN / "flwr"), "run", str(PROJECT), "partners", "--stream", "--run-config"]

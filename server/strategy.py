@@ -86,7 +86,7 @@ class PartnerFedAvg(FedAvg):
         self.offset = first_round - 1
         self.rounds: dict[int, RoundLog] = {}
         self.sent: dict[str, torch.Tensor] = {}  # this round's global adapter, which replies are checked against
-        self.names: dict[int, str] = {}  # node id -> partner name, from its replies: a failure names no partner
+        self.names: dict[int, str] = {}  # node id -> partner name, as finish_round settled it: a failure names no partner
         self.holders: dict[str, int] = dict(holders or {})  # partner name -> the node that holds it in this run (finish_round)
 
     def round_log(self, server_round: int) -> RoundLog:
@@ -140,9 +140,7 @@ class PartnerFedAvg(FedAvg):
         passed = []
         for msg in replies:
             node = msg.metadata.src_node_id
-            if name := _given_name(msg):
-                self.names.setdefault(node, name)  # finish_round settles names that two nodes gave
-            partner = self.names.get(node, f"node-{node}")
+            partner = _given_name(msg) or self.names.get(node, f"node-{node}")  # finish_round settles it
             if msg.has_error():
                 into.append(PartnerReply(node, partner, "", {}, failed=msg.error.reason or f"error code {msg.error.code}"))
                 continue

@@ -149,7 +149,7 @@ def test_fedavg_leaves_a_broken_reply_out_and_the_run_goes_on(tmp_path: Path) ->
 
     # the run folder says which updates were left out and why; the partners' ledger lines are kept
     run = RunFolder(tmp_path / "run")
-    rows = {r["partner"]: r for r in end_round(run, 1, arrays.to_torch_state_dict(), strategy.round_log(1), encoder_bytes=10**6)}
+    rows = {r["partner"]: r for r in end_round(run, 1, arrays.to_torch_state_dict(), strategy.finish_round(1), encoder_bytes=10**6)}
     assert [p for p, r in rows.items() if r["rejected"]] == ["gear", "music"]
     assert rows["books"]["num_examples"] == 10 and rows["books"]["note"] == ""
     assert rows["gear"]["note"] == "the server rejected this update: w: 12 non-finite value(s) (NaN or infinity)"
@@ -171,13 +171,14 @@ def test_a_partner_whose_clientapp_failed_is_named_in_its_row(tmp_path: Path) ->
     strategy = PartnerFedAvg()
     strategy.configure_train(1, ArrayRecord(SENT), ConfigRecord({}), grid=_Grid())  # type: ignore[arg-type]
     strategy.aggregate_train(1, [reply(1, train_content(name="books")), reply(2, train_content(name="games"))])
+    strategy.finish_round(1)  # as the server does at the end of each round
     strategy.configure_train(2, ArrayRecord(SENT), ConfigRecord({}), grid=_Grid())  # type: ignore[arg-type]
     reason = "<class 'ValueError'>:<'the server's arrays: not weights of this adapter'>"  # as Flower reports a raise
     failures = [Message(Error(code=0, reason=reason), reply_to=instruction(node)) for node in (1, 7)]
     arrays, _ = strategy.aggregate_train(2, [*failures, reply(2, train_content(3.0, name="games"))])
     assert arrays is not None
     torch.testing.assert_close(arrays.to_torch_state_dict()["w"], 3 * SENT["w"])
-    rows = {r["partner"]: r for r in round_rows(2, strategy.round_log(2))}
+    rows = {r["partner"]: r for r in round_rows(2, strategy.finish_round(2))}
     assert rows["books"]["failed"] and rows["books"]["note"] == f"the partner's update failed: {reason}"
     assert rows["node-7"]["failed"]  # a node that never replied has no name yet
     assert not rows["games"]["failed"] and not rows["games"]["rejected"]

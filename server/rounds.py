@@ -51,7 +51,7 @@ def round_rows(server_round: int, log: RoundLog) -> list[dict[str, Any]]:
             row["note"] = "; ".join(filter(None, [row["note"], _note(reply, "evaluation")]))
     for reply in [*log.train, *log.evaluate]:  # kept apart from another node of the same name (PartnerFedAvg.finish_round)
         row = rows[reply.partner]
-        if reply.given_name not in (None, reply.partner) and CLASH not in row["note"]:
+        if reply.kept_apart and CLASH not in row["note"]:
             row["note"] = "; ".join(filter(None, [row["note"], _clash(reply)]))
     return list(rows.values())
 

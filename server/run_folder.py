@@ -32,6 +32,7 @@ from safetensors.torch import load_file, save_file
 
 from shared.federation.settings import FederationSettings
 from shared.privacy import ledger
+from shared.privacy.report import names_line
 
 PACKAGES = ("fedxrec", "flwr", "torch", "opacus", "transformers", "peft", "numpy", "pandas", "safetensors", "grpcio", "ray")
 
@@ -91,7 +92,9 @@ class RunFolder:
                 )
         path.write_text(json.dumps(settings.to_run_config(), indent=2))
 
-    def write_manifest(self, *, settings: FederationSettings, encoder_fingerprint: str, data: dict[str, Path]) -> None:
+    def write_manifest(
+        self, *, settings: FederationSettings, encoder_fingerprint: str, data: dict[str, Path], names: dict[str, Any] | None = None
+    ) -> None:
         versions: dict[str, str | None] = {}
         for name in PACKAGES:
             try:
@@ -107,6 +110,7 @@ class RunFolder:
             "encoder_fingerprint": encoder_fingerprint,
             "data_fingerprints": {name: folder_fingerprint(path) for name, path in data.items() if path.is_dir()},
             "seeds": {"adapter_init": settings.seed, "local_sampling": f"seed * 100003 + round ({settings.seed} * 100003 + r)"},
+            "partner_names": names or SELF_DECLARED,  # the coordinator's list as read when the run started or resumed
         }
         (self.root / "manifest.json").write_text(json.dumps(manifest, indent=2))
 
@@ -120,7 +124,7 @@ class RunFolder:
                 fh.write(json.dumps(row) + "\n")
 
     def ledger_path(self, partner: str) -> Path:
-        return self.root / "ledger" / f"{_safe(partner)}.jsonl"
+        return self.root / "ledger" / ledger_file_name(partner)
 
     def append_ledger(self, partner: str, line: str) -> None:
         """The partner's ledger line, verbatim: the copy matches the partner's own file byte for byte."""
@@ -135,7 +139,11 @@ class RunFolder:
         return {row["partner"]: row["node_id"] for row in self.metrics() if "node_id" in row}
 
     # ------------------------------------------------------------- the end
-    def write_summary(self, *, settings: FederationSettings, adapter_bytes: int, encoder_bytes: int) -> dict[str, Any]:
+    def write_summary(
+        self, *, settings: FederationSettings, adapter_bytes: int, encoder_bytes: int, names: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
+        """``names``: who named the partners (``PartnerList.record()``); None: each partner itself."""
+        names = names or SELF_DECLARED
         rows = self.metrics()
         partners: dict[str, dict[str, Any]] = {}
         for row in rows:
@@ -168,6 +176,7 @@ class RunFolder:
             "target_epsilon": settings.target_epsilon if settings.dp else None,
             "adapter_bytes_per_round": adapter_bytes,
             "encoder_bytes": encoder_bytes,
+            "partner_names": names,
             "partners": partners,
         }
         for name, p in partners.items():  # which ledger is whose, and where it ends: truncation is caught against this
@@ -183,6 +192,8 @@ class RunFolder:
             "",
             f"{summary['rounds']} rounds; DP {'on, target epsilon ' + format(settings.target_epsilon, 'g') if settings.dp else 'off'}; "
             f"adapter {adapter_bytes:,} bytes per round each way ({adapter_bytes / encoder_bytes:.2%} of the encoder's {encoder_bytes:,}).",
+            "",
+            f"Partner names: {names_line(names)}.",
             "",
             "| partner | test NDCG@10 | test Recall@10 | valid NDCG@10 | epsilon | delta | rounds trained | declined |"
             + "".join(f" {k} |" for k in left_out)
@@ -202,5 +213,9 @@ class RunFolder:
         return summary
 
 
-def _safe(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]", "_", name)
+SELF_DECLARED = {"bound_by": "self-declared"}
+
+
+def ledger_file_name(partner: str) -> str:
+    """The file of a partner's ledger copy under ``ledger/``: its name, with anything but letters, digits, '.', '_' and '-' as '_'."""
+    return re.sub(r"[^A-Za-z0-9._-]", "_", partner) + ".jsonl"

@@ -10,6 +10,7 @@ from __future__ import annotations
 from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
+from server.partner_list import load_partner_list
 from server.rounds import end_round
 from server.run_folder import RunFolder, new_run_id
 from server.strategy import PartnerFedAvg
@@ -25,11 +26,13 @@ app = ServerApp()
 def main(grid: Grid, context: Context) -> None:
     settings = settings_from_run_config(dict(context.run_config))
     settings.run_id = settings.run_id or new_run_id()
+    partner_list = load_partner_list(settings.partners_file) if settings.partners_file else None  # before anything is written
     run = RunFolder.open(settings)
     run.write_config(settings)
     encoder = TextEncoder()  # for its fingerprint, width and size; it never leaves anyone
     data = {} if settings.scenario == "synthetic" else {p.name: p.data for p in load_scenario(settings.scenario)}
-    run.write_manifest(settings=settings, encoder_fingerprint=encoder.fingerprint, data=data)
+    names = partner_list.record() if partner_list else None
+    run.write_manifest(settings=settings, encoder_fingerprint=encoder.fingerprint, data=data, names=names)
 
     done = run.last_round()
     arrays = run.adapter(done) if done else initial_adapter(settings, in_dim=encoder.dim)
@@ -37,6 +40,7 @@ def main(grid: Grid, context: Context) -> None:
     strategy = PartnerFedAvg(
         first_round=done + 1,
         holders=run.name_holders(),
+        partner_list=partner_list,
         fraction_train=settings.fraction_train,
         fraction_evaluate=1.0,
         min_train_nodes=settings.min_partners,
@@ -59,5 +63,5 @@ def main(grid: Grid, context: Context) -> None:
             evaluate_fn=lambda rnd, rec: after_round(rnd, rec) if rnd > 0 else None,
         )
     adapter_bytes = sum(v.numel() * v.element_size() for v in arrays.values())
-    run.write_summary(settings=settings, adapter_bytes=adapter_bytes, encoder_bytes=encoder.n_bytes)
+    run.write_summary(settings=settings, adapter_bytes=adapter_bytes, encoder_bytes=encoder.n_bytes, names=names)
     print("\n" + (run.root / "summary.md").read_text())

@@ -6,7 +6,9 @@ replies that break the wire contract are left out with what was wrong
 partner through the average; replies of partners that declined a round (budget)
 are left out of the average rather than averaged in with weight 0; and every
 reply's metrics, partner name and size are kept so that the run folder can hold
-one line per partner per round.
+one line per partner per round. With the coordinator's list of partners
+(:mod:`server.partner_list`) only listed SuperNodes are sampled, and names are
+the list's, not the replies'.
 Rounds are numbered from ``first_round`` so that a resumed run continues its
 numbering.
 """
@@ -15,13 +17,14 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
+from server.partner_list import PartnerList
 from server.screening import evaluate_reply_problems, is_finite_number, is_one_line, train_reply_problems
 from shared.federation import wire
 
@@ -40,7 +43,8 @@ class PartnerReply:
     ledger_line: str = ""  # the partner's own ledger line for the round, copied verbatim
     rejected: list[str] = field(default_factory=list)  # why the server left the reply out (server.screening)
     failed: str = ""  # Flower's error reason, where the partner's ClientApp raised instead of replying
-    given_name: str | None = None  # the name the reply gave; ``partner`` differs where another SuperNode gave it too
+    given_name: str | None = None  # the name the reply gave
+    kept_apart: bool = False  # another SuperNode gave the same name this round and holds it (PartnerFedAvg.finish_round)
 
 
 @dataclass
@@ -80,14 +84,19 @@ def _given_name(msg: Message) -> str | None:
 
 
 class PartnerFedAvg(FedAvg):
-    def __init__(self, *, first_round: int = 1, holders: dict[str, int] | None = None, **fedavg: Any) -> None:
-        """``holders``: partner name -> node id, as the run's earlier rounds had them (a resumed run)."""
+    def __init__(
+        self, *, first_round: int = 1, holders: dict[str, int] | None = None, partner_list: PartnerList | None = None, **fedavg: Any
+    ) -> None:
+        """``holders``: partner name -> node id, as the run's earlier rounds had them (a resumed run).
+        ``partner_list``: the coordinator's list; None: partners name themselves."""
         super().__init__(**fedavg)
         self.offset = first_round - 1
         self.rounds: dict[int, RoundLog] = {}
         self.sent: dict[str, torch.Tensor] = {}  # this round's global adapter, which replies are checked against
         self.names: dict[int, str] = {}  # node id -> partner name, as finish_round settled it: a failure names no partner
         self.holders: dict[str, int] = dict(holders or {})  # partner name -> the node that holds it in this run (finish_round)
+        self.partner_list = partner_list
+        self.unlisted_seen: set[int] = set()  # connected SuperNodes not on the list, each reported once
 
     def round_log(self, server_round: int) -> RoundLog:
         return self.rounds.setdefault(server_round + self.offset, RoundLog())
@@ -100,9 +109,14 @@ class PartnerFedAvg(FedAvg):
         name stays with the node that held it in earlier rounds (else the first to give it), and
         the other node's records are kept apart as ``<name>@node-<id>``. A node that gives a name
         nobody else gave this round takes it over: a restarted SuperNode comes back with a new id.
+        With the coordinator's list of partners, every node's name is the list's (``node-<id>`` if unlisted).
         """
         log = self.round_log(server_round)
         replies = [*log.train, *log.evaluate]
+        if self.partner_list is not None:  # the coordinator's list names every node; no reply can claim another's name
+            for reply in replies:
+                reply.partner = self.names[reply.node_id] = self._listed_name(reply.node_id)
+            return log
         claims: dict[str, list[int]] = {}
         for reply in replies:
             if reply.given_name and reply.node_id not in (nodes := claims.setdefault(reply.given_name, [])):
@@ -114,15 +128,24 @@ class PartnerFedAvg(FedAvg):
                 self.names[node] = name if node == holder else f"{name}@node-{node}"
         for reply in replies:
             reply.partner = self.names.get(reply.node_id, reply.partner)
+            reply.kept_apart = reply.given_name is not None and reply.partner != reply.given_name
         return log
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         self.round_log(server_round).bytes_sent_each = record_bytes(arrays)
         self.sent = arrays.to_torch_state_dict()
-        return super().configure_train(server_round + self.offset, arrays, config, grid)
+        return super().configure_train(server_round + self.offset, arrays, config, self._listed(grid))
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
-        return super().configure_evaluate(server_round + self.offset, arrays, config, grid)
+        return super().configure_evaluate(server_round + self.offset, arrays, config, self._listed(grid))
+
+    def _listed(self, grid: Grid) -> Grid:
+        """The grid as FedAvg's sampling sees it: with a partner list, only the listed SuperNodes."""
+        return grid if self.partner_list is None else cast(Grid, _ListedNodes(grid, self))
+
+    def _listed_name(self, node: int) -> str:
+        listed = self.partner_list.name_of(node) if self.partner_list is not None else None
+        return listed or f"node-{node}"
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         passed = self._screen(replies, self.round_log(server_round).train, train=True)
@@ -140,13 +163,46 @@ class PartnerFedAvg(FedAvg):
         passed = []
         for msg in replies:
             node = msg.metadata.src_node_id
-            partner = _given_name(msg) or self.names.get(node, f"node-{node}")  # finish_round settles it
+            # the list's name, else the reply's (finish_round settles it), else the name the node had
+            partner = self._listed_name(node) if self.partner_list else _given_name(msg) or self.names.get(node, f"node-{node}")
             if msg.has_error():
                 into.append(PartnerReply(node, partner, "", {}, failed=msg.error.reason or f"error code {msg.error.code}"))
                 continue
             problems = train_reply_problems(msg.content, sent=self.sent) if train else evaluate_reply_problems(msg.content)
+            problems = [*self._name_problems(msg), *problems]
             reply = _reply(msg, partner=partner, problems=problems, declared=wire.TRAIN_METRICS if train else wire.EVALUATE_METRICS)
             into.append(reply)
             if not reply.rejected:
                 passed.append(msg)
         return passed
+
+    def _name_problems(self, msg: Message) -> list[str]:
+        """Against the coordinator's list: is the node listed, and does its reply give the listed name?"""
+        if self.partner_list is None:
+            return []
+        node, given = msg.metadata.src_node_id, _given_name(msg)
+        listed = self.partner_list.name_of(node)
+        if listed is None:
+            return [f"SuperNode {node} is not on the coordinator's list of partners ({self.partner_list.path})"]
+        if given is not None and given != listed:
+            return [
+                f"the reply gives the name {given!r}, but SuperNode {node} is listed as {listed!r} in {self.partner_list.path.name}; "
+                f"the partner should set domain='{listed}' in its --node-config, or the coordinator correct its list"
+            ]
+        return []
+
+
+class _ListedNodes:
+    """A grid whose ``get_node_ids`` (all FedAvg's sampling calls) gives only the listed SuperNodes."""
+
+    def __init__(self, grid: Grid, strategy: PartnerFedAvg) -> None:
+        self.grid, self.strategy = grid, strategy
+
+    def get_node_ids(self) -> list[int]:
+        assert self.strategy.partner_list is not None
+        connected = list(self.grid.get_node_ids())
+        listed = [node for node in connected if self.strategy.partner_list.name_of(node) is not None]
+        for node in sorted(set(connected) - set(listed) - self.strategy.unlisted_seen):
+            print(f"SuperNode {node} is connected but not on the list of partners ({self.strategy.partner_list.path}): it is not sampled")
+            self.strategy.unlisted_seen.add(node)
+        return listed

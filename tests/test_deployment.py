@@ -12,6 +12,7 @@ import datetime
 import ipaddress
 import json
 import os
+import re
 import socket
 import ssl
 import subprocess
@@ -138,6 +139,8 @@ def test_supernodes_serve_run_after_run_within_their_lifetime_budget(tmp_path: P
         return processes[-1]
 
     seen: set[str] = set()
+    node_ids: dict[str, int] = {}
+    partners_file = tmp_path / "partners.toml"
     try:
         superlink = start(
             [
@@ -172,15 +175,26 @@ def test_supernodes_serve_run_after_run_within_their_lifetime_budget(tmp_path: P
             public_key = write_supernode_key(tmp_path / "tls" / name)
             register = [str(BIN / "flwr"), "supernode", "register", str(public_key), "partners"]
             registered = subprocess.run(register, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
-            assert registered.returncode == 0 and "registered successfully" in registered.stdout, registered.stdout + registered.stderr
+            found = re.search(r"SuperNode (\d+) registered successfully", registered.stdout)
+            assert registered.returncode == 0 and found, registered.stdout + registered.stderr
+            node_ids[name] = int(found.group(1))
             start(supernode(name), tmp_path / f"supernode-{name}.log")
+        # the coordinator's list binds each partner's name to the node id its key was registered under
+        partners_file.write_text("[partners]\n" + "".join(f'"{name}" = "{node}"\n' for name, node in node_ids.items()))
         # a SuperNode whose key the coordinator never registered is refused
         write_supernode_key(tmp_path / "tls" / "stranger")
         stranger = start([*supernode("stranger"), "--max-retries=2"], tmp_path / "supernode-stranger.log")
         assert stranger.wait(timeout=120) != 0
         assert "Failed to activate SuperNode" in (tmp_path / "supernode-stranger.log").read_text()
         for run_id in ("first", "second"):  # the second run finds the partners' lifetime budget spent
-            config = {"rounds": 2, "min-partners": 2, "batch-size": 64, "runs-dir": str(tmp_path / "runs"), "run-id": run_id}
+            config = {
+                "rounds": 2,
+                "min-partners": 2,
+                "batch-size": 64,
+                "runs-dir": str(tmp_path / "runs"),
+                "run-id": run_id,
+                "partners-file": str(partners_file),
+            }
             command = [str(BIN / "flwr"), "run", str(PROJECT), "partners", "--stream", "--run-config"]
             result = subprocess.run(
                 [*command, " ".join(f"{k}={_toml(v)}" for k, v in config.items())],
@@ -225,6 +239,11 @@ def test_supernodes_serve_run_after_run_within_their_lifetime_budget(tmp_path: P
     assert json.loads((tuned / "metrics.json").read_text())["from"]["run_id"] == "first"
     rows = [json.loads(line) for line in (runs / "second" / "metrics.jsonl").read_text().splitlines()]
     assert rows and all(r["declined"] for r in rows) and {r["partner"] for r in rows} == set(names)
+    for run_id in ("first", "second"):  # every row under the name its node was registered with, and the run says so
+        rows = [json.loads(line) for line in (runs / run_id / "metrics.jsonl").read_text().splitlines()]
+        assert {(r["partner"], r["node_id"]) for r in rows} == set(node_ids.items())
+        names_record = json.loads((runs / run_id / "summary.json").read_text())["partner_names"]
+        assert names_record["bound_by"] == "partners-file" and names_record["partners"] == {str(n): p for p, n in node_ids.items()}
 
 
 def test_the_docker_files_hold_what_the_deployment_test_runs() -> None:

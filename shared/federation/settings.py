@@ -104,6 +104,15 @@ class FederationSettings:
         default="", metadata={"help": "run folder name under runs-dir; empty: a new time-stamped one; an existing one resumes"}
     )
     runs_dir: str = field(default="runs", metadata={"help": "where run folders are written"})
+    partners_file: str = field(
+        default="",
+        metadata={
+            "help": 'the coordinator\'s list of partners, a TOML file on its machine ([partners] then name = "node id" '
+            "as 'flwr supernode register' printed it): only listed SuperNodes are sampled, and each reply is recorded "
+            "under its node's listed name (one that gives another name is left out); use with flower-superlink "
+            "--enable-supernode-auth, which fixes each node id to the partner's key. Empty: partners name themselves"
+        },
+    )
 
     def validate(self) -> list[str]:
         problems = []

@@ -54,6 +54,16 @@ NOT_PROTECTED = [
 # --------------------------------------------------------------------------- building
 
 
+def names_line(names: dict[str, Any]) -> str:
+    """Who named a run's partners, in words (summary.md and this report): the coordinator's list, or each partner."""
+    if names.get("bound_by") == "partners-file":
+        return (
+            f"from the coordinator's list {Path(str(names.get('file'))).name} (SHA-256 {str(names.get('sha256'))[:16]}...), "
+            "each bound to the SuperNode registered with that partner's key"
+        )
+    return "each partner's own (domain in its node config), not bound to a registered SuperNode"
+
+
 def _partner_report(path: Path, *, head: ledger.Head | None, quality: list[dict[str, Any]]) -> dict[str, Any]:
     check = ledger.verify(path, head=head)
     entries = check.entries
@@ -176,9 +186,12 @@ def build_report(source: str | Path, *, head: ledger.Head | None = None, account
         config = json.loads(config_path.read_text()) if config_path.is_file() else {}
         kind, title = "run", source.name
         anchored = (source / "summary.json").is_file()
+        summary = json.loads((source / "summary.json").read_text()) if anchored else {}
+        names = names_line(summary.get("partner_names") or {})
     else:
         partners = [_partner_report(source, head=head, quality=[])]
         config, kind, title, anchored = {}, "ledger", source.name, head is not None
+        names = ""
         if account_path is None and (source.parent / ACCOUNT_FILE).is_file():
             account_path = source.parent / ACCOUNT_FILE
         if account_path is not None:
@@ -195,6 +208,7 @@ def build_report(source: str | Path, *, head: ledger.Head | None = None, account
             if k in config
         },
         "anchored": anchored,
+        "partner_names": names,  # a run's only: who named its partners
         "verified": all(p["verified"] for p in partners),
         "protected": PROTECTED,
         "not_protected": NOT_PROTECTED,
@@ -313,6 +327,8 @@ def to_markdown(report: dict[str, Any]) -> str:
     lines = [f"# Privacy report: {report['title']}", "", f"Source: `{report['source']}`. " + _verdict(report), ""]
     if report["config"]:
         lines += ["Run settings: " + ", ".join(f"{k} {v}" for k, v in report["config"].items()), ""]
+    if report["partner_names"]:
+        lines += [f"Partner names: {report['partner_names']}.", ""]
     lines += ["## What is protected", "", *[f"- {x}" for x in report["protected"]], "", "## What is not protected", ""]
     lines += [*[f"- {x}" for x in report["not_protected"]], "", "## The independent check", "", CROSSCHECK_NOTE, ""]
     for p in report["partners"]:
@@ -350,6 +366,8 @@ def to_html(report: dict[str, Any]) -> str:
     ]
     if report["config"]:
         parts.append("<p>Run settings: " + e(", ".join(f"{k} {v}" for k, v in report["config"].items())) + "</p>")
+    if report["partner_names"]:
+        parts.append(f"<p class='names'>Partner names: {e(report['partner_names'])}.</p>")
     parts.append("<h2>What is protected</h2><ul>" + "".join(f"<li>{e(x)}</li>" for x in report["protected"]) + "</ul>")
     parts.append("<h2>What is not protected</h2><ul>" + "".join(f"<li>{e(x)}</li>" for x in report["not_protected"]) + "</ul>")
     parts.append(f"<h2>The independent check</h2><p>{e(CROSSCHECK_NOTE)}</p>")

@@ -150,8 +150,9 @@ def plan_round(
 ) -> RoundPrivacy | Declined:
     """Clears a round of ``schedule``'s DP-SGD steps against its budget, or declines it (the checks: module docstring).
 
-    The first DP round calibrates ``state.noise_multiplier`` in place; the state keeps
-    it for every later round, declined or not. A granted round has its prior's
+    The first DP round calibrates the noise multiplier and sets ``state.noise_multiplier``,
+    which every later round keeps, whether this one is granted or declined for its budget
+    (a round declined because the partner's account has too little left sets nothing). A granted round has its prior's
     release recorded in ``accountant`` (the steps are recorded as they are taken)
     and, for a partner with a privacy account, its events reserved there."""
     budget, sample_rate, steps = schedule.budget, schedule.sample_rate, schedule.steps
@@ -176,25 +177,23 @@ def plan_round(
     if not settings.dp:
         return RoundPrivacy(None, counts, counts_noise, released, note)
 
-    if state.noise_multiplier is None:  # calibrated once, for every planned round
-        state.noise_multiplier = calibrate_noise(
+    sigma = state.noise_multiplier
+    if sigma is None:  # calibrated once, for every planned round
+        sigma = calibrate_noise(
             budget=budget, sample_rate=sample_rate, steps=settings.rounds * steps, spent=[*accountant.events, *released]
         )
         if lifetime is not None:  # and no lower than what the account has left allows
             left = f"this partner's lifetime epsilon {lifetime.budget.epsilon:g} over {lifetime.runs + 1} run(s)"
             needed = lifetime.noise_for(sample_rate=sample_rate, steps=settings.rounds * steps, first=released)
-            if needed > MAX_NOISE_RAISE * state.noise_multiplier:
-                run_sigma, state.noise_multiplier = state.noise_multiplier, None
+            if needed > MAX_NOISE_RAISE * sigma:  # not kept: the next round calibrates again
                 return Declined(
                     f"declined round {server_round}: too little is left of {left} (it would take noise multiplier "
-                    f"{needed:.3g}, over {MAX_NOISE_RAISE:g} x this run's {run_sigma:.3f})"
+                    f"{needed:.3g}, over {MAX_NOISE_RAISE:g} x this run's {sigma:.3f})"
                 )
-            if needed > state.noise_multiplier:
-                note = "; ".join(
-                    [*filter(None, [note]), f"noise multiplier {needed:.4f}, not {state.noise_multiplier:.4f}: what is left of {left}"]
-                )
-                state.noise_multiplier = needed
-    sigma = state.noise_multiplier
+            if needed > sigma:
+                note = "; ".join([*filter(None, [note]), f"noise multiplier {needed:.4f}, not {sigma:.4f}: what is left of {left}"])
+                sigma = needed
+        state.noise_multiplier = sigma  # kept for every later round, whether this one is granted or not
     if not accountant.can_afford(noise_multiplier=sigma, sample_rate=sample_rate, steps=steps, first=released):
         after = accountant.epsilon_after(noise_multiplier=sigma, sample_rate=sample_rate, steps=steps, first=released)
         return Declined(

@@ -64,6 +64,18 @@ def dataclass_from_flags(cls: type, args: argparse.Namespace, *, prefix: str = "
     return cls(**given)
 
 
+# ---------------------------------------------------------------- partners
+def cmd_partners_check(args: argparse.Namespace) -> int:
+    from server.partner_list import load_partner_list
+
+    partners = load_partner_list(args.file)  # a PartnerListError names every problem; main prints it
+    print(f"{args.file}: OK, {len(partners.names)} partner(s), SHA-256 {partners.sha256}")
+    width = max(len(name) for name in partners.names.values())
+    for node, name in sorted(partners.names.items(), key=lambda item: item[1]):
+        print(f"  {name:<{width}}  SuperNode {node}")
+    return 0
+
+
 # ---------------------------------------------------------------- data
 def cmd_data_check(args: argparse.Namespace) -> int:
     from shared.data.readers import read_domain
@@ -349,6 +361,15 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--rounds", type=int, default=3, help="federated rounds (default: 3)")
     demo.add_argument("--epsilon", type=float, default=8.0, help="each partner's privacy budget (default: 8)")
     demo.set_defaults(handler=cmd_demo)
+
+    partners = sub.add_parser("partners", help="the coordinator's list of partners (run config partners-file)").add_subparsers(
+        dest="partners_command", required=True, metavar="SUBCOMMAND"
+    )
+    check_list = partners.add_parser(
+        "check", help="read a list of partners as a run would: print each name and its SuperNode, or every problem with its line"
+    )
+    check_list.add_argument("file", help="the TOML list: [partners] then name = \"node id\" as 'flwr supernode register' printed it")
+    check_list.set_defaults(handler=cmd_partners_check)
 
     from shared.privacy.cli import add_privacy_commands
 

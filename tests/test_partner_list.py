@@ -17,6 +17,7 @@ from server.rounds import end_round
 from server.run_folder import RunFolder
 from server.server_app import main as server_main
 from server.strategy import PartnerFedAvg
+from shared.cli import main as cli_main
 from shared.federation import wire
 from shared.federation.settings import FederationSettings
 from shared.privacy.report import build_report, to_markdown
@@ -161,3 +162,21 @@ def test_a_run_with_a_list_that_cannot_be_read_stops_before_it_writes_anything(t
     with pytest.raises(PartnerListError, match=rf"{path} line 2: books = '-1': expected the node id"):
         server_main(_Grid(), context)  # type: ignore[arg-type]
     assert not (tmp_path / "runs").exists()
+
+
+def test_the_coordinator_checks_its_list_before_a_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "partners.toml"
+    path.write_text(f'[partners]\ngames = "7"\nbooks = "{BIG_ID}"\n')
+    assert cli_main(["partners", "check", str(path)]) == 0
+    sha = hashlib.sha256(path.read_bytes()).hexdigest()
+    assert capsys.readouterr().out.splitlines() == [
+        f"{path}: OK, 2 partner(s), SHA-256 {sha}",
+        f"  books  SuperNode {BIG_ID}",
+        "  games  SuperNode 7",
+    ]
+    path.write_text("[partners]\nbooks = 7\ngames = 7\n")
+    assert cli_main(["partners", "check", str(path)]) == 2
+    assert capsys.readouterr().err == (
+        f"fedxrec partners: error: invalid partners-file:\n  {path} line 3: node id 7 is listed for both 'books' and 'games'; "
+        "one SuperNode is one partner\n"
+    )

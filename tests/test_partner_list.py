@@ -150,7 +150,7 @@ def test_without_a_list_names_are_the_partners_own_and_the_run_says_so(tmp_path:
     end_round(run, 1, arrays.to_torch_state_dict(), strategy.finish_round(1), encoder_bytes=10**6)
     run.write_summary(settings=FederationSettings(), adapter_bytes=100, encoder_bytes=10**6)
     assert json.loads((run.root / "summary.json").read_text())["partner_names"] == {"bound_by": "self-declared"}
-    expected = "Partner names: each partner's own (domain in its node config), not bound to a registered SuperNode."
+    expected = "Partner names: as each partner gave it (a SuperNode's domain, a simulated partner's scenario name), not bound to a registered SuperNode."
     assert expected in (run.root / "summary.md").read_text() and expected in to_markdown(build_report(run.root))
 
 

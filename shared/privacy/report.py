@@ -61,7 +61,7 @@ def names_line(names: dict[str, Any]) -> str:
             f"from the coordinator's list {Path(str(names.get('file'))).name} (SHA-256 {str(names.get('sha256'))[:16]}...), "
             "each bound to the SuperNode registered with that partner's key"
         )
-    return "each partner's own (domain in its node config), not bound to a registered SuperNode"
+    return "as each partner gave it (a SuperNode's domain, a simulated partner's scenario name), not bound to a registered SuperNode"
 
 
 def _partner_report(path: Path, *, head: ledger.Head | None, quality: list[dict[str, Any]]) -> dict[str, Any]:

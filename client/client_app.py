@@ -7,6 +7,8 @@ and the partner's public name, note and privacy-ledger line (``"partner"``) are 
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -15,30 +17,44 @@ from flwr.clientapp import ClientApp
 from client import partner
 from client.private_state import newest_state, state_dir
 from shared.federation import wire
-from shared.federation.settings import settings_from_run_config
+from shared.federation.scenario import PartnerSpec
+from shared.federation.settings import FederationSettings, settings_from_run_config
 
 app = ClientApp()
 
 STATE_KEY = "fedxrec-partner"
 
 
-def _setup(msg: Message, context: Context) -> tuple[Any, ...]:
+def _partner(msg: Message, context: Context) -> tuple[FederationSettings, int, PartnerSpec]:
     config = dict(msg.content.config_records[wire.CONFIG])
     server_round = int(config.pop("server-round"))  # type: ignore[arg-type]
     settings = settings_from_run_config(config)
-    node_config = dict(context.node_config)
-    spec = partner.resolve_partner(node_config, settings)
-    folder = state_dir(node_config, settings, spec)
+    return settings, server_round, partner.resolve_partner(dict(context.node_config), settings)
+
+
+def _state(msg: Message, context: Context, settings: FederationSettings, spec: PartnerSpec) -> tuple[Any, ...]:
+    folder = state_dir(dict(context.node_config), settings, spec)
     blob = context.state[STATE_KEY]["blob"] if STATE_KEY in context.state else None
     state = newest_state(blob, folder)  # type: ignore[arg-type]
     arrays = msg.content.array_records[wire.ARRAYS].to_torch_state_dict()
-    return settings, server_round, spec, folder, state, arrays
+    return folder, state, arrays
+
+
+@contextmanager
+def _failure_named(name: str) -> Iterator[None]:
+    """A failure's text names the partner: Flower passes the coordinator nothing else of it."""
+    try:
+        yield
+    except Exception as err:
+        raise RuntimeError(wire.failure_text(name, err)) from err
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    settings, server_round, spec, folder, state, arrays = _setup(msg, context)
-    reply, new_state = partner.train(settings=settings, server_round=server_round, spec=spec, arrays=arrays, state=state, folder=folder)
+    settings, server_round, spec = _partner(msg, context)
+    with _failure_named(spec.name):
+        folder, state, arrays = _state(msg, context, settings, spec)
+        reply, new_state = partner.train(settings=settings, server_round=server_round, spec=spec, arrays=arrays, state=state, folder=folder)
     context.state[STATE_KEY] = ConfigRecord({"blob": new_state.to_bytes()})
     content = RecordDict(
         {
@@ -52,7 +68,11 @@ def train(msg: Message, context: Context) -> Message:
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    settings, server_round, spec, folder, state, arrays = _setup(msg, context)
-    metrics = partner.evaluate_global(settings=settings, server_round=server_round, spec=spec, arrays=arrays, state=state, folder=folder)
+    settings, server_round, spec = _partner(msg, context)
+    with _failure_named(spec.name):
+        folder, state, arrays = _state(msg, context, settings, spec)
+        metrics = partner.evaluate_global(
+            settings=settings, server_round=server_round, spec=spec, arrays=arrays, state=state, folder=folder
+        )
     content = RecordDict({wire.METRICS: MetricRecord(dict(metrics)), wire.PARTNER: ConfigRecord({"name": spec.name, "note": ""})})
     return Message(content=content, reply_to=msg)

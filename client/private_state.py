@@ -74,7 +74,17 @@ class PartnerState:
     @classmethod
     def load(cls, folder: Path) -> PartnerState:
         path = folder / "state.pt"
-        return cls.from_bytes(path.read_bytes()) if path.is_file() else cls()
+        if not path.is_file():
+            return cls()
+        try:
+            return cls.from_bytes(path.read_bytes())
+        except Exception as err:  # a damaged file: torch.load raises one of many kinds
+            raise ValueError(
+                f"{path}: this partner's private state cannot be read ({type(err).__name__}: {err}). It holds the run's "
+                "accountant (what this run has spent), private head and optimizer, so the run cannot go on without it: "
+                "restore the file from a backup, or join a new run (another run-id); what was spent stays on record in "
+                "ledger.jsonl beside it and in the partner's privacy account, if it keeps one"
+            ) from err
 
 
 def check_same_run(state: PartnerState, settings: FederationSettings, folder: Path) -> None:

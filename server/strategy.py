@@ -76,7 +76,7 @@ def _reply(msg: Message, *, partner: str, problems: list[str], declared: tuple[s
 
 
 def _given_name(msg: Message) -> str | None:
-    """The name a reply gives its partner, if any (a failure gives none)."""
+    """The name a reply gives its partner, if any (a failure's is in its error text: ``wire.read_failure``)."""
     if msg.has_error() or wire.PARTNER not in msg.content.config_records:
         return None
     name = msg.content.config_records[wire.PARTNER].get("name")
@@ -93,7 +93,8 @@ class PartnerFedAvg(FedAvg):
         self.offset = first_round - 1
         self.rounds: dict[int, RoundLog] = {}
         self.sent: dict[str, torch.Tensor] = {}  # this round's global adapter, which replies are checked against
-        self.names: dict[int, str] = {}  # node id -> partner name, as finish_round settled it: a failure names no partner
+        # node id -> partner name, as finish_round settled it (a resumed run: as its earlier rounds had it)
+        self.names: dict[int, str] = {node: name for name, node in (holders or {}).items()}
         self.holders: dict[str, int] = dict(holders or {})  # partner name -> the node that holds it in this run (finish_round)
         self.partner_list = partner_list
         self.unlisted_seen: set[int] = set()  # connected SuperNodes not on the list, each reported once
@@ -166,7 +167,10 @@ class PartnerFedAvg(FedAvg):
             # the list's name, else the reply's (finish_round settles it), else the name the node had
             partner = self._listed_name(node) if self.partner_list else _given_name(msg) or self.names.get(node, f"node-{node}")
             if msg.has_error():
-                into.append(PartnerReply(node, partner, "", {}, failed=msg.error.reason or f"error code {msg.error.code}"))
+                given, reason = wire.read_failure(msg.error.reason or f"error code {msg.error.code}")
+                if self.partner_list is None and given:
+                    partner = given
+                into.append(PartnerReply(node, partner, "", {}, failed=reason, given_name=given))
                 continue
             problems = train_reply_problems(msg.content, sent=self.sent) if train else evaluate_reply_problems(msg.content)
             problems = [*self._name_problems(msg), *problems]

@@ -382,3 +382,9 @@ def test_a_run_folder_resumes_only_with_its_own_settings(tmp_path: Path) -> None
     run.write_config(dataclasses.replace(settings, rounds=5))  # only rounds may grow
     with pytest.raises(ValueError, match=r"exists with other settings \{'personal-mix': \('off', 'valid'\)\}"):
         run.write_config(dataclasses.replace(settings, personal_mix="valid"))
+
+
+def test_a_damaged_private_state_is_named_with_what_to_do(tmp_path: Path) -> None:
+    (tmp_path / "state.pt").write_bytes(b"not a state")
+    with pytest.raises(ValueError, match=rf"{tmp_path / 'state.pt'}: this partner's private state cannot be read \(.*restore the file"):
+        PartnerState.load(tmp_path)

@@ -184,6 +184,44 @@ def test_a_partner_whose_clientapp_failed_is_named_in_its_row(tmp_path: Path) ->
     assert not rows["games"]["failed"] and not rows["games"]["rejected"]
 
 
+RAY_REASON = (  # as Flower's simulation engine reports a ClientApp that raised: Ray's traceback, then the message again
+    "<class 'ray.exceptions.RayTaskError(ClientAppException)'>:<'\x1b[36mray::ClientAppActor.run()\x1b[39m (pid=1)\n"
+    '  File "client/client_app.py", line 40, in train\n    raise RuntimeError(wire.failure_text(name, err)) from err\n'
+    'RuntimeError: fedxrec partner "gear" failed: ValueError: state.pt: cannot be read\n\n'
+    "flwr.clientapp.client_app.ClientAppException: \nException ClientAppException occurred. Message: "
+    'fedxrec partner "gear" failed: ValueError: state.pt:   cannot be read\'>'
+)
+
+
+@pytest.mark.parametrize(
+    ("reason", "expected"),
+    [
+        (RAY_REASON, ("gear", "ValueError: state.pt: cannot be read")),
+        (  # as a SuperNode reports it
+            "<class 'RuntimeError'>:<'fedxrec partner \"data \\\"x\\\"\" failed: OSError: disk full'>",
+            ('data "x"', "OSError: disk full"),
+        ),
+        ("<class 'ValueError'>:<'node config needs\n data-path'>", (None, "<class 'ValueError'>:<'node config needs data-path'>")),
+        ('fedxrec partner "unterminated failed: x', (None, 'fedxrec partner "unterminated failed: x')),
+    ],
+)
+def test_a_failure_names_its_partner_in_its_own_words(reason: str, expected: tuple[str | None, str]) -> None:
+    assert wire.read_failure(reason) == expected
+
+
+def test_a_failure_is_named_by_its_text_or_else_by_the_node_earlier_rounds_named(tmp_path: Path) -> None:
+    failures = [
+        Message(Error(code=0, reason=RAY_REASON), reply_to=instruction(5)),  # never replied before: its text names it
+        Message(Error(code=0, reason="<class 'MemoryError'>:<''>"), reply_to=instruction(1)),  # "books" in the run's earlier rounds
+    ]
+    resumed = PartnerFedAvg(first_round=3, holders={"books": 1})
+    resumed.configure_train(1, ArrayRecord(SENT), ConfigRecord({}), grid=_Grid())  # type: ignore[arg-type]
+    assert resumed.aggregate_train(1, failures) == (None, None)
+    rows = {r["partner"]: r for r in round_rows(3, resumed.finish_round(1))}
+    assert rows["gear"]["failed"] and rows["gear"]["note"] == "the partner's update failed: ValueError: state.pt: cannot be read"
+    assert rows["books"]["failed"] and rows["books"]["note"] == "the partner's update failed: <class 'MemoryError'>:<''>"
+
+
 def evaluation_content(name: str, ndcg: float) -> RecordDict:
     metrics = {"num-examples": 40, **dict.fromkeys(wire.EVALUATE_METRICS[1:], ndcg), "global-weight": 1.0}
     return RecordDict({wire.METRICS: MetricRecord(metrics), wire.PARTNER: ConfigRecord({"name": name, "note": "", "ledger-line": ""})})

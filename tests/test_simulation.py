@@ -119,21 +119,32 @@ def test_dp_federation_writes_a_complete_run_folder(tmp_path: Path, ray_env: Pat
         compare_runs.compare(spec_of["books"], run=run, baseline=run, other_users=True)
 
     # resuming a finished run trains nothing more; raising rounds continues at round 3,
-    # where each partner's budget (planned for 2 rounds) makes it decline
+    # where each partner's budget (planned for 2 rounds) makes it decline; gear's private
+    # state was damaged on its disk meanwhile: its ClientApp raises, and the run goes on
+    (run / "partners" / "gear" / "state.pt").write_bytes(b"not a state")
     simulate({**config, "rounds": 3})
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    third = [r for r in rows if r["round"] == 3]
-    assert len(third) == 3 and all(r["declined"] for r in third)
-    assert all("declined round 3" in r["note"] for r in third)
-    for name in ("books", "games", "gear"):
+    third = {r["partner"]: r for r in rows if r["round"] == 3}
+    assert sorted(third) == ["books", "games", "gear"]
+    for name in ("books", "games"):
+        assert third[name]["declined"] and "declined round 3" in third[name]["note"]
         assert ledger.verify(run / "ledger" / f"{name}.jsonl").entries[-1]["status"] == "declined"
+    gear = third["gear"]
+    assert gear["failed"] and not gear["declined"] and not gear["steps"]
+    cause = f"ValueError: {run / 'partners' / 'gear' / 'state.pt'}: this partner's private state cannot be read"
+    # in the partner's own words (not Ray's traceback), under its name: this ServerApp had not seen its node before
+    assert (
+        gear["note"].startswith(f"the partner's update failed: {cause}") and f"; the partner's evaluation failed: {cause}" in gear["note"]
+    )
+    assert ledger.verify(run / "ledger" / "gear.jsonl").entries[-1]["round"] == 2  # it spent nothing in round 3
+    assert json.loads((run / "summary.json").read_text())["partners"]["gear"]["rounds_failed"] == 1
 
     # the privacy officer's report of this run, rendered by a real browser
     report_dir = tmp_path / "report"
     assert cli_main(["privacy", "report", str(run), "--out", str(report_dir)]) == 0
     report = json.loads((report_dir / "report.json").read_text())
     assert report["verified"] and report["anchored"]
-    assert [p["rounds_declined"] for p in report["partners"]] == [[3], [3], [3]]
+    assert [p["rounds_declined"] for p in report["partners"]] == [[3], [3], []]
     assert_page_shows_every_partner(report_dir / "report.html", ["books", "games", "gear"], tmp_path)
 
     assert addresses and all(is_loopback(a) for a in addresses), addresses

@@ -99,7 +99,11 @@ def summary_entry(path: Path) -> tuple[str, dict[str, Any]] | None:
 
 def recorded_head(path: Path) -> Head | None:
     """The head a run's ``summary.json`` recorded for ``runs/<id>/ledger/<partner>.jsonl``, if any."""
-    found = summary_entry(path)
+    return head_in(summary_entry(path))
+
+
+def head_in(found: tuple[str, dict[str, Any]] | None) -> Head | None:
+    """The head recorded in a partner's ``summary.json`` entry (:func:`summary_entry`), if any."""
     recorded = found[1].get("ledger_head") if found else None
     return Head(**recorded) if recorded else None
 

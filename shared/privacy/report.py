@@ -177,10 +177,11 @@ def build_report(source: str | Path, *, head: ledger.Head | None = None, account
         if not paths:
             raise FileNotFoundError(f"{source}: no ledger/*.jsonl: not a run folder with DP, or no round finished")
         quality = _quality(source)
-        partners = [_partner_report(path, head=ledger.recorded_head(path), quality=[]) for path in paths]
-        for path, p in zip(paths, partners, strict=True):
-            if found := ledger.summary_entry(path):  # the run's name for it, where two nodes gave one name
-                p["partner"] = found[0]
+        found = [ledger.summary_entry(path) for path in paths]  # each file's partner and entry in summary.json
+        partners = [_partner_report(path, head=ledger.head_in(entry), quality=[]) for path, entry in zip(paths, found, strict=True)]
+        for entry, p in zip(found, partners, strict=True):
+            if entry:  # the run's name for it: the coordinator's, or kept apart where two nodes gave one name
+                p["partner"] = entry[0]
             p["quality"] = quality.get(p["partner"], [])
         config_path = source / "config.json"
         config = json.loads(config_path.read_text()) if config_path.is_file() else {}

@@ -16,7 +16,7 @@ from server.run_folder import RunFolder, new_run_id
 from server.strategy import PartnerFedAvg
 from shared.encoder import TextEncoder
 from shared.federation.adapter import initial_adapter
-from shared.federation.scenario import load_scenario
+from shared.federation.scenario import load_scenario, supernodes_note
 from shared.federation.settings import settings_from_run_config
 
 app = ServerApp()
@@ -37,6 +37,8 @@ def main(grid: Grid, context: Context) -> None:
     done = run.last_round()
     arrays = run.adapter(done) if done else initial_adapter(settings, in_dim=encoder.dim)
     print(f"run folder {run.root}" + (f"; resuming after round {done}" if done else ""))
+    if note := supernodes_note(scenario=settings.scenario, partners=len(data), supernodes=len(list(grid.get_node_ids()))):
+        print(f"warning: {note}")
     strategy = PartnerFedAvg(
         first_round=done + 1,
         holders=run.name_holders(),

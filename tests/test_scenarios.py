@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from shared.federation.scenario import PartnerSpec, load_scenario
+from shared.federation.scenario import PartnerSpec, load_scenario, supernodes_note
 from simulations.coldstart import cold_partner
 
 SCENARIOS = sorted((Path(__file__).resolve().parents[1] / "simulations" / "scenarios").glob("*.toml"))
@@ -29,3 +29,13 @@ def test_a_cold_start_scenario_needs_one_smallest_partner(tmp_path: Path) -> Non
     with pytest.raises(ValueError, match=r"x\.toml: .*one partner with the smallest max-users; found 2 with max-users = 300"):
         cold_partner(specs, scenario=Path("x.toml"))
     assert cold_partner([*specs[1:], PartnerSpec("d", tmp_path, max_users=4000)], scenario=Path("x.toml")).name == "b"
+
+
+def test_a_simulation_whose_supernodes_do_not_match_its_scenario_is_told_what_to_run() -> None:
+    assert supernodes_note(scenario="synthetic", partners=0, supernodes=2) is None  # generated: one partner per SuperNode
+    assert supernodes_note(scenario="s.toml", partners=5, supernodes=5) is None
+    assert supernodes_note(scenario="s.toml", partners=5, supernodes=2) == (
+        "scenario s.toml has 5 partners, and 2 SuperNodes are connected: in a simulation only the first 2 take part "
+        '(Flower simulates 2 unless told otherwise); run it with --federation-config "num-supernodes=5"'
+    )
+    assert "the 3 beyond them have no entry and fail every round" in str(supernodes_note(scenario="s.toml", partners=2, supernodes=5))

@@ -164,6 +164,23 @@ def synthetic_scenario(root: Path, *, partners: int = 3, seed: int = 0) -> list[
     return [PartnerSpec(p.name, p) for p in sorted(folder.iterdir()) if p.is_dir()]
 
 
+def supernodes_note(*, scenario: str, partners: int, supernodes: int) -> str | None:
+    """In a simulation, simulated partner ``i`` is the scenario's ``i``-th entry: where the SuperNodes
+    do not match the scenario's partners, what happens and what to run instead (None: they match)."""
+    if scenario == "synthetic" or supernodes == partners:
+        return None  # generated data: as many partners as SuperNodes
+    fix = f'run it with --federation-config "num-supernodes={partners}"'
+    if supernodes < partners:
+        return (
+            f"scenario {scenario} has {partners} partners, and {supernodes} SuperNodes are connected: in a simulation only the "
+            f"first {supernodes} take part (Flower simulates 2 unless told otherwise); {fix}"
+        )
+    return (
+        f"scenario {scenario} has {partners} partners, and {supernodes} SuperNodes are connected: in a simulation the "
+        f"{supernodes - partners} beyond them have no entry and fail every round; {fix}"
+    )
+
+
 def scenario_partners(scenario: str, *, root: Path, n_partners: int, seed: int = 0) -> list[PartnerSpec]:
     if scenario == "synthetic":
         return synthetic_scenario(root, partners=n_partners, seed=seed)

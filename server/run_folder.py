@@ -191,7 +191,8 @@ class RunFolder:
             f"# Run {self.root.name}",
             "",
             f"{summary['rounds']} rounds; DP {'on, target epsilon ' + format(settings.target_epsilon, 'g') if settings.dp else 'off'}; "
-            f"adapter {adapter_bytes:,} bytes per round each way ({adapter_bytes / encoder_bytes:.2%} of the encoder's {encoder_bytes:,}).",
+            + (f"aggregation {settings.aggregation}; " if settings.aggregation != "fedavg" else "")
+            + f"adapter {adapter_bytes:,} bytes per round each way ({adapter_bytes / encoder_bytes:.2%} of the encoder's {encoder_bytes:,}).",
             "",
             f"Partner names: {names_line(names)}.",
             "",

@@ -13,7 +13,8 @@ run goes on with the others.
 
 What this cannot check is whether a well-formed update is honest (a partner can
 still overstate ``num-examples`` or send weights trained to harm): that takes
-robust aggregation, which FedAvg is not.
+robust aggregation, which FedAvg is not; run config ``aggregation`` gives
+Flower's coordinate-wise median or trimmed mean (:func:`server.strategy.make_strategy`).
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """fedxrec ServerApp: read the run config, build Flower's FedAvg, start, save.
 
 Only adapter weights travel; the average is Flower's FedAvg weighted by the
-number of users each partner trained on. Everything the run leaves is in the run
+number of users each partner trained on (or, with ``aggregation``, Flower's
+coordinate-wise median or trimmed mean). Everything the run leaves is in the run
 folder (see :mod:`server.run_folder`).
 """
 
@@ -13,7 +14,7 @@ from flwr.serverapp import Grid, ServerApp
 from server.partner_list import load_partner_list
 from server.rounds import end_round
 from server.run_folder import RunFolder, new_run_id
-from server.strategy import PartnerFedAvg
+from server.strategy import make_strategy
 from shared.encoder import TextEncoder
 from shared.federation.adapter import initial_adapter
 from shared.federation.scenario import load_scenario, supernodes_note
@@ -39,16 +40,7 @@ def main(grid: Grid, context: Context) -> None:
     print(f"run folder {run.root}" + (f"; resuming after round {done}" if done else ""))
     if note := supernodes_note(scenario=settings.scenario, partners=len(data), supernodes=len(list(grid.get_node_ids()))):
         print(f"warning: {note}")
-    strategy = PartnerFedAvg(
-        first_round=done + 1,
-        holders=run.name_holders(),
-        partner_list=partner_list,
-        fraction_train=settings.fraction_train,
-        fraction_evaluate=1.0,
-        min_train_nodes=settings.min_partners,
-        min_evaluate_nodes=settings.min_partners,
-        min_available_nodes=settings.min_partners,
-    )
+    strategy = make_strategy(settings, first_round=done + 1, holders=run.name_holders(), partner_list=partner_list)
     config = ConfigRecord(settings.to_run_config())
 
     def after_round(server_round: int, record: ArrayRecord) -> None:

@@ -1,6 +1,8 @@
-"""Flower's FedAvg, plus a check and a record of each partner's reply.
+"""Flower's FedAvg (or its robust FedMedian / FedTrimmedAvg), plus a check and a record of each partner's reply.
 
-Aggregation is Flower's own (weighted by ``num-examples``). Three additions:
+Aggregation is Flower's own: FedAvg weighted by ``num-examples``, or, with run
+config ``aggregation``, the coordinate-wise median or trimmed mean, which no one
+partner can pull far (:func:`make_strategy`). Three additions:
 replies that break the wire contract are left out with what was wrong
 (:mod:`server.screening`), instead of stopping the round or reaching every
 partner through the average; replies of partners that declined a round (budget)
@@ -22,11 +24,12 @@ from typing import Any, cast
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy import FedAvg, FedMedian, FedTrimmedAvg
 
 from server.partner_list import PartnerList
 from server.screening import evaluate_reply_problems, is_finite_number, is_one_line, train_reply_problems
 from shared.federation import wire
+from shared.federation.settings import FederationSettings
 
 
 def record_bytes(record: ArrayRecord) -> int:
@@ -194,6 +197,34 @@ class PartnerFedAvg(FedAvg):
                 f"the partner should set domain='{listed}' in its --node-config, or the coordinator correct its list"
             ]
         return []
+
+
+class PartnerFedMedian(PartnerFedAvg, FedMedian):
+    """PartnerFedAvg's checks and records in front of Flower's FedMedian (Yin et al., ICML 2018)."""
+
+
+class PartnerFedTrimmedAvg(PartnerFedAvg, FedTrimmedAvg):
+    """PartnerFedAvg's checks and records in front of Flower's FedTrimmedAvg (Yin et al., ICML 2018)."""
+
+
+def make_strategy(
+    settings: FederationSettings, *, first_round: int = 1, holders: dict[str, int] | None = None, partner_list: PartnerList | None = None
+) -> PartnerFedAvg:
+    """The run's strategy: ``settings.aggregation`` picks Flower's average; every partner is evaluated each round."""
+    kind: type[PartnerFedAvg] = {"fedavg": PartnerFedAvg, "median": PartnerFedMedian, "trimmed-mean": PartnerFedTrimmedAvg}[
+        settings.aggregation
+    ]
+    return kind(
+        first_round=first_round,
+        holders=holders,
+        partner_list=partner_list,
+        fraction_train=settings.fraction_train,
+        fraction_evaluate=1.0,
+        min_train_nodes=settings.min_partners,
+        min_evaluate_nodes=settings.min_partners,
+        min_available_nodes=settings.min_partners,
+        **({"beta": settings.trim_fraction} if settings.aggregation == "trimmed-mean" else {}),
+    )
 
 
 class _ListedNodes:

@@ -320,6 +320,15 @@ def test_a_stored_head_from_other_residual_settings_is_refused_by_name(tmp_path:
         partner.build_model(with_residual, data, adapter_arrays=arrays, head=head)
 
 
+def test_aggregation_and_its_trim_are_validated() -> None:
+    with pytest.raises(SettingsError) as info:
+        settings_from_run_config({"aggregation": "krum", "trim-fraction": 0.5})
+    assert str(info.value).splitlines()[1:] == [
+        "  aggregation must be 'fedavg' or 'median' or 'trimmed-mean', got 'krum'",
+        "  trim-fraction must be in [0, 0.5) (the fraction cut from each end), got 0.5",
+    ]
+
+
 def test_trains_is_validated() -> None:
     with pytest.raises(SettingsError, match="trains must be 'all' or 'adapter'"):
         settings_from_run_config({"trains": "head"})

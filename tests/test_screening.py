@@ -10,13 +10,13 @@ import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp.exception import InconsistentMessageReplies
-from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy import FedAvg, FedMedian, FedTrimmedAvg
 from flwr.supercore.task_identity import TaskIdentity
 
 from server.rounds import end_round, round_rows
 from server.run_folder import RunFolder
 from server.screening import evaluate_reply_problems, train_reply_problems
-from server.strategy import PartnerFedAvg
+from server.strategy import PartnerFedAvg, make_strategy
 from shared.federation import wire
 from shared.federation.settings import FederationSettings
 from shared.privacy import ledger
@@ -159,6 +159,28 @@ def test_fedavg_leaves_a_broken_reply_out_and_the_run_goes_on(tmp_path: Path) ->
     summary = run.write_summary(settings=FederationSettings(), adapter_bytes=100, encoder_bytes=10**6)
     assert summary["partners"]["gear"]["rounds_rejected"] == 1 and summary["partners"]["books"]["rounds_trained"] == 1
     assert "| rounds trained | declined | rejected |" in (run.root / "summary.md").read_text()
+
+
+@pytest.mark.parametrize(("aggregation", "expected"), [("fedavg", None), ("median", 1.05), ("trimmed-mean", 1.05)])
+def test_a_robust_average_is_not_pulled_away_by_one_harmful_update(aggregation: str, expected: float | None) -> None:
+    """A well-formed update passes the contract whatever it holds: only a robust average bounds what one partner does."""
+    honest = [(1, 1.0), (2, 1.1), (3, 0.9), (4, 1.05)]  # node, scale of the sent adapter
+    replies = [reply(node, train_content(scale, name=f"p{node}", examples=100)) for node, scale in honest]
+    replies.append(reply(5, train_content(1000.0, name="harm", examples=10**6)))  # and it overstates its users
+    strategy = make_strategy(FederationSettings(aggregation=aggregation))
+    flower = {"fedavg": FedAvg, "median": FedMedian, "trimmed-mean": FedTrimmedAvg}[aggregation]
+    assert isinstance(strategy, PartnerFedAvg) and isinstance(strategy, flower)  # Flower's own average, behind our checks
+    strategy.configure_train(1, ArrayRecord(SENT), ConfigRecord({}), grid=_Grid())  # type: ignore[arg-type]
+    arrays, _ = strategy.aggregate_train(1, replies)
+    assert arrays is not None
+    w = arrays.to_torch_state_dict()["w"]
+    if expected is None:  # FedAvg: the harmful partner's weight is 10**6 of 10**6 + 400
+        assert w.mean() > 990
+    else:  # the median of 0.9, 1, 1.05, 1.1, 1000; the mean of the middle three (one cut at each end of five)
+        torch.testing.assert_close(w, torch.full((4, 3), expected))
+    assert w.dtype == torch.float32  # what partners check the next round's adapter against
+    rows = round_rows(1, strategy.finish_round(1))
+    assert sorted(r["partner"] for r in rows) == ["harm", "p1", "p2", "p3", "p4"] and not any(r["rejected"] for r in rows)
 
 
 def test_every_update_rejected_keeps_the_adapter() -> None:

@@ -67,12 +67,13 @@ def load_partner_list(path: str | Path) -> PartnerList:
             f"partners-file {str(path)!r} not found (run config 'partners-file': the coordinator's TOML list of partners, "
             f"[partners] then one line per partner such as {EXAMPLE}; a relative path is taken from the ServerApp's working folder)"
         )
-    text = path.read_bytes()
+    data = path.read_bytes()
     try:
-        raw = tomllib.loads(text.decode("utf-8"))
+        text = data.decode("utf-8")
+        raw = tomllib.loads(text)
     except (UnicodeDecodeError, tomllib.TOMLDecodeError) as err:
         raise PartnerListError(f"{path}: not valid TOML: {err}") from err
-    lines = text.decode("utf-8").splitlines()
+    lines = text.splitlines()
     problems = [f"{path}{_line(lines, key)}: unknown key {key!r}; expected only the table [partners]" for key in raw if key != "partners"]
     table = raw.get("partners")
     if not isinstance(table, dict) or not table:
@@ -99,7 +100,7 @@ def load_partner_list(path: str | Path) -> PartnerList:
         names[node] = name
     if problems:
         raise PartnerListError("invalid partners-file:\n  " + "\n  ".join(problems))
-    return PartnerList(path=path.resolve(), sha256=hashlib.sha256(text).hexdigest(), names=names)
+    return PartnerList(path=path.resolve(), sha256=hashlib.sha256(data).hexdigest(), names=names)
 
 
 def _node_id(value: object) -> int | None:

@@ -32,7 +32,6 @@ from safetensors.torch import load_file, save_file
 
 from shared.federation.settings import FederationSettings
 from shared.privacy import ledger
-from shared.privacy.report import names_line
 
 PACKAGES = ("fedxrec", "flwr", "torch", "opacus", "transformers", "peft", "numpy", "pandas", "safetensors", "grpcio", "ray")
 
@@ -194,7 +193,7 @@ class RunFolder:
             + (f"aggregation {settings.aggregation}; " if settings.aggregation != "fedavg" else "")
             + f"adapter {adapter_bytes:,} bytes per round each way ({adapter_bytes / encoder_bytes:.2%} of the encoder's {encoder_bytes:,}).",
             "",
-            f"Partner names: {names_line(names)}.",
+            f"Partner names: {ledger.names_line(names)}.",
             "",
             "| partner | test NDCG@10 | test Recall@10 | valid NDCG@10 | epsilon | delta | rounds trained | declined |"
             + "".join(f" {k} |" for k in left_out)

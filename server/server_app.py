@@ -38,7 +38,7 @@ def main(grid: Grid, context: Context) -> None:
     done = run.last_round()
     arrays = run.adapter(done) if done else initial_adapter(settings, in_dim=encoder.dim)
     print(f"run folder {run.root}" + (f"; resuming after round {done}" if done else ""))
-    if note := supernodes_note(scenario=settings.scenario, partners=len(data), supernodes=len(list(grid.get_node_ids()))):
+    if data and (note := supernodes_note(scenario=settings.scenario, partners=len(data), supernodes=len(list(grid.get_node_ids())))):
         print(f"warning: {note}")
     strategy = make_strategy(settings, first_round=done + 1, holders=run.name_holders(), partner_list=partner_list)
     config = ConfigRecord(settings.to_run_config())

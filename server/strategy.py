@@ -119,7 +119,7 @@ class PartnerFedAvg(FedAvg):
         replies = [*log.train, *log.evaluate]
         if self.partner_list is not None:  # the coordinator's list names every node; no reply can claim another's name
             for reply in replies:
-                reply.partner = self.names[reply.node_id] = self._listed_name(reply.node_id)
+                reply.partner = self.names[reply.node_id] = self.partner_list.name_of(reply.node_id) or f"node-{reply.node_id}"
             return log
         claims: dict[str, list[int]] = {}
         for reply in replies:
@@ -147,10 +147,6 @@ class PartnerFedAvg(FedAvg):
         """The grid as FedAvg's sampling sees it: with a partner list, only the listed SuperNodes."""
         return grid if self.partner_list is None else cast(Grid, _ListedNodes(grid, self))
 
-    def _listed_name(self, node: int) -> str:
-        listed = self.partner_list.name_of(node) if self.partner_list is not None else None
-        return listed or f"node-{node}"
-
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         passed = self._screen(replies, self.round_log(server_round).train, train=True)
         taken = [m for m in passed if not m.content.metric_records[wire.METRICS]["declined"]]
@@ -163,16 +159,14 @@ class PartnerFedAvg(FedAvg):
         return super().aggregate_evaluate(server_round, taken) if taken else None
 
     def _screen(self, replies: Iterable[Message], into: list[PartnerReply], *, train: bool) -> list[Message]:
-        """Logs each reply into ``into`` (a failure, or the partner's reply with its contract problems); returns those without problems."""
+        """Logs each reply into ``into`` (a failure, or the partner's reply with its contract problems); returns those without problems.
+        Names are finish_round's to settle, once the round's replies are in."""
         passed = []
         for msg in replies:
             node = msg.metadata.src_node_id
-            # the list's name, else the reply's (finish_round settles it), else the name the node had
-            partner = self._listed_name(node) if self.partner_list else _given_name(msg) or self.names.get(node, f"node-{node}")
+            partner = f"node-{node}"  # until finish_round names it
             if msg.has_error():
                 given, reason = wire.read_failure(msg.error.reason or f"error code {msg.error.code}")
-                if self.partner_list is None and given:
-                    partner = given
                 into.append(PartnerReply(node, partner, "", {}, failed=reason, given_name=given))
                 continue
             problems = train_reply_problems(msg.content, sent=self.sent) if train else evaluate_reply_problems(msg.content)

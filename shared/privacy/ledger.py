@@ -75,17 +75,20 @@ def head_of(path: Path) -> Head:
     return Head(len(lines), line_hash(lines[-1]) if lines else GENESIS)
 
 
-def summary_entry(path: Path) -> tuple[str, dict[str, Any]] | None:
-    """For ``runs/<id>/ledger/<file>.jsonl``: the partner's name in the run's ``summary.json``, and its entry.
+def summary_entry(path: Path, *, summary: dict[str, Any] | None = None) -> tuple[str, dict[str, Any]] | None:
+    """For ``runs/<id>/ledger/<file>.jsonl``: the partner's name in the run's ``summary.json``, and its entry
+    (``summary``: that file already read, by a caller that looks up every ledger of the run).
 
     The summary says which ledger file is whose (``ledger_file``): the name inside the lines is
     the partner's own, and two SuperNodes may have given the same one (the server then keeps
     their records apart). A summary written before ``ledger_file`` is matched by that name.
     """
-    summary = path.parent.parent / "summary.json"
-    if path.parent.name != "ledger" or not summary.is_file() or not path.is_file():
+    summary_path = path.parent.parent / "summary.json"
+    if path.parent.name != "ledger" or not path.is_file() or (summary is None and not summary_path.is_file()):
         return None
-    partners: dict[str, dict[str, Any]] = json.loads(summary.read_text()).get("partners", {})
+    if summary is None:
+        summary = json.loads(summary_path.read_text())
+    partners: dict[str, dict[str, Any]] = summary.get("partners", {})
     for name, entry in partners.items():
         if entry.get("ledger_file") == f"ledger/{path.name}":
             return name, entry
@@ -95,6 +98,16 @@ def summary_entry(path: Path) -> tuple[str, dict[str, Any]] | None:
         return None  # verify names the broken first line
     legacy = partners.get(name)
     return (name, legacy) if legacy is not None and "ledger_file" not in legacy else None
+
+
+def names_line(names: dict[str, Any]) -> str:
+    """Who named a run's partners, in words (summary.md and this report): the coordinator's list, or each partner."""
+    if names.get("bound_by") == "partners-file":
+        return (
+            f"from the coordinator's list {Path(str(names.get('file'))).name} (SHA-256 {str(names.get('sha256'))[:16]}...), "
+            "each bound to the SuperNode registered with that partner's key"
+        )
+    return "as each partner gave it (a SuperNode's domain, a simulated partner's scenario name), not bound to a registered SuperNode"
 
 
 def recorded_head(path: Path) -> Head | None:

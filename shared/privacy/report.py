@@ -54,16 +54,6 @@ NOT_PROTECTED = [
 # --------------------------------------------------------------------------- building
 
 
-def names_line(names: dict[str, Any]) -> str:
-    """Who named a run's partners, in words (summary.md and this report): the coordinator's list, or each partner."""
-    if names.get("bound_by") == "partners-file":
-        return (
-            f"from the coordinator's list {Path(str(names.get('file'))).name} (SHA-256 {str(names.get('sha256'))[:16]}...), "
-            "each bound to the SuperNode registered with that partner's key"
-        )
-    return "as each partner gave it (a SuperNode's domain, a simulated partner's scenario name), not bound to a registered SuperNode"
-
-
 def _partner_report(path: Path, *, head: ledger.Head | None, quality: list[dict[str, Any]]) -> dict[str, Any]:
     check = ledger.verify(path, head=head)
     entries = check.entries
@@ -177,7 +167,10 @@ def build_report(source: str | Path, *, head: ledger.Head | None = None, account
         if not paths:
             raise FileNotFoundError(f"{source}: no ledger/*.jsonl: not a run folder with DP, or no round finished")
         quality = _quality(source)
-        found = [ledger.summary_entry(path) for path in paths]  # each file's partner and entry in summary.json
+        anchored = (source / "summary.json").is_file()
+        summary = json.loads((source / "summary.json").read_text()) if anchored else {}
+        # each file's partner and entry in summary.json
+        found = [ledger.summary_entry(path, summary=summary) if anchored else None for path in paths]
         partners = [_partner_report(path, head=ledger.head_in(entry), quality=[]) for path, entry in zip(paths, found, strict=True)]
         for entry, p in zip(found, partners, strict=True):
             if entry:  # the run's name for it: the coordinator's, or kept apart where two nodes gave one name
@@ -186,9 +179,7 @@ def build_report(source: str | Path, *, head: ledger.Head | None = None, account
         config_path = source / "config.json"
         config = json.loads(config_path.read_text()) if config_path.is_file() else {}
         kind, title = "run", source.name
-        anchored = (source / "summary.json").is_file()
-        summary = json.loads((source / "summary.json").read_text()) if anchored else {}
-        names = names_line(summary.get("partner_names") or {})
+        names = ledger.names_line(summary.get("partner_names") or {})
     else:
         partners = [_partner_report(source, head=head, quality=[])]
         config, kind, title, anchored = {}, "ledger", source.name, head is not None

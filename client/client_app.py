@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -25,35 +26,38 @@ app = ClientApp()
 STATE_KEY = "fedxrec-partner"
 
 
-def _partner(msg: Message, context: Context) -> tuple[FederationSettings, int, PartnerSpec]:
+def _partner(msg: Message, node_config: dict[str, Any]) -> tuple[FederationSettings, int, PartnerSpec]:
     config = dict(msg.content.config_records[wire.CONFIG])
     server_round = int(config.pop("server-round"))  # type: ignore[arg-type]
     settings = settings_from_run_config(config)
-    return settings, server_round, partner.resolve_partner(dict(context.node_config), settings)
+    return settings, server_round, partner.resolve_partner(node_config, settings)
 
 
-def _state(msg: Message, context: Context, settings: FederationSettings, spec: PartnerSpec) -> tuple[Any, ...]:
-    folder = state_dir(dict(context.node_config), settings, spec)
+def _state(msg: Message, context: Context, folder: Path) -> tuple[Any, ...]:
     blob = context.state[STATE_KEY]["blob"] if STATE_KEY in context.state else None
     state = newest_state(blob, folder)  # type: ignore[arg-type]
     arrays = msg.content.array_records[wire.ARRAYS].to_torch_state_dict()
-    return folder, state, arrays
+    return state, arrays
 
 
 @contextmanager
-def _failure_named(name: str) -> Iterator[None]:
-    """A failure's text names the partner: Flower passes the coordinator nothing else of it."""
+def _failure_told(node_config: dict[str, Any], name: str | None = None) -> Iterator[None]:
+    """A failure's text names the partner (Flower passes the coordinator nothing else of it), and
+    its folders by their node config keys only: see :func:`wire.failure_text`."""
     try:
         yield
     except Exception as err:
-        raise RuntimeError(wire.failure_text(name, err)) from err
+        raise RuntimeError(wire.failure_text(name, err, node_config=node_config)) from err
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    settings, server_round, spec = _partner(msg, context)
-    with _failure_named(spec.name):
-        folder, state, arrays = _state(msg, context, settings, spec)
+    node_config = dict(context.node_config)
+    with _failure_told(node_config):
+        settings, server_round, spec = _partner(msg, node_config)
+    with _failure_told(node_config, spec.name):
+        folder = state_dir(node_config, settings, spec)
+        state, arrays = _state(msg, context, folder)
         reply, new_state = partner.train(settings=settings, server_round=server_round, spec=spec, arrays=arrays, state=state, folder=folder)
     context.state[STATE_KEY] = ConfigRecord({"blob": new_state.to_bytes()})
     content = RecordDict(
@@ -68,9 +72,12 @@ def train(msg: Message, context: Context) -> Message:
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    settings, server_round, spec = _partner(msg, context)
-    with _failure_named(spec.name):
-        folder, state, arrays = _state(msg, context, settings, spec)
+    node_config = dict(context.node_config)
+    with _failure_told(node_config):
+        settings, server_round, spec = _partner(msg, node_config)
+    with _failure_told(node_config, spec.name):
+        folder = state_dir(node_config, settings, spec)
+        state, arrays = _state(msg, context, folder)
         metrics = partner.evaluate_global(
             settings=settings, server_round=server_round, spec=spec, arrays=arrays, state=state, folder=folder
         )

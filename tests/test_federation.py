@@ -19,6 +19,7 @@ from client.private_state import PartnerState, newest_state
 from server.run_folder import RunFolder
 from shared.federation import wire
 from shared.federation.adapter import initial_adapter
+from shared.federation.scenario import synthetic_scenario
 from shared.federation.settings import FederationSettings, SettingsError, settings_from_run_config
 from shared.model.adapters import MoEAdapter
 from shared.privacy import account, ledger
@@ -397,3 +398,27 @@ def test_a_damaged_private_state_is_named_with_what_to_do(tmp_path: Path) -> Non
     (tmp_path / "state.pt").write_bytes(b"not a state")
     with pytest.raises(ValueError, match=rf"{tmp_path / 'state.pt'}: this partner's private state cannot be read \(.*restore the file"):
         PartnerState.load(tmp_path)
+
+
+def test_a_deployed_partners_failure_reaches_the_coordinator_without_its_folders(tmp_path: Path) -> None:
+    settings = settings_for(tmp_path / "coordinator")
+    spec = synthetic_scenario(tmp_path / "data", partners=1)[0]
+    node_config = {"data-path": str(spec.data), "state-dir": str(tmp_path / "private")}
+    folder = tmp_path / "private" / "runs" / settings.run_id
+    folder.mkdir(parents=True)
+    (folder / "state.pt").write_bytes(b"not a state")
+    ctx = Context(run_id=1, node_id=1, node_config=node_config, state=RecordDict(), run_config={})
+    arrays = initial_adapter(settings, in_dim=ENCODER_DIM)
+    with pytest.raises(RuntimeError) as raised:
+        train(message(MessageType.TRAIN, arrays, settings, 1), ctx)
+    name, said = wire.read_failure(str(raised.value))
+    assert name == spec.name and said.startswith("ValueError: <state-dir>/runs/test/state.pt: this partner's private state cannot be read")
+    assert str(tmp_path) not in str(raised.value)
+    assert str(folder / "state.pt") in str(raised.value.__cause__)  # the partner's own log keeps where it lies
+    # a node config the partner cannot use fails before it knows its name, its folders unsaid too
+    del node_config["state-dir"]
+    with pytest.raises(RuntimeError) as raised:
+        evaluate(message(MessageType.EVALUATE, arrays, settings, 1), Context(1, 1, node_config, RecordDict(), {}))
+    name, said = wire.read_failure(str(raised.value))
+    assert name is None and said.startswith("ValueError: invalid node config: node config: state-dir must be")
+    assert str(tmp_path) not in said

@@ -225,10 +225,33 @@ RAY_REASON = (  # as Flower's simulation engine reports a ClientApp that raised:
         ),
         ("<class 'ValueError'>:<'node config needs\n data-path'>", (None, "<class 'ValueError'>:<'node config needs data-path'>")),
         ('fedxrec partner "unterminated failed: x', (None, 'fedxrec partner "unterminated failed: x')),
+        (  # before the partner knew its own name
+            "<class 'RuntimeError'>:<'fedxrec partner null failed: ValueError: invalid node config:\n  data-path'>",
+            (None, "ValueError: invalid node config: data-path"),
+        ),
     ],
 )
 def test_a_failure_names_its_partner_in_its_own_words(reason: str, expected: tuple[str | None, str]) -> None:
     assert wire.read_failure(reason) == expected
+
+
+def test_a_failure_names_the_partners_folders_by_their_keys_only(tmp_path: Path) -> None:
+    (tmp_path / "real-state").mkdir()
+    (tmp_path / "state").symlink_to(tmp_path / "real-state")
+    node_config = {"data-path": str(tmp_path / "data"), "state-dir": str(tmp_path / "state"), "domain": "gear"}
+    err = ValueError(
+        f"{tmp_path}/data/reviews.csv line 3: rating must be a number; {tmp_path}/real-state/runs/r1/state.pt: cannot be read; "
+        f"{tmp_path}/state/privacy-account.jsonl; see /home/alice/fedxrec/client/partner.py, 1/2 of users, data/x.csv"
+    )
+    text = wire.failure_text("gear", err, node_config=node_config)
+    assert str(tmp_path) not in text and "alice" not in text
+    assert wire.read_failure(text) == (
+        "gear",
+        "ValueError: <data-path>/reviews.csv line 3: rating must be a number; <state-dir>/runs/r1/state.pt: cannot be read; "
+        "<state-dir>/privacy-account.jsonl; see …/partner.py, 1/2 of users, data/x.csv",
+    )
+    # a simulated partner's files are the researcher's own
+    assert wire.failure_text("gear", err, node_config={"partition-id": 0}) == f'fedxrec partner "gear" failed: ValueError: {err}'
 
 
 def test_a_failure_is_named_by_its_text_or_else_by_the_node_earlier_rounds_named(tmp_path: Path) -> None:

@@ -11,7 +11,10 @@ which holds only what the metrics already say plus the hash chain.
 from __future__ import annotations
 
 import json
+import os
 import re
+from collections.abc import Mapping
+from pathlib import Path
 
 ARRAYS = "arrays"
 METRICS = "metrics"
@@ -44,8 +47,37 @@ FAILURE = "fedxrec partner "
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
-def failure_text(name: str, err: BaseException) -> str:
-    return f"{FAILURE}{json.dumps(name)} failed: {type(err).__name__}: {err}"
+# Node config keys that name a partner's own files: a failure's text sent to the coordinator
+# names them by key, as in "<state-dir>/runs/demo/state.pt", never by where they lie.
+PRIVATE_PATHS = ("data-path", "state-dir", "privacy-account")
+# Any other absolute path keeps its last part only ("…/reviews.csv"): a user name or a mount point
+# in a folder says something about the partner the coordinator has no need of.
+_FOLDERS = re.compile(r"(?<![\w.:~<>/-])/(?:[^\s/'\"]+/)+")
+
+
+def failure_text(name: str | None, err: BaseException, *, node_config: Mapping[str, object] | None = None) -> str:
+    """The text a partner's ClientApp raises to the coordinator: its name (None before it is known) and
+    its error in its own words. A deployed partner's (one whose ``node_config`` names its own folders,
+    :data:`PRIVATE_PATHS`) has those folders replaced by their keys and any other absolute path cut to
+    its last part; its own log keeps the full error (the original is chained to the raise). A
+    simulated partner's files are the researcher's own, and its text keeps them."""
+    text = f"{type(err).__name__}: {err}"
+    private = _private_paths(node_config or {})
+    for path, key in private:
+        text = text.replace(path, f"<{key}>")
+    return f"{FAILURE}{json.dumps(name)} failed: {_FOLDERS.sub('…/', text) if private else text}"
+
+
+def _private_paths(node_config: Mapping[str, object]) -> list[tuple[str, str]]:
+    """(absolute path, its key), longest first so that a file in a named folder keeps its own key."""
+    found: dict[str, str] = {}
+    for key in PRIVATE_PATHS:
+        value = node_config.get(key)
+        if isinstance(value, str) and value:
+            # as given and as resolved: the code may have followed a symbolic link or not
+            for form in (os.path.abspath(value), str(Path(value).resolve())):
+                found.setdefault(form.rstrip("/") or "/", key)
+    return sorted(found.items(), key=lambda item: -len(item[0]))
 
 
 def read_failure(reason: str) -> tuple[str | None, str]:
@@ -57,7 +89,7 @@ def read_failure(reason: str) -> tuple[str | None, str]:
         try:
             found, end = json.JSONDecoder().raw_decode(text, start + len(FAILURE))
         except ValueError:
-            found = None
-        if isinstance(found, str) and text.startswith(" failed: ", end):
+            found, end = False, start  # not a name, nor a name-less failure (null)
+        if (found is None or isinstance(found, str)) and text.startswith(" failed: ", end):
             name, text = found, text[end + len(" failed: ") :].removesuffix("'>")
     return name, " ".join(text.split())

@@ -241,14 +241,14 @@ def test_a_failure_names_the_partners_folders_by_their_keys_only(tmp_path: Path)
     node_config = {"data-path": str(tmp_path / "data"), "state-dir": str(tmp_path / "state"), "domain": "gear"}
     err = ValueError(
         f"{tmp_path}/data/reviews.csv line 3: rating must be a number; {tmp_path}/real-state/runs/r1/state.pt: cannot be read; "
-        f"{tmp_path}/state/privacy-account.jsonl; see /home/alice/fedxrec/client/partner.py, 1/2 of users, data/x.csv"
+        f"{tmp_path}/state/privacy-account.jsonl; {tmp_path}/data2/x.csv; see /home/alice/fedxrec/client/partner.py, 1/2 of users, data/x.csv"
     )
     text = wire.failure_text("gear", err, node_config=node_config)
     assert str(tmp_path) not in text and "alice" not in text
     assert wire.read_failure(text) == (
         "gear",
         "ValueError: <data-path>/reviews.csv line 3: rating must be a number; <state-dir>/runs/r1/state.pt: cannot be read; "
-        "<state-dir>/privacy-account.jsonl; see …/partner.py, 1/2 of users, data/x.csv",
+        "<state-dir>/privacy-account.jsonl; …/x.csv; see …/partner.py, 1/2 of users, data/x.csv",
     )
     # a simulated partner's files are the researcher's own
     assert wire.failure_text("gear", err, node_config={"partition-id": 0}) == f'fedxrec partner "gear" failed: ValueError: {err}'

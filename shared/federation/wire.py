@@ -64,7 +64,7 @@ def failure_text(name: str | None, err: BaseException, *, node_config: Mapping[s
     text = f"{type(err).__name__}: {err}"
     private = _private_paths(node_config or {})
     for path, key in private:
-        text = text.replace(path, f"<{key}>")
+        text = re.sub(re.escape(path) + r"(?![\w.-])", f"<{key}>", text)  # not /srv/data in /srv/data2
     return f"{FAILURE}{json.dumps(name)} failed: {_FOLDERS.sub('…/', text) if private else text}"
 
 

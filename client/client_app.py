@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -18,32 +17,35 @@ from flwr.clientapp import ClientApp
 from client import partner
 from client.private_state import newest_state, state_dir
 from shared.federation import wire
-from shared.federation.scenario import PartnerSpec
-from shared.federation.settings import FederationSettings, settings_from_run_config
+from shared.federation.settings import settings_from_run_config
 
 app = ClientApp()
 
 STATE_KEY = "fedxrec-partner"
 
 
-def _partner(msg: Message, node_config: dict[str, Any]) -> tuple[FederationSettings, int, PartnerSpec]:
-    config = dict(msg.content.config_records[wire.CONFIG])
-    server_round = int(config.pop("server-round"))  # type: ignore[arg-type]
-    settings = settings_from_run_config(config)
-    return settings, server_round, partner.resolve_partner(node_config, settings)
-
-
-def _state(msg: Message, context: Context, folder: Path) -> tuple[Any, ...]:
-    blob = context.state[STATE_KEY]["blob"] if STATE_KEY in context.state else None
-    state = newest_state(blob, folder)  # type: ignore[arg-type]
-    arrays = msg.content.array_records[wire.ARRAYS].to_torch_state_dict()
-    return state, arrays
+@contextmanager
+def _partner_call(msg: Message, context: Context) -> Iterator[dict[str, Any]]:
+    """The keyword arguments of this message's call into :mod:`client.partner` (settings,
+    server_round, spec, arrays, state, folder). A failure in reading them or in the call is
+    raised with the partner's name, and its folders by their node config keys only
+    (:func:`wire.failure_text`): Flower passes the coordinator nothing else of it."""
+    node_config = dict(context.node_config)
+    with _failure_told(node_config):
+        config = dict(msg.content.config_records[wire.CONFIG])
+        server_round = int(config.pop("server-round"))  # type: ignore[arg-type]
+        settings = settings_from_run_config(config)
+        spec = partner.resolve_partner(node_config, settings)
+    with _failure_told(node_config, spec.name):
+        folder = state_dir(node_config, settings, spec)
+        blob = context.state[STATE_KEY]["blob"] if STATE_KEY in context.state else None
+        state = newest_state(blob, folder)  # type: ignore[arg-type]
+        arrays = msg.content.array_records[wire.ARRAYS].to_torch_state_dict()
+        yield {"settings": settings, "server_round": server_round, "spec": spec, "arrays": arrays, "state": state, "folder": folder}
 
 
 @contextmanager
 def _failure_told(node_config: dict[str, Any], name: str | None = None) -> Iterator[None]:
-    """A failure's text names the partner (Flower passes the coordinator nothing else of it), and
-    its folders by their node config keys only: see :func:`wire.failure_text`."""
     try:
         yield
     except Exception as err:
@@ -52,19 +54,14 @@ def _failure_told(node_config: dict[str, Any], name: str | None = None) -> Itera
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    node_config = dict(context.node_config)
-    with _failure_told(node_config):
-        settings, server_round, spec = _partner(msg, node_config)
-    with _failure_told(node_config, spec.name):
-        folder = state_dir(node_config, settings, spec)
-        state, arrays = _state(msg, context, folder)
-        reply, new_state = partner.train(settings=settings, server_round=server_round, spec=spec, arrays=arrays, state=state, folder=folder)
+    with _partner_call(msg, context) as call:
+        reply, new_state = partner.train(**call)
     context.state[STATE_KEY] = ConfigRecord({"blob": new_state.to_bytes()})
     content = RecordDict(
         {
             wire.ARRAYS: ArrayRecord(reply.arrays),
             wire.METRICS: MetricRecord(dict(reply.metrics)),
-            wire.PARTNER: ConfigRecord({"name": spec.name, "note": reply.note, "ledger-line": reply.ledger_line}),
+            wire.PARTNER: ConfigRecord({"name": call["spec"].name, "note": reply.note, "ledger-line": reply.ledger_line}),
         }
     )
     return Message(content=content, reply_to=msg)
@@ -72,14 +69,7 @@ def train(msg: Message, context: Context) -> Message:
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    node_config = dict(context.node_config)
-    with _failure_told(node_config):
-        settings, server_round, spec = _partner(msg, node_config)
-    with _failure_told(node_config, spec.name):
-        folder = state_dir(node_config, settings, spec)
-        state, arrays = _state(msg, context, folder)
-        metrics = partner.evaluate_global(
-            settings=settings, server_round=server_round, spec=spec, arrays=arrays, state=state, folder=folder
-        )
-    content = RecordDict({wire.METRICS: MetricRecord(dict(metrics)), wire.PARTNER: ConfigRecord({"name": spec.name, "note": ""})})
+    with _partner_call(msg, context) as call:
+        metrics = partner.evaluate_global(**call)
+    content = RecordDict({wire.METRICS: MetricRecord(dict(metrics)), wire.PARTNER: ConfigRecord({"name": call["spec"].name, "note": ""})})
     return Message(content=content, reply_to=msg)

@@ -17,6 +17,7 @@ from flwr.clientapp import ClientApp
 from client import partner
 from client.private_state import newest_state, state_dir
 from shared.federation import wire
+from shared.federation.scenario import NODE_CONFIG_PATHS
 from shared.federation.settings import settings_from_run_config
 
 app = ClientApp()
@@ -49,7 +50,8 @@ def _failure_told(node_config: dict[str, Any], name: str | None = None) -> Itera
     try:
         yield
     except Exception as err:
-        raise RuntimeError(wire.failure_text(name, err, node_config=node_config)) from err
+        private = {key: str(node_config[key]) for key in NODE_CONFIG_PATHS if node_config.get(key)}
+        raise RuntimeError(wire.failure_text(name, err, private_paths=private)) from err
 
 
 @app.train()

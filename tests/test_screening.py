@@ -238,12 +238,12 @@ def test_a_failure_names_its_partner_in_its_own_words(reason: str, expected: tup
 def test_a_failure_names_the_partners_folders_by_their_keys_only(tmp_path: Path) -> None:
     (tmp_path / "real-state").mkdir()
     (tmp_path / "state").symlink_to(tmp_path / "real-state")
-    node_config = {"data-path": str(tmp_path / "data"), "state-dir": str(tmp_path / "state"), "domain": "gear"}
+    private = {"data-path": str(tmp_path / "data"), "state-dir": str(tmp_path / "state")}
     err = ValueError(
         f"{tmp_path}/data/reviews.csv line 3: rating must be a number; {tmp_path}/real-state/runs/r1/state.pt: cannot be read; "
         f"{tmp_path}/state/privacy-account.jsonl; {tmp_path}/data2/x.csv; see /home/alice/fedxrec/client/partner.py, 1/2 of users, data/x.csv"
     )
-    text = wire.failure_text("gear", err, node_config=node_config)
+    text = wire.failure_text("gear", err, private_paths=private)
     assert str(tmp_path) not in text and "alice" not in text
     assert wire.read_failure(text) == (
         "gear",
@@ -251,7 +251,7 @@ def test_a_failure_names_the_partners_folders_by_their_keys_only(tmp_path: Path)
         "<state-dir>/privacy-account.jsonl; …/x.csv; see …/partner.py, 1/2 of users, data/x.csv",
     )
     # a simulated partner's files are the researcher's own
-    assert wire.failure_text("gear", err, node_config={"partition-id": 0}) == f'fedxrec partner "gear" failed: ValueError: {err}'
+    assert wire.failure_text("gear", err) == f'fedxrec partner "gear" failed: ValueError: {err}'
 
 
 def test_a_failure_is_named_by_its_text_or_else_by_the_node_earlier_rounds_named(tmp_path: Path) -> None:

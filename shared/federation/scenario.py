@@ -55,6 +55,8 @@ NODE_CONFIG = {
     "privacy-account": "the file that counts every run on this data, so that max-epsilon caps them together "
     "(default: privacy-account.jsonl in state-dir; name one file for several SuperNodes on the same data)",
 }
+# The keys of NODE_CONFIG that name the partner's own files: its failures tell the coordinator these keys, not the paths
+NODE_CONFIG_PATHS = ("data-path", "state-dir", "privacy-account")
 SIMULATION_NODE_CONFIG = ("partition-id", "num-partitions")  # set by Flower's simulation engine
 ACCOUNT_FILE = "privacy-account.jsonl"  # a deployed partner's default, in its state-dir
 SCENARIO_KEYS = ("name", "data", "data-format", "max-epsilon", "max-delta", "max-users", "privacy-account")

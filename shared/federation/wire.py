@@ -47,36 +47,32 @@ FAILURE = "fedxrec partner "
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
-# Node config keys that name a partner's own files: a failure's text sent to the coordinator
-# names them by key, as in "<state-dir>/runs/demo/state.pt", never by where they lie.
-PRIVATE_PATHS = ("data-path", "state-dir", "privacy-account")
-# Any other absolute path keeps its last part only ("…/reviews.csv"): a user name or a mount point
-# in a folder says something about the partner the coordinator has no need of.
+# Any absolute path a deployed partner's failure names, other than its own folders (which go by their
+# node config keys), keeps its last part only ("…/reviews.csv"): a user name or a mount point in a
+# folder says something about the partner the coordinator has no need of.
 _FOLDERS = re.compile(r"(?<![\w.:~<>/-])/(?:[^\s/'\"]+/)+")
 
 
-def failure_text(name: str | None, err: BaseException, *, node_config: Mapping[str, object] | None = None) -> str:
+def failure_text(name: str | None, err: BaseException, *, private_paths: Mapping[str, str] | None = None) -> str:
     """The text a partner's ClientApp raises to the coordinator: its name (None before it is known) and
-    its error in its own words. A deployed partner's (one whose ``node_config`` names its own folders,
-    :data:`PRIVATE_PATHS`) has those folders replaced by their keys and any other absolute path cut to
-    its last part; its own log keeps the full error (the original is chained to the raise). A
-    simulated partner's files are the researcher's own, and its text keeps them."""
+    its error in its own words. ``private_paths`` (label → path: a deployed partner's own folders)
+    are written as ``<label>`` and any other absolute path is cut to its last part; the partner's own
+    log keeps the full error (the original is chained to the raise). Without them (a simulated
+    partner, whose files are the researcher's own) the text keeps every path."""
     text = f"{type(err).__name__}: {err}"
-    private = _private_paths(node_config or {})
-    for path, key in private:
-        text = re.sub(re.escape(path) + r"(?![\w.-])", f"<{key}>", text)  # not /srv/data in /srv/data2
+    private = _absolute_forms(private_paths or {})
+    for path, label in private:
+        text = re.sub(re.escape(path) + r"(?![\w.-])", f"<{label}>", text)  # not /srv/data in /srv/data2
     return f"{FAILURE}{json.dumps(name)} failed: {_FOLDERS.sub('…/', text) if private else text}"
 
 
-def _private_paths(node_config: Mapping[str, object]) -> list[tuple[str, str]]:
-    """(absolute path, its key), longest first so that a file in a named folder keeps its own key."""
+def _absolute_forms(private_paths: Mapping[str, str]) -> list[tuple[str, str]]:
+    """(absolute path, its label), longest first so that a file in a labelled folder keeps its own label."""
     found: dict[str, str] = {}
-    for key in PRIVATE_PATHS:
-        value = node_config.get(key)
-        if isinstance(value, str) and value:
-            # as given and as resolved: the code may have followed a symbolic link or not
-            for form in (os.path.abspath(value), str(Path(value).resolve())):
-                found.setdefault(form.rstrip("/") or "/", key)
+    for label, value in private_paths.items():
+        # as given and as resolved: the code may have followed a symbolic link or not
+        for form in (os.path.abspath(value), str(Path(value).resolve())):
+            found.setdefault(form.rstrip("/") or "/", label)
     return sorted(found.items(), key=lambda item: -len(item[0]))
 
 
@@ -89,7 +85,8 @@ def read_failure(reason: str) -> tuple[str | None, str]:
         try:
             found, end = json.JSONDecoder().raw_decode(text, start + len(FAILURE))
         except ValueError:
-            found, end = False, start  # not a name, nor a name-less failure (null)
-        if (found is None or isinstance(found, str)) and text.startswith(" failed: ", end):
-            name, text = found, text[end + len(" failed: ") :].removesuffix("'>")
+            pass
+        else:  # a name, or null where the partner failed before it knew its name
+            if (found is None or isinstance(found, str)) and text.startswith(" failed: ", end):
+                name, text = found, text[end + len(" failed: ") :].removesuffix("'>")
     return name, " ".join(text.split())

@@ -36,7 +36,7 @@ from shared.federation.scenario import PartnerSpec, load_scenario
 from shared.federation.settings import FederationSettings
 from shared.model.adapters import adapter_state
 from shared.training import DomainRun, TrainConfig, evaluate_model
-from simulations.common import machine, write_report
+from simulations.common import machine, read_scenario, write_report
 from simulations.federations import (
     federate,
     federated_model,
@@ -84,6 +84,14 @@ def cold_partner(specs: list[PartnerSpec], *, scenario: Path) -> PartnerSpec:
             f"found {len(cold)} with max-users = {fewest}"
         )
     return cold[0]
+
+
+def check_cold_scenario(parser: argparse.ArgumentParser, path: Path, *, flag: str) -> None:
+    """A usage error naming ``flag`` unless ``path`` is a cold-start scenario (read before anything runs)."""
+    try:
+        cold_partner(read_scenario(parser, path, flag=flag), scenario=path)
+    except ValueError as err:
+        parser.error(f"{flag}: {err}")
 
 
 def cold_start(
@@ -196,6 +204,8 @@ def main() -> None:
     )
     parser.add_argument("--out", default="runs/coldstart")
     args = parser.parse_args()
+    for scenario in args.scenarios:
+        check_cold_scenario(parser, Path(scenario), flag="--scenarios")
     out = Path(args.out)
     base: dict[str, Any] = {"rounds": args.rounds, "local-epochs": args.local_epochs, "batch-size": args.batch_size, "seed": args.seed}
     recipe = recipe_config(epochs=args.recipe_epochs, minutes=args.recipe_minutes, seed=args.seed)

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
 from pathlib import Path
 
 import torch
+
+from shared.federation.scenario import PartnerSpec, load_scenario
 
 REAL_DATA = Path(os.environ.get("FEDXREC_REAL_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 
@@ -17,6 +20,15 @@ def real_domain(name: str) -> Path:
     if not folder.is_dir():
         raise SystemExit(f"{folder} not found: the benchmarks read ../shared/data (or set FEDXREC_REAL_DATA)")
     return folder
+
+
+def read_scenario(parser: argparse.ArgumentParser, path: Path, *, flag: str = "--scenario") -> list[PartnerSpec]:
+    """The partners of a scenario file; any problem in it is a usage error naming ``flag``, raised before
+    anything runs (a scenario read only at the end of a long experiment would fail hours in)."""
+    try:
+        return load_scenario(path)
+    except (OSError, ValueError) as err:
+        parser.error(f"{flag}: {err}")
 
 
 def machine() -> str:

@@ -33,12 +33,12 @@ import torch
 from client import partner
 from shared.data.split import DomainSplit
 from shared.evaluation import paired_difference, user_ndcg
-from shared.federation.scenario import PartnerSpec, load_scenario
+from shared.federation.scenario import PartnerSpec
 from shared.federation.settings import settings_from_run_config
 from shared.model.recommender import DomainModel
 from shared.training import model_user_ranks
 from simulations import federations
-from simulations.common import write_json
+from simulations.common import read_scenario, write_json
 
 SPLITS = ("valid", "test")
 Z_ONE_SIDED_5 = 1.645  # a validation gain this many standard errors above 0 is kept
@@ -115,7 +115,7 @@ def scenario_partners(
 ) -> list[PartnerSpec]:
     """The scenario's partners, or only those named by ``--partners`` (an unknown name is a usage error).
     ``two_for``: what needs at least two of them (fewer is a usage error that says so)."""
-    specs = load_scenario(scenario)
+    specs = read_scenario(parser, scenario)
     if names:
         unknown = sorted(set(names) - {s.name for s in specs})
         if unknown:

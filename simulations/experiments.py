@@ -39,14 +39,14 @@ from typing import Any
 
 from client.finetune import FINETUNE_MODES
 from client.finetune import finetune as partner_finetune
-from shared.federation.scenario import PartnerSpec, load_scenario
+from shared.federation.scenario import PartnerSpec
 from shared.federation.settings import FederationSettings
 from shared.pipeline import train_and_evaluate
 from shared.training import TrainConfig
 from simulations import compare_runs
-from simulations.coldstart import cold_start
+from simulations.coldstart import check_cold_scenario, cold_start
 from simulations.coldstart import table as cold_table
-from simulations.common import machine, write_report
+from simulations.common import machine, read_scenario, write_report
 from simulations.federations import federate, metrics_row, one_partner_scenario, recipe_alone, test_row, zero_shot
 
 
@@ -198,7 +198,9 @@ def main() -> None:
     args = parser.parse_args()
     out = Path(args.out)
     scenario = Path(args.scenario)
-    specs = load_scenario(scenario)
+    specs = read_scenario(parser, scenario)
+    if args.coldstart_scenario:  # read now: the cold-start part runs last
+        check_cold_scenario(parser, Path(args.coldstart_scenario), flag="--coldstart-scenario")
     base: dict[str, Any] = {"rounds": args.rounds, "local-epochs": args.local_epochs, "batch-size": args.batch_size}
     settings = FederationSettings(rounds=args.rounds, local_epochs=args.local_epochs, batch_size=args.batch_size)
     # early stopping on valid within --recipe-epochs; the time cap is a safety net

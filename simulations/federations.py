@@ -76,6 +76,7 @@ def scenario_file(specs: list[PartnerSpec], path: Path) -> Path:
             ("max-users", spec.max_users),
             ("max-epsilon", spec.max_epsilon),
             ("max-delta", spec.max_delta),
+            ("privacy-account", spec.account and str(spec.account)),
         ):
             if value is not None:
                 lines.append(f"{key} = {json.dumps(value)}")

@@ -19,8 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from shared.federation.scenario import load_scenario
-from simulations.common import machine, write_report
+from simulations.common import machine, read_scenario, write_report
 from simulations.federations import federate, one_partner_scenario
 
 
@@ -57,7 +56,7 @@ def main() -> None:
     parser.add_argument("--out", default="runs/experiments-seeds")
     args = parser.parse_args()
     out, scenario = Path(args.out), Path(args.scenario)
-    specs = load_scenario(scenario)
+    specs = read_scenario(parser, scenario)
     base: dict[str, Any] = {"rounds": args.rounds, "local-epochs": args.local_epochs, "batch-size": args.batch_size}
     by_seed: dict[int, dict[str, dict[str, float]]] = {}
     for seed in args.seeds:

@@ -45,5 +45,17 @@ def synthetic(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
     return generate(tmp_path_factory.mktemp("synthetic"), SyntheticConfig(users=120, items=60, seed=1))
 
 
+@pytest.fixture
+def books_and_games(tmp_path: Path) -> Path:
+    """A scenario file of two partners, books and games, whose data folders exist (and are empty)."""
+    lines = []
+    for name in ("books", "games"):
+        (tmp_path / name).mkdir()
+        lines += ["[[partner]]", f'name = "{name}"', f'data = "{name}"', ""]
+    scenario = tmp_path / "two.toml"
+    scenario.write_text("\n".join(lines))
+    return scenario
+
+
 def pytest_configure(config: pytest.Config) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -64,9 +64,7 @@ def test_the_command_writes_a_row_per_partner_with_each_rounds_scores(tmp_path: 
         assert row["test"]["users"] > 0 and "z" in row["test"]
 
 
-def test_pooling_needs_two_partners(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    scenario = tmp_path / "one.toml"
-    scenario.write_text('[[partner]]\nname = "books"\ndata = "books"\n')
+def test_pooling_needs_two_partners(books_and_games: Path, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit):
-        centralised.main(["--scenario", str(scenario)])
+        centralised.main(["--scenario", str(books_and_games), "--partners", "books"])
     assert "pooling needs two partners, got ['books']" in capsys.readouterr().err

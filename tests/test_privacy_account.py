@@ -114,6 +114,7 @@ def test_node_config_errors_name_every_key() -> None:
 
 
 def test_scenario_partner_settings_are_checked(tmp_path: Path) -> None:
+    (tmp_path / "shop").mkdir()
     path = tmp_path / "scenario.toml"
     path.write_text('[[partner]]\ndata = "shop"\nmax-epsilon = "eight"\nprivacy-acount = "a.jsonl"\n')
     with pytest.raises(ValueError) as info:

@@ -39,3 +39,46 @@ def test_a_simulation_whose_supernodes_do_not_match_its_scenario_is_told_what_to
         '(Flower simulates 2 unless told otherwise); run it with --federation-config "num-supernodes=5"'
     )
     assert "the 3 beyond them have no entry and fail every round" in str(supernodes_note(scenario="s.toml", partners=2, supernodes=5))
+
+
+def test_a_scenario_file_names_every_problem_at_once(tmp_path: Path) -> None:
+    (tmp_path / "shop").mkdir()
+    path = tmp_path / "s.toml"
+    path.write_text(
+        '[[partner]]\ndata = "shop"\nname = "../elsewhere"\n\n'
+        '[[partner]]\ndata = "missing"\n\n'
+        "[[partner]]\ndata = 3\n\n"
+        '[[partners]]\ndata = "shop"\n'  # a typo that would drop this partner without a word
+    )
+    with pytest.raises(ValueError) as info:
+        load_scenario(path)
+    assert str(info.value).splitlines() == [
+        f"{path}:",
+        "  unknown top-level key 'partners'; a scenario holds only [[partner]] tables",
+        "  [[partner]] #1: name must be one folder name (it names the partner's folder partners/<name>), got '../elsewhere'",
+        f"  [[partner]] #2: data folder {tmp_path / 'missing'} not found (a relative path is read from the scenario file's folder)",
+        "  [[partner]] #3: data must be the domain's data folder, got 3",
+    ]
+    path.write_text('partner = ["shop"]\n')
+    with pytest.raises(ValueError, match=r"\[\[partner\]\] #1: expected a table of settings, got 'shop'"):
+        load_scenario(path)
+
+
+def test_an_experiment_refuses_a_bad_cold_start_scenario_before_it_runs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from simulations import experiments
+
+    (tmp_path / "shop").mkdir()
+    (tmp_path / "s.toml").write_text('[[partner]]\ndata = "shop"\n')
+    (tmp_path / "cold.toml").write_text('[[partner]]\ndata = "shop"\n')  # no partner with max-users: none is cold
+    out = tmp_path / "out"
+    argv = ["experiments", "--scenario", str(tmp_path / "s.toml"), "--coldstart-scenario", str(tmp_path / "cold.toml"), "--out", str(out)]
+    monkeypatch.setattr("sys.argv", argv)
+    with pytest.raises(SystemExit) as exit_info:
+        experiments.main()
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert f"--coldstart-scenario: {tmp_path / 'cold.toml'}: a cold-start scenario's cold partner" in err
+    assert "found 0 with max-users = None" in err
+    assert not out.exists()  # nothing ran

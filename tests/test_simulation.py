@@ -66,11 +66,9 @@ def test_compare_names_what_is_not_a_finished_run(tmp_path: Path) -> None:
         compare_runs.compare(spec, run=run, baseline=run)
 
 
-def test_compare_names_a_partner_the_scenario_lacks(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    scenario = tmp_path / "two.toml"
-    scenario.write_text('[[partner]]\nname = "books"\ndata = "books"\n\n[[partner]]\nname = "games"\ndata = "games"\n')
+def test_compare_names_a_partner_the_scenario_lacks(books_and_games: Path, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit):
-        compare_runs.main(["--scenario", str(scenario), "--run", "r", "--baseline", "b", "--partners", "books", "gear"])
+        compare_runs.main(["--scenario", str(books_and_games), "--run", "r", "--baseline", "b", "--partners", "books", "gear"])
     assert "--partners ['gear'] not in" in capsys.readouterr().err
 
 

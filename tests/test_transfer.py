@@ -15,8 +15,12 @@ from simulations.federations import scenario_file
 def test_a_written_scenario_reads_back_as_the_same_partners(tmp_path: Path) -> None:
     specs = [
         PartnerSpec("books", (tmp_path / "data" / "books").resolve(), max_users=300, data_format="recbole"),
-        PartnerSpec('games "old"', (tmp_path / "data" / "games").resolve(), max_epsilon=4.0, max_delta=1e-5),
+        PartnerSpec(
+            'games "old"', (tmp_path / "data" / "games").resolve(), max_epsilon=4.0, max_delta=1e-5, account=tmp_path / "games.jsonl"
+        ),
     ]
+    for spec in specs:
+        spec.data.mkdir(parents=True)
     assert load_scenario(scenario_file(specs, tmp_path / "scenarios" / "pair.toml")) == specs
 
 
@@ -52,12 +56,10 @@ def test_a_baseline_trained_otherwise_is_refused_with_every_difference(tmp_path:
     transfer.check_matches(run, base)
 
 
-def test_a_pair_needs_two_named_partners(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    scenario = tmp_path / "two.toml"
-    scenario.write_text('[[partner]]\nname = "books"\ndata = "books"\n\n[[partner]]\nname = "games"\ndata = "games"\n')
+def test_a_pair_needs_two_named_partners(books_and_games: Path, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit):
-        transfer.main(["--scenario", str(scenario), "--partners", "books", "gear"])
+        transfer.main(["--scenario", str(books_and_games), "--partners", "books", "gear"])
     assert "--partners ['gear'] not in" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        transfer.main(["--scenario", str(scenario), "--partners", "books"])
+        transfer.main(["--scenario", str(books_and_games), "--partners", "books"])
     assert "a pair needs two partners, got ['books']" in capsys.readouterr().err

@@ -3,8 +3,8 @@
 A scenario file (TOML), one ``[[partner]]`` table per simulated partner::
 
     [[partner]]
-    name = "amazon2014-toy"                  # optional: default the folder's name
-    data = "../shared/data/amazon2014-toy"   # relative to the scenario file
+    name = "amazon2014-toy"                  # optional: default the folder's name; names partners/<name>
+    data = "../shared/data/amazon2014-toy"   # relative to the scenario file; must exist
     max-epsilon = 8.0                        # optional: the partner's own cap
     max-delta = 1e-5                         # optional: default 1 / its users
     max-users = 300                          # optional: keep only the first N users (cold start)
@@ -13,7 +13,7 @@ A scenario file (TOML), one ``[[partner]]`` table per simulated partner::
 
 A deployed partner gives the same settings as its SuperNode's node config
 (:data:`NODE_CONFIG`); both are checked by :func:`partner_options`, which lists
-every problem at once.
+every problem at once. A scenario file holds nothing but ``[[partner]]`` tables.
 
 Simulated partner ``i`` (Flower's ``partition-id``) is the i-th table.
 """
@@ -122,6 +122,7 @@ def partner_from_node_config(node_config: dict[str, Any]) -> PartnerSpec:
 
 
 def load_scenario(path: str | Path) -> list[PartnerSpec]:
+    """Reads a scenario file; raises ValueError listing every problem, each naming its ``[[partner]]`` table and key."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"scenario file {path} not found (run-config 'scenario' is 'synthetic' or a TOML file)")
@@ -130,17 +131,30 @@ def load_scenario(path: str | Path) -> list[PartnerSpec]:
     except tomllib.TOMLDecodeError as err:
         raise ValueError(f"{path}: not valid TOML: {err}") from err
     partners, problems = [], []
+    for key in raw:
+        if key != "partner":  # a mistyped [[partners]] would otherwise drop its partners without a word
+            problems.append(f"unknown top-level key {key!r}; a scenario holds only [[partner]] tables")
     tables = raw.get("partner")
     if not isinstance(tables, list) or not tables:
-        raise ValueError(f"{path}: expected one or more [[partner]] tables")
+        raise ValueError(f"{path}: expected one or more [[partner]] tables" + "".join(f"\n  {p}" for p in problems))
     for i, t in enumerate(tables):
-        options, found = partner_options(t, known=SCENARIO_KEYS, base=path.parent, where=f"[[partner]] #{i + 1}")
+        where = f"[[partner]] #{i + 1}"
+        if not isinstance(t, dict):
+            problems.append(f"{where}: expected a table of settings, got {t!r}")
+            continue
+        options, found = partner_options(t, known=SCENARIO_KEYS, base=path.parent, where=where)
         problems += found
-        if "data" not in t:
-            problems.append(f"[[partner]] #{i + 1}: missing key 'data' (the domain's data folder)")
+        if not isinstance(t.get("data"), str) or not t["data"]:
+            problems.append(f"{where}: data must be the domain's data folder, got {t.get('data')!r}")
             continue
         data = (path.parent / t["data"]).resolve()
-        partners.append(PartnerSpec(t.get("name", data.name), data, **options))
+        if not data.is_dir():
+            problems.append(f"{where}: data folder {data} not found (a relative path is read from the scenario file's folder)")
+        name = t.get("name", data.name)
+        if not isinstance(name, str) or name in ("", ".", "..") or Path(name).name != name:
+            problems.append(f"{where}: name must be one folder name (it names the partner's folder partners/<name>), got {name!r}")
+            continue
+        partners.append(PartnerSpec(name, data, **options))
     names = [p.name for p in partners]
     if len(set(names)) != len(names):
         problems.append(f"partner names must be unique, got {names}")

@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from shared.checks import ConfigError
 from shared.data.problems import DataError
 
 EXIT_BAD_INPUT = 2
@@ -29,6 +30,31 @@ EXIT_BAD_INPUT = 2
 
 class UsageError(Exception):
     """A flag's value is wrong; the message says which flag and what was expected."""
+
+
+class FlagProblems:
+    """Every bad flag of one command, so that one error names them all (and nothing has run yet)."""
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def add(self, flag: str, text: str) -> None:
+        self.lines.append(f"{flag} {text}")
+
+    def build(self, cls: type, args: argparse.Namespace, *, prefix: str = "", **fixed: Any) -> Any:
+        """``cls`` from its flags (:func:`add_dataclass_flags`); on bad values, records each under its flag and returns None."""
+        try:
+            return dataclass_from_flags(cls, args, prefix=prefix, **fixed)
+        except ConfigError as err:
+            for name, text in err.problems:
+                self.add("--" + (prefix + name).replace("_", "-"), text)
+            return None
+
+    def raise_if_any(self) -> None:
+        if len(self.lines) == 1:
+            raise UsageError(self.lines[0])
+        if self.lines:
+            raise UsageError(f"{len(self.lines)} flags are wrong:\n  " + "\n  ".join(self.lines))
 
 
 # ---------------------------------------------------------------- dataclass flags
@@ -116,46 +142,56 @@ def cmd_data_check(args: argparse.Namespace) -> int:
 def cmd_data_generate(args: argparse.Namespace) -> int:
     from shared.data.synthetic import SyntheticConfig, generate
 
-    config = dataclass_from_flags(SyntheticConfig, args)
+    problems = FlagProblems()
+    config = problems.build(SyntheticConfig, args)
+    problems.raise_if_any()
     for folder in generate(Path(args.out), config):
         print(folder)
     return 0
 
 
 # ---------------------------------------------------------------- train / recommend
-def model_and_train_configs(args: argparse.Namespace) -> tuple[Any, Any]:
+def model_and_train_configs(args: argparse.Namespace, problems: FlagProblems) -> tuple[Any, Any]:
+    """The model and training settings from their flags; each bad flag is recorded in ``problems``."""
     from shared.model.adapters import LoraAdapterConfig, MoEAdapterConfig
     from shared.model.head import HeadConfig
     from shared.pipeline import ModelConfig
     from shared.training import TrainConfig
 
     if args.adapter == "moe":
-        adapter = dataclass_from_flags(MoEAdapterConfig, args, prefix="moe_", kind="moe")
+        adapter = problems.build(MoEAdapterConfig, args, prefix="moe_", kind="moe")
     else:
-        adapter = dataclass_from_flags(LoraAdapterConfig, args, prefix="lora_", kind="lora")
-    head = dataclass_from_flags(HeadConfig, args, prefix="head_")
+        adapter = problems.build(LoraAdapterConfig, args, prefix="lora_", kind="lora")
+    head = problems.build(HeadConfig, args, prefix="head_")
+    train = problems.build(TrainConfig, args)
+    if args.temperature is not None and args.temperature <= 0:
+        problems.add("--temperature", f"must be above 0, got {args.temperature!r}")
+    if adapter is None or head is None:
+        return None, train
+    width = adapter.dim if args.adapter == "moe" else None  # LoRA: the encoder's width, known once it loads
+    if width is not None and width % head.n_heads:
+        problems.add("--head-n-heads", f"must divide the adapter's width (--moe-dim {width}), got {head.n_heads}")
     model = ModelConfig(adapter=adapter, head=head, item_ids=bool(args.item_ids), popularity_prior=not args.no_popularity_prior)
     if args.temperature is not None:
         model.temperature = args.temperature
-    train = dataclass_from_flags(TrainConfig, args)
-    if train.loss not in ("full", "sampled"):
-        raise UsageError(f"--loss must be 'full' or 'sampled', got {train.loss!r}")
     return model, train
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     from shared.pipeline import train_and_evaluate
 
-    model, train = model_and_train_configs(args)
+    problems = FlagProblems()
+    model, train = model_and_train_configs(args, problems)
     if args.seeds < 1:
-        raise UsageError(f"--seeds must be >= 1 (how many trainings to average), got {args.seeds}")
+        problems.add("--seeds", f"must be at least 1 (how many trainings to average), got {args.seeds}")
     for path in args.data:
         if not Path(path).is_dir():
-            raise UsageError(f"--data {path}: not a folder (expected a domain's data folder)")
+            problems.add("--data", f"{path}: not a folder (expected a domain's data folder)")
+    if args.encoder and not Path(args.encoder).is_dir():
+        problems.add("--encoder", f"{args.encoder}: not a folder (expected a transformers model folder)")
+    problems.raise_if_any()
     from shared.encoder import TextEncoder
 
-    if args.encoder and not Path(args.encoder).is_dir():
-        raise UsageError(f"--encoder {args.encoder}: not a folder (expected a transformers model folder)")
     encoder = TextEncoder(args.encoder) if args.encoder else None
     metrics = train_and_evaluate(
         args.data, args.out, mode=args.mode, model_config=model, train_config=train, encoder=encoder, seeds=args.seeds
@@ -178,6 +214,8 @@ def cmd_recommend(args: argparse.Namespace) -> int:
     from shared.evaluation import pad_histories
     from shared.pipeline import load_domain_model
 
+    if args.k < 1:
+        raise UsageError(f"-k must be at least 1 (how many items to print), got {args.k}")
     loaded = load_domain_model(args.model, args.domain)
     index = {item: i for i, item in enumerate(loaded.item_ids, start=1)}
     unknown = [h for h in args.history if h not in index]
@@ -208,19 +246,19 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     from client.finetune import finetune
     from shared.training import TrainConfig
 
+    problems = FlagProblems()
     for flag, path, what in (
         ("--state-dir", args.state_dir, "a partner's state folder (its node config state-dir)"),
         ("--data", args.data, "the partner's data folder (its node config data-path)"),
     ):
         if not Path(path).is_dir():
-            raise UsageError(f"{flag} {path}: not a folder (expected {what})")
-    config = dataclass_from_flags(TrainConfig, args)
-    if config.loss not in ("full", "sampled"):
-        raise UsageError(f"--loss must be 'full' or 'sampled', got {config.loss!r}")
+            problems.add(flag, f"{path}: not a folder (expected {what})")
+    config = problems.build(TrainConfig, args)
     if args.max_users is not None and args.max_users < 1:
-        raise UsageError(f"--max-users must be >= 1, got {args.max_users}")
+        problems.add("--max-users", f"must be at least 1, got {args.max_users}")
     if args.seeds < 1:
-        raise UsageError(f"--seeds must be >= 1 (how many fine-tunes to average), got {args.seeds}")
+        problems.add("--seeds", f"must be at least 1 (how many fine-tunes to average), got {args.seeds}")
+    problems.raise_if_any()
     out = Path(args.out)
     result = finetune(
         state_dir=Path(args.state_dir),
@@ -255,6 +293,12 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from shared.demo import run_demo
 
+    problems = FlagProblems()
+    if args.rounds < 1:
+        problems.add("--rounds", f"must be at least 1, got {args.rounds}")
+    if not args.epsilon > 0:  # also catches nan
+        problems.add("--epsilon", f"must be above 0 (the demo runs under DP), got {args.epsilon}")
+    problems.raise_if_any()  # before a SuperLink and Ray start
     return run_demo(out=Path(args.out), rounds=args.rounds, epsilon=args.epsilon)
 
 

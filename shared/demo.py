@@ -23,7 +23,8 @@ def run_demo(*, out: Path, rounds: int = 3, epsilon: float = 8.0) -> int:
     status = flwr_run(run_config=config, partners=3, flwr_home=PROJECT / ".flwr")
     summary_path = runs / run_id / "summary.json"
     if status != 0 or not summary_path.is_file():
-        print(f"fedxrec demo: the Flower run failed (exit {status}); see the log above")
+        # flwr run can exit 0 when the ServerApp failed: the missing summary is what tells
+        print(f"fedxrec demo: the Flower run did not finish (flwr run exit status {status}, no {summary_path}); see the log above")
         return status or 1
     summary = json.loads(summary_path.read_text())
     print(f"\n{'partner':<10} {'test NDCG@10':>13} {'test Recall@10':>15} {'epsilon spent':>14}  (target {epsilon:g})")

@@ -20,9 +20,12 @@ import numpy as np
 import torch
 
 from shared.allocator import keep_freed_memory
+from shared.checks import Problem, check, expect
 from shared.data.split import DomainSplit
 from shared.evaluation import Scorer, metrics_from_ranks, user_ranks
 from shared.model.recommender import DomainModel
+
+LOSSES = ("full", "sampled")
 
 
 @dataclass
@@ -39,6 +42,24 @@ class TrainConfig:
     )
     max_minutes: float | None = field(default=None, metadata={"help": "stop training after this many minutes"})
     seed: int = field(default=0, metadata={"help": "seed for initialisation, batching and dropout"})
+
+    def __post_init__(self) -> None:
+        check(self)
+
+    def problems(self) -> list[Problem]:
+        return expect(
+            self,
+            ("epochs", self.epochs >= 1, "a whole number of at least 1"),
+            ("batch_size", self.batch_size >= 1, "a whole number of at least 1"),
+            ("lr", self.lr > 0, "above 0"),
+            ("weight_decay", self.weight_decay >= 0, "at least 0"),
+            ("loss", self.loss in LOSSES, " or ".join(map(repr, LOSSES))),
+            ("negatives", self.negatives >= 1, "a whole number of at least 1"),
+            ("patience", self.patience >= 1, "a whole number of at least 1"),
+            ("lr_patience", self.lr_patience >= 0, "a whole number of at least 0 (0: never halve)"),
+            ("max_minutes", self.max_minutes is None or self.max_minutes > 0, "above 0, or not given for no time cap"),
+            ("seed", 0 <= self.seed < 2**32, "in [0, 2**32)"),
+        )
 
 
 @dataclass

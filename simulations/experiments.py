@@ -204,7 +204,7 @@ def main() -> None:
     base: dict[str, Any] = {"rounds": args.rounds, "local-epochs": args.local_epochs, "batch-size": args.batch_size}
     settings = FederationSettings(rounds=args.rounds, local_epochs=args.local_epochs, batch_size=args.batch_size)
     # early stopping on valid within --recipe-epochs; the time cap is a safety net
-    recipe = TrainConfig(epochs=args.recipe_epochs, patience=5, lr_patience=2, max_minutes=args.recipe_minutes, seed=settings.seed)
+    recipe = TrainConfig(epochs=args.recipe_epochs, patience=5, lr_patience=2, max_minutes=args.recipe_minutes or None, seed=settings.seed)
     started = time.monotonic()
     results: dict[str, dict[str, dict[str, Any]]] = {"zero-shot (untrained)": {s.name: zero_shot(s, settings) for s in specs}}
     results["local"] = {}

@@ -150,7 +150,33 @@ def test_train_seeds_keeps_each_domains_ensemble_or_best_seed_and_each_seed_is_a
 
     capsys.readouterr()
     assert main([*common, "--seeds", "0", "--out", str(tmp_path / "x")]) == 2
-    assert "--seeds must be >= 1" in capsys.readouterr().err
+    assert "--seeds must be at least 1" in capsys.readouterr().err
+
+
+def test_every_bad_flag_is_named_at_once_before_anything_runs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "o"
+    argv = ["train", "--data", str(tmp_path), "--out", str(out), "--epochs", "0", "--lr", "-1", "--head-n-heads", "3", "--seeds", "0"]
+    assert main(argv) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "fedxrec train: error: 4 flags are wrong:",
+        "  --epochs must be a whole number of at least 1, got 0",
+        "  --lr must be above 0, got -1.0",
+        "  --head-n-heads must divide the adapter's width (--moe-dim 128), got 3",
+        "  --seeds must be at least 1 (how many trainings to average), got 0",
+    ]
+    assert main(["train", "--data", str(tmp_path), "--out", str(out), "--head-max-len", "0", "--moe-n-experts", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "--moe-n-experts must be a whole number of at least 1, got 0" in err and "--head-max-len must be" in err
+    assert main(["data", "generate", str(out), "--users", "-5", "--items", "3"]) == 2
+    assert "--users must be a whole number of at least 1, got -5\n  --items must be at least" in capsys.readouterr().err
+    assert main(["demo", "--rounds", "0", "--epsilon", "-1", "--out", str(out)]) == 2
+    assert capsys.readouterr().err.splitlines()[1:] == [
+        "  --rounds must be at least 1, got 0",
+        "  --epsilon must be above 0 (the demo runs under DP), got -1.0",
+    ]
+    assert main(["finetune", "--state-dir", str(tmp_path), "--data", str(tmp_path), "--out", str(out), "--max-minutes", "-2"]) == 2
+    assert "--max-minutes must be above 0, or not given for no time cap, got -2.0" in capsys.readouterr().err
+    assert not out.exists()  # nothing was written, no SuperLink started
 
 
 def test_usage_errors_are_one_line(synthetic: list[Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -158,6 +184,8 @@ def test_usage_errors_are_one_line(synthetic: list[Path], tmp_path: Path, capsys
     assert "--data" in capsys.readouterr().err
     assert main(["recommend", "--model", str(tmp_path), "--history", "1"]) == 2
     assert "model.json not found" in capsys.readouterr().err
+    assert main(["recommend", "--model", str(tmp_path), "--history", "1", "-k", "0"]) == 2
+    assert "-k must be at least 1 (how many items to print), got 0" in capsys.readouterr().err
 
 
 def test_a_seed_ensemble_saves_each_member_and_recommends_by_their_mean(

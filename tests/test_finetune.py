@@ -130,4 +130,4 @@ def test_finetune_seeds_keeps_the_ensemble_or_its_best_member_by_valid_and_serve
         assert ranking_metrics(loaded.members, own.split, which) == pytest.approx(result["fine-tuned"][which])
 
     assert main([*args, "--seeds", "0", "--out", str(tmp_path / "x")]) == 2
-    assert "--seeds must be >= 1" in capsys.readouterr().err
+    assert "--seeds must be at least 1" in capsys.readouterr().err

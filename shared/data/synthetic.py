@@ -22,6 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
+from shared.checks import Problem, check, expect
+
 TOPICS: dict[str, list[str]] = {
     "space": ["galaxy", "rocket", "orbit", "astronaut", "nebula", "planet", "comet", "lunar"],
     "cooking": ["recipe", "kitchen", "spice", "baking", "pasta", "chef", "grill", "soup"],
@@ -58,14 +60,25 @@ class SyntheticConfig:
     taste_concentration: float = field(default=0.3, metadata={"help": "Dirichlet alpha of tastes; small = focused"})
     seed: int = field(default=0, metadata={"help": "random seed; same seed, same files"})
 
+    def __post_init__(self) -> None:
+        check(self)
+
+    def problems(self) -> list[Problem]:
+        return expect(
+            self,
+            ("domains", 1 <= self.domains <= len(DOMAINS), f"1 to {len(DOMAINS)} (the generator's catalogues)"),
+            ("users", self.users >= 1, "a whole number of at least 1"),
+            ("items", self.items >= len(TOPICS), f"at least {len(TOPICS)} (one item per topic)"),
+            ("mean_length", self.mean_length >= 5, "at least 5 (a user needs train, valid and test items)"),
+            ("stickiness", 0 <= self.stickiness <= 1, "a probability in [0, 1]"),
+            ("taste_concentration", self.taste_concentration > 0, "above 0 (a Dirichlet alpha)"),
+            ("seed", self.seed >= 0, "at least 0"),
+        )
+
 
 def generate(out: Path, config: SyntheticConfig | None = None) -> list[Path]:
     """Writes one ``tsv``-format folder per domain under ``out``; returns the folders."""
     cfg = config or SyntheticConfig()
-    if not 1 <= cfg.domains <= len(DOMAINS):
-        raise ValueError(f"domains must be 1..{len(DOMAINS)}, got {cfg.domains}")
-    if cfg.users < 1 or cfg.items < len(TOPICS) or cfg.mean_length < 5:
-        raise ValueError(f"need users >= 1, items >= {len(TOPICS)}, mean_length >= 5; got {cfg}")
     rng = np.random.default_rng(cfg.seed)
     topics = list(TOPICS)
     tastes = user_tastes(cfg)

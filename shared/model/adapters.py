@@ -29,6 +29,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.nn import functional as F
 
+from shared.checks import Problem, check, expect
+
 
 @dataclass
 class MoEAdapterConfig:
@@ -36,6 +38,18 @@ class MoEAdapterConfig:
     n_experts: int = field(default=4, metadata={"help": "number of whitening + projection experts"})
     dim: int = field(default=128, metadata={"help": "output dimension (the head's width)"})
     dropout: float = field(default=0.0, metadata={"help": "dropout on the text vector before the experts"})
+
+    def __post_init__(self) -> None:
+        check(self)
+
+    def problems(self) -> list[Problem]:
+        return expect(
+            self,
+            ("kind", self.kind == "moe", "'moe'"),
+            ("n_experts", self.n_experts >= 1, "a whole number of at least 1"),
+            ("dim", self.dim >= 1, "a whole number of at least 1"),
+            ("dropout", 0 <= self.dropout < 1, "a probability in [0, 1)"),
+        )
 
 
 @dataclass
@@ -45,6 +59,19 @@ class LoraAdapterConfig:
     alpha: int = field(default=16, metadata={"help": "LoRA scaling numerator (scale = alpha / r)"})
     dropout: float = field(default=0.05, metadata={"help": "dropout inside the LoRA branch"})
     target_modules: list[str] = field(default_factory=lambda: ["query", "value"], metadata={"help": "encoder modules to adapt"})
+
+    def __post_init__(self) -> None:
+        check(self)
+
+    def problems(self) -> list[Problem]:
+        return expect(
+            self,
+            ("kind", self.kind == "lora", "'lora'"),
+            ("r", self.r >= 1, "a whole number of at least 1"),
+            ("alpha", self.alpha > 0, "above 0"),
+            ("dropout", 0 <= self.dropout < 1, "a probability in [0, 1)"),
+            ("target_modules", bool(self.target_modules), "one or more of the encoder's module names"),
+        )
 
 
 AdapterConfig = MoEAdapterConfig | LoraAdapterConfig

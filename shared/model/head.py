@@ -21,6 +21,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from shared.checks import Problem, check, expect
+
 
 @dataclass
 class HeadConfig:
@@ -29,6 +31,19 @@ class HeadConfig:
     max_len: int = field(default=50, metadata={"help": "longest history the head reads (most recent items)"})
     dropout: float = field(default=0.2, metadata={"help": "dropout on item vectors, attention and feed-forward"})
     ffn_mult: int = field(default=2, metadata={"help": "feed-forward width as a multiple of the model width"})
+
+    def __post_init__(self) -> None:
+        check(self)
+
+    def problems(self) -> list[Problem]:
+        return expect(
+            self,
+            ("n_layers", self.n_layers >= 0, "a whole number of at least 0"),
+            ("n_heads", self.n_heads >= 1, "a whole number of at least 1"),
+            ("max_len", self.max_len >= 1, "a whole number of at least 1"),
+            ("dropout", 0 <= self.dropout < 1, "a probability in [0, 1)"),
+            ("ffn_mult", self.ffn_mult >= 1, "a whole number of at least 1"),
+        )
 
 
 class CausalSelfAttention(nn.Module):

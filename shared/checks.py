@@ -1,0 +1,40 @@
+"""Settings objects that say everything wrong with them at once.
+
+Each config dataclass lists its problems as ``(field, what is wrong)`` pairs and
+refuses to be built with any (Opacus' validators are the model: collect every
+problem, say what was expected). The command line turns each field into the flag
+that set it (:class:`shared.cli.FlagProblems`), so ``--epochs 0 --lr -1`` is
+answered with both flags, before anything is read or trained. The federation's
+run config has its own check (:func:`shared.federation.settings.settings_from_run_config`),
+whose messages name its kebab-case keys.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+Problem = tuple[str, str]  # (field, "must be <what is expected>, got <value>")
+
+
+class Checked(Protocol):
+    def problems(self) -> list[Problem]: ...
+
+
+def expect(config: Any, *rules: tuple[str, bool, str]) -> list[Problem]:
+    """``(field, holds, what is expected)`` for each rule: the problems of the rules that do not hold."""
+    return [(name, f"must be {expected}, got {getattr(config, name)!r}") for name, holds, expected in rules if not holds]
+
+
+class ConfigError(ValueError):
+    """A settings object with problems; ``problems`` keeps them by field."""
+
+    def __init__(self, owner: str, problems: list[Problem]) -> None:
+        self.problems = problems
+        super().__init__(f"invalid {owner}: " + "; ".join(f"{name} {text}" for name, text in problems))
+
+
+def check(config: Checked) -> None:
+    """Raises :class:`ConfigError` naming every problem of ``config`` (called from ``__post_init__``)."""
+    problems = config.problems()
+    if problems:
+        raise ConfigError(type(config).__name__, problems)

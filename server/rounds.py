@@ -49,19 +49,16 @@ def round_rows(server_round: int, log: RoundLog) -> list[dict[str, Any]]:
                 row[_key(name)] = reply.metrics.get(name)
         if reply.rejected or reply.failed:
             row["note"] = "; ".join(filter(None, [row["note"], _note(reply, "evaluation")]))
-    for reply in [*log.train, *log.evaluate]:  # kept apart from another node of the same name (PartnerFedAvg.finish_round)
-        row = rows[reply.partner]
-        if reply.kept_apart and CLASH not in row["note"]:
-            row["note"] = "; ".join(filter(None, [row["note"], _clash(reply)]))
+    # kept apart from another node of the same name (PartnerFedAvg.finish_round): one note per row
+    kept_apart = {reply.partner: reply for reply in [*log.train, *log.evaluate] if reply.kept_apart}
+    for name, reply in kept_apart.items():
+        rows[name]["note"] = "; ".join(filter(None, [rows[name]["note"], _clash(reply)]))
     return list(rows.values())
-
-
-CLASH = "another SuperNode gave the name"
 
 
 def _clash(reply: PartnerReply) -> str:
     return (
-        f"{CLASH} '{reply.given_name}' this round: this one's rows and ledger copy are kept apart as '{reply.partner}'; "
+        f"another SuperNode gave the name '{reply.given_name}' this round: this one's rows and ledger copy are kept apart as '{reply.partner}'; "
         f"give each SuperNode a name of its own (domain='<name>' in its --node-config)"
     )
 

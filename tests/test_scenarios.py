@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from shared.federation.scenario import PartnerSpec, load_scenario, supernodes_note
+from shared.federation.scenario import PartnerSpec, load_scenario, supernodes_note, synthetic_scenario
 from simulations.coldstart import cold_partner
 
 SCENARIOS = sorted((Path(__file__).resolve().parents[1] / "simulations" / "scenarios").glob("*.toml"))
@@ -82,3 +82,9 @@ def test_an_experiment_refuses_a_bad_cold_start_scenario_before_it_runs(
     assert f"--coldstart-scenario: {tmp_path / 'cold.toml'}: a cold-start scenario's cold partner" in err
     assert "found 0 with max-users = None" in err
     assert not out.exists()  # nothing ran
+
+
+def test_generated_data_for_more_partners_than_it_has_says_how_many_to_simulate(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"has 5 partners' domains, and 7 were asked for; run it with .*num-supernodes=5"):
+        synthetic_scenario(tmp_path, partners=7)
+    assert not any(tmp_path.iterdir())  # nothing generated

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from shared.data.readers import FORMATS
-from shared.data.synthetic import SyntheticConfig, generate
+from shared.data.synthetic import DOMAINS, SyntheticConfig, generate
 
 
 @dataclass(frozen=True)
@@ -165,6 +165,11 @@ def load_scenario(path: str | Path) -> list[PartnerSpec]:
 
 def synthetic_scenario(root: Path, *, partners: int = 3, seed: int = 0) -> list[PartnerSpec]:
     """Generated domains under ``root`` (written once; the files are deterministic)."""
+    if not 1 <= partners <= len(DOMAINS):
+        raise ValueError(
+            f"scenario 'synthetic' has {len(DOMAINS)} partners' domains, and {partners} were asked for; run it with "
+            f'--federation-config "num-supernodes={len(DOMAINS)}" (or fewer), or give a scenario file of real domains'
+        )
     config = SyntheticConfig(domains=partners, seed=seed)
     folder = root / f"synthetic-{partners}-{seed}"
     if not (folder / ".complete").is_file():
@@ -184,7 +189,7 @@ def supernodes_note(*, scenario: str, partners: int, supernodes: int) -> str | N
     """In a simulation, simulated partner ``i`` is the scenario's ``i``-th entry: where the SuperNodes
     do not match the scenario's partners, what happens and what to run instead (None: they match)."""
     if scenario == "synthetic" or supernodes == partners:
-        return None  # generated data: as many partners as SuperNodes
+        return None  # generated data: as many partners as SuperNodes (more than it has fail, saying so)
     fix = f'run it with --federation-config "num-supernodes={partners}"'
     if supernodes < partners:
         return (

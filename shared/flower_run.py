@@ -3,12 +3,13 @@
 ``flwr run`` with the ``:local:`` address starts a detached SuperLink (simulation
 mode, Ray) and leaves it running. Here it gets its own ``FLWR_HOME`` and its own
 free ports on 127.0.0.1, so it never meets another user's SuperLink, and it is
-stopped by its PID when the run ends.
+stopped by its PID when the run ends; Ray's temporary folder goes with it.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -92,6 +93,7 @@ def flwr_run(*, run_config: dict[str, object], partners: int, flwr_home: Path, c
         time.sleep(1)
         for pid in _superlink_pids(flwr_home):
             os.kill(pid, signal.SIGKILL)
+        shutil.rmtree(ray_tmp, ignore_errors=True)  # Ray's session files; the run's log was streamed above
 
 
 def _toml(value: object) -> str:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -45,14 +47,15 @@ def simulate(run_config: dict[str, object], *, partners: int = 3) -> tuple[set[s
 
 
 @pytest.fixture
-def ray_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+def ray_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     ray_tmp = Path("/tmp") / f"fedxrec-ray-{tmp_path.name[-20:]}"  # Ray's socket paths must stay short
     monkeypatch.setenv("RAY_TMPDIR", str(ray_tmp))
     monkeypatch.setenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     monkeypatch.setenv("RAY_DEDUP_LOGS", "0")
     monkeypatch.setenv("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     monkeypatch.setenv("FLWR_DISABLE_UPDATE_CHECK", "1")
-    return ray_tmp
+    yield ray_tmp
+    shutil.rmtree(ray_tmp, ignore_errors=True)  # Ray's session files, outside tmp_path for its short socket paths
 
 
 def test_compare_names_what_is_not_a_finished_run(tmp_path: Path) -> None:

@@ -46,9 +46,13 @@ class FlagProblems:
         try:
             return dataclass_from_flags(cls, args, prefix=prefix, **fixed)
         except ConfigError as err:
-            for name, text in err.problems:
-                self.add("--" + (prefix + name).replace("_", "-"), text)
+            self.record(err, prefix=prefix)
             return None
+
+    def record(self, err: ConfigError, *, prefix: str = "") -> None:
+        """Each problem under the flag of its field (``head.n_heads``: ``--head-n-heads``)."""
+        for name, text in err.problems:
+            self.add("--" + (prefix + name).replace("_", "-").replace(".", "-"), text)
 
     def raise_if_any(self) -> None:
         if len(self.lines) == 1:
@@ -164,16 +168,16 @@ def model_and_train_configs(args: argparse.Namespace, problems: FlagProblems) ->
         adapter = problems.build(LoraAdapterConfig, args, prefix="lora_", kind="lora")
     head = problems.build(HeadConfig, args, prefix="head_")
     train = problems.build(TrainConfig, args)
-    if args.temperature is not None and args.temperature <= 0:
-        problems.add("--temperature", f"must be above 0, got {args.temperature!r}")
     if adapter is None or head is None:
         return None, train
-    width = adapter.dim if args.adapter == "moe" else None  # LoRA: the encoder's width, known once it loads
-    if width is not None and width % head.n_heads:
-        problems.add("--head-n-heads", f"must divide the adapter's width (--moe-dim {width}), got {head.n_heads}")
-    model = ModelConfig(adapter=adapter, head=head, item_ids=bool(args.item_ids), popularity_prior=not args.no_popularity_prior)
-    if args.temperature is not None:
-        model.temperature = args.temperature
+    given = {"temperature": args.temperature} if args.temperature is not None else {}
+    try:
+        model = ModelConfig(
+            adapter=adapter, head=head, item_ids=bool(args.item_ids), popularity_prior=not args.no_popularity_prior, **given
+        )
+    except ConfigError as err:
+        problems.record(err)
+        model = None
     return model, train
 
 

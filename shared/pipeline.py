@@ -34,6 +34,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from shared.checks import Problem, check, expect
 from shared.data.readers import read_domain
 from shared.data.split import DomainSplit, split_domain
 from shared.data.tables import DomainData
@@ -78,6 +79,17 @@ class ModelConfig:
         default=True,
         metadata={"help": "add a learned weight x log(1 + training count) to each item's score (no item ids; not under DP)"},
     )
+
+    def __post_init__(self) -> None:
+        check(self)
+
+    def problems(self) -> list[Problem]:
+        problems = expect(self, ("temperature", self.temperature > 0, "above 0"))
+        # the head attends over the adapter's output; a LoRA adapter's width is the encoder's, known once it loads
+        width = getattr(self.adapter, "dim", None)
+        if width is not None and width % self.head.n_heads:
+            problems.append(("head.n_heads", f"must divide the adapter's width, {width}, got {self.head.n_heads}"))
+        return problems
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -17,6 +17,7 @@ from shared.data.readers import read_domain
 from shared.data.split import split_domain
 from shared.encoder import TextEncoder
 from shared.evaluation import pad_histories
+from shared.model.head import HeadConfig
 from shared.pipeline import ModelConfig, load_domain_model, save_domain_model, write_model_index
 from shared.training import DomainRun, ranking_metrics
 
@@ -161,12 +162,16 @@ def test_every_bad_flag_is_named_at_once_before_anything_runs(tmp_path: Path, ca
         "fedxrec train: error: 4 flags are wrong:",
         "  --epochs must be a whole number of at least 1, got 0",
         "  --lr must be above 0, got -1.0",
-        "  --head-n-heads must divide the adapter's width (--moe-dim 128), got 3",
+        "  --head-n-heads must divide the adapter's width, 128, got 3",
         "  --seeds must be at least 1 (how many trainings to average), got 0",
     ]
     assert main(["train", "--data", str(tmp_path), "--out", str(out), "--head-max-len", "0", "--moe-n-experts", "0"]) == 2
     err = capsys.readouterr().err
     assert "--moe-n-experts must be a whole number of at least 1, got 0" in err and "--head-max-len must be" in err
+    assert main(["train", "--data", str(tmp_path), "--out", str(out), "--temperature", "0"]) == 2
+    assert "--temperature must be above 0, got 0.0" in capsys.readouterr().err
+    with pytest.raises(ValueError, match=r"invalid ModelConfig: temperature must be above 0, got 0; head.n_heads must divide"):
+        ModelConfig(head=HeadConfig(n_heads=3), temperature=0)  # the same checks from Python
     assert main(["data", "generate", str(out), "--users", "-5", "--items", "3"]) == 2
     assert "--users must be a whole number of at least 1, got -5\n  --items must be at least" in capsys.readouterr().err
     assert main(["demo", "--rounds", "0", "--epsilon", "-1", "--out", str(out)]) == 2

@@ -25,7 +25,7 @@ from shared.data.split import DomainSplit
 from shared.encoder import TextEncoder, hash_tensors
 from shared.federation.adapter import adapter_config
 from shared.federation.scenario import SIMULATION_NODE_CONFIG, PartnerSpec, partner_from_node_config, scenario_partners
-from shared.federation.settings import FederationSettings
+from shared.federation.settings import PARTNER_HEAD_HEADS, FederationSettings
 from shared.model.adapters import MoEAdapter, adapter_state, load_adapter_weights
 from shared.model.head import HeadConfig
 from shared.model.recommender import DomainModel, ItemFeatures
@@ -93,7 +93,7 @@ def partner_data(spec: PartnerSpec, *, max_len: int) -> PartnerData:
 # --------------------------------------------------------------------------- the model
 
 
-HEAD = HeadConfig(n_layers=2, n_heads=2, max_len=50, dropout=0.2)
+HEAD = HeadConfig(n_layers=2, n_heads=PARTNER_HEAD_HEADS, max_len=50, dropout=0.2)
 
 
 # The prior's weight starts at 0 (no prior until the partner's data says so) and

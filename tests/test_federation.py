@@ -251,9 +251,10 @@ def test_a_partner_declines_a_delta_above_its_max(tmp_path: Path) -> None:
 def test_run_config_errors_name_every_key() -> None:
     with pytest.raises(SettingsError) as info:
         settings_from_run_config(
-            {"round": 3, "lr": "fast", "fraction-train": 1.5, "adapter": "lora", "optimizer": "adam", "proximal-mu": -0.5}
+            {"round": 3, "lr": "fast", "fraction-train": 1.5, "adapter": "lora", "optimizer": "adam", "proximal-mu": -0.5, "moe-dim": 127}
         )
     text = str(info.value)
+    assert "moe-dim must be a multiple of 2 (each partner's head attends over the adapter's output with 2 heads), got 127" in text
     assert "proximal-mu must be >= 0 (0: plain FedAvg), got -0.5" in text
     assert "optimizer must be 'adamw' or 'sgd', got 'adam'" in text
     assert "unknown run-config key 'round'; did you mean 'rounds'?" in text

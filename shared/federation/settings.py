@@ -17,6 +17,9 @@ OPTIMIZERS = ("adamw", "sgd")  # local optimizers (client.local_training.make_op
 TRAINS = ("all", "adapter")  # what local training trains
 PERSONAL_MIXES = ("off", "valid")  # how a partner mixes the global adapter with its own
 AGGREGATIONS = ("fedavg", "median", "trimmed-mean")  # the server's average (server.strategy.make_strategy)
+# Not a run setting: the attention heads of the private head every partner builds over the adapter's
+# output (client.partner.HEAD); the adapter's width must split evenly between them.
+PARTNER_HEAD_HEADS = 2
 
 
 @dataclass
@@ -136,6 +139,11 @@ class FederationSettings:
         problems = []
         positive = ["rounds", "local_epochs", "min_partners", "moe_n_experts", "moe_dim", "batch_size", "negatives"]
         problems += [f"{_key(k)} must be >= 1, got {getattr(self, k)}" for k in positive if getattr(self, k) < 1]
+        if self.moe_dim >= 1 and self.moe_dim % PARTNER_HEAD_HEADS:
+            problems.append(
+                f"moe-dim must be a multiple of {PARTNER_HEAD_HEADS} (each partner's head attends over the adapter's output "
+                f"with {PARTNER_HEAD_HEADS} heads), got {self.moe_dim}"
+            )
         if not 0 < self.fraction_train <= 1:
             problems.append(f"fraction-train must be in (0, 1], got {self.fraction_train}")
         if self.adapter != "moe":

@@ -93,6 +93,7 @@ def test_plan_command_names_every_bad_flag(capsys: pytest.CaptureFixture[str]) -
         "--epsilon must be > 0",
     ):
         assert expected in err, err
+    assert err.startswith("fedxrec privacy: error: 4 problems with the flags:\n  give either --sample-rate"), err  # one per line
 
 
 # --------------------------------------------------------------------------- the ledger

@@ -33,6 +33,13 @@ class ConfigError(ValueError):
         super().__init__(f"invalid {owner}: " + "; ".join(f"{name} {text}" for name, text in problems))
 
 
+def listed(problems: list[str], *, several: str) -> str:
+    """One problem as it is; several one per line under ``several`` ("3 flags are wrong:")."""
+    if len(problems) == 1:
+        return problems[0]
+    return f"{len(problems)} {several}:\n  " + "\n  ".join(problems)
+
+
 def check(config: Checked) -> None:
     """Raises :class:`ConfigError` naming every problem of ``config`` (called from ``__post_init__``)."""
     problems = config.problems()

@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from shared.checks import ConfigError
+from shared.checks import ConfigError, listed
 from shared.data.problems import DataError
 
 EXIT_BAD_INPUT = 2
@@ -55,10 +55,8 @@ class FlagProblems:
             self.add("--" + (prefix + name).replace("_", "-").replace(".", "-"), text)
 
     def raise_if_any(self) -> None:
-        if len(self.lines) == 1:
-            raise UsageError(self.lines[0])
         if self.lines:
-            raise UsageError(f"{len(self.lines)} flags are wrong:\n  " + "\n  ".join(self.lines))
+            raise UsageError(listed(self.lines, several="flags are wrong"))
 
 
 # ---------------------------------------------------------------- dataclass flags

@@ -136,7 +136,8 @@ def load_scenario(path: str | Path) -> list[PartnerSpec]:
             problems.append(f"unknown top-level key {key!r}; a scenario holds only [[partner]] tables")
     tables = raw.get("partner")
     if not isinstance(tables, list) or not tables:
-        raise ValueError(f"{path}: expected one or more [[partner]] tables" + "".join(f"\n  {p}" for p in problems))
+        problems.append("expected one or more [[partner]] tables")
+        tables = []
     for i, t in enumerate(tables):
         where = f"[[partner]] #{i + 1}"
         if not isinstance(t, dict):

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from shared.checks import listed
 from shared.federation.scenario import ACCOUNT_FILE
 from shared.federation.settings import FederationSettings
 from shared.privacy.accounting import ACCOUNTANTS
@@ -48,8 +49,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
         problems.append("--delta is needed (with --users it defaults to 1 / (10 N))")
     elif not 0 < delta < 1:
         problems.append(f"--delta must be in (0, 1), got {delta}")
-    if problems:  # listed as the other commands list theirs (shared.cli.FlagProblems)
-        raise PlanUsageError(problems[0] if len(problems) == 1 else f"{len(problems)} problems with the flags:\n  " + "\n  ".join(problems))
+    if problems:
+        raise PlanUsageError(listed(problems, several="problems with the flags"))
     assert delta is not None
     if by_users:
         rate, steps = schedule_from_users(users=args.users, batch_size=args.batch_size, rounds=args.rounds, local_epochs=args.local_epochs)

@@ -11,13 +11,19 @@ whose messages name its kebab-case keys.
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from typing import Any
 
 Problem = tuple[str, str]  # (field, "must be <what is expected>, got <value>")
 
 
-class Checked(Protocol):
-    def problems(self) -> list[Problem]: ...
+class SelfChecking:
+    """Base of a settings dataclass that refuses to be built with bad values: it lists them in ``problems``."""
+
+    def __post_init__(self) -> None:
+        check(self)
+
+    def problems(self) -> list[Problem]:
+        raise NotImplementedError
 
 
 def expect(config: Any, *rules: tuple[str, bool, str]) -> list[Problem]:
@@ -40,8 +46,8 @@ def listed(problems: list[str], *, several: str) -> str:
     return f"{len(problems)} {several}:\n  " + "\n  ".join(problems)
 
 
-def check(config: Checked) -> None:
-    """Raises :class:`ConfigError` naming every problem of ``config`` (called from ``__post_init__``)."""
+def check(config: SelfChecking) -> None:
+    """Raises :class:`ConfigError` naming every problem of ``config``."""
     problems = config.problems()
     if problems:
         raise ConfigError(type(config).__name__, problems)

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from shared.checks import Problem, check, expect
+from shared.checks import Problem, SelfChecking, expect
 from shared.data.readers import read_domain
 from shared.data.split import DomainSplit, split_domain
 from shared.data.tables import DomainData
@@ -67,7 +67,7 @@ from shared.vector_cache import CacheStats, VectorCache, encode_texts
 
 
 @dataclass
-class ModelConfig:
+class ModelConfig(SelfChecking):
     adapter: AdapterConfig = field(default_factory=MoEAdapterConfig, metadata={"help": "the shared adapter"})
     head: HeadConfig = field(default_factory=HeadConfig, metadata={"help": "the private head"})
     temperature: float = field(default=0.07, metadata={"help": "softmax temperature on cosine scores"})
@@ -79,9 +79,6 @@ class ModelConfig:
         default=True,
         metadata={"help": "add a learned weight x log(1 + training count) to each item's score (no item ids; not under DP)"},
     )
-
-    def __post_init__(self) -> None:
-        check(self)
 
     def problems(self) -> list[Problem]:
         problems = expect(self, ("temperature", self.temperature > 0, "above 0"))

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from shared.allocator import keep_freed_memory
-from shared.checks import Problem, check, expect
+from shared.checks import Problem, SelfChecking, expect
 from shared.data.split import DomainSplit
 from shared.evaluation import Scorer, metrics_from_ranks, user_ranks
 from shared.model.recommender import DomainModel
@@ -29,7 +29,7 @@ LOSSES = ("full", "sampled")
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(SelfChecking):
     epochs: int = field(default=40, metadata={"help": "most passes over the training users"})
     batch_size: int = field(default=128, metadata={"help": "users per batch"})
     lr: float = field(default=2e-3, metadata={"help": "AdamW learning rate"})
@@ -42,9 +42,6 @@ class TrainConfig:
     )
     max_minutes: float | None = field(default=None, metadata={"help": "stop training after this many minutes"})
     seed: int = field(default=0, metadata={"help": "seed for initialisation, batching and dropout"})
-
-    def __post_init__(self) -> None:
-        check(self)
 
     def problems(self) -> list[Problem]:
         return expect(

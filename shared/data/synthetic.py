@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from shared.checks import Problem, check, expect
+from shared.checks import Problem, SelfChecking, expect
 
 TOPICS: dict[str, list[str]] = {
     "space": ["galaxy", "rocket", "orbit", "astronaut", "nebula", "planet", "comet", "lunar"],
@@ -51,7 +51,7 @@ NOISE = {
 
 
 @dataclass
-class SyntheticConfig:
+class SyntheticConfig(SelfChecking):
     domains: int = field(default=3, metadata={"help": "number of domains (at most 5)"})
     users: int = field(default=400, metadata={"help": "users per domain"})
     items: int = field(default=150, metadata={"help": "items per domain"})
@@ -59,9 +59,6 @@ class SyntheticConfig:
     stickiness: float = field(default=0.7, metadata={"help": "probability of staying on the current topic"})
     taste_concentration: float = field(default=0.3, metadata={"help": "Dirichlet alpha of tastes; small = focused"})
     seed: int = field(default=0, metadata={"help": "random seed; same seed, same files"})
-
-    def __post_init__(self) -> None:
-        check(self)
 
     def problems(self) -> list[Problem]:
         return expect(

@@ -29,18 +29,15 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.nn import functional as F
 
-from shared.checks import Problem, check, expect
+from shared.checks import Problem, SelfChecking, expect
 
 
 @dataclass
-class MoEAdapterConfig:
+class MoEAdapterConfig(SelfChecking):
     kind: str = field(default="moe", metadata={"help": "adapter kind; 'moe'"})
     n_experts: int = field(default=4, metadata={"help": "number of whitening + projection experts"})
     dim: int = field(default=128, metadata={"help": "output dimension (the head's width)"})
     dropout: float = field(default=0.0, metadata={"help": "dropout on the text vector before the experts"})
-
-    def __post_init__(self) -> None:
-        check(self)
 
     def problems(self) -> list[Problem]:
         return expect(
@@ -53,15 +50,12 @@ class MoEAdapterConfig:
 
 
 @dataclass
-class LoraAdapterConfig:
+class LoraAdapterConfig(SelfChecking):
     kind: str = field(default="lora", metadata={"help": "adapter kind; 'lora'"})
     r: int = field(default=8, metadata={"help": "LoRA rank"})
     alpha: int = field(default=16, metadata={"help": "LoRA scaling numerator (scale = alpha / r)"})
     dropout: float = field(default=0.05, metadata={"help": "dropout inside the LoRA branch"})
     target_modules: list[str] = field(default_factory=lambda: ["query", "value"], metadata={"help": "encoder modules to adapt"})
-
-    def __post_init__(self) -> None:
-        check(self)
 
     def problems(self) -> list[Problem]:
         return expect(

@@ -21,19 +21,16 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from shared.checks import Problem, check, expect
+from shared.checks import Problem, SelfChecking, expect
 
 
 @dataclass
-class HeadConfig:
+class HeadConfig(SelfChecking):
     n_layers: int = field(default=2, metadata={"help": "transformer blocks"})
     n_heads: int = field(default=2, metadata={"help": "attention heads (must divide the width)"})
     max_len: int = field(default=50, metadata={"help": "longest history the head reads (most recent items)"})
     dropout: float = field(default=0.2, metadata={"help": "dropout on item vectors, attention and feed-forward"})
     ffn_mult: int = field(default=2, metadata={"help": "feed-forward width as a multiple of the model width"})
-
-    def __post_init__(self) -> None:
-        check(self)
 
     def problems(self) -> list[Problem]:
         return expect(

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import sys
 from collections.abc import Sequence
@@ -59,6 +60,17 @@ class FlagProblems:
             raise UsageError(listed(self.lines, several="flags are wrong"))
 
 
+def finite_float(text: str) -> float:
+    """A flag's number: Python's float() also reads 'nan' and 'inf', which no setting here means."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
+
+
 # ---------------------------------------------------------------- dataclass flags
 def add_dataclass_flags(parser: argparse.ArgumentParser, cls: type, *, prefix: str = "", skip: Sequence[str] = ()) -> None:
     """One ``--prefix-field-name`` flag per dataclass field, with the field's help string.
@@ -79,7 +91,8 @@ def add_dataclass_flags(parser: argparse.ArgumentParser, cls: type, *, prefix: s
             group.add_argument(flag, nargs="+", default=None, help=helptext)
         else:
             kind = type(default) if default is not None else float
-            group.add_argument(flag, type=kind, default=None, help=helptext, metavar=kind.__name__.upper())
+            parse = finite_float if kind is float else kind
+            group.add_argument(flag, type=parse, default=None, help=helptext, metavar=kind.__name__.upper())
 
 
 def dataclass_from_flags(cls: type, args: argparse.Namespace, *, prefix: str = "", **fixed: Any) -> Any:
@@ -346,7 +359,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="score by text alone, without the learned log(1 + training count) prior per item",
     )
-    train.add_argument("--temperature", type=float, help="softmax temperature on cosine scores (default: 0.07)")
+    train.add_argument("--temperature", type=finite_float, help="softmax temperature on cosine scores (default: 0.07)")
     train.add_argument(
         "--seeds",
         type=int,
@@ -405,7 +418,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="the quick-start job on generated data (what 'make demo' runs)")
     demo.add_argument("--out", default="runs", help="folder for the run folder (default: runs)")
     demo.add_argument("--rounds", type=int, default=3, help="federated rounds (default: 3)")
-    demo.add_argument("--epsilon", type=float, default=8.0, help="each partner's privacy budget (default: 8)")
+    demo.add_argument("--epsilon", type=finite_float, default=8.0, help="each partner's privacy budget (default: 8)")
     demo.set_defaults(handler=cmd_demo)
 
     partners = sub.add_parser("partners", help="the coordinator's list of partners (run config partners-file)").add_subparsers(

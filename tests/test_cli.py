@@ -191,6 +191,15 @@ def test_usage_errors_are_one_line(synthetic: list[Path], tmp_path: Path, capsys
     assert "model.json not found" in capsys.readouterr().err
     assert main(["recommend", "--model", str(tmp_path), "--history", "1", "-k", "0"]) == 2
     assert "-k must be at least 1 (how many items to print), got 0" in capsys.readouterr().err
+    # float() reads 'nan' and 'inf'; no flag here means either (an infinite budget, a NaN learning rate)
+    for argv, flag, value in (
+        (["train", "--data", "d", "--out", "o", "--lr", "nan"], "--lr", "nan"),
+        (["privacy", "plan", "--epsilon", "inf", "--users", "9"], "--epsilon", "inf"),
+    ):
+        with pytest.raises(SystemExit) as info:
+            main(argv)
+        assert info.value.code == 2
+        assert f"argument {flag}: expected a finite number, got '{value}'" in capsys.readouterr().err
 
 
 def test_a_seed_ensemble_saves_each_member_and_recommends_by_their_mean(

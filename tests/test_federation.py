@@ -258,12 +258,21 @@ def test_run_config_errors_name_every_key() -> None:
     assert "proximal-mu must be >= 0 (0: plain FedAvg), got -0.5" in text
     assert "optimizer must be 'adamw' or 'sgd', got 'adam'" in text
     assert "unknown run-config key 'round'; did you mean 'rounds'?" in text
-    assert "'lr': expected float, got 'fast'" in text
+    assert "'lr': expected a finite number, got 'fast'" in text
     assert "fraction-train must be in (0, 1]" in text
     assert "adapter must be 'moe'" in text
     # a partner keeps each run's state in <state-dir>/runs/<run-id>: a coordinator cannot steer it elsewhere
     with pytest.raises(SettingsError, match=r"run-id must be letters, digits.*got '\.\./\.\./etc'"):
         settings_from_run_config({"run-id": "../../etc"})
+    # TOML, and so flwr run's --run-config, reads nan and inf: a NaN budget would make every partner decline every round
+    nan, inf = float("nan"), float("inf")
+    with pytest.raises(SettingsError) as info:
+        settings_from_run_config({"target-epsilon": nan, "max-grad-norm": inf, "lr": -1.0})
+    assert str(info.value).splitlines()[1:] == [
+        "  run-config key 'target-epsilon': expected a finite number, got nan",
+        "  run-config key 'max-grad-norm': expected a finite number, got inf",
+        "  lr must be > 0, got -1.0",
+    ]
 
 
 def test_default_adapter_bytes_per_round_are_under_one_percent_of_the_encoder() -> None:

@@ -70,6 +70,28 @@ def test_an_edited_removed_or_truncated_account_is_named(tmp_path: Path, capsys:
     assert "lines were removed at the end" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize(
+    ("field", "value", "words"),
+    [
+        ("epsilon", float("nan"), "epsilon nan: expected a finite number of at least 0"),
+        ("cap", "eight", "cap 'eight': expected null (no cap) or a finite number above 0"),
+        ("run", 3, "run 3: expected the run's id (text)"),
+        ("delta", 2.0, "delta 2.0: expected 0 < delta < 1"),
+    ],
+)
+def test_a_damaged_account_field_is_named(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], field: str, value: object, words: str
+) -> None:
+    path = tmp_path / "account.jsonl"
+    account.reserve(path, run="a", server_round=1, events=[dp_sgd()], cap=8.0, delta=DELTA, accountant="rdp")
+    entry = json.loads(path.read_text())
+    path.write_text(json.dumps({**entry, field: value}) + "\n")
+    assert main(["privacy", "account", str(path)]) == 1
+    assert f"{path}, line 1: {words}" in capsys.readouterr().out
+    with pytest.raises(account.AccountError, match="line 1: " + words.split(":")[0]):  # and no round reserves on it
+        account.reserve(path, run="b", server_round=1, events=[dp_sgd()], cap=8.0, delta=DELTA, accountant="rdp")
+
+
 def _reserve_many(path: str, run: str) -> int:
     granted = 0
     for r in range(1, 6):
@@ -98,11 +120,16 @@ def test_an_item_count_release_fits_what_earlier_runs_left() -> None:
 
 def test_node_config_errors_name_every_key() -> None:
     with pytest.raises(ValueError) as info:
-        partner_from_node_config({"data-path": "/data/shop", "max-epsilom": 4.0, "max-users": 0, "data-format": "csv"})
+        partner_from_node_config(
+            {"data-path": "/data/shop", "max-epsilom": 4.0, "max-users": 0, "data-format": "csv", "max-delta": float("nan")}
+        )
+    with pytest.raises(ValueError, match="max-epsilon must be a finite number above 0, got inf"):
+        partner_from_node_config({"data-path": "/data/shop", "state-dir": "/keep", "max-epsilon": float("inf")})
     message = str(info.value)
     assert "unknown key 'max-epsilom'; did you mean 'max-epsilon'?" in message  # a cap must never be dropped silently
     assert "max-users must be a whole number of at least 1, got 0" in message
     assert "data-format must be one of ['tsv', 'recbole', 'json', 'mapped'], got 'csv'" in message
+    assert "max-delta must be a number in (0, 1), got nan" in message
     # without a state-dir the state would go where the coordinator's runs-dir says
     assert "state-dir must be the partner's private folder" in message
     with pytest.raises(ValueError, match="data-path must be the partner's data folder"):
@@ -119,7 +146,7 @@ def test_scenario_partner_settings_are_checked(tmp_path: Path) -> None:
     path.write_text('[[partner]]\ndata = "shop"\nmax-epsilon = "eight"\nprivacy-acount = "a.jsonl"\n')
     with pytest.raises(ValueError) as info:
         load_scenario(path)
-    assert "max-epsilon must be a number above 0, got 'eight'" in str(info.value)
+    assert "max-epsilon must be a finite number above 0, got 'eight'" in str(info.value)
     assert "unknown key 'privacy-acount'; did you mean 'privacy-account'?" in str(info.value)
     path.write_text('[[partner]]\ndata = "shop"\nmax-epsilon = 3\nprivacy-account = "accounts/shop.jsonl"\n')
     (spec,) = load_scenario(path)

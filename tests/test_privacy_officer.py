@@ -146,6 +146,48 @@ def test_verify_rejects_an_event_of_unknown_mechanism(tmp_path: Path) -> None:
     assert not result.ok and "mechanism 'laplace'" in "; ".join(result.problems)
 
 
+@pytest.mark.parametrize(
+    ("field", "value", "words"),
+    [
+        ("epsilon", float("nan"), "epsilon nan: expected a finite number of at least 0"),  # NaN compares false to everything
+        ("epsilon", "0.3", "epsilon '0.3': expected a finite number"),
+        ("round", "1", "round '1': expected a whole number of at least 1"),
+        ("partner", 7, "partner 7: expected the partner's name"),
+        ("noise_multiplier", float("inf"), "event 2 noise_multiplier inf: expected a finite number above 0"),  # Opacus never returns on it
+        ("noise_multiplier", "0.9", "event 2 noise_multiplier '0.9': expected a finite number above 0"),
+        ("steps", 99.5, "event 2 steps 99.5: expected a whole number of at least 0"),
+    ],
+)
+def test_verify_names_a_damaged_field_instead_of_trusting_or_failing_on_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], field: str, value: object, words: str
+) -> None:
+    path = tmp_path / "ledger.jsonl"
+    entry = json.loads(write_ledger(path, rounds=1, decline_last=False)[0])
+    if field in ledger.EVENT_FIELDS:
+        entry["events"][1][field] = value
+    else:
+        entry[field] = value
+    _rewrite(path, [json.dumps(entry)])  # json writes NaN and Infinity, and reads them back
+    result = ledger.verify(path)
+    assert not result.ok and result.first_bad_line == 1 and words in result.problems[0], result.problems
+    assert cli_main(["privacy", "verify", str(path)]) == 1
+    assert f"{path}, line 1: {words}" in capsys.readouterr().out
+
+
+def test_a_partner_never_writes_a_line_verify_would_refuse(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.jsonl"
+    write_ledger(path, rounds=1, decline_last=False)
+    entry = ledger.make_entry(
+        round=2, partner="books", status="trained", accountant="rdp", delta=1e-5, budget_epsilon=4.0, events=[], epsilon=0.0, examples=1
+    )
+    before = path.read_text()
+    with pytest.raises(ValueError, match=r"not writing a ledger line to .*: epsilon nan: expected a finite number"):
+        ledger.append(path, {**entry, "epsilon": float("nan")})
+    assert path.read_text() == before and ledger.verify(path).ok
+    with pytest.raises(ValueError, match=r"events \[\(inf, 0.02, 100\)\]: expected \(noise multiplier finite"):
+        epsilon_of([(float("inf"), 0.02, 100)], delta=1e-5, accountant="rdp")
+
+
 def _rewrite(path: Path, lines: list[str]) -> None:
     path.write_text("".join(x + "\n" for x in lines))
 

@@ -9,6 +9,7 @@ instead of failing on the first or silently using a default for a typo.
 from __future__ import annotations
 
 import difflib
+import math
 import re
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
@@ -185,8 +186,7 @@ class FederationSettings:
             problems.append(f"trim-fraction must be in [0, 0.5) (the fraction cut from each end), got {self.trim_fraction}")
         if self.proximal_mu < 0:
             problems.append(f"proximal-mu must be >= 0 (0: plain FedAvg), got {self.proximal_mu}")
-        if self.max_grad_norm <= 0 or self.lr <= 0:
-            problems.append("max-grad-norm and lr must be > 0")
+        problems += [f"{_key(k)} must be > 0, got {getattr(self, k)}" for k in ("lr", "max_grad_norm") if getattr(self, k) <= 0]
         return problems
 
     def to_run_config(self) -> dict[str, Any]:
@@ -226,15 +226,16 @@ def settings_from_run_config(run_config: dict[str, Any], *, ignore: tuple[str, .
         default = f.default
         if isinstance(default, bool):
             ok = isinstance(value, bool)
-        elif isinstance(default, float):
-            ok = isinstance(value, int | float) and not isinstance(value, bool)
+        elif isinstance(default, float):  # finite: TOML (and so --run-config) reads nan and inf
+            ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
             value = float(value) if ok else value
         elif isinstance(default, int):
             ok = isinstance(value, int) and not isinstance(value, bool)
         else:
             ok = isinstance(value, str)
         if not ok:
-            problems.append(f"run-config key {key!r}: expected {type(default).__name__}, got {value!r}")
+            expected = "a finite number" if isinstance(default, float) and not isinstance(default, bool) else type(default).__name__
+            problems.append(f"run-config key {key!r}: expected {expected}, got {value!r}")
             continue
         values[f.name] = value
     settings = FederationSettings(**values)

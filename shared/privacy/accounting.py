@@ -59,6 +59,9 @@ def merge_events(events: list[Event]) -> list[Event]:
 
 def epsilon_of(events: list[Event], *, delta: float, accountant: str) -> float:
     """Epsilon at ``delta`` after ``events``, by Opacus' ``accountant`` (0 for no events)."""
+    bad = [e for e in events if not (math.isfinite(e[0]) and e[0] > 0 and 0 < e[1] <= 1 and e[2] >= 0)]
+    if bad:  # Opacus' RDP never returns on an infinite noise multiplier
+        raise ValueError(f"events {bad}: expected (noise multiplier finite and above 0, 0 < sample rate <= 1, steps >= 0)")
     history = [e for e in merge_events(events) if e[2] > 0]
     if not history:
         return 0.0

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from shared.checks import listed
+from shared.cli import finite_float
 from shared.federation.scenario import ACCOUNT_FILE
 from shared.federation.settings import FederationSettings
 from shared.privacy.accounting import ACCOUNTANTS
@@ -201,9 +202,9 @@ def add_privacy_commands(sub: Any) -> None:
     cmds = privacy.add_subparsers(dest="privacy_command", required=True, metavar="SUBCOMMAND")
 
     p = cmds.add_parser("plan", help="the noise multiplier for a target epsilon, and epsilon after each round (RDP and PRV)")
-    p.add_argument("--epsilon", type=float, required=True, help="target epsilon over the whole run")
-    p.add_argument("--delta", type=float, help="target delta (default with --users: 1 / (10 N))")
-    p.add_argument("--sample-rate", type=float, help="Poisson sample rate Q (with --steps)")
+    p.add_argument("--epsilon", type=finite_float, required=True, help="target epsilon over the whole run")
+    p.add_argument("--delta", type=finite_float, help="target delta (default with --users: 1 / (10 N))")
+    p.add_argument("--sample-rate", type=finite_float, help="Poisson sample rate Q (with --steps)")
     p.add_argument("--steps", type=int, help="DP-SGD steps over the whole run (with --sample-rate)")
     p.add_argument("--users", type=int, help="the partner's users N (with --batch-size, --local-epochs)")
     p.add_argument("--batch-size", type=int, help="expected users per step B")
@@ -212,7 +213,7 @@ def add_privacy_commands(sub: Any) -> None:
     p.add_argument("--accountant", choices=ACCOUNTANTS, default="rdp", help="whose multiplier is returned (default: rdp)")
     p.add_argument(
         "--counts-noise",
-        type=float,
+        type=finite_float,
         default=DEFAULT_COUNTS_NOISE,
         help="noise multiplier of the item-count release a partner makes in round 1 with popularity-prior = true; "
         f"0: no release (default: {DEFAULT_COUNTS_NOISE:g}, the federation's default)",

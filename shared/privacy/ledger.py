@@ -27,7 +27,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -164,6 +166,9 @@ def append(path: Path, entry: dict[str, Any]) -> str:
     path.parent.mkdir(parents=True, exist_ok=True)
     head = head_of(path)
     chained = {"seq": head.lines + 1, **{k: v for k, v in entry.items() if k not in ("seq", "prev")}, "prev": head.hash}
+    problems = line_problems(chained)
+    if problems:  # a line verify would refuse is never written: the ledger stays verifiable
+        raise ValueError(f"not writing a ledger line to {path}: " + "; ".join(problems))
     line = json.dumps({k: chained[k] for k in FIELDS}, separators=(", ", ": "))
     with path.open("a", encoding="utf-8") as fh:
         fh.write(line + "\n")
@@ -203,22 +208,63 @@ class Verification:
         self.problems.append(f"{where}: {message}")
 
 
-def _shape_problems(entry: Any) -> list[str]:
+def is_number(value: Any) -> bool:
+    """A finite JSON number (``json`` reads ``NaN`` and ``Infinity`` too, and ``true`` is an int in Python)."""
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def is_whole(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_hash(value: Any) -> bool:
+    return isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value)
+
+
+# (field, holds for a good value, what is expected): every field a line or an event holds is
+# checked before any of it is used, so a damaged line is named, never raised on or trusted
+Rule = tuple[str, Callable[[Any], bool], str]
+WHOLE_FROM_1 = "a whole number of at least 1"
+LINE_RULES: tuple[Rule, ...] = (
+    ("seq", lambda v: is_whole(v) and v >= 1, WHOLE_FROM_1),
+    ("round", lambda v: is_whole(v) and v >= 1, WHOLE_FROM_1),
+    ("partner", lambda v: isinstance(v, str) and v != "", "the partner's name"),
+    ("status", lambda v: v in STATUSES, f"one of {list(STATUSES)}"),
+    ("accountant", lambda v: v in ACCOUNTANTS, f"one of {list(ACCOUNTANTS)}"),
+    ("delta", lambda v: is_number(v) and 0 < v < 1, "0 < delta < 1"),
+    ("budget_epsilon", is_number, "a finite number"),
+    ("epsilon", lambda v: is_number(v) and v >= 0, "a finite number of at least 0"),
+    ("examples", lambda v: is_whole(v) and v >= 0, "a whole number of at least 0"),
+    ("note", lambda v: isinstance(v, str), "text"),
+    ("time", lambda v: isinstance(v, str), "text"),
+    ("prev", is_hash, "the SHA-256 of the line before, 64 hex digits"),
+)
+EVENT_RULES: tuple[Rule, ...] = (
+    ("mechanism", lambda v: v in MECHANISMS, f"one of {list(MECHANISMS)}"),
+    ("noise_multiplier", lambda v: is_number(v) and v > 0, "a finite number above 0"),
+    ("sample_rate", lambda v: is_number(v) and 0 < v <= 1, "0 < sample_rate <= 1"),
+    ("steps", lambda v: is_whole(v) and v >= 0, "a whole number of at least 0"),
+    ("max_grad_norm", lambda v: is_number(v) and v > 0, "a finite number above 0"),
+)
+
+
+def rule_problems(values: dict[str, Any], rules: tuple[Rule, ...], *, where: str = "") -> list[str]:
+    """``where field value: expected ...`` for each of ``rules`` that ``values`` breaks."""
+    return [f"{where}{name} {values[name]!r}: expected {expected}" for name, holds, expected in rules if not holds(values[name])]
+
+
+def line_problems(entry: Any) -> list[str]:
+    """Everything wrong with one ledger line's fields (its place in the chain is :func:`verify`'s)."""
     if not isinstance(entry, dict):
         return ["is not a JSON object"]
     problems = [f"field {k!r} is missing" for k in FIELDS if k not in entry]
     problems += [f"unexpected field {k!r}" for k in entry if k not in FIELDS]
     if problems:
         return problems
-    if entry["status"] not in STATUSES:
-        problems.append(f"status {entry['status']!r}: expected one of {list(STATUSES)}")
-    if entry["accountant"] not in ACCOUNTANTS:
-        problems.append(f"accountant {entry['accountant']!r}: expected one of {list(ACCOUNTANTS)}")
+    problems = rule_problems(entry, LINE_RULES)
     problems += event_problems(entry["events"])
     if entry["status"] == "declined" and entry["events"]:
         problems.append("a declined round lists DP events; a declined round releases nothing")
-    if not (isinstance(entry["delta"], int | float) and 0 < entry["delta"] < 1):
-        problems.append(f"delta {entry['delta']!r}: expected 0 < delta < 1")
     return problems
 
 
@@ -226,13 +272,7 @@ def event_problems(events: Any) -> list[str]:
     """What is wrong with a line's ``events`` (shared by the ledger and the privacy account)."""
     if not isinstance(events, list) or not all(isinstance(e, dict) and set(e) == set(EVENT_FIELDS) for e in events):
         return [f"events: expected a list of objects with exactly {list(EVENT_FIELDS)}"]
-    problems = []
-    for e in events:
-        if e["mechanism"] not in MECHANISMS:
-            problems.append(f"event mechanism {e['mechanism']!r}: expected one of {list(MECHANISMS)}")
-        elif not (e["noise_multiplier"] > 0 and 0 < e["sample_rate"] <= 1 and e["steps"] >= 0 and e["max_grad_norm"] > 0):
-            problems.append(f"event {e}: expected noise_multiplier > 0, 0 < sample_rate <= 1, steps >= 0, max_grad_norm > 0")
-    return problems
+    return [p for n, e in enumerate(events, start=1) for p in rule_problems(e, EVENT_RULES, where=f"event {n} ")]
 
 
 def verify(path: str | Path, *, head: Head | None = None, tolerance: float = 1e-6) -> Verification:
@@ -261,7 +301,7 @@ def verify(path: str | Path, *, head: Head | None = None, tolerance: float = 1e-
         except json.JSONDecodeError as err:
             result.fail(number, f"not valid JSON ({err.msg} at column {err.colno})")
             break
-        shape = _shape_problems(entry)
+        shape = line_problems(entry)
         if shape:
             result.fail(number, "; ".join(shape))
             break

@@ -316,6 +316,35 @@ def test_report_of_a_run_folder(tmp_path: Path, capsys: pytest.CaptureFixture[st
     assert_page_shows_every_partner(out / "report.html", ["books", "games"], tmp_path, plots_each=2)
 
 
+@pytest.mark.parametrize(
+    ("file", "text", "words"),
+    [
+        ("summary.json", "{oops", "summary.json: not valid JSON (Expecting property name enclosed in double quotes at line 1, column 2)"),
+        ("summary.json", "[]", "summary.json: expected a JSON object (the run's summary), got list"),
+        (
+            "summary.json",
+            '{"partners": {"books": {"ledger_head": {"lines": "4"}}}}',
+            "summary.json: partners.books.ledger_head {'lines': '4'}: expected",
+        ),
+        (
+            "metrics.jsonl",
+            '{"round": 1, "partner": "books"}\n[1]\n',
+            "metrics.jsonl, line 2: expected a JSON object with 'round' and 'partner'",
+        ),
+        ("config.json", "[1]", "config.json: expected a JSON object (the run's resolved config), got list"),
+    ],
+)
+def test_a_damaged_run_file_is_named(tmp_path: Path, capsys: pytest.CaptureFixture[str], file: str, text: str, words: str) -> None:
+    run = fake_run(tmp_path)
+    (run / file).write_text(text)
+    assert cli_main(["privacy", "report", str(run), "--out", str(tmp_path / "out")]) == 2
+    assert f"{run / file}{words.removeprefix(file)}" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+    if file == "summary.json":  # verify reads the recorded head from it too
+        assert cli_main(["privacy", "verify", str(run / "ledger" / "books.jsonl")]) == 2
+        assert str(run / file) in capsys.readouterr().err
+
+
 def test_report_flags_a_tampered_run_and_exits_non_zero(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     run = fake_run(tmp_path)
     path = run / "ledger" / "games.jsonl"

@@ -89,7 +89,7 @@ def summary_entry(path: Path, *, summary: dict[str, Any] | None = None) -> tuple
     if path.parent.name != "ledger" or not path.is_file() or (summary is None and not summary_path.is_file()):
         return None
     if summary is None:
-        summary = json.loads(summary_path.read_text())
+        summary = read_run_summary(summary_path)
     partners: dict[str, dict[str, Any]] = summary.get("partners", {})
     for name, entry in partners.items():
         if entry.get("ledger_file") == f"ledger/{path.name}":
@@ -98,8 +98,46 @@ def summary_entry(path: Path, *, summary: dict[str, Any] | None = None) -> tuple
         name = json.loads(path.read_text(encoding="utf-8").split("\n", 1)[0])["partner"]
     except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
         return None  # verify names the broken first line
+    if not isinstance(name, str):
+        return None  # likewise
     legacy = partners.get(name)
     return (name, legacy) if legacy is not None and "ledger_file" not in legacy else None
+
+
+def read_json_file(path: Path) -> Any:
+    """One JSON file of a run folder; a ``ValueError`` names the file and where it stops being JSON."""
+    try:
+        return json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: not valid JSON ({err.msg} at line {err.lineno}, column {err.colno})") from None
+
+
+def read_run_summary(path: Path) -> dict[str, Any]:
+    """A run's ``summary.json``, checked for what a privacy check reads from it: each partner's
+    ``ledger_head`` (where its ledger must end) and ``ledger_file``, and who named the partners."""
+    summary = read_json_file(path)
+    if not isinstance(summary, dict):
+        raise ValueError(f"{path}: expected a JSON object (the run's summary), got {type(summary).__name__}")
+    partners = summary.get("partners", {})
+    problems = []
+    if not isinstance(partners, dict) or not all(isinstance(entry, dict) for entry in partners.values()):
+        problems.append("partners: expected an object holding one object per partner")
+        partners = {}
+    for name, entry in partners.items():
+        head = entry.get("ledger_head")
+        if head is not None and not (
+            isinstance(head, dict) and set(head) == {"lines", "hash"} and is_whole(head["lines"]) and is_hash(head["hash"])
+        ):
+            problems.append(f'partners.{name}.ledger_head {head!r}: expected {{"lines": a whole number, "hash": 64 hex digits}}')
+        if not isinstance(entry.get("ledger_file", ""), str):
+            problems.append(f"partners.{name}.ledger_file {entry['ledger_file']!r}: expected the ledger's path in the run folder")
+    if not isinstance(summary.get("partner_names", {}), dict):
+        problems.append(f"partner_names {summary['partner_names']!r}: expected an object")
+    if problems:
+        raise ValueError(f"{path}: " + "; ".join(problems))
+    return summary
 
 
 def names_line(names: dict[str, Any]) -> str:

@@ -105,8 +105,13 @@ def _quality(run: Path) -> dict[str, list[dict[str, Any]]]:
     out: dict[str, list[dict[str, Any]]] = {}
     if not path.is_file():
         return out
-    for line in path.read_text(encoding="utf-8").splitlines():
-        row = json.loads(line) if line.strip() else {}
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        try:
+            row = json.loads(line) if line.strip() else {}
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}, line {number}: not valid JSON ({err.msg} at column {err.colno})") from None
+        if not isinstance(row, dict) or (row and not {"round", "partner"} <= set(row)):
+            raise ValueError(f"{path}, line {number}: expected a JSON object with 'round' and 'partner' (one partner's round)")
         if row.get("epsilon") is not None and row.get("test_ndcg@10") is not None:
             out.setdefault(row["partner"], []).append(
                 {
@@ -168,7 +173,7 @@ def build_report(source: str | Path, *, head: ledger.Head | None = None, account
             raise FileNotFoundError(f"{source}: no ledger/*.jsonl: not a run folder with DP, or no round finished")
         quality = _quality(source)
         anchored = (source / "summary.json").is_file()
-        summary = json.loads((source / "summary.json").read_text()) if anchored else {}
+        summary = ledger.read_run_summary(source / "summary.json") if anchored else {}
         # each file's partner and entry in summary.json
         found = [ledger.summary_entry(path, summary=summary) if anchored else None for path in paths]
         partners = [_partner_report(path, head=ledger.head_in(entry), quality=[]) for path, entry in zip(paths, found, strict=True)]
@@ -177,7 +182,9 @@ def build_report(source: str | Path, *, head: ledger.Head | None = None, account
                 p["partner"] = entry[0]
             p["quality"] = quality.get(p["partner"], [])
         config_path = source / "config.json"
-        config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+        config = ledger.read_json_file(config_path) if config_path.is_file() else {}
+        if not isinstance(config, dict):
+            raise ValueError(f"{config_path}: expected a JSON object (the run's resolved config), got {type(config).__name__}")
         kind, title = "run", source.name
         names = ledger.names_line(summary.get("partner_names") or {})
     else:

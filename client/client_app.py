@@ -63,7 +63,7 @@ def train(msg: Message, context: Context) -> Message:
         {
             wire.ARRAYS: ArrayRecord(reply.arrays),
             wire.METRICS: MetricRecord(dict(reply.metrics)),
-            wire.PARTNER: ConfigRecord({"name": call["spec"].name, "note": reply.note, "ledger-line": reply.ledger_line}),
+            wire.PARTNER: ConfigRecord({"name": call["spec"].name, "note": reply.note, "ledger": reply.ledger}),
         }
     )
     return Message(content=content, reply_to=msg)

@@ -223,7 +223,7 @@ class TrainReply:
     arrays: dict[str, torch.Tensor]
     metrics: dict[str, float]
     note: str
-    ledger_line: str  # this round's line of the partner's privacy ledger ("" without DP)
+    ledger: str  # the partner's privacy ledger of the run, every line so far ("" if it has none: a run without DP)
 
 
 def train(
@@ -262,8 +262,8 @@ def train(
         # The counts (if drawn) are dropped unused: nothing that depends on them leaves.
         spent = accountant.epsilon()
         metrics = _train_metrics(0, 0.0, 0, spent, budget.delta, sigma, sample_rate, declined=True)
-        line = ledger.append(ledger_path, ledger_entry(spec, settings, budget, server_round, [], spent, 0, note))
-        return TrainReply(arrays, metrics, note, line), state
+        ledger.append(ledger_path, ledger_entry(spec, settings, budget, server_round, [], spent, 0, note))
+        return TrainReply(arrays, metrics, note, ledger_path.read_text(encoding="utf-8")), state
 
     privacy = plan_round(
         settings=settings,
@@ -293,13 +293,12 @@ def train(
         optimizer_state=state.optimizer,
         proximal_mu=settings.proximal_mu,
     )
-    line = ""
     if settings.dp:
         assert state.noise_multiplier is not None
         events = ledger_events(privacy.released, state.noise_multiplier, sample_rate, outcome.steps, settings.max_grad_norm)
         # The ledger line is written before the state: a crash in between leaves the
         # ledger ahead of the state (it overstates, never understates, what was spent).
-        line = ledger.append(
+        ledger.append(
             ledger_path,
             ledger_entry(spec, settings, budget, server_round, events, accountant.epsilon(), outcome.examples, privacy.note),
         )
@@ -323,7 +322,8 @@ def train(
         state.noise_multiplier or 0.0,
         sample_rate,
     )
-    return TrainReply(adapter_state(model.adapter), metrics, "", line), new_state
+    sent_ledger = ledger_path.read_text(encoding="utf-8") if ledger_path.is_file() else ""
+    return TrainReply(adapter_state(model.adapter), metrics, "", sent_ledger), new_state
 
 
 def _train_metrics(

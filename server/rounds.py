@@ -76,11 +76,11 @@ def _note(reply: PartnerReply, what: str) -> str:
 
 def end_round(run: RunFolder, server_round: int, arrays: dict[str, Any], log: RoundLog, *, encoder_bytes: int) -> list[dict[str, Any]]:
     run.save_adapter(server_round, arrays)
+    uncopied = {reply.partner: run.copy_ledger(reply.partner, reply.ledger) for reply in log.train if reply.ledger}
     rows = round_rows(server_round, log)
+    for row in rows:
+        row["note"] = "; ".join(filter(None, [row["note"], uncopied.get(row["partner"], "")]))
     run.append_metrics(rows)
-    for reply in log.train:
-        if reply.ledger_line:
-            run.append_ledger(reply.partner, reply.ledger_line)
     print(f"\nround {server_round}")
     width = max([24, *(len(row["partner"]) for row in rows)])  # a name kept apart by node id is long
     print(f"  {'partner':<{width}} {'loss':>7} {'epsilon':>8} {'valid NDCG@10':>14} {'test NDCG@10':>13} {'sent B':>9} {'received B':>11}")

@@ -125,9 +125,24 @@ class RunFolder:
     def ledger_path(self, partner: str) -> Path:
         return self.root / "ledger" / ledger_file_name(partner)
 
-    def append_ledger(self, partner: str, line: str) -> None:
-        """The partner's ledger line, verbatim: the copy matches the partner's own file byte for byte."""
-        ledger.append_line(self.ledger_path(partner), line)
+    def copy_ledger(self, partner: str, text: str) -> str:
+        """Appends the lines of the partner's ledger (``text``, every line so far) that the run's copy
+        lacks, verbatim, so that the copy matches the partner's own file byte for byte; returns a note
+        where the partner's ledger does not continue the copy, and then copies nothing.
+
+        A copy lacks a line where the coordinator stopped after the partner wrote it and before the
+        round ended: the partner's next reply brings it, before the line of the round run again."""
+        path = self.ledger_path(partner)
+        held = [x for x in path.read_text(encoding="utf-8").splitlines() if x.strip()] if path.is_file() else []
+        lines = [x for x in text.splitlines() if x.strip()]
+        if lines[: len(held)] != held:
+            return (
+                f"its privacy ledger does not begin with the {len(held)} line(s) of the run's copy ledger/{path.name}: "
+                "nothing of it was copied (a partner's ledger of one run only grows)"
+            )
+        for line in lines[len(held) :]:
+            ledger.append_line(path, line)
+        return ""
 
     def metrics(self) -> list[dict[str, Any]]:
         path = self.root / "metrics.jsonl"

@@ -35,11 +35,6 @@ def is_finite_number(value: object) -> bool:
     return isinstance(value, int | float) and math.isfinite(value)
 
 
-def is_one_line(text: str) -> bool:
-    """A ledger line is copied into the run's ledger verbatim: one line, or it would forge others."""
-    return "\n" not in text.rstrip("\n")
-
-
 def train_reply_problems(content: RecordDict, *, sent: dict[str, torch.Tensor]) -> list[str]:
     """Every way a training reply differs from the wire contract, given the adapter ``sent``."""
     problems = _record_problems(content, arrays=True)
@@ -83,8 +78,6 @@ def _record_problems(content: RecordDict, *, arrays: bool) -> list[str]:
         info = dict(content.config_records[wire.PARTNER])
         problems += [f"unexpected partner field {k!r}" for k in info if k not in wire.PARTNER_FIELDS]
         problems += [f"partner field {k!r} is not text" for k, v in info.items() if k in wire.PARTNER_FIELDS and not isinstance(v, str)]
-        if not is_one_line(str(info.get("ledger-line", ""))):
-            problems.append("the ledger line holds more than one line")
     return problems
 
 

@@ -27,7 +27,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, FedMedian, FedTrimmedAvg
 
 from server.partner_list import PartnerList
-from server.screening import evaluate_reply_problems, is_finite_number, is_one_line, train_reply_problems
+from server.screening import evaluate_reply_problems, is_finite_number, train_reply_problems
 from shared.federation import wire
 from shared.federation.settings import FederationSettings
 
@@ -43,7 +43,7 @@ class PartnerReply:
     note: str
     metrics: dict[str, Any]
     bytes_received: int = 0
-    ledger_line: str = ""  # the partner's own ledger line for the round, copied verbatim
+    ledger: str = ""  # the partner's own privacy ledger of the run; the run's copy takes the lines it lacks, verbatim
     rejected: list[str] = field(default_factory=list)  # why the server left the reply out (server.screening)
     failed: str = ""  # Flower's error reason, where the partner's ClientApp raised instead of replying
     given_name: str | None = None  # the name the reply gave
@@ -61,7 +61,7 @@ def _reply(msg: Message, *, partner: str, problems: list[str], declared: tuple[s
     """What the run folder keeps of a reply; of a rejected one, only the declared metrics that are finite numbers."""
     content = msg.content
     info = dict(content.config_records[wire.PARTNER]) if wire.PARTNER in content.config_records else {}
-    note, line = info.get("note"), info.get("ledger-line")
+    note, lines = info.get("note"), info.get("ledger")
     metrics = dict(content.metric_records[wire.METRICS]) if wire.METRICS in content.metric_records else {}
     if problems:  # what the partner reported (its epsilon, say) stays on record where it is well-formed
         metrics = {k: v for k, v in metrics.items() if k in declared and is_finite_number(v)}
@@ -70,7 +70,7 @@ def _reply(msg: Message, *, partner: str, problems: list[str], declared: tuple[s
         node_id=msg.metadata.src_node_id,
         partner=partner,
         note=note if isinstance(note, str) else "",
-        ledger_line=line if isinstance(line, str) and is_one_line(line) else "",
+        ledger=lines if isinstance(lines, str) else "",
         metrics=metrics,
         bytes_received=record_bytes(arrays) if arrays is not None else 0,
         rejected=problems,

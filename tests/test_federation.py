@@ -104,6 +104,39 @@ def test_a_restarted_partner_keeps_its_spent_epsilon(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+def test_a_round_run_again_after_the_coordinator_stopped_leaves_both_ledgers_verifiable(tmp_path: Path) -> None:
+    """The coordinator stops after a partner's round-2 reply, before round 2 ends; resumed, it runs round 2 again."""
+    settings = settings_for(tmp_path, rounds=3)
+    spec = partner.resolve_partner({"partition-id": 0, "num-partitions": 3}, settings)
+    folder, run = tmp_path / "partner", RunFolder(tmp_path / "run")
+    first, state = partner.train(
+        settings=settings,
+        server_round=1,
+        spec=spec,
+        arrays=initial_adapter(settings, in_dim=ENCODER_DIM),
+        state=PartnerState(),
+        folder=folder,
+    )
+    assert run.copy_ledger(spec.name, first.ledger) == ""  # round 1 ended
+    lost, _ = partner.train(settings=settings, server_round=2, spec=spec, arrays=first.arrays, state=state, folder=folder)
+    again, _ = partner.train(
+        settings=settings, server_round=2, spec=spec, arrays=first.arrays, state=PartnerState.load(folder), folder=folder
+    )
+    assert again.metrics["epsilon"] > lost.metrics["epsilon"] > first.metrics["epsilon"]  # both releases of round 2 count
+    own = ledger.verify(folder / "ledger.jsonl")
+    assert own.ok and [e["round"] for e in own.entries] == [1, 2, 2], own.problems
+    # the lost reply's line reaches the run's copy with the next reply, before that reply's own line
+    assert run.copy_ledger(spec.name, again.ledger) == ""
+    assert run.ledger_path(spec.name).read_bytes() == (folder / "ledger.jsonl").read_bytes()
+    assert ledger.verify(run.ledger_path(spec.name)).ok
+    # a ledger that does not continue the copy (another partner's, under this name) is not copied
+    copy = run.ledger_path(spec.name).read_bytes()
+    note = run.copy_ledger(spec.name, again.ledger.replace(f'"partner": "{spec.name}"', '"partner": "other"'))
+    assert note.startswith(f"its privacy ledger does not begin with the 3 line(s) of the run's copy ledger/{spec.name}.jsonl")
+    assert run.ledger_path(spec.name).read_bytes() == copy
+
+
+@pytest.mark.slow
 def test_a_partner_declining_its_first_round_spends_nothing_on_its_item_counts(tmp_path: Path) -> None:
     settings = settings_for(tmp_path, popularity_prior=True)
     spec = partner.resolve_partner({"partition-id": 0, "num-partitions": 3}, settings)

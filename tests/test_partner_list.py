@@ -99,7 +99,7 @@ def test_only_listed_supernodes_are_sampled_and_every_reply_goes_under_its_nodes
 
     # round 1: node 2 reports as "books"; its update is left out, and its records stay games'
     impostor = train_content(5.0, name="books")
-    impostor[wire.PARTNER] = ConfigRecord({"name": "books", "note": "", "ledger-line": '{"partner": "games"}'})
+    impostor[wire.PARTNER] = ConfigRecord({"name": "books", "note": "", "ledger": '{"partner": "games"}\n'})
     arrays, _ = strategy.aggregate_train(1, [reply(1, train_content(1.0, name="books")), reply(2, impostor)])
     assert arrays is not None
     torch.testing.assert_close(arrays.to_torch_state_dict()["w"], SENT["w"])  # node 1's update alone

@@ -55,7 +55,7 @@ def train_content(
         {
             wire.ARRAYS: ArrayRecord(arrays if arrays is not None else {k: scale * v for k, v in SENT.items()}),
             wire.METRICS: MetricRecord(train_metrics(examples, **metrics)),
-            wire.PARTNER: ConfigRecord({"name": name, "note": "", "ledger-line": f'{{"partner": "{name}"}}'}),
+            wire.PARTNER: ConfigRecord({"name": name, "note": "", "ledger": f'{{"partner": "{name}"}}\n'}),
         }
     )
 
@@ -116,9 +116,9 @@ BROKEN = {
         with_record(wire.METRICS, ConfigRecord({"loss": "low"})),
         "record 'metrics' is of another kind than declared",
     ),
-    "a multi-line ledger line": (
-        with_record(wire.PARTNER, ConfigRecord({"name": "p", "ledger-line": "{}\n{}"})),
-        "the ledger line holds more than one line",
+    "a ledger that is not text": (
+        with_record(wire.PARTNER, ConfigRecord({"name": "p", "ledger": ["{}", "{}"]})),
+        "partner field 'ledger' is not text",
     ),
     "an extra partner field": (with_record(wire.PARTNER, ConfigRecord({"name": "p", "email": "x"})), "unexpected partner field 'email'"),
 }
@@ -269,7 +269,7 @@ def test_a_failure_is_named_by_its_text_or_else_by_the_node_earlier_rounds_named
 
 def evaluation_content(name: str, ndcg: float) -> RecordDict:
     metrics = {"num-examples": 40, **dict.fromkeys(wire.EVALUATE_METRICS[1:], ndcg), "global-weight": 1.0}
-    return RecordDict({wire.METRICS: MetricRecord(metrics), wire.PARTNER: ConfigRecord({"name": name, "note": "", "ledger-line": ""})})
+    return RecordDict({wire.METRICS: MetricRecord(metrics), wire.PARTNER: ConfigRecord({"name": name, "note": ""})})
 
 
 def test_two_supernodes_of_one_name_keep_their_records_apart(tmp_path: Path) -> None:
@@ -284,7 +284,8 @@ def test_two_supernodes_of_one_name_keep_their_records_apart(tmp_path: Path) -> 
         replies = []
         for node in order:
             content = train_content(float(node), name=names[node])
-            content[wire.PARTNER] = ConfigRecord({"name": names[node], "note": "", "ledger-line": own[node][rnd - 1]})
+            sent = "".join(line + "\n" for line in own[node][:rnd])  # the partner's ledger after this round
+            content[wire.PARTNER] = ConfigRecord({"name": names[node], "note": "", "ledger": sent})
             replies.append(reply(node, content))
         arrays, _ = strategy.aggregate_train(rnd, replies)
         assert arrays is not None  # both are averaged in: each is a partner of its own

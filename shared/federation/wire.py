@@ -4,8 +4,11 @@ Flower's record keys are fixed: ``"arrays"`` (the adapter's weights, exactly its
 state dict), ``"metrics"`` (exactly the names below) and ``"config"`` (the
 server's instructions). A partner's reply also carries ``"partner"``: its
 public name, a human-readable note (why it declined a round, for example) and,
-under DP, its privacy-ledger line for the round (:mod:`shared.privacy.ledger`),
-which holds only what the metrics already say plus the hash chain.
+on a training reply, its privacy ledger of the run (:mod:`shared.privacy.ledger`):
+every line so far, each holding only what that round's metrics said plus the
+hash chain. The whole ledger, not the round's line, so that the run's copy
+catches up on a line it missed (the coordinator stopped after the partner wrote
+it, before the round ended) with the partner's next reply.
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ EVALUATE_METRICS = (
     "test-recall@10",
     "global-weight",  # the global adapter's weight in the partner's model: 1 unless personal-mix chose less
 )
-PARTNER_FIELDS = ("name", "note", "ledger-line")  # ledger-line: on train replies under DP, the round's privacy-ledger line
+PARTNER_FIELDS = ("name", "note", "ledger")  # ledger: on train replies, the partner's privacy ledger of the run ("" if none)
 
 # A ClientApp that raises reaches the coordinator as Flower's error text alone (Ray's adds its traceback):
 # a partner's failure starts with this and its name in JSON quotes, so the server can name its row.

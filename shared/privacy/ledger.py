@@ -1,8 +1,9 @@
 """The privacy ledger: append-only JSON lines, each chained to the one before by a hash.
 
-One line per round a partner took part in or declined, written by the partner
-itself (``<state-dir>/ledger.jsonl``) and copied verbatim by the coordinator into
-``runs/<run-id>/ledger/<partner>.jsonl``::
+One line per round a partner took part in or declined (two where a resumed run
+ran a round again: both releases count), written by the partner itself
+(``<state-dir>/ledger.jsonl``) and copied verbatim by the coordinator into
+``runs/<run-id>/ledger/<partner>.jsonl`` (:meth:`server.run_folder.RunFolder.copy_ledger`)::
 
     {"seq": 1, "round": 1, "partner": "books", "status": "trained",
      "accountant": "rdp", "delta": 1e-05, "budget_epsilon": 8.0,
@@ -357,8 +358,8 @@ def verify(path: str | Path, *, head: Head | None = None, tolerance: float = 1e-
                     f"its hash is not the prev recorded on line {number}: line {number - 1} was edited, or line {number} was edited or moved",
                 )
             break
-        if entry["round"] <= rounds:
-            result.fail(number, f"round {entry['round']} after round {rounds}: rounds must increase")
+        if entry["round"] < rounds:  # one round twice: the coordinator resumed the run and ran it again
+            result.fail(number, f"round {entry['round']} after round {rounds}: rounds must not decrease")
             break
         first = result.entries[0] if result.entries else entry
         if (entry["partner"], entry["accountant"], entry["delta"]) != (first["partner"], first["accountant"], first["delta"]):

@@ -142,19 +142,20 @@ def _lifetime(path: Path, *, entries: list[dict[str, Any]]) -> dict[str, Any]:
         result, lines = account.checked_summary(path)
     except account.AccountError as err:
         return {"account": str(path), "verified": False, "problems": [str(err)], "this_run": []}
-    # per round this ledger released something in (a declined round released nothing): the runs that reserved it
-    holders = {
-        e["round"]: {x["run"] for x in lines if x["round"] == e["round"] and _covers(x["events"], e["events"])}
+    # per line of this ledger that released something (a declined round released nothing; a round run again
+    # after the coordinator resumed has two lines): the runs that reserved it
+    holders = [
+        (e["round"], {x["run"] for x in lines if x["round"] == e["round"] and _covers(x["events"], e["events"])})
         for e in entries
         if e["events"]
-    }
+    ]
     problems = [
         f"{path}: the releases of round {r} in this ledger are not reserved in the account: "
         "the account does not count them, so its lifetime epsilon understates what was spent"
-        for r, runs in holders.items()
+        for r, runs in holders
         if not runs
     ]
-    holding = [run for run in result["runs"] if holders and all(run in runs for runs in holders.values())]
+    holding = [run for run in result["runs"] if holders and all(run in runs for _, runs in holders)]
     return {**result, "verified": not problems, "problems": problems, "this_run": holding}
 
 

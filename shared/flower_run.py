@@ -34,6 +34,7 @@ def ray_settings(env: Mapping[str, str]) -> dict[str, str]:
         "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",  # keeps every Ray socket on loopback
         "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
         "FLWR_DISABLE_UPDATE_CHECK": "1",
+        "FLWR_TELEMETRY_ENABLED": env.get("FLWR_TELEMETRY_ENABLED", "0"),  # see shared/__init__.py
         # Ray starts its workers, where the partners train, at nice 15: beside any other job they would wait
         "RAY_worker_niceness": env.get("RAY_worker_niceness", "0"),
     }

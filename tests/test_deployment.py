@@ -121,6 +121,7 @@ def test_supernodes_serve_run_after_run_within_their_lifetime_budget(tmp_path: P
         "FLWR_HOME": str(tmp_path / "flwr"),
         "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
         "FLWR_DISABLE_UPDATE_CHECK": "1",
+        "FLWR_TELEMETRY_ENABLED": "0",
         "PYTHONWARNINGS": "ignore",
         "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
     }

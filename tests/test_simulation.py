@@ -9,12 +9,14 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
+import flwr.supercore.telemetry as telemetry
 import pytest
 import torch
 
 from server.run_folder import RunFolder
 from shared.cli import main as cli_main
 from shared.federation.scenario import PartnerSpec, scenario_partners
+from shared.flower_run import simulation_env
 from shared.privacy import ledger
 from simulations import compare_runs
 from simulations.federations import federated_model
@@ -54,6 +56,7 @@ def ray_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     monkeypatch.setenv("RAY_DEDUP_LOGS", "0")
     monkeypatch.setenv("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     monkeypatch.setenv("FLWR_DISABLE_UPDATE_CHECK", "1")
+    monkeypatch.setenv("FLWR_HOME", str(tmp_path / "flwr"))  # Flower keeps files there, not in the user's home
     yield ray_tmp
     shutil.rmtree(ray_tmp, ignore_errors=True)  # Ray's session files, outside tmp_path for its short socket paths
 
@@ -73,6 +76,14 @@ def test_compare_names_a_partner_the_scenario_lacks(books_and_games: Path, capsy
     with pytest.raises(SystemExit):
         compare_runs.main(["--scenario", str(books_and_games), "--run", "r", "--baseline", "b", "--partners", "books", "gear"])
     assert "--partners ['gear'] not in" in capsys.readouterr().err
+
+
+def test_every_simulation_runs_flower_without_telemetry(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("FLWR_TELEMETRY_ENABLED", raising=False)
+    env = simulation_env(tmp_path / "home", tmp_path / "ray")  # make demo's and the experiment scripts' flwr run
+    assert env["FLWR_TELEMETRY_ENABLED"] == "0" and env["FLWR_HOME"] == str(tmp_path / "home")
+    monkeypatch.setenv("FLWR_TELEMETRY_ENABLED", "1")  # a user who chose to send it
+    assert simulation_env(tmp_path / "home", tmp_path / "ray")["FLWR_TELEMETRY_ENABLED"] == "1"
 
 
 @pytest.mark.slow
@@ -149,6 +160,8 @@ def test_dp_federation_writes_a_complete_run_folder(tmp_path: Path, ray_env: Pat
     assert_page_shows_every_partner(report_dir / "report.html", ["books", "games", "gear"], tmp_path)
 
     assert addresses and all(is_loopback(a) for a in addresses), addresses
+    # nor does anything go to Flower's telemetry: it reads its switch once, on import, and shared/__init__.py set it first
+    assert telemetry.FLWR_TELEMETRY_ENABLED == "0" and os.environ["FLWR_TELEMETRY_ENABLED"] == "0"  # the Ray workers' too
     # the partners train at this process's priority, not Ray's default nice 15
     assert worker_niceness and max(worker_niceness) <= os.getpriority(os.PRIO_PROCESS, 0), worker_niceness
     leftover = wait_for_exit(before)

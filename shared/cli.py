@@ -27,6 +27,7 @@ from shared.checks import ConfigError, listed
 from shared.data.problems import DataError
 
 EXIT_BAD_INPUT = 2
+EXIT_BROKEN_PIPE = 141  # as a command ended by SIGPIPE (128 + 13)
 
 
 class UsageError(Exception):
@@ -440,7 +441,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return int(args.handler(args))
+        code = int(args.handler(args))
+        sys.stdout.flush()  # here, so that a reader that stopped early is met below, not at exit
+        return code
+    except BrokenPipeError:
+        # the reader stopped early (`| head`): not an error of ours; Python's exit flush goes to /dev/null
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
     except DataError as err:
         print(err.summary(), file=sys.stderr)
     except (UsageError, ValueError, FileNotFoundError, NotADirectoryError) as err:

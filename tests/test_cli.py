@@ -5,6 +5,8 @@ from __future__ import annotations
 import copy
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -200,6 +202,28 @@ def test_usage_errors_are_one_line(synthetic: list[Path], tmp_path: Path, capsys
             main(argv)
         assert info.value.code == 2
         assert f"argument {flag}: expected a finite number, got '{value}'" in capsys.readouterr().err
+
+
+def test_a_reader_that_stops_early_is_not_an_error() -> None:
+    """`fedxrec privacy plan ... | head -1`: the pipe closes before fedxrec has written."""
+    command = [
+        str(Path(sys.executable).parent / "fedxrec"),
+        "privacy",
+        "plan",
+        "--epsilon",
+        "8",
+        "--users",
+        "1000",
+        "--batch-size",
+        "64",
+        "--local-epochs",
+        "1",
+    ]
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.close()  # no reader: every write fails with EPIPE
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 141 and err == b"", err.decode()
 
 
 def test_a_seed_ensemble_saves_each_member_and_recommends_by_their_mean(

@@ -31,6 +31,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from shared.federation.settings import FederationSettings
+from shared.json_files import read_json_object
 from shared.privacy import ledger
 
 PACKAGES = ("fedxrec", "flwr", "torch", "opacus", "transformers", "peft", "numpy", "pandas", "safetensors", "grpcio", "ray")
@@ -83,7 +84,7 @@ class RunFolder:
         path = self.root / "config.json"
         if path.is_file():
             # a key the stored config lacks was added to fedxrec after the run began: its default is what the run used
-            previous = {**FederationSettings().to_run_config(), **json.loads(path.read_text())}
+            previous = {**FederationSettings().to_run_config(), **read_json_object(path, what="the run's resolved config")}
             changed = {k: (previous.get(k), v) for k, v in settings.to_run_config().items() if previous.get(k) != v and k != "rounds"}
             if changed:
                 raise ValueError(

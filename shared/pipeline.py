@@ -40,6 +40,7 @@ from shared.data.split import DomainSplit, split_domain
 from shared.data.tables import DomainData
 from shared.encoder import TextEncoder
 from shared.evaluation import Scorer, baselines
+from shared.json_files import read_json_object
 from shared.model.adapters import (
     AdapterConfig,
     LoraAdapter,
@@ -359,7 +360,7 @@ def load_domain_model(
         raise FileNotFoundError(
             f"{meta_path} not found: --model must be the 'model' folder written by 'fedxrec train' or 'fedxrec finetune' (OUT/model)"
         )
-    meta = json.loads(meta_path.read_text())
+    meta = read_json_object(meta_path, what="a model's index", required=("domains", "encoder_fingerprint", "model"))
     names = meta["domains"]
     if domain is None:
         if len(names) != 1:

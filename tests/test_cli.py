@@ -193,6 +193,9 @@ def test_usage_errors_are_one_line(synthetic: list[Path], tmp_path: Path, capsys
     assert "model.json not found" in capsys.readouterr().err
     assert main(["recommend", "--model", str(tmp_path), "--history", "1", "-k", "0"]) == 2
     assert "-k must be at least 1 (how many items to print), got 0" in capsys.readouterr().err
+    (tmp_path / "model.json").write_text('{"domains": ["books"]}')  # not what fedxrec train writes
+    assert main(["recommend", "--model", str(tmp_path), "--history", "1"]) == 2
+    assert f"{tmp_path / 'model.json'}: 'encoder_fingerprint', 'model' missing: not a model's index" in capsys.readouterr().err
     # float() reads 'nan' and 'inf'; no flag here means either (an infinite budget, a NaN learning rate)
     for argv, flag, value in (
         (["train", "--data", "d", "--out", "o", "--lr", "nan"], "--lr", "nan"),

@@ -435,6 +435,11 @@ def test_a_run_folder_resumes_only_with_its_own_settings(tmp_path: Path) -> None
     run.write_config(dataclasses.replace(settings, rounds=5))  # only rounds may grow
     with pytest.raises(ValueError, match=r"exists with other settings \{'personal-mix': \('off', 'valid'\)\}"):
         run.write_config(dataclasses.replace(settings, personal_mix="valid"))
+    (run.root / "config.json").write_text('{"rounds": 3,')  # cut off: a disk that filled up
+    with pytest.raises(
+        ValueError, match=r"config.json: not valid JSON \(Expecting property name enclosed in double quotes at line 1, column 14\)"
+    ):
+        run.write_config(settings)
 
 
 def test_a_damaged_private_state_is_named_with_what_to_do(tmp_path: Path) -> None:

@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from shared.json_files import read_json_object
 from shared.privacy.accounting import ACCOUNTANTS, Event, epsilon_of
 
 GENESIS = "0" * 64
@@ -105,22 +106,10 @@ def summary_entry(path: Path, *, summary: dict[str, Any] | None = None) -> tuple
     return (name, legacy) if legacy is not None and "ledger_file" not in legacy else None
 
 
-def read_json_file(path: Path) -> Any:
-    """One JSON file of a run folder; a ``ValueError`` names the file and where it stops being JSON."""
-    try:
-        return json.loads(path.read_bytes().decode("utf-8"))
-    except UnicodeDecodeError as err:
-        raise ValueError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path}: not valid JSON ({err.msg} at line {err.lineno}, column {err.colno})") from None
-
-
 def read_run_summary(path: Path) -> dict[str, Any]:
     """A run's ``summary.json``, checked for what a privacy check reads from it: each partner's
     ``ledger_head`` (where its ledger must end) and ``ledger_file``, and who named the partners."""
-    summary = read_json_file(path)
-    if not isinstance(summary, dict):
-        raise ValueError(f"{path}: expected a JSON object (the run's summary), got {type(summary).__name__}")
+    summary = read_json_object(path, what="the run's summary")
     partners = summary.get("partners", {})
     problems = []
     if not isinstance(partners, dict) or not all(isinstance(entry, dict) for entry in partners.values()):

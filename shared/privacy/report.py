@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from shared.federation.scenario import ACCOUNT_FILE
+from shared.json_files import read_json_object
 from shared.privacy import account, independent, ledger
 
 DP_UNIT = "one user: every interaction of one user in the partner's domain (user-level DP)"
@@ -183,9 +184,7 @@ def build_report(source: str | Path, *, head: ledger.Head | None = None, account
                 p["partner"] = entry[0]
             p["quality"] = quality.get(p["partner"], [])
         config_path = source / "config.json"
-        config = ledger.read_json_file(config_path) if config_path.is_file() else {}
-        if not isinstance(config, dict):
-            raise ValueError(f"{config_path}: expected a JSON object (the run's resolved config), got {type(config).__name__}")
+        config = read_json_object(config_path, what="the run's resolved config") if config_path.is_file() else {}
         kind, title = "run", source.name
         names = ledger.names_line(summary.get("partner_names") or {})
     else:

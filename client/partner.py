@@ -263,7 +263,7 @@ def train(
         spent = accountant.epsilon()
         metrics = _train_metrics(0, 0.0, 0, spent, budget.delta, sigma, sample_rate, declined=True)
         ledger.append(ledger_path, ledger_entry(spec, settings, budget, server_round, [], spent, 0, note))
-        return TrainReply(arrays, metrics, note, ledger_path.read_text(encoding="utf-8")), state
+        return TrainReply(arrays, metrics, note, _whole_ledger(ledger_path)), state
 
     privacy = plan_round(
         settings=settings,
@@ -322,8 +322,12 @@ def train(
         state.noise_multiplier or 0.0,
         sample_rate,
     )
-    sent_ledger = ledger_path.read_text(encoding="utf-8") if ledger_path.is_file() else ""
-    return TrainReply(adapter_state(model.adapter), metrics, "", sent_ledger), new_state
+    return TrainReply(adapter_state(model.adapter), metrics, "", _whole_ledger(ledger_path)), new_state
+
+
+def _whole_ledger(path: Path) -> str:
+    """What a training reply sends of the partner's ledger: every line so far, so the run's copy can catch up."""
+    return path.read_text(encoding="utf-8") if path.is_file() else ""
 
 
 def _train_metrics(

@@ -48,12 +48,17 @@ def round_rows(server_round: int, log: RoundLog) -> list[dict[str, Any]]:
             if name != "num-examples":
                 row[_key(name)] = reply.metrics.get(name)
         if reply.rejected or reply.failed:
-            row["note"] = "; ".join(filter(None, [row["note"], _note(reply, "evaluation")]))
+            row["note"] = _joined(row["note"], _note(reply, "evaluation"))
     # kept apart from another node of the same name (PartnerFedAvg.finish_round): one note per row
     kept_apart = {reply.partner: reply for reply in [*log.train, *log.evaluate] if reply.kept_apart}
     for name, reply in kept_apart.items():
-        rows[name]["note"] = "; ".join(filter(None, [rows[name]["note"], _clash(reply)]))
+        rows[name]["note"] = _joined(rows[name]["note"], _clash(reply))
     return list(rows.values())
+
+
+def _joined(*notes: str) -> str:
+    """A row's notes, the empty ones left out."""
+    return "; ".join(filter(None, notes))
 
 
 def _clash(reply: PartnerReply) -> str:
@@ -71,7 +76,7 @@ def _note(reply: PartnerReply, what: str) -> str:
     elif reply.rejected:
         more = f" (and {len(reply.rejected) - 5} more)" if len(reply.rejected) > 5 else ""
         why = f"the server rejected this {what}: {'; '.join(reply.rejected[:5])}{more}"
-    return "; ".join(filter(None, [reply.note, why]))
+    return _joined(reply.note, why)
 
 
 def end_round(run: RunFolder, server_round: int, arrays: dict[str, Any], log: RoundLog, *, encoder_bytes: int) -> list[dict[str, Any]]:
@@ -79,7 +84,7 @@ def end_round(run: RunFolder, server_round: int, arrays: dict[str, Any], log: Ro
     uncopied = {reply.partner: run.copy_ledger(reply.partner, reply.ledger) for reply in log.train if reply.ledger}
     rows = round_rows(server_round, log)
     for row in rows:
-        row["note"] = "; ".join(filter(None, [row["note"], uncopied.get(row["partner"], "")]))
+        row["note"] = _joined(row["note"], uncopied.get(row["partner"], ""))
     run.append_metrics(rows)
     print(f"\nround {server_round}")
     width = max([24, *(len(row["partner"]) for row in rows)])  # a name kept apart by node id is long

@@ -11,6 +11,7 @@ whose messages name its kebab-case keys.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 Problem = tuple[str, str]  # (field, "must be <what is expected>, got <value>")
@@ -24,6 +25,16 @@ class SelfChecking:
 
     def problems(self) -> list[Problem]:
         raise NotImplementedError
+
+
+def is_finite_number(value: Any) -> bool:
+    """A finite number, not a bool: TOML and ``json`` read ``nan`` and ``inf``, and ``True`` is an int in Python."""
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def is_whole_number(value: Any) -> bool:
+    """An int, not a bool."""
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def expect(config: Any, *rules: tuple[str, bool, str]) -> list[Problem]:

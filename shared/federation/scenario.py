@@ -21,12 +21,12 @@ Simulated partner ``i`` (Flower's ``partition-id``) is the i-th table.
 from __future__ import annotations
 
 import difflib
-import math
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from shared.checks import is_finite_number, is_whole_number
 from shared.data.readers import FORMATS
 from shared.data.synthetic import DOMAINS, SyntheticConfig, generate
 
@@ -74,7 +74,7 @@ def partner_options(values: dict[str, Any], *, known: tuple[str, ...], base: Pat
             problems.append(f"{where}: unknown key {key!r}; {hint}")
     out: dict[str, Any] = {}
     numbers = (  # key, field, whole numbers only, valid, what is expected
-        ("max-epsilon", "max_epsilon", False, lambda v: math.isfinite(v) and v > 0, "a finite number above 0"),
+        ("max-epsilon", "max_epsilon", False, lambda v: v > 0, "a finite number above 0"),
         ("max-delta", "max_delta", False, lambda v: 0 < v < 1, "a number in (0, 1)"),
         ("max-users", "max_users", True, lambda v: v >= 1, "a whole number of at least 1"),
     )
@@ -82,7 +82,7 @@ def partner_options(values: dict[str, Any], *, known: tuple[str, ...], base: Pat
         value = values.get(key)
         if value is None:
             continue
-        if isinstance(value, bool) or not isinstance(value, int if whole else int | float) or not valid(value):
+        if not (is_whole_number(value) if whole else is_finite_number(value)) or not valid(value):
             problems.append(f"{where}: {key} must be {expected}, got {value!r}")
         else:
             out[name] = int(value) if whole else float(value)

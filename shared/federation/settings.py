@@ -9,10 +9,11 @@ instead of failing on the first or silently using a default for a typo.
 from __future__ import annotations
 
 import difflib
-import math
 import re
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
+
+from shared.checks import is_finite_number, is_whole_number
 
 OPTIMIZERS = ("adamw", "sgd")  # local optimizers (client.local_training.make_optimizer)
 TRAINS = ("all", "adapter")  # what local training trains
@@ -227,14 +228,14 @@ def settings_from_run_config(run_config: dict[str, Any], *, ignore: tuple[str, .
         if isinstance(default, bool):
             ok = isinstance(value, bool)
         elif isinstance(default, float):  # finite: TOML (and so --run-config) reads nan and inf
-            ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+            ok = is_finite_number(value)
             value = float(value) if ok else value
         elif isinstance(default, int):
-            ok = isinstance(value, int) and not isinstance(value, bool)
+            ok = is_whole_number(value)
         else:
             ok = isinstance(value, str)
         if not ok:
-            expected = "a finite number" if isinstance(default, float) and not isinstance(default, bool) else type(default).__name__
+            expected = "a finite number" if isinstance(default, float) else type(default).__name__
             problems.append(f"run-config key {key!r}: expected {expected}, got {value!r}")
             continue
         values[f.name] = value

@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from shared.checks import is_finite_number
 from shared.privacy import ledger
 from shared.privacy.accounting import ACCOUNTANTS, Event, epsilon_of
 from shared.privacy.ledger import GENESIS, line_hash
@@ -45,8 +46,13 @@ _SHARED = {rule[0]: rule for rule in ledger.LINE_RULES}
 ACCOUNT_RULES: tuple[ledger.Rule, ...] = (
     *(_SHARED[name] for name in ("round", "accountant", "delta", "epsilon", "time")),
     ("run", lambda v: isinstance(v, str), "the run's id (text)"),
-    ("cap", lambda v: v is None or (ledger.is_number(v) and v > 0), "null (no cap) or a finite number above 0"),
+    ("cap", lambda v: v is None or (is_finite_number(v) and v > 0), "null (no cap) or a finite number above 0"),
 )
+
+
+def _line_problems(entry: dict[str, Any]) -> list[str]:
+    """Everything wrong with one account line's fields (its place in the chain is checked beside)."""
+    return ledger.rule_problems(entry, ACCOUNT_RULES) + ledger.event_problems(entry["events"])
 
 
 class AccountError(ValueError):
@@ -87,7 +93,7 @@ def _checked(path: Path, lines: list[str]) -> list[dict[str, Any]]:
             raise AccountError(f"{where}: seq is {entry['seq']}, expected {len(entries) + 1}: a line was removed, added or moved")
         if entry["prev"] != prev:
             raise AccountError(f"{where}: prev is not the hash of the line before: that line, or this one, was edited or moved")
-        problems = ledger.rule_problems(entry, ACCOUNT_RULES) + ledger.event_problems(entry["events"])
+        problems = _line_problems(entry)
         if problems:
             raise AccountError(f"{where}: " + "; ".join(problems))
         entries.append(entry)
@@ -158,7 +164,7 @@ def reserve(
             "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "prev": line_hash(lines[-1]) if lines else GENESIS,
         }
-        problems = ledger.rule_problems(entry, ACCOUNT_RULES) + ledger.event_problems(entry["events"])
+        problems = _line_problems(entry)
         if problems:  # a line read() would refuse is never written
             raise ValueError(f"not reserving in {path}: " + "; ".join(problems))
         with path.open("a", encoding="utf-8") as fh:

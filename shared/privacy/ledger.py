@@ -28,13 +28,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from shared.checks import is_finite_number, is_whole_number
 from shared.json_files import read_json_object
 from shared.privacy.accounting import ACCOUNTANTS, Event, epsilon_of
 
@@ -118,7 +118,7 @@ def read_run_summary(path: Path) -> dict[str, Any]:
     for name, entry in partners.items():
         head = entry.get("ledger_head")
         if head is not None and not (
-            isinstance(head, dict) and set(head) == {"lines", "hash"} and is_whole(head["lines"]) and is_hash(head["hash"])
+            isinstance(head, dict) and set(head) == {"lines", "hash"} and is_whole_number(head["lines"]) and is_hash(head["hash"])
         ):
             problems.append(f'partners.{name}.ledger_head {head!r}: expected {{"lines": a whole number, "hash": 64 hex digits}}')
         if not isinstance(entry.get("ledger_file", ""), str):
@@ -236,15 +236,6 @@ class Verification:
         self.problems.append(f"{where}: {message}")
 
 
-def is_number(value: Any) -> bool:
-    """A finite JSON number (``json`` reads ``NaN`` and ``Infinity`` too, and ``true`` is an int in Python)."""
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def is_whole(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 def is_hash(value: Any) -> bool:
     return isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value)
 
@@ -254,25 +245,25 @@ def is_hash(value: Any) -> bool:
 Rule = tuple[str, Callable[[Any], bool], str]
 WHOLE_FROM_1 = "a whole number of at least 1"
 LINE_RULES: tuple[Rule, ...] = (
-    ("seq", lambda v: is_whole(v) and v >= 1, WHOLE_FROM_1),
-    ("round", lambda v: is_whole(v) and v >= 1, WHOLE_FROM_1),
+    ("seq", lambda v: is_whole_number(v) and v >= 1, WHOLE_FROM_1),
+    ("round", lambda v: is_whole_number(v) and v >= 1, WHOLE_FROM_1),
     ("partner", lambda v: isinstance(v, str) and v != "", "the partner's name"),
     ("status", lambda v: v in STATUSES, f"one of {list(STATUSES)}"),
     ("accountant", lambda v: v in ACCOUNTANTS, f"one of {list(ACCOUNTANTS)}"),
-    ("delta", lambda v: is_number(v) and 0 < v < 1, "0 < delta < 1"),
-    ("budget_epsilon", is_number, "a finite number"),
-    ("epsilon", lambda v: is_number(v) and v >= 0, "a finite number of at least 0"),
-    ("examples", lambda v: is_whole(v) and v >= 0, "a whole number of at least 0"),
+    ("delta", lambda v: is_finite_number(v) and 0 < v < 1, "0 < delta < 1"),
+    ("budget_epsilon", is_finite_number, "a finite number"),
+    ("epsilon", lambda v: is_finite_number(v) and v >= 0, "a finite number of at least 0"),
+    ("examples", lambda v: is_whole_number(v) and v >= 0, "a whole number of at least 0"),
     ("note", lambda v: isinstance(v, str), "text"),
     ("time", lambda v: isinstance(v, str), "text"),
     ("prev", is_hash, "the SHA-256 of the line before, 64 hex digits"),
 )
 EVENT_RULES: tuple[Rule, ...] = (
     ("mechanism", lambda v: v in MECHANISMS, f"one of {list(MECHANISMS)}"),
-    ("noise_multiplier", lambda v: is_number(v) and v > 0, "a finite number above 0"),
-    ("sample_rate", lambda v: is_number(v) and 0 < v <= 1, "0 < sample_rate <= 1"),
-    ("steps", lambda v: is_whole(v) and v >= 0, "a whole number of at least 0"),
-    ("max_grad_norm", lambda v: is_number(v) and v > 0, "a finite number above 0"),
+    ("noise_multiplier", lambda v: is_finite_number(v) and v > 0, "a finite number above 0"),
+    ("sample_rate", lambda v: is_finite_number(v) and 0 < v <= 1, "0 < sample_rate <= 1"),
+    ("steps", lambda v: is_whole_number(v) and v >= 0, "a whole number of at least 0"),
+    ("max_grad_norm", lambda v: is_finite_number(v) and v > 0, "a finite number above 0"),
 )
 
 

@@ -107,7 +107,9 @@ def test_a_restarted_partner_keeps_its_spent_epsilon(tmp_path: Path) -> None:
 def test_a_round_run_again_after_the_coordinator_stopped_leaves_both_ledgers_verifiable(tmp_path: Path) -> None:
     """The coordinator stops after a partner's round-2 reply, before round 2 ends; resumed, it runs round 2 again."""
     settings = settings_for(tmp_path, rounds=3)
-    spec = partner.resolve_partner({"partition-id": 0, "num-partitions": 3}, settings)
+    found = partner.resolve_partner({"partition-id": 0, "num-partitions": 3}, settings)
+    kept = tmp_path / "account.jsonl"  # the partner's privacy account across runs, without a cap
+    spec = partner.PartnerSpec(found.name, found.data, account=kept)
     folder, run = tmp_path / "partner", RunFolder(tmp_path / "run")
     first, state = partner.train(
         settings=settings,
@@ -129,6 +131,10 @@ def test_a_round_run_again_after_the_coordinator_stopped_leaves_both_ledgers_ver
     assert run.copy_ledger(spec.name, again.ledger) == ""
     assert run.ledger_path(spec.name).read_bytes() == (folder / "ledger.jsonl").read_bytes()
     assert ledger.verify(run.ledger_path(spec.name)).ok
+    # each release of round 2 was reserved in the privacy account before training: the report finds both
+    assert [x["round"] for x in account.read(kept)] == [1, 2, 2]
+    life = build_report(folder / "ledger.jsonl", account_path=kept)["partners"][0]["lifetime"]
+    assert life["verified"] and life["this_run"] == [settings.run_id], life["problems"]
     # a ledger that does not continue the copy (another partner's, under this name) is not copied
     copy = run.ledger_path(spec.name).read_bytes()
     note = run.copy_ledger(spec.name, again.ledger.replace(f'"partner": "{spec.name}"', '"partner": "other"'))

@@ -99,10 +99,11 @@ def test_plan_command_names_every_bad_flag(capsys: pytest.CaptureFixture[str]) -
 # --------------------------------------------------------------------------- the ledger
 
 
-def write_ledger(path: Path, *, partner: str = "books", rounds: int = 4, decline_last: bool = True) -> list[str]:
+def write_ledger(path: Path, *, partner: str = "books", rounds: int = 4, decline_last: bool = True, again: int | None = None) -> list[str]:
+    """A partner's ledger of ``rounds`` rounds; ``again``: a round run twice, as after the coordinator resumed."""
     events: list[tuple[float, float, int]] = []
     lines = []
-    for r in range(1, rounds + 1):
+    for r in sorted([*range(1, rounds + 1), *([again] if again else [])]):
         declined = decline_last and r == rounds
         event = (
             [] if declined else [{"mechanism": "dp-sgd", "noise_multiplier": 0.9, "sample_rate": 0.02, "steps": 100, "max_grad_norm": 1.0}]
@@ -390,6 +391,27 @@ def test_a_partner_report_adds_its_lifetime_account(tmp_path: Path, capsys: pyte
     assert life["epsilon"] > report["partners"][0]["epsilon"]  # two runs on the same users compose
     assert life["epsilon"] == pytest.approx(epsilon_of(ledger.events_of(account.read(beside)), delta=1e-5, accountant="rdp"))
     assert "Over every run on this data" in (tmp_path / "state" / "privacy-report" / "report.md").read_text()
+
+
+def test_a_round_run_twice_needs_two_reservations(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "state" / "ledger.jsonl"
+    write_ledger(path, partner="gear", rounds=3, decline_last=False, again=2)  # rounds 1, 2, 2, 3
+    assert ledger.verify(path).ok
+    once, twice = tmp_path / "once.jsonl", tmp_path / "twice.jsonl"
+    reserve_as_ledger(twice, path, run="autumn")
+    reserve_as_ledger(once, path, run="autumn", rounds=[1, 3])
+    round_2 = next(json.loads(x) for x in path.read_text().splitlines() if json.loads(x)["round"] == 2)
+    account.reserve(once, run="autumn", server_round=2, events=round_2["events"], cap=9.0, delta=1e-5, accountant="rdp")
+
+    assert cli_main(["privacy", "report", str(path), "--account", str(twice), "--out", str(tmp_path / "ok")]) == 0
+    life = json.loads((tmp_path / "ok" / "report.json").read_text())["partners"][0]["lifetime"]
+    assert life["verified"] and life["this_run"] == ["autumn"]
+    # one reservation cannot cover both releases of round 2: the account would count one of them only
+    assert cli_main(["privacy", "report", str(path), "--account", str(once), "--out", str(tmp_path / "short")]) == 1
+    assert "round 2 released 2 times in this ledger" in capsys.readouterr().out
+    life = json.loads((tmp_path / "short" / "report.json").read_text())["partners"][0]["lifetime"]
+    assert not life["verified"] and life["this_run"] == [] and len(life["problems"]) == 1
+    assert "only 1 of those releases are reserved" in life["problems"][0]
 
 
 def test_a_release_missing_from_the_account_fails_the_report(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -136,6 +136,23 @@ def _covers(reserved: list[dict[str, Any]], released: list[dict[str, Any]]) -> b
     )
 
 
+def _reserved_count(released: list[dict[str, Any]], reserved: list[dict[str, Any]]) -> int:
+    """How many of one round's ledger lines have an account line of their own that covers
+    them (a maximum matching: a round run twice must be reserved twice)."""
+    owner: dict[int, int] = {}  # account line -> the ledger line it covers
+
+    def place(i: int, tried: set[int]) -> bool:
+        for j, line in enumerate(reserved):
+            if j not in tried and _covers(line["events"], released[i]["events"]):
+                tried.add(j)
+                if j not in owner or place(owner[j], tried):
+                    owner[j] = i
+                    return True
+        return False
+
+    return sum(place(i, set()) for i in range(len(released)))
+
+
 def _lifetime(path: Path, *, entries: list[dict[str, Any]]) -> dict[str, Any]:
     """The partner's privacy account checked and summed up, and the account's run(s) that
     hold every release of this ledger (a release not reserved there was not capped by it)."""
@@ -143,20 +160,34 @@ def _lifetime(path: Path, *, entries: list[dict[str, Any]]) -> dict[str, Any]:
         result, lines = account.checked_summary(path)
     except account.AccountError as err:
         return {"account": str(path), "verified": False, "problems": [str(err)], "this_run": []}
-    # per line of this ledger that released something (a declined round released nothing; a round run again
-    # after the coordinator resumed has two lines): the runs that reserved it
-    holders = [
-        (e["round"], {x["run"] for x in lines if x["round"] == e["round"] and _covers(x["events"], e["events"])})
-        for e in entries
-        if e["events"]
-    ]
-    problems = [
-        f"{path}: the releases of round {r} in this ledger are not reserved in the account: "
-        "the account does not count them, so its lifetime epsilon understates what was spent"
-        for r, runs in holders
-        if not runs
-    ]
-    holding = [run for run in result["runs"] if holders and all(run in runs for _, runs in holders)]
+    # per round of this ledger that released something (a declined round released nothing; a round run again
+    # after the coordinator resumed has two lines, each reserved on its own): per run, how many are reserved
+    released: dict[int, list[dict[str, Any]]] = {}
+    for e in entries:
+        if e["events"]:
+            released.setdefault(e["round"], []).append(e)
+    reserved = {
+        (r, run): _reserved_count(mine, [x for x in lines if x["round"] == r and x["run"] == run])
+        for r, mine in released.items()
+        for run in result["runs"]
+    }
+    problems = []
+    for r, mine in released.items():
+        best = max((reserved[r, run] for run in result["runs"]), default=0)
+        if best == len(mine):
+            continue
+        if len(mine) == 1:
+            problems.append(
+                f"{path}: the releases of round {r} in this ledger are not reserved in the account: "
+                "the account does not count them, so its lifetime epsilon understates what was spent"
+            )
+        else:
+            problems.append(
+                f"{path}: round {r} released {len(mine)} times in this ledger (run again after the coordinator "
+                f"resumed), but only {best} of those releases are reserved in the account: the account does not "
+                "count the rest, so its lifetime epsilon understates what was spent"
+            )
+    holding = [run for run in result["runs"] if released and all(reserved[r, run] == len(m) for r, m in released.items())]
     return {**result, "verified": not problems, "problems": problems, "this_run": holding}
 
 

@@ -332,6 +332,11 @@ def test_report_of_a_run_folder(tmp_path: Path, capsys: pytest.CaptureFixture[st
             '{"round": 1, "partner": "books"}\n[1]\n',
             "metrics.jsonl, line 2: expected a JSON object with 'round' and 'partner'",
         ),
+        (
+            "metrics.jsonl",
+            '{"round": 1, "partner": "books", "epsilon": 0.5, "test_ndcg@10": NaN, "valid_ndcg@10": "0.06"}\n',
+            "metrics.jsonl, line 1: test_ndcg@10 nan: expected null or a number from 0 to 1; valid_ndcg@10 '0.06': expected",
+        ),
         ("config.json", "[1]", "config.json: expected a JSON object (the run's resolved config), got list"),
     ],
 )

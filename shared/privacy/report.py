@@ -28,6 +28,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from shared.checks import is_finite_number, is_whole_number
 from shared.federation.scenario import ACCOUNT_FILE
 from shared.json_files import read_json_object
 from shared.privacy import account, independent, ledger
@@ -100,6 +101,20 @@ def _partner_report(path: Path, *, head: ledger.Head | None, quality: list[dict[
     }
 
 
+def _score(value: Any) -> bool:
+    return value is None or (is_finite_number(value) and 0 <= value <= 1)
+
+
+# the fields of a metrics.jsonl row the report reads (None: a round without the figure, e.g. declined)
+QUALITY_RULES: tuple[ledger.Rule, ...] = (
+    ("round", lambda v: is_whole_number(v) and v >= 1, ledger.WHOLE_FROM_1),
+    ("partner", lambda v: isinstance(v, str) and v != "", "the partner's name"),
+    ("epsilon", lambda v: v is None or (is_finite_number(v) and v >= 0), "null or a finite number of at least 0"),
+    ("test_ndcg@10", _score, "null or a number from 0 to 1"),
+    ("valid_ndcg@10", _score, "null or a number from 0 to 1"),
+)
+
+
 def _quality(run: Path) -> dict[str, list[dict[str, Any]]]:
     """Per partner, per round: epsilon and test/valid NDCG@10 from the run's metrics.jsonl."""
     path = run / "metrics.jsonl"
@@ -113,6 +128,8 @@ def _quality(run: Path) -> dict[str, list[dict[str, Any]]]:
             raise ValueError(f"{path}, line {number}: not valid JSON ({err.msg} at column {err.colno})") from None
         if not isinstance(row, dict) or (row and not {"round", "partner"} <= set(row)):
             raise ValueError(f"{path}, line {number}: expected a JSON object with 'round' and 'partner' (one partner's round)")
+        if row and (problems := ledger.rule_problems({name: row.get(name) for name, _, _ in QUALITY_RULES}, QUALITY_RULES)):
+            raise ValueError(f"{path}, line {number}: " + "; ".join(problems))
         if row.get("epsilon") is not None and row.get("test_ndcg@10") is not None:
             out.setdefault(row["partner"], []).append(
                 {

@@ -180,9 +180,13 @@ def model_and_train_configs(args: argparse.Namespace, problems: FlagProblems) ->
         adapter = problems.build(LoraAdapterConfig, args, prefix="lora_", kind="lora")
     head = problems.build(HeadConfig, args, prefix="head_")
     train = problems.build(TrainConfig, args)
-    if adapter is None or head is None:
-        return None, train
     given = {"temperature": args.temperature} if args.temperature is not None else {}
+    if adapter is None or head is None:  # the model's own check needs both; the temperature is checked alone
+        try:
+            ModelConfig(**given)
+        except ConfigError as err:
+            problems.record(err)
+        return None, train
     try:
         model = ModelConfig(
             adapter=adapter, head=head, item_ids=bool(args.item_ids), popularity_prior=not args.no_popularity_prior, **given

@@ -167,9 +167,11 @@ def test_every_bad_flag_is_named_at_once_before_anything_runs(tmp_path: Path, ca
         "  --head-n-heads must divide the adapter's width, 128, got 3",
         "  --seeds must be at least 1 (how many trainings to average), got 0",
     ]
-    assert main(["train", "--data", str(tmp_path), "--out", str(out), "--head-max-len", "0", "--moe-n-experts", "0"]) == 2
+    argv = ["train", "--data", str(tmp_path), "--out", str(out), "--head-max-len", "0", "--moe-n-experts", "0", "--temperature", "-1"]
+    assert main(argv) == 2
     err = capsys.readouterr().err
     assert "--moe-n-experts must be a whole number of at least 1, got 0" in err and "--head-max-len must be" in err
+    assert "--temperature must be above 0, got -1.0" in err  # checked even though the adapter and head flags are wrong
     assert main(["train", "--data", str(tmp_path), "--out", str(out), "--temperature", "0"]) == 2
     assert "--temperature must be above 0, got 0.0" in capsys.readouterr().err
     with pytest.raises(ValueError, match=r"invalid ModelConfig: temperature must be above 0, got 0; head.n_heads must divide"):

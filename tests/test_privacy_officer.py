@@ -338,6 +338,11 @@ def test_report_of_a_run_folder(tmp_path: Path, capsys: pytest.CaptureFixture[st
             "metrics.jsonl, line 1: test_ndcg@10 nan: expected null or a number from 0 to 1; valid_ndcg@10 '0.06': expected",
         ),
         ("config.json", "[1]", "config.json: expected a JSON object (the run's resolved config), got list"),
+        (
+            "summary.json",
+            '{"partners": {"books": {"ledger_file": "../../elsewhere.jsonl"}}}',
+            "summary.json: partners.books.ledger_file '../../elsewhere.jsonl': expected the ledger's path in the run folder",
+        ),
     ],
 )
 def test_a_damaged_run_file_is_named(tmp_path: Path, capsys: pytest.CaptureFixture[str], file: str, text: str, words: str) -> None:
@@ -360,6 +365,25 @@ def test_report_flags_a_tampered_run_and_exits_non_zero(tmp_path: Path, capsys: 
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert not report["verified"] and "truncated" in report["partners"][1]["problems"][0]
     assert "Verification FAILED" in (tmp_path / "out" / "report.md").read_text()
+
+
+def test_a_run_report_accounts_for_every_partner_of_the_summary(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    run = fake_run(tmp_path)
+    summary = json.loads((run / "summary.json").read_text())
+    summary["partners"]["gear"] = {"rounds_trained": 0, "last_round": 4}  # never sampled: no ledger, nothing released
+    (run / "summary.json").write_text(json.dumps(summary))
+    assert cli_main(["privacy", "report", str(run), "--out", str(tmp_path / "out")]) == 0
+    assert "released nothing in this run (no ledger; trained in no round): gear" in capsys.readouterr().out
+    assert json.loads((tmp_path / "out" / "report.json").read_text())["released_nothing"] == ["gear"]
+    assert "(they trained in no round, e.g. never sampled, so released nothing): gear." in (tmp_path / "out" / "report.md").read_text()
+    # a ledger the summary records, deleted from the run folder: the partner is not left out of the report, it fails it
+    (run / "ledger" / "games.jsonl").unlink()
+    assert cli_main(["privacy", "report", str(run), "--out", str(tmp_path / "gone")]) == 1
+    assert f"{run / 'ledger' / 'games.jsonl'}: no such ledger file: the run recorded 4 line(s) of it" in capsys.readouterr().out
+    report = json.loads((tmp_path / "gone" / "report.json").read_text())
+    assert [(p["partner"], p["verified"]) for p in report["partners"]] == [("books", True), ("games", False)]
+    assert "Verification FAILED" in (tmp_path / "gone" / "report.md").read_text()
+    assert_page_shows_every_partner(tmp_path / "gone" / "report.html", ["books", "games"], tmp_path)
 
 
 def test_a_partner_reports_from_its_own_ledger(tmp_path: Path) -> None:

@@ -166,6 +166,8 @@ def cmd_report(args: argparse.Namespace) -> int:
             )
         for problem in p["problems"]:
             print(f"{'':<24} FAILED: {problem}")
+    if report["released_nothing"]:
+        print(f"released nothing in this run (no ledger; trained in no round): {', '.join(report['released_nothing'])}")
     print("wrote " + ", ".join(str(p) for p in paths))
     return 0 if report["verified"] else 1
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -121,8 +122,12 @@ def read_run_summary(path: Path) -> dict[str, Any]:
             isinstance(head, dict) and set(head) == {"lines", "hash"} and is_whole_number(head["lines"]) and is_hash(head["hash"])
         ):
             problems.append(f'partners.{name}.ledger_head {head!r}: expected {{"lines": a whole number, "hash": 64 hex digits}}')
-        if not isinstance(entry.get("ledger_file", ""), str):
-            problems.append(f"partners.{name}.ledger_file {entry['ledger_file']!r}: expected the ledger's path in the run folder")
+        if "ledger_file" in entry and not (
+            isinstance(entry["ledger_file"], str) and re.fullmatch(r"ledger/[^/]+\.jsonl", entry["ledger_file"])
+        ):
+            problems.append(
+                f"partners.{name}.ledger_file {entry['ledger_file']!r}: expected the ledger's path in the run folder, ledger/<file>.jsonl"
+            )
     if not isinstance(summary.get("partner_names", {}), dict):
         problems.append(f"partner_names {summary['partner_names']!r}: expected an object")
     if problems:
@@ -305,7 +310,8 @@ def verify(path: str | Path, *, head: Head | None = None, tolerance: float = 1e-
     try:
         text = path.read_bytes().decode("utf-8")
     except FileNotFoundError:
-        result.fail(None, "no such ledger file")
+        recorded = f": the run recorded {head.lines} line(s) of it, ending in {head.hash[:16]}..." if head else ""
+        result.fail(None, "no such ledger file" + recorded)
         return result
     except UnicodeDecodeError as err:
         result.fail(None, f"not UTF-8 text ({err.reason} at byte {err.start})")

@@ -142,6 +142,7 @@ def _quality(run: Path) -> dict[str, list[dict[str, Any]]]:
     return out
 
 
+RELEASED_NOTHING = "Partners of this run with no ledger (they trained in no round, e.g. never sampled, so released nothing)"
 RELEASE_TERMS = ("mechanism", "noise_multiplier", "sample_rate", "max_grad_norm")
 
 
@@ -219,13 +220,19 @@ def build_report(source: str | Path, *, head: ledger.Head | None = None, account
         )
     if source.is_dir():
         paths = sorted((source / "ledger").glob("*.jsonl"))
-        if not paths:
-            raise FileNotFoundError(f"{source}: no ledger/*.jsonl: not a run folder with DP, or no round finished")
-        quality = _quality(source)
         anchored = (source / "summary.json").is_file()
         summary = ledger.read_run_summary(source / "summary.json") if anchored else {}
         # each file's partner and entry in summary.json
         found = [ledger.summary_entry(path, summary=summary) if anchored else None for path in paths]
+        # a ledger the summary records whose file is gone: that partner's record of what it spent is missing
+        seen = {f[0] for f in found if f}
+        for name, entry in summary.get("partners", {}).items():
+            if name not in seen and entry.get("ledger_head") is not None:
+                paths.append(source / (entry.get("ledger_file") or f"ledger/{name}.jsonl"))
+                found.append((name, entry))
+        if not paths:
+            raise FileNotFoundError(f"{source}: no ledger/*.jsonl: not a run folder with DP, or no round finished")
+        quality = _quality(source)
         partners = [_partner_report(path, head=ledger.head_in(entry), quality=[]) for path, entry in zip(paths, found, strict=True)]
         for entry, p in zip(found, partners, strict=True):
             if entry:  # the run's name for it: the coordinator's, or kept apart where two nodes gave one name
@@ -235,10 +242,13 @@ def build_report(source: str | Path, *, head: ledger.Head | None = None, account
         config = read_json_object(config_path, what="the run's resolved config") if config_path.is_file() else {}
         kind, title = "run", source.name
         names = ledger.names_line(summary.get("partner_names") or {})
+        silent = sorted(
+            name for name, entry in summary.get("partners", {}).items() if name not in seen and entry.get("ledger_head") is None
+        )
     else:
         partners = [_partner_report(source, head=head, quality=[])]
         config, kind, title, anchored = {}, "ledger", source.name, head is not None
-        names = ""
+        names, silent = "", []
         if account_path is None and (source.parent / ACCOUNT_FILE).is_file():
             account_path = source.parent / ACCOUNT_FILE
         if account_path is not None:
@@ -256,6 +266,7 @@ def build_report(source: str | Path, *, head: ledger.Head | None = None, account
         },
         "anchored": anchored,
         "partner_names": names,  # a run's only: who named its partners
+        "released_nothing": silent,  # a run's partners with no ledger: they trained in no round
         "verified": all(p["verified"] for p in partners),
         "protected": PROTECTED,
         "not_protected": NOT_PROTECTED,
@@ -376,6 +387,8 @@ def to_markdown(report: dict[str, Any]) -> str:
         lines += ["Run settings: " + ", ".join(f"{k} {v}" for k, v in report["config"].items()), ""]
     if report["partner_names"]:
         lines += [f"Partner names: {report['partner_names']}.", ""]
+    if report["released_nothing"]:
+        lines += [f"{RELEASED_NOTHING}: {', '.join(report['released_nothing'])}.", ""]
     lines += ["## What is protected", "", *[f"- {x}" for x in report["protected"]], "", "## What is not protected", ""]
     lines += [*[f"- {x}" for x in report["not_protected"]], "", "## The independent check", "", CROSSCHECK_NOTE, ""]
     for p in report["partners"]:
@@ -415,6 +428,8 @@ def to_html(report: dict[str, Any]) -> str:
         parts.append("<p>Run settings: " + e(", ".join(f"{k} {v}" for k, v in report["config"].items())) + "</p>")
     if report["partner_names"]:
         parts.append(f"<p class='names'>Partner names: {e(report['partner_names'])}.</p>")
+    if report["released_nothing"]:
+        parts.append(f"<p class='released-nothing'>{e(RELEASED_NOTHING)}: {e(', '.join(report['released_nothing']))}.</p>")
     parts.append("<h2>What is protected</h2><ul>" + "".join(f"<li>{e(x)}</li>" for x in report["protected"]) + "</ul>")
     parts.append("<h2>What is not protected</h2><ul>" + "".join(f"<li>{e(x)}</li>" for x in report["not_protected"]) + "</ul>")
     parts.append(f"<h2>The independent check</h2><p>{e(CROSSCHECK_NOTE)}</p>")

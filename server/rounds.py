@@ -90,9 +90,9 @@ def end_round(run: RunFolder, server_round: int, arrays: dict[str, Any], log: Ro
     width = max([24, *(len(row["partner"]) for row in rows)])  # a name kept apart by node id is long
     print(f"  {'partner':<{width}} {'loss':>7} {'epsilon':>8} {'valid NDCG@10':>14} {'test NDCG@10':>13} {'sent B':>9} {'received B':>11}")
     for row in rows:
-        eps = row.get("epsilon")
+        eps, loss = row.get("epsilon"), row.get("loss")  # None: not trained this round
         print(
-            f"  {row['partner']:<{width}} {row.get('loss') or 0:>7.3f} {'-' if eps is None else format(eps, '.3f'):>8} "
+            f"  {row['partner']:<{width}} {'-' if loss is None else format(loss, '.3f'):>7} {'-' if eps is None else format(eps, '.3f'):>8} "
             f"{row.get('valid_ndcg@10') or 0:>14.4f} {row.get('test_ndcg@10') or 0:>13.4f} {row.get('bytes_sent', 0):>9,} {row.get('bytes_received', 0):>11,}"
             + (f"  ({row['note']})" if row.get("note") else "")
         )

@@ -318,8 +318,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
         problems.add("--rounds", f"must be at least 1, got {args.rounds}")
     if not args.epsilon > 0:  # also catches nan
         problems.add("--epsilon", f"must be above 0 (the demo runs under DP), got {args.epsilon}")
+    if args.partners < 2:
+        problems.add("--partners", f"must be at least 2 (a federation), got {args.partners}")
     problems.raise_if_any()  # before a SuperLink and Ray start
-    return run_demo(out=Path(args.out), rounds=args.rounds, epsilon=args.epsilon)
+    return run_demo(out=Path(args.out), rounds=args.rounds, epsilon=args.epsilon, partners=args.partners)
 
 
 # ---------------------------------------------------------------- parser
@@ -424,6 +426,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="runs", help="folder for the run folder (default: runs)")
     demo.add_argument("--rounds", type=int, default=3, help="federated rounds (default: 3)")
     demo.add_argument("--epsilon", type=finite_float, default=8.0, help="each partner's privacy budget (default: 8)")
+    demo.add_argument("--partners", type=int, default=3, help="simulated partners, each its own generated domain (default: 3; any number)")
     demo.set_defaults(handler=cmd_demo)
 
     partners = sub.add_parser("partners", help="the coordinator's list of partners (run config partners-file)").add_subparsers(

@@ -1,6 +1,7 @@
 """``fedxrec demo`` (what ``make demo`` runs): the federated DP simulation on generated data.
 
-Three partners (books, games, gear: synthetic domains whose users share tastes)
+Three partners (books, games, gear: synthetic domains whose users share tastes;
+``--partners`` for more)
 train the shared adapter under user-level DP-SGD for 3 rounds through Flower's
 simulation engine (``flwr run``), then the per-partner NDCG@10 and epsilon spent
 are printed from the run folder.
@@ -11,25 +12,32 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 from shared.flower_run import PROJECT, flwr_run
 
 
-def run_demo(*, out: Path, rounds: int = 3, epsilon: float = 8.0) -> int:
+def run_demo(*, out: Path, rounds: int = 3, epsilon: float = 8.0, partners: int = 3) -> int:
     runs = (out if out.is_absolute() else Path.cwd() / out).resolve()
     run_id = time.strftime("demo-%Y%m%d-%H%M%S")
     config = {"rounds": rounds, "target-epsilon": epsilon, "runs-dir": str(runs), "run-id": run_id, "scenario": "synthetic"}
-    print(f"fedxrec demo: 3 partners, {rounds} rounds, DP at epsilon {epsilon:g}; run folder {runs / run_id}")
-    status = flwr_run(run_config=config, partners=3, flwr_home=PROJECT / ".flwr")
+    print(f"fedxrec demo: {partners} partners, {rounds} rounds, DP at epsilon {epsilon:g}; run folder {runs / run_id}")
+    status = flwr_run(run_config=config, partners=partners, flwr_home=PROJECT / ".flwr")
     summary_path = runs / run_id / "summary.json"
     if status != 0 or not summary_path.is_file():
         # flwr run can exit 0 when the ServerApp failed: the missing summary is what tells
         print(f"fedxrec demo: the Flower run did not finish (flwr run exit status {status}, no {summary_path}); see the log above")
         return status or 1
-    summary = json.loads(summary_path.read_text())
-    print(f"\n{'partner':<10} {'test NDCG@10':>13} {'test Recall@10':>15} {'epsilon spent':>14}  (target {epsilon:g})")
-    for name, p in summary["partners"].items():
-        print(f"{name:<10} {p['test_ndcg@10']:>13.4f} {p['test_recall@10']:>15.4f} {p['epsilon']:>14.3f}")
+    print("\n" + partner_table(json.loads(summary_path.read_text()), epsilon=epsilon))
     print(f"\nrun folder: {runs / run_id} (config.json, manifest.json, metrics.jsonl, ledger/, adapter/, summary.md)")
     print(f"privacy report: fedxrec privacy report {runs / run_id}")
     return 0
+
+
+def partner_table(summary: dict[str, Any], *, epsilon: float) -> str:
+    """Per partner, by name: test NDCG@10 and Recall@10 and the epsilon spent (from ``summary.json``)."""
+    width = max(10, *map(len, summary["partners"]))
+    lines = [f"{'partner':<{width}} {'test NDCG@10':>13} {'test Recall@10':>15} {'epsilon spent':>14}  (target {epsilon:g})"]
+    for name, p in sorted(summary["partners"].items()):
+        lines.append(f"{name:<{width}} {p['test_ndcg@10']:>13.4f} {p['test_recall@10']:>15.4f} {p['epsilon']:>14.3f}")
+    return "\n".join(lines)

@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 from shared.cli import main
 from shared.data.readers import read_domain
 from shared.data.split import split_domain
+from shared.demo import partner_table
 from shared.encoder import TextEncoder
 from shared.evaluation import pad_histories
 from shared.model.head import HeadConfig
@@ -178,10 +179,11 @@ def test_every_bad_flag_is_named_at_once_before_anything_runs(tmp_path: Path, ca
         ModelConfig(head=HeadConfig(n_heads=3), temperature=0)  # the same checks from Python
     assert main(["data", "generate", str(out), "--users", "-5", "--items", "3"]) == 2
     assert "--users must be a whole number of at least 1, got -5\n  --items must be at least" in capsys.readouterr().err
-    assert main(["demo", "--rounds", "0", "--epsilon", "-1", "--out", str(out)]) == 2
+    assert main(["demo", "--rounds", "0", "--epsilon", "-1", "--partners", "1", "--out", str(out)]) == 2
     assert capsys.readouterr().err.splitlines()[1:] == [
         "  --rounds must be at least 1, got 0",
         "  --epsilon must be above 0 (the demo runs under DP), got -1.0",
+        "  --partners must be at least 2 (a federation), got 1",
     ]
     assert main(["finetune", "--state-dir", str(tmp_path), "--data", str(tmp_path), "--out", str(out), "--max-minutes", "-2"]) == 2
     assert "--max-minutes must be above 0, or not given for no time cap, got -2.0" in capsys.readouterr().err
@@ -282,3 +284,10 @@ def test_a_seed_ensemble_saves_each_member_and_recommends_by_their_mean(
     assert main(["recommend", "--model", str(ensemble), "--history", loaded.item_ids[0]]) == 2
     err = capsys.readouterr().err
     assert str(ensemble / "books" / "member-1" / "head.safetensors") in err and "names 2 member(s)" in err
+
+
+def test_the_demo_table_lists_partners_by_name_in_aligned_columns() -> None:
+    figures = {"test_ndcg@10": 0.1, "test_recall@10": 0.2, "epsilon": 7.99}
+    table = partner_table({"partners": {"music-store-2": figures, "books": figures}}, epsilon=8).splitlines()
+    assert [line.split()[0] for line in table] == ["partner", "books", "music-store-2"]
+    assert len({line.index("0.1000") for line in table[1:]}) == 1  # a long name does not shift its row

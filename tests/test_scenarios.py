@@ -84,7 +84,10 @@ def test_an_experiment_refuses_a_bad_cold_start_scenario_before_it_runs(
     assert not out.exists()  # nothing ran
 
 
-def test_generated_data_for_more_partners_than_it_has_says_how_many_to_simulate(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match=r"has 5 partners' domains, and 7 were asked for; run it with .*num-supernodes=5"):
-        synthetic_scenario(tmp_path, partners=7)
-    assert not any(tmp_path.iterdir())  # nothing generated
+def test_generated_data_has_a_domain_for_every_simulated_partner(tmp_path: Path) -> None:
+    specs = synthetic_scenario(tmp_path, partners=7)
+    assert [s.name for s in specs] == sorted(["books", "games", "gear", "music-store", "kids", "books-2", "games-2"])
+    assert all(s.data.is_dir() for s in specs)
+    with pytest.raises(ValueError, match=r"needs at least 1 partner, and 0 were asked for"):
+        synthetic_scenario(tmp_path / "none", partners=0)
+    assert not (tmp_path / "none").exists()  # nothing generated

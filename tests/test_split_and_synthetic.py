@@ -10,7 +10,7 @@ import pytest
 
 from shared.data.readers import read_domain
 from shared.data.split import split_domain
-from shared.data.synthetic import TOPICS, SyntheticConfig, generate
+from shared.data.synthetic import DOMAINS, TOPICS, SyntheticConfig, domain_names, generate
 from shared.data.tables import DomainData
 
 
@@ -66,10 +66,22 @@ def test_synthetic_tastes_carry_across_domains(tmp_path: Path) -> None:
     assert same_user > 2 * other_user, (same_user, other_user)
 
 
+def test_synthetic_makes_as_many_domains_as_asked(tmp_path: Path) -> None:
+    """After the five kinds of catalogue the kinds repeat, each a catalogue of its own items (many simulated partners)."""
+    folders = generate(tmp_path, SyntheticConfig(domains=12, users=30, items=20, seed=0))
+    assert [f.name for f in folders] == [*domain_names(5), *(f"{k}-2" for k in domain_names(5)), "books-3", "games-3"]
+    assert domain_names(3) == ["books", "games", "gear"]  # the first domains do not change with how many there are
+    first = generate(tmp_path / "five", SyntheticConfig(domains=5, users=30, items=20, seed=0))
+    assert all((a / "items.tsv.gz").read_bytes() == (b / "items.tsv.gz").read_bytes() for a, b in zip(first, folders[:5], strict=True))
+    books, again = (read_domain(tmp_path / n).items for n in ("books", "books-2"))
+    assert set(books["text"]).isdisjoint(again["text"])  # the same kind, another catalogue
+    assert again["text"].str.split().str[-5].isin(DOMAINS["books"]).all()  # ... of books: "<noun> - <colour> <edition> Edition"
+    assert all(read_domain(f).stats()["users"] == 30 for f in folders)
+
+
 def test_synthetic_rejects_bad_config() -> None:
     with pytest.raises(ValueError) as info:
-        SyntheticConfig(domains=9, stickiness=1.5)
+        SyntheticConfig(domains=0, stickiness=1.5)
     assert str(info.value) == (
-        "invalid SyntheticConfig: domains must be 1 to 5 (the generator's catalogues), got 9; "
-        "stickiness must be a probability in [0, 1], got 1.5"
+        "invalid SyntheticConfig: domains must be a whole number of at least 1, got 0; stickiness must be a probability in [0, 1], got 1.5"
     )

@@ -11,6 +11,10 @@ partners' data: nobody is linked across domains.
 
 Sequences: a user picks a topic from their taste, stays on it with probability
 ``stickiness``, and picks items within a topic by Zipf popularity.
+
+Any number of domains: after the five kinds of catalogue (books, games, gear,
+music-store, kids) the kinds repeat as new catalogues of their own items
+(books-2, games-2, ...), so a simulation can have as many partners as it needs.
 """
 
 from __future__ import annotations
@@ -52,7 +56,9 @@ NOISE = {
 
 @dataclass
 class SyntheticConfig(SelfChecking):
-    domains: int = field(default=3, metadata={"help": "number of domains (at most 5)"})
+    domains: int = field(
+        default=3, metadata={"help": "number of domains; after the first five the kinds repeat with new items (books-2, ...)"}
+    )
     users: int = field(default=400, metadata={"help": "users per domain"})
     items: int = field(default=150, metadata={"help": "items per domain"})
     mean_length: float = field(default=10.0, metadata={"help": "mean interactions per user (at least 5)"})
@@ -63,7 +69,7 @@ class SyntheticConfig(SelfChecking):
     def problems(self) -> list[Problem]:
         return expect(
             self,
-            ("domains", 1 <= self.domains <= len(DOMAINS), f"1 to {len(DOMAINS)} (the generator's catalogues)"),
+            ("domains", self.domains >= 1, "a whole number of at least 1"),
             ("users", self.users >= 1, "a whole number of at least 1"),
             ("items", self.items >= len(TOPICS), f"at least {len(TOPICS)} (one item per topic)"),
             ("mean_length", self.mean_length >= 5, "at least 5 (a user needs train, valid and test items)"),
@@ -80,15 +86,22 @@ def generate(out: Path, config: SyntheticConfig | None = None) -> list[Path]:
     topics = list(TOPICS)
     tastes = user_tastes(cfg)
     folders = []
-    for name in list(DOMAINS)[: cfg.domains]:
+    kinds = list(DOMAINS)
+    for d, name in enumerate(domain_names(cfg.domains)):
         folder = Path(out) / name
         folder.mkdir(parents=True, exist_ok=True)
-        titles, item_topic = _items(rng, name, cfg.items, topics)
+        titles, item_topic = _items(rng, DOMAINS[kinds[d % len(kinds)]], cfg.items, topics)
         rows = _interactions(rng, cfg, item_topic, tastes)
         _write_tsv(folder / "items.tsv.gz", ["ItemID", "Title"], [(100 + i, t) for i, t in enumerate(titles)])
         _write_tsv(folder / "interactions.tsv.gz", ["UserID", "ItemID", "Timestamp"], rows)
         folders.append(folder)
     return folders
+
+
+def domain_names(n: int) -> list[str]:
+    """The first ``n`` domains' names: the five kinds, then each kind again as ``<kind>-2``, ``-3``, ..."""
+    kinds = list(DOMAINS)
+    return [kinds[i % len(kinds)] + (f"-{i // len(kinds) + 1}" if i >= len(kinds) else "") for i in range(n)]
 
 
 def user_tastes(config: SyntheticConfig) -> np.ndarray:
@@ -97,8 +110,7 @@ def user_tastes(config: SyntheticConfig) -> np.ndarray:
     return rng.dirichlet(np.full(len(TOPICS), config.taste_concentration), size=config.users)
 
 
-def _items(rng: np.random.Generator, domain: str, n: int, topics: list[str]) -> tuple[list[str], np.ndarray]:
-    nouns = DOMAINS[domain]
+def _items(rng: np.random.Generator, nouns: list[str], n: int, topics: list[str]) -> tuple[list[str], np.ndarray]:
     titles, item_topic = [], np.arange(n) % len(topics)
     rng.shuffle(item_topic)
     for t in item_topic:

@@ -188,7 +188,7 @@ def supernodes_note(*, scenario: str, partners: int, supernodes: int) -> str | N
     """In a simulation, simulated partner ``i`` is the scenario's ``i``-th entry: where the SuperNodes
     do not match the scenario's partners, what happens and what to run instead (None: they match)."""
     if scenario == "synthetic" or supernodes == partners:
-        return None  # generated data: as many partners as SuperNodes (more than it has fail, saying so)
+        return None  # generated data: as many partners as SuperNodes
     fix = f'run it with --federation-config "num-supernodes={partners}"'
     if supernodes < partners:
         return (

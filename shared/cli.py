@@ -5,7 +5,9 @@
     fedxrec train --data PATH ... --out DIR train local or pooled, write DIR/metrics.json
     fedxrec recommend --model DIR ...       top-K items for a history
     fedxrec finetune --state-dir DIR ...    a partner's local fine-tune after the federation
-    fedxrec demo                            the quick-start job on generated data
+    fedxrec demo [--partners N]             the quick-start job on generated data
+    fedxrec partners check FILE             the coordinator's list of partners (run config partners-file)
+    fedxrec privacy plan|verify|report|account   a privacy budget planned, a ledger verified, what partners spent
 
 Bad input (a data problem, a missing folder, a wrong flag value) ends with a
 message naming what is wrong and exit code 2, never a traceback.

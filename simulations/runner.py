@@ -8,6 +8,7 @@ Used by the experiments and by the CI simulation test.
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 from flwr.app import Context
@@ -32,16 +33,22 @@ def server_with_config(run_config: dict[str, object]) -> ServerApp:
 
 def simulate(run_config: dict[str, object], *, partners: int, client_cpus: float = 1.0, client_gpus: float = 0.0) -> Path:
     """Runs one federation; returns its run folder."""
-    os.environ.setdefault("RAY_TMPDIR", f"/tmp/fedxrec-ray-{os.getpid()}")
+    ours = "RAY_TMPDIR" not in os.environ  # a folder the caller chose is the caller's to remove
+    ray_tmp = Path(os.environ.setdefault("RAY_TMPDIR", f"/tmp/fedxrec-ray-{os.getpid()}"))
     for key, value in ray_settings(os.environ).items():
         os.environ.setdefault(key, value)
-    run_simulation(
-        server_app=server_with_config(run_config),
-        client_app=client_app,
-        num_supernodes=partners,
-        backend_config={
-            "client_resources": {"num_cpus": client_cpus, "num_gpus": client_gpus},
-            "init_args": {"num_cpus": os.cpu_count() or 2, "include_dashboard": False},
-        },
-    )
+    try:
+        run_simulation(
+            server_app=server_with_config(run_config),
+            client_app=client_app,
+            num_supernodes=partners,
+            backend_config={
+                "client_resources": {"num_cpus": client_cpus, "num_gpus": client_gpus},
+                "init_args": {"num_cpus": os.cpu_count() or 2, "include_dashboard": False},
+            },
+        )
+    finally:
+        if ours:  # Ray's session files (Flower has shut Ray down); the next run starts a new session
+            shutil.rmtree(ray_tmp, ignore_errors=True)
+            del os.environ["RAY_TMPDIR"]
     return Path(str(run_config["runs-dir"])) / str(run_config["run-id"])

@@ -376,14 +376,22 @@ def test_a_run_report_accounts_for_every_partner_of_the_summary(tmp_path: Path, 
     assert "released nothing in this run (no ledger; trained in no round): gear" in capsys.readouterr().out
     assert json.loads((tmp_path / "out" / "report.json").read_text())["released_nothing"] == ["gear"]
     assert "(they trained in no round, e.g. never sampled, so released nothing): gear." in (tmp_path / "out" / "report.md").read_text()
-    # a ledger the summary records, deleted from the run folder: the partner is not left out of the report, it fails it
+    # a ledger the summary records, deleted from the run folder, and a partner the summary says trained
+    # without any ledger: neither is left out of the report, each fails it
     (run / "ledger" / "games.jsonl").unlink()
+    summary["partners"]["kids"] = {"rounds_trained": 1, "last_round": 4}
+    (run / "summary.json").write_text(json.dumps(summary))
     assert cli_main(["privacy", "report", str(run), "--out", str(tmp_path / "gone")]) == 1
-    assert f"{run / 'ledger' / 'games.jsonl'}: no such ledger file: the run recorded 4 line(s) of it" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert f"{run / 'ledger' / 'games.jsonl'}: no such ledger file: the run recorded 4 line(s) of it" in out
+    assert f"{run / 'ledger' / 'kids.jsonl'}: no such ledger file" in out
     report = json.loads((tmp_path / "gone" / "report.json").read_text())
-    assert [(p["partner"], p["verified"]) for p in report["partners"]] == [("books", True), ("games", False)]
+    assert [(p["partner"], p["verified"]) for p in report["partners"]] == [("books", True), ("games", False), ("kids", False)]
+    assert report["released_nothing"] == ["gear"]
     assert "Verification FAILED" in (tmp_path / "gone" / "report.md").read_text()
-    assert_page_shows_every_partner(tmp_path / "gone" / "report.html", ["books", "games"], tmp_path)
+    assert_page_shows_every_partner(
+        tmp_path / "gone" / "report.html", ["books", "games", "kids"], tmp_path, plots_each=0
+    )  # kids: nothing to plot
 
 
 def test_a_partner_reports_from_its_own_ledger(tmp_path: Path) -> None:

@@ -224,10 +224,16 @@ def build_report(source: str | Path, *, head: ledger.Head | None = None, account
         summary = ledger.read_run_summary(source / "summary.json") if anchored else {}
         # each file's partner and entry in summary.json
         found = [ledger.summary_entry(path, summary=summary) if anchored else None for path in paths]
-        # a ledger the summary records whose file is gone: that partner's record of what it spent is missing
+        # a partner the summary says trained (or records a ledger for) without its ledger file: that
+        # partner's record of what it spent is missing; one that trained in no round released nothing
         seen = {f[0] for f in found if f}
+        silent: list[str] = []
         for name, entry in summary.get("partners", {}).items():
-            if name not in seen and entry.get("ledger_head") is not None:
+            if name in seen:
+                continue
+            if entry.get("ledger_head") is None and entry.get("rounds_trained", 0) == 0:
+                silent.append(name)
+            else:
                 paths.append(source / (entry.get("ledger_file") or f"ledger/{name}.jsonl"))
                 found.append((name, entry))
         if not paths:
@@ -242,9 +248,6 @@ def build_report(source: str | Path, *, head: ledger.Head | None = None, account
         config = read_json_object(config_path, what="the run's resolved config") if config_path.is_file() else {}
         kind, title = "run", source.name
         names = ledger.names_line(summary.get("partner_names") or {})
-        silent = sorted(
-            name for name, entry in summary.get("partners", {}).items() if name not in seen and entry.get("ledger_head") is None
-        )
     else:
         partners = [_partner_report(source, head=head, quality=[])]
         config, kind, title, anchored = {}, "ledger", source.name, head is not None
@@ -266,7 +269,7 @@ def build_report(source: str | Path, *, head: ledger.Head | None = None, account
         },
         "anchored": anchored,
         "partner_names": names,  # a run's only: who named its partners
-        "released_nothing": silent,  # a run's partners with no ledger: they trained in no round
+        "released_nothing": sorted(silent),  # a run's partners with no ledger: they trained in no round
         "verified": all(p["verified"] for p in partners),
         "protected": PROTECTED,
         "not_protected": NOT_PROTECTED,

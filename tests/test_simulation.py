@@ -1,4 +1,4 @@
-"""A 2-round, 3-partner DP federation through Flower's real simulation engine (Ray)."""
+"""DP federations through Flower's real simulation engine (Ray): 3 partners for 2 rounds, and 6 partners sampled by half."""
 
 from __future__ import annotations
 
@@ -166,3 +166,26 @@ def test_dp_federation_writes_a_complete_run_folder(tmp_path: Path, ray_env: Pat
     assert worker_niceness and max(worker_niceness) <= os.getpriority(os.PRIO_PROCESS, 0), worker_niceness
     leftover = wait_for_exit(before)
     assert not leftover, f"processes left behind: {leftover}"
+
+
+@pytest.mark.slow
+def test_many_partners_on_generated_data_and_a_sample_of_them_each_round(tmp_path: Path, ray_env: Path) -> None:
+    """Six partners (the five kinds of generated catalogue, then books-2), half of them trained in the round."""
+    before = descendants()
+    config = {"rounds": 1, "fraction-train": 0.5, "runs-dir": str(tmp_path / "runs"), "run-id": "six", "batch-size": 128}
+    addresses, _ = simulate(config, partners=6)
+    run = tmp_path / "runs" / "six"
+    rows = {r["partner"]: r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())}
+    assert sorted(rows) == ["books", "books-2", "games", "gear", "kids", "music-store"]
+    trained = sorted(name for name, r in rows.items() if r.get("epsilon") is not None)
+    idle = sorted(set(rows) - set(trained))
+    assert len(trained) == 3 and all(rows[n]["steps"] > 0 for n in trained)
+    assert all(rows[n]["note"] == "not sampled this round" and rows[n]["test_ndcg@10"] > 0 for n in idle)  # scored all the same
+    assert sorted(p.stem for p in (run / "ledger").iterdir()) == trained
+    report_dir = tmp_path / "report"
+    assert cli_main(["privacy", "report", str(run), "--out", str(report_dir)]) == 0
+    report = json.loads((report_dir / "report.json").read_text())
+    assert report["verified"] and sorted(p["partner"] for p in report["partners"]) == trained
+    assert report["released_nothing"] == idle
+    assert addresses and all(is_loopback(a) for a in addresses), addresses
+    assert not wait_for_exit(before)

@@ -183,20 +183,14 @@ def model_and_train_configs(args: argparse.Namespace, problems: FlagProblems) ->
     head = problems.build(HeadConfig, args, prefix="head_")
     train = problems.build(TrainConfig, args)
     given = {"temperature": args.temperature} if args.temperature is not None else {}
-    if adapter is None or head is None:  # the model's own check needs both; the temperature is checked alone
-        try:
-            ModelConfig(**given)
-        except ConfigError as err:
-            problems.record(err)
-        return None, train
+    # with a bad adapter or head flag the model is not built, but its other flags are still checked (on the defaults)
+    parts = {"adapter": adapter, "head": head} if adapter is not None and head is not None else {}
     try:
-        model = ModelConfig(
-            adapter=adapter, head=head, item_ids=bool(args.item_ids), popularity_prior=not args.no_popularity_prior, **given
-        )
+        model = ModelConfig(**parts, item_ids=bool(args.item_ids), popularity_prior=not args.no_popularity_prior, **given)
     except ConfigError as err:
         problems.record(err)
         model = None
-    return model, train
+    return (model if parts else None), train
 
 
 def cmd_train(args: argparse.Namespace) -> int:

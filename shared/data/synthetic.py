@@ -86,11 +86,10 @@ def generate(out: Path, config: SyntheticConfig | None = None) -> list[Path]:
     topics = list(TOPICS)
     tastes = user_tastes(cfg)
     folders = []
-    kinds = list(DOMAINS)
-    for d, name in enumerate(domain_names(cfg.domains)):
+    for name, kind in _domains(cfg.domains):
         folder = Path(out) / name
         folder.mkdir(parents=True, exist_ok=True)
-        titles, item_topic = _items(rng, DOMAINS[kinds[d % len(kinds)]], cfg.items, topics)
+        titles, item_topic = _items(rng, DOMAINS[kind], cfg.items, topics)
         rows = _interactions(rng, cfg, item_topic, tastes)
         _write_tsv(folder / "items.tsv.gz", ["ItemID", "Title"], [(100 + i, t) for i, t in enumerate(titles)])
         _write_tsv(folder / "interactions.tsv.gz", ["UserID", "ItemID", "Timestamp"], rows)
@@ -100,8 +99,13 @@ def generate(out: Path, config: SyntheticConfig | None = None) -> list[Path]:
 
 def domain_names(n: int) -> list[str]:
     """The first ``n`` domains' names: the five kinds, then each kind again as ``<kind>-2``, ``-3``, ..."""
+    return [name for name, _ in _domains(n)]
+
+
+def _domains(n: int) -> list[tuple[str, str]]:
+    """(name, kind of catalogue) of the first ``n`` domains."""
     kinds = list(DOMAINS)
-    return [kinds[i % len(kinds)] + (f"-{i // len(kinds) + 1}" if i >= len(kinds) else "") for i in range(n)]
+    return [(kinds[i % len(kinds)] + (f"-{i // len(kinds) + 1}" if i >= len(kinds) else ""), kinds[i % len(kinds)]) for i in range(n)]
 
 
 def user_tastes(config: SyntheticConfig) -> np.ndarray:

@@ -42,9 +42,8 @@ from shared.privacy.accounting import ACCOUNTANTS, Event, epsilon_of
 from shared.privacy.ledger import GENESIS, line_hash
 
 FIELDS = ("seq", "run", "round", "accountant", "delta", "cap", "events", "epsilon", "time", "prev")
-_SHARED = {rule[0]: rule for rule in ledger.LINE_RULES}
 ACCOUNT_RULES: tuple[ledger.Rule, ...] = (
-    *(_SHARED[name] for name in ("round", "accountant", "delta", "epsilon", "time")),
+    *ledger.line_rules("round", "accountant", "delta", "epsilon", "time"),
     ("run", lambda v: isinstance(v, str), "the run's id (text)"),
     ("cap", lambda v: v is None or (is_finite_number(v) and v > 0), "null (no cap) or a finite number above 0"),
 )

@@ -272,6 +272,12 @@ EVENT_RULES: tuple[Rule, ...] = (
 )
 
 
+def line_rules(*names: str) -> tuple[Rule, ...]:
+    """The rules of a ledger line's fields ``names``, for records that hold the same fields."""
+    by_name = {rule[0]: rule for rule in LINE_RULES}
+    return tuple(by_name[name] for name in names)
+
+
 def rule_problems(values: dict[str, Any], rules: tuple[Rule, ...], *, where: str = "") -> list[str]:
     """``where field value: expected ...`` for each of ``rules`` that ``values`` breaks."""
     return [f"{where}{name} {values[name]!r}: expected {expected}" for name, holds, expected in rules if not holds(values[name])]

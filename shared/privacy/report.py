@@ -28,7 +28,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from shared.checks import is_finite_number, is_whole_number
+from shared.checks import is_finite_number
 from shared.federation.scenario import ACCOUNT_FILE
 from shared.json_files import read_json_object
 from shared.privacy import account, independent, ledger
@@ -107,8 +107,7 @@ def _score(value: Any) -> bool:
 
 # the fields of a metrics.jsonl row the report reads (None: a round without the figure, e.g. declined)
 QUALITY_RULES: tuple[ledger.Rule, ...] = (
-    ("round", lambda v: is_whole_number(v) and v >= 1, ledger.WHOLE_FROM_1),
-    ("partner", lambda v: isinstance(v, str) and v != "", "the partner's name"),
+    *ledger.line_rules("round", "partner"),
     ("epsilon", lambda v: v is None or (is_finite_number(v) and v >= 0), "null or a finite number of at least 0"),
     ("test_ndcg@10", _score, "null or a number from 0 to 1"),
     ("valid_ndcg@10", _score, "null or a number from 0 to 1"),

@@ -1,5 +1,6 @@
 # make demo : install into .venv, then run the federated demo on generated data
 # make test : install into .venv, then run the test suite (what CI runs)
+# make test-gpu : the tests that need a CUDA GPU (tests/test_gpu.py), on a machine with one
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
@@ -9,7 +10,7 @@ STAMP  := $(VENV)/.installed
 WHEELS := $(wildcard /opt/wheels)
 PIP_FLAGS := $(if $(WHEELS),--find-links $(WHEELS),)
 
-.PHONY: install demo test lint typecheck clean
+.PHONY: install demo test test-gpu lint typecheck clean
 
 install: $(STAMP)
 
@@ -24,6 +25,9 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
+
+test-gpu: $(STAMP)
+	$(BIN)/python -m pytest -m gpu
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

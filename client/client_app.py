@@ -16,6 +16,7 @@ from flwr.clientapp import ClientApp
 
 from client import partner
 from client.private_state import newest_state, state_dir
+from shared.device import hand_back_gpu_memory
 from shared.federation import wire
 from shared.federation.scenario import NODE_CONFIG_PATHS
 from shared.federation.settings import settings_from_run_config
@@ -42,7 +43,10 @@ def _partner_call(msg: Message, context: Context) -> Iterator[dict[str, Any]]:
         blob = context.state[STATE_KEY]["blob"] if STATE_KEY in context.state else None
         state = newest_state(blob, folder)  # type: ignore[arg-type]
         arrays = msg.content.array_records[wire.ARRAYS].to_torch_state_dict()
-        yield {"settings": settings, "server_round": server_round, "spec": spec, "arrays": arrays, "state": state, "folder": folder}
+        try:
+            yield {"settings": settings, "server_round": server_round, "spec": spec, "arrays": arrays, "state": state, "folder": folder}
+        finally:
+            hand_back_gpu_memory()  # for the partners that share this GPU
 
 
 @contextmanager

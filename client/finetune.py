@@ -101,6 +101,7 @@ def finetune(
     run_id: str | None = None,
     mode: str = "best",
     seeds: int = 1,
+    device: str = "auto",
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Fine-tunes the partner's federated model on ``data`` (its first ``max_users``
@@ -128,7 +129,9 @@ def finetune(
     spread from 0.0622 to 0.0661 test NDCG@10 by seed alone, and validation could
     not tell the good draws; the ensemble beat every member on validation and
     test (docs/experiments.md). It costs ``seeds`` fine-tunes and as many scorings
-    per recommendation, and nothing of the privacy budget."""
+    per recommendation, and nothing of the privacy budget.
+
+    ``device``: where the models train and score (:func:`shared.device.training_device`)."""
     if mode not in FINETUNE_MODES:
         raise ValueError(f"mode {mode!r}: expected one of {FINETUNE_MODES}")
     if seeds < 1:
@@ -139,6 +142,7 @@ def finetune(
         moe_n_experts=int(meta.get("n_experts", 4)),
         moe_dim=int(meta.get("dim", 128)),
         private_residual=partner.has_private_residual(state.head),
+        device=device,
     )
     spec = PartnerSpec(domain or data.name, data, max_users=max_users)
     own = partner.partner_data(spec, max_len=partner.HEAD.max_len)

@@ -21,13 +21,13 @@ import warnings
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 from torch.utils.hooks import RemovableHandle
 
 from shared.allocator import keep_freed_memory
 from shared.data.split import DomainSplit
+from shared.device import model_device, on_cpu
 from shared.federation.settings import OPTIMIZERS
 from shared.model.recommender import DomainModel
 from shared.privacy.accounting import PartnerAccountant
@@ -98,15 +98,15 @@ def pull_towards_start(optimizer: torch.optim.Optimizer, params: list[torch.nn.P
     return optimizer.register_step_pre_hook(add_pull)
 
 
-def os_entropy_generator() -> torch.Generator:
-    """A generator seeded from the OS's entropy pool, for DP-SGD's sampling and noise.
+def os_entropy_generator(device: torch.device | str = "cpu") -> torch.Generator:
+    """A generator on ``device`` seeded from the OS's entropy pool, for DP-SGD's sampling and noise.
 
     Not the run's seed: the coordinator knows it, and knowing which users a step
     sampled (or the noise it added) voids the guarantee. Opacus' ``secure_mode``
     would draw from a CSPRNG, but needs ``torchcsprng``, which has no build for
     this torch; 64 bits of OS entropy into torch's generator is the practical
     substitute (the noise itself is never observed, only noisy sums)."""
-    return torch.Generator().manual_seed(int.from_bytes(os.urandom(8), "little"))
+    return torch.Generator(device=device).manual_seed(int.from_bytes(os.urandom(8), "little"))
 
 
 def trainable_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
@@ -148,7 +148,8 @@ def train_round(
     optimizer_kind: str = "adamw",
     proximal_mu: float = 0.0,
 ) -> tuple[RoundOutcome, dict[str, Any]]:
-    """Trains ``model`` in place for ``epochs`` passes; returns the outcome and the optimizer state.
+    """Trains ``model`` in place for ``epochs`` passes, on the device it is on; returns the
+    outcome and the optimizer state (on the CPU).
 
     ``params`` (default: all trainable) restricts what is trained, e.g. the head
     only for a local fine-tune. ``optimizer_kind``: ``adamw``, or ``sgd`` (momentum
@@ -168,10 +169,12 @@ def train_round(
             optimizer.load_state_dict(optimizer_state)
     if proximal_mu > 0:
         pull_towards_start(optimizer, trainable_parameters(model.adapter), mu=proximal_mu)
+    device = model_device(model)
     # Under DP, Poisson sampling and noise must be secret: Opacus' loader samples with the
-    # loader's generator and its optimizer adds noise from the one it is given.
-    secret = os_entropy_generator() if dp is not None else None
-    loader = DataLoader(data, batch_size=batch_size, shuffle=True, generator=secret or generator)
+    # loader's generator (on the CPU, where the data is) and its optimizer adds noise from
+    # the one it is given, which must be on the device of the gradients.
+    sampling = os_entropy_generator() if dp is not None else generator
+    loader = DataLoader(data, batch_size=batch_size, shuffle=True, generator=sampling)
     module: torch.nn.Module = model
     model.train()  # Opacus refuses a model in eval mode
     if dp is not None:
@@ -192,22 +195,24 @@ def train_round(
                 noise_multiplier=dp.noise_multiplier,
                 max_grad_norm=dp.max_grad_norm,
                 poisson_sampling=True,
-                noise_generator=secret,
+                noise_generator=os_entropy_generator(device),
             )
     warnings.filterwarnings("ignore", message="Full backward hook is firing")  # Opacus on the first layer: harmless
     n_items = model.features.n_items
-    losses, steps, examples = [], 0, 0
+    losses: list[torch.Tensor] = []  # kept on the device: reading each loss would wait for the GPU every step
+    steps, examples = 0, 0
     for _ in range(epochs):
         for inputs, targets in loader:
             if len(inputs) == 0:  # an empty Poisson batch: the model stays as it is, nothing is released
                 continue
             inputs, targets = trim_padding(inputs, targets)
+            # drawn on the CPU, so that a run's negatives are the same on any device
             negative_items = torch.randint(1, n_items + 1, (len(inputs), negatives), generator=generator)
-            loss = module(inputs, targets, negative_items)
+            loss = module(inputs.to(device), targets.to(device), negative_items.to(device))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            losses.append(float(loss.detach()))
+            losses.append(loss.detach())
             steps += 1
             examples += len(inputs)
     if dp is not None:
@@ -215,7 +220,8 @@ def train_round(
         state = optimizer.original_optimizer.state_dict()  # type: ignore[attr-defined]
     else:
         state = optimizer.state_dict()
-    return RoundOutcome(float(np.mean(losses)) if losses else 0.0, steps, examples), state
+    mean_loss = float(torch.stack(losses).double().mean()) if losses else 0.0
+    return RoundOutcome(mean_loss, steps, examples), on_cpu(state)
 
 
 def poisson_schedule(n_users: int, batch_size: int) -> tuple[float, int]:

@@ -22,6 +22,7 @@ from client.local_training import freeze_untrained, train_round, user_sequences
 from client.private_state import PartnerState, check_same_run, keep_global_adapter, read_kept_adapter
 from client.round_privacy import Declined, ledger_entry, ledger_events, plan_round, round_schedule
 from shared.data.split import DomainSplit
+from shared.device import training_device
 from shared.encoder import TextEncoder, hash_tensors
 from shared.federation.adapter import adapter_config
 from shared.federation.scenario import SIMULATION_NODE_CONFIG, PartnerSpec, partner_from_node_config, scenario_partners
@@ -114,7 +115,7 @@ def build_model(
     counts_noise: float = 0.0,
     leave_one_out: bool = True,
 ) -> DomainModel:
-    """The partner's model: the server's adapter and the private ``head`` state.
+    """The partner's model, on the run's device (``device``): the server's adapter and the private ``head`` state.
 
     ``counts`` [N + 1] (released with ``counts_noise``, or exact with 0) give the
     popularity prior and replace counts stored in ``head``; without them the prior
@@ -146,7 +147,7 @@ def build_model(
                 f"the stored private head does not fit this model (missing {missing[:3]}, unexpected {unexpected[:3]}): "
                 f"it was trained with other settings ({hint})"
             )
-    return model
+    return model.to(training_device(settings.device))
 
 
 def checked_adapter(settings: FederationSettings, data: PartnerData, arrays: dict[str, torch.Tensor]) -> MoEAdapter:
@@ -212,7 +213,8 @@ def arrays_digest(arrays: dict[str, torch.Tensor]) -> str:
 
 
 def head_state(model: DomainModel) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in model.state_dict().items() if not k.startswith("adapter.")}
+    """What the private state keeps of ``model``: all but the adapter, copied to the CPU."""
+    return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items() if not k.startswith("adapter.")}
 
 
 # --------------------------------------------------------------------------- one round
@@ -245,6 +247,7 @@ def train(
     :func:`client.round_privacy.plan_round`). Either way the round's line is appended
     to the partner's privacy ledger."""
     check_same_run(state, settings, folder)
+    training_device(settings.device)  # a partner without the GPU asked for fails here, before it plans or spends anything
     if settings.dp and state.trained_without_dp:
         raise ValueError(
             f"the private state in {folder} was trained without DP (round {state.last_round}); a DP round from it "

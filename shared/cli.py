@@ -27,6 +27,7 @@ from typing import Any
 
 from shared.checks import ConfigError, listed
 from shared.data.problems import DataError
+from shared.device import DEVICES, why_no_gpu
 
 EXIT_BAD_INPUT = 2
 EXIT_BROKEN_PIPE = 141  # as a command ended by SIGPIPE (128 + 13)
@@ -193,6 +194,20 @@ def model_and_train_configs(args: argparse.Namespace, problems: FlagProblems) ->
     return (model if parts else None), train
 
 
+def check_device_flag(args: argparse.Namespace, problems: FlagProblems) -> None:
+    if args.device == "cuda" and (missing := why_no_gpu()):
+        problems.add("--device", f"cuda, but {missing}; use --device auto or cpu")
+
+
+def add_device_flag(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument(
+        "--device",
+        choices=DEVICES,
+        default="auto",
+        help=f"where {what} trains and scores: auto (a CUDA GPU if this process sees one, else the CPU; default), cpu or cuda",
+    )
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from shared.pipeline import train_and_evaluate
 
@@ -205,12 +220,13 @@ def cmd_train(args: argparse.Namespace) -> int:
             problems.add("--data", f"{path}: not a folder (expected a domain's data folder)")
     if args.encoder and not Path(args.encoder).is_dir():
         problems.add("--encoder", f"{args.encoder}: not a folder (expected a transformers model folder)")
+    check_device_flag(args, problems)
     problems.raise_if_any()
     from shared.encoder import TextEncoder
 
     encoder = TextEncoder(args.encoder) if args.encoder else None
     metrics = train_and_evaluate(
-        args.data, args.out, mode=args.mode, model_config=model, train_config=train, encoder=encoder, seeds=args.seeds
+        args.data, args.out, mode=args.mode, model_config=model, train_config=train, encoder=encoder, seeds=args.seeds, device=args.device
     )
     print(f"\n{'domain':<28} {'split':<6} {'NDCG@10':>8} {'Recall@10':>10} {'NDCG@50':>8} {'MRR':>8}")
     for name, m in metrics.items():
@@ -274,6 +290,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         problems.add("--max-users", f"must be at least 1, got {args.max_users}")
     if args.seeds < 1:
         problems.add("--seeds", f"must be at least 1 (how many fine-tunes to average), got {args.seeds}")
+    check_device_flag(args, problems)
     problems.raise_if_any()
     out = Path(args.out)
     result = finetune(
@@ -286,6 +303,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         run_id=args.run_id,
         mode=args.mode,
         seeds=args.seeds,
+        device=args.device,
     )
     (out / "metrics.json").write_text(json.dumps(result, indent=2))
     print(
@@ -371,6 +389,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="train N times (seeds --seed .. --seed + N - 1) and recommend by the models' averaged scores where that has "
         "the higher valid NDCG@10 than the best one alone; N times the time (default: 1)",
     )
+    add_device_flag(train, "the model")
     add_dataclass_flags(train, MoEAdapterConfig, prefix="moe-", skip=["kind"])
     add_dataclass_flags(train, LoraAdapterConfig, prefix="lora-", skip=["kind"])
     add_dataclass_flags(train, HeadConfig, prefix="head-")
@@ -415,6 +434,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="fine-tune N times from the same start (seeds --seed .. --seed + N - 1) and recommend by the models' averaged "
         "scores when that has the higher valid NDCG@10 than the best one alone; N times the time (default: 1)",
     )
+    add_device_flag(ft, "the fine-tune")
     add_dataclass_flags(ft, TrainConfig)
     ft.set_defaults(handler=cmd_finetune)
 

@@ -38,6 +38,7 @@ from shared.checks import Problem, SelfChecking, expect
 from shared.data.readers import read_domain
 from shared.data.split import DomainSplit, split_domain
 from shared.data.tables import DomainData
+from shared.device import training_device
 from shared.encoder import TextEncoder
 from shared.evaluation import Scorer, baselines
 from shared.json_files import read_json_object
@@ -169,6 +170,7 @@ def train_and_evaluate(
     encoder: TextEncoder | None = None,
     cache: VectorCache | None = None,
     seeds: int = 1,
+    device: str = "auto",
     log: Any = print,
 ) -> dict[str, dict[str, dict[str, float]]]:
     """Trains (``local``: each domain alone; ``pooled``: one shared adapter), evaluates, saves;
@@ -180,13 +182,17 @@ def train_and_evaluate(
     best model alone, whichever has the higher valid NDCG@10
     (:func:`shared.training.keep_ensemble_or_best`); ``report.json`` holds every
     seed's metrics under ``"seeds"``. The counterpart of ``fedxrec finetune
-    --seeds``, so that training alone can be compared with the same averaging."""
+    --seeds``, so that training alone can be compared with the same averaging.
+
+    ``device``: where the models train and score (:func:`shared.device.training_device`);
+    they are built on the CPU first, so a seed gives the same start on any device."""
     if mode not in ("local", "pooled"):
         raise ValueError(f"--mode must be 'local' or 'pooled', got {mode!r}")
     if seeds < 1:
         raise ValueError(f"seeds must be >= 1, got {seeds}")
     mcfg = model_config or ModelConfig()
     tcfg = train_config or TrainConfig()
+    on = training_device(device)
     out = Path(out)
     (out / "model").mkdir(parents=True, exist_ok=True)
     t0 = time.monotonic()
@@ -217,7 +223,7 @@ def train_and_evaluate(
         runs_by_group = []
         for group in groups:
             adapter = new_adapter(mcfg, encoder)
-            runs_by_group.append([DomainRun(d.split, build_model(d, mcfg, adapter=adapter, encoder=encoder)) for d in group])
+            runs_by_group.append([DomainRun(d.split, build_model(d, mcfg, adapter=adapter, encoder=encoder).to(on)) for d in group])
         for runs in runs_by_group:
             if seed == tcfg.seed:
                 for r in runs:
@@ -323,7 +329,7 @@ def save_domain_model(folder: Path, run: DomainRun | Sequence[DomainRun], config
         weights = folder if len(runs) == 1 else member_folder(folder, k)
         weights.mkdir(exist_ok=True)
         save_adapter(r.model.adapter, weights / "adapter.safetensors", config=config.adapter)
-        head = {key: v.detach().contiguous() for key, v in r.model.state_dict().items() if not key.startswith("adapter.")}
+        head = {key: v.detach().cpu().contiguous() for key, v in r.model.state_dict().items() if not key.startswith("adapter.")}
         save_file(head, str(weights / "head.safetensors"))
     split = runs[0].split
     with (folder / "items.tsv").open("w", newline="", encoding="utf-8") as fh:

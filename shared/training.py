@@ -22,6 +22,7 @@ import torch
 from shared.allocator import keep_freed_memory
 from shared.checks import Problem, SelfChecking, expect
 from shared.data.split import DomainSplit
+from shared.device import model_device
 from shared.evaluation import Scorer, metrics_from_ranks, user_ranks
 from shared.model.recommender import DomainModel
 
@@ -123,7 +124,7 @@ def model_user_ranks(model: DomainModel | Sequence[DomainModel], split: DomainSp
     """Each evaluated user's full-catalogue rank of its ``which`` target [U] under ``model``
     (put in eval mode), or under the average of several models' scores (:func:`averaged_scorer`)."""
     models = [model] if isinstance(model, DomainModel) else list(model)
-    return user_ranks(averaged_scorer(models), split, which, max_len=models[0].max_len)
+    return user_ranks(averaged_scorer(models), split, which, max_len=models[0].max_len, device=model_device(models[0]))
 
 
 def ranking_metrics(model: DomainModel | Sequence[DomainModel], split: DomainSplit, which: str) -> dict[str, float]:
@@ -208,11 +209,14 @@ def train(runs: list[DomainRun], config: TrainConfig, *, log: Callable[[str], No
         for j in order:
             i, (inputs, targets) = work[j]
             model = runs[i].model
+            device = model_device(model)
+            inputs, targets = inputs.to(device), targets.to(device)
             if config.loss == "full":
                 loss = model.full_loss(inputs, targets)
             else:
+                # drawn on the CPU: the same draws on any device
                 negatives = torch.randint(1, model.features.n_items + 1, (targets.shape[0], config.negatives))
-                loss = model.sampled_loss(inputs, targets, negatives)
+                loss = model.sampled_loss(inputs, targets, negatives.to(device))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

@@ -1,6 +1,6 @@
 """Benchmark: the cost of a DP-SGD step next to the same step without DP, side by side.
 
-    python -m simulations.bench_dp_step [--domain amazon2018-scientific] [--steps 30] [--trains adapter]
+    python -m simulations.bench_dp_step [--domain amazon2018-scientific] [--steps 30] [--trains adapter] [--device cpu]
 
 Same model, same batches (a user-level batch of the domain's training sequences,
 sampled softmax with per-user negatives), alternating DP and non-DP steps so that
@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader
 from client.local_training import freeze_untrained, trainable_parameters, trim_padding, user_sequences
 from client.partner import HEAD, PartnerData, build_model, partner_data
 from shared.allocator import keep_freed_memory
+from shared.device import DEVICES, training_device
 from shared.federation.adapter import initial_adapter
 from shared.federation.scenario import PartnerSpec
 from shared.federation.settings import TRAINS, FederationSettings
@@ -42,9 +43,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--trains", choices=TRAINS, default=FederationSettings.trains, help="what both steps train")
+    parser.add_argument("--device", choices=DEVICES, default="cpu", help="where both steps run (the run setting 'device')")
     parser.add_argument("--out", default="runs/bench-dp-step")
     args = parser.parse_args()
-    settings = FederationSettings(batch_size=args.batch_size, trains=args.trains)
+    settings = FederationSettings(batch_size=args.batch_size, trains=args.trains, device=args.device)
+    device = training_device(args.device)
     keep_freed_memory()
     data = partner_data(PartnerSpec(args.domain, real_domain(args.domain)), max_len=HEAD.max_len)
     examples = user_sequences(data.split, max_len=HEAD.max_len)
@@ -63,6 +66,7 @@ def main() -> None:
             data_loader=loader,
             noise_multiplier=1.0,
             max_grad_norm=1.0,
+            noise_generator=torch.Generator(device=device),
         )
     n_items = data.split.n_items
     times: dict[str, list[float]] = {"plain": [], "dp": []}
@@ -72,16 +76,21 @@ def main() -> None:
         inputs, targets = trim_padding(*next(batches))
         rows.append(inputs.shape[1] + 1 + settings.negatives)  # adapter rows per user
         negatives = torch.randint(1, n_items + 1, (len(inputs), settings.negatives))
+        inputs, targets, negatives = inputs.to(device), targets.to(device), negatives.to(device)
         for name, module, opt in (("plain", plain, plain_opt), ("dp", dp_model, dp_opt)):
             t0 = time.perf_counter()
             loss = module(inputs, targets, negatives)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            if device.type == "cuda":
+                torch.cuda.synchronize()  # a GPU step ends when its kernels do, not when they are queued
             if step >= 3:  # warm-up steps are not counted
                 times[name].append(time.perf_counter() - t0)
     plain_ms, dp_ms = 1000 * np.median(times["plain"]), 1000 * np.median(times["dp"])
-    print(f"\n{args.domain}: batch {args.batch_size} users, {settings.negatives} negatives per user, {args.steps} steps each; {machine()}")
+    print(
+        f"\n{args.domain}: batch {args.batch_size} users, {settings.negatives} negatives per user, {args.steps} steps each, on {device}; {machine()}"
+    )
     print(
         f"trained: {args.trains} ({sum(p.numel() for p in trainable_parameters(plain)):,} weights); adapter rows per user: {np.mean(rows):.0f} (mean)"
     )
@@ -97,6 +106,7 @@ def main() -> None:
             "steps": args.steps,
             "batch_size": args.batch_size,
             "trains": args.trains,
+            "device": str(device),
             "machine": machine(),
         },
     )

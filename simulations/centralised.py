@@ -45,6 +45,7 @@ from torch.utils.data import DataLoader
 
 from client import partner
 from client.local_training import freeze_untrained, make_optimizer, trim_padding
+from shared.device import model_device
 from shared.federation.adapter import initial_adapter
 from shared.federation.settings import FederationSettings
 from shared.model.recommender import DomainModel
@@ -98,7 +99,8 @@ def train_together(
             model.train()
             inputs, targets = trim_padding(inputs, targets)
             negatives = torch.randint(1, model.features.n_items + 1, (len(inputs), settings.negatives), generator=generator)
-            loss = model(inputs, targets, negatives)
+            device = model_device(model)
+            loss = model(inputs.to(device), targets.to(device), negatives.to(device))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

@@ -1,8 +1,10 @@
-"""Shared fixtures: a tiny random encoder, small synthetic domains, the real data."""
+"""Shared fixtures: a tiny random encoder, small synthetic domains, the real data, Ray's environment."""
 
 from __future__ import annotations
 
 import os
+import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -43,6 +45,19 @@ def tiny_encoder(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def synthetic(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
     """Three small synthetic domains in the tsv format."""
     return generate(tmp_path_factory.mktemp("synthetic"), SyntheticConfig(users=120, items=60, seed=1))
+
+
+@pytest.fixture
+def ray_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    ray_tmp = Path("/tmp") / f"fedxrec-ray-{tmp_path.name[-20:]}"  # Ray's socket paths must stay short
+    monkeypatch.setenv("RAY_TMPDIR", str(ray_tmp))
+    monkeypatch.setenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    monkeypatch.setenv("RAY_DEDUP_LOGS", "0")
+    monkeypatch.setenv("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+    monkeypatch.setenv("FLWR_DISABLE_UPDATE_CHECK", "1")
+    monkeypatch.setenv("FLWR_HOME", str(tmp_path / "flwr"))  # Flower keeps files there, not in the user's home
+    yield ray_tmp
+    shutil.rmtree(ray_tmp, ignore_errors=True)  # Ray's session files, outside tmp_path for its short socket paths
 
 
 @pytest.fixture

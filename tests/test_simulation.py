@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import flwr.supercore.telemetry as telemetry
@@ -46,19 +44,6 @@ def simulate(run_config: dict[str, object], *, partners: int = 3) -> tuple[set[s
         done.set()
         watcher.join()
     return seen, worker_niceness
-
-
-@pytest.fixture
-def ray_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
-    ray_tmp = Path("/tmp") / f"fedxrec-ray-{tmp_path.name[-20:]}"  # Ray's socket paths must stay short
-    monkeypatch.setenv("RAY_TMPDIR", str(ray_tmp))
-    monkeypatch.setenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    monkeypatch.setenv("RAY_DEDUP_LOGS", "0")
-    monkeypatch.setenv("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
-    monkeypatch.setenv("FLWR_DISABLE_UPDATE_CHECK", "1")
-    monkeypatch.setenv("FLWR_HOME", str(tmp_path / "flwr"))  # Flower keeps files there, not in the user's home
-    yield ray_tmp
-    shutil.rmtree(ray_tmp, ignore_errors=True)  # Ray's session files, outside tmp_path for its short socket paths
 
 
 def test_compare_names_what_is_not_a_finished_run(tmp_path: Path) -> None:

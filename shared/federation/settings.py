@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from shared.checks import is_finite_number, is_whole_number
+from shared.device import DEVICES
 
 OPTIMIZERS = ("adamw", "sgd")  # local optimizers (client.local_training.make_optimizer)
 TRAINS = ("all", "adapter")  # what local training trains
@@ -122,6 +123,15 @@ class FederationSettings:
             "Poisson sampling and noise come from each partner's OS entropy instead, as the coordinator knows the seed"
         },
     )
+    device: str = field(
+        default="auto",
+        metadata={
+            "help": "where each partner trains and scores: 'auto' (a CUDA GPU if the partner's process sees one, else the "
+            "CPU; in a simulation a partner sees a GPU only with client-resources-num-gpus > 0, so that setting decides), "
+            "'cpu', or 'cuda' (a partner that sees no GPU fails its round before it spends anything, saying why). "
+            "Not part of a run's identity: a run may resume on other hardware"
+        },
+    )
     scenario: str = field(default="synthetic", metadata={"help": "'synthetic' (generated data) or a scenario TOML file"})
     run_id: str = field(
         default="", metadata={"help": "run folder name under runs-dir; empty: a new time-stamped one; an existing one resumes"}
@@ -165,6 +175,8 @@ class FederationSettings:
                 "DP-SGD, and the next round's DP training would start from that choice, so its guarantee would not "
                 "cover them; under DP use personal-mix = 'off' and a local fine-tune after the federation (fedxrec finetune)"
             )
+        if self.device not in DEVICES:
+            problems.append(f"device must be {_either(DEVICES)}, got {self.device!r}")
         if self.accountant not in ("rdp", "prv"):
             problems.append(f"accountant must be 'rdp' or 'prv', got {self.accountant!r}")
         if self.dp and self.target_epsilon <= 0:

@@ -115,7 +115,7 @@ def build_model(
     counts_noise: float = 0.0,
     leave_one_out: bool = True,
 ) -> DomainModel:
-    """The partner's model, on the run's device (``device``): the server's adapter and the private ``head`` state.
+    """The partner's model, on the run's device (``settings.device``): the server's adapter and the private ``head`` state.
 
     ``counts`` [N + 1] (released with ``counts_noise``, or exact with 0) give the
     popularity prior and replace counts stored in ``head``; without them the prior

@@ -12,6 +12,8 @@ adapter's arrays and the declared metrics are returned for sending.
 from __future__ import annotations
 
 import hashlib
+import os
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -69,9 +71,23 @@ class PartnerData:
     examples: Any  # TensorDataset of users' sequences
     fingerprint: str
 
+    @property
+    def nbytes(self) -> int:
+        """About the memory this holds: its tensors and arrays, and its texts and their objects (~100 bytes each)."""
+        split = self.split
+        arrays = sum(a.nbytes for a in split.train) + split.valid.nbytes + split.test.nbytes
+        texts = sum(len(t) for t in split.item_texts) + sum(len(i) for i in split.item_ids) + sum(len(u) for u in split.users)
+        objects = 100 * (len(split.train) + 2 * len(split.item_ids) + len(split.users))
+        return self.vectors.nbytes + sum(t.nbytes for t in self.examples.tensors) + arrays + texts + objects
+
 
 _ENCODER: TextEncoder | None = None
-_DATA: dict[tuple[str, int | None, str | None], PartnerData] = {}
+# Each process keeps the partners' prepared data it served, up to a memory budget, least recently used out first:
+# in a simulation, Ray's few actors serve every partner in turn, so without a bound each would end up holding them all
+# (about 40 MB for a full-size amazon2014 domain; preparing it again from the encoder's cache takes seconds).
+_DATA: OrderedDict[tuple[str, int | None, str | None], PartnerData] = OrderedDict()
+DATA_BUDGET_ENV = "FEDXREC_PARTNER_DATA_MB"
+DATA_BUDGET_MB = 1024
 
 
 def encoder() -> TextEncoder:
@@ -82,13 +98,34 @@ def encoder() -> TextEncoder:
 
 
 def partner_data(spec: PartnerSpec, *, max_len: int) -> PartnerData:
+    """The partner's split, item vectors and training sequences, prepared once and kept while the
+    process's budget allows (``$FEDXREC_PARTNER_DATA_MB``, default 1024; the partner in use is always kept)."""
     key = (str(spec.data), spec.max_users, spec.data_format)
-    if key not in _DATA:
-        enc = encoder()
-        prepared = prepare_domain(spec.data, encoder=enc, cache=VectorCache(), progress=False, name=spec.name, format=spec.data_format)
-        split = prepared.split.select_users(slice(spec.max_users)) if spec.max_users else prepared.split  # a cold-start partner
-        _DATA[key] = PartnerData(split, torch.as_tensor(prepared.vectors), user_sequences(split, max_len=max_len), enc.fingerprint)
+    if key in _DATA:
+        _DATA.move_to_end(key)
+        return _DATA[key]
+    budget = data_budget()
+    enc = encoder()
+    prepared = prepare_domain(spec.data, encoder=enc, cache=VectorCache(), progress=False, name=spec.name, format=spec.data_format)
+    split = prepared.split.select_users(slice(spec.max_users)) if spec.max_users else prepared.split  # a cold-start partner
+    _DATA[key] = PartnerData(split, torch.as_tensor(prepared.vectors), user_sequences(split, max_len=max_len), enc.fingerprint)
+    while len(_DATA) > 1 and sum(d.nbytes for d in _DATA.values()) > budget:
+        _DATA.popitem(last=False)
     return _DATA[key]
+
+
+def data_budget() -> int:
+    """Bytes of prepared partner data one process keeps: ``$FEDXREC_PARTNER_DATA_MB`` megabytes (default 1024)."""
+    given = os.environ.get(DATA_BUDGET_ENV, "")
+    if not given:
+        return DATA_BUDGET_MB << 20
+    try:
+        mb = float(given)
+    except ValueError:
+        mb = float("nan")
+    if not mb >= 0 or mb == float("inf"):
+        raise ValueError(f"${DATA_BUDGET_ENV} is {given!r}: expected megabytes, a number of at least 0 (0 keeps only the partner in use)")
+    return int(mb * (1 << 20))
 
 
 # --------------------------------------------------------------------------- the model

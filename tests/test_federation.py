@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections import OrderedDict
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -476,3 +477,24 @@ def test_a_deployed_partners_failure_reaches_the_coordinator_without_its_folders
     name, said = wire.read_failure(str(raised.value))
     assert name is None and said.startswith("ValueError: invalid node config: node config: state-dir must be")
     assert str(tmp_path) not in said
+
+
+@pytest.mark.slow
+def test_a_process_keeps_partners_data_within_its_budget(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ray's few actors serve every simulated partner in turn: each keeps what it prepared only up to
+    $FEDXREC_PARTNER_DATA_MB, least recently used out first, and always the partner in use."""
+    monkeypatch.setattr(partner, "_DATA", OrderedDict())
+    spec = synthetic_scenario(tmp_path / "data", partners=1)[0]
+    a, b, c = (dataclasses.replace(spec, max_users=n) for n in (40, 41, 42))  # three partners of about one size
+    first = partner.partner_data(a, max_len=partner.HEAD.max_len)
+    monkeypatch.setenv(partner.DATA_BUDGET_ENV, str(2.5 * first.nbytes / 2**20))  # room for two
+    partner.partner_data(b, max_len=partner.HEAD.max_len)
+    assert partner.partner_data(a, max_len=partner.HEAD.max_len) is first  # kept, not prepared again
+    partner.partner_data(c, max_len=partner.HEAD.max_len)  # b, the least recently used, goes
+    assert [key[1] for key in partner._DATA] == [40, 42]
+    monkeypatch.setenv(partner.DATA_BUDGET_ENV, "0")  # only the partner in use
+    partner.partner_data(b, max_len=partner.HEAD.max_len)
+    assert [key[1] for key in partner._DATA] == [41]
+    monkeypatch.setenv(partner.DATA_BUDGET_ENV, "lots")
+    with pytest.raises(ValueError, match=r"\$FEDXREC_PARTNER_DATA_MB is 'lots': expected megabytes, a number of at least 0"):
+        partner.partner_data(c, max_len=partner.HEAD.max_len)

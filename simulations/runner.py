@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 from flwr.app import Context
@@ -35,6 +36,10 @@ def simulate(run_config: dict[str, object], *, partners: int, client_cpus: float
     """Runs one federation; returns its run folder."""
     ours = "RAY_TMPDIR" not in os.environ  # a folder the caller chose is the caller's to remove
     ray_tmp = Path(os.environ.setdefault("RAY_TMPDIR", f"/tmp/fedxrec-ray-{os.getpid()}"))
+    # Flower keeps an id file in its home (~/.flwr), even with telemetry off: not in the user's home
+    flwr_home = None if "FLWR_HOME" in os.environ else tempfile.mkdtemp(prefix="fedxrec-flwr-")
+    if flwr_home:
+        os.environ["FLWR_HOME"] = flwr_home
     for key, value in ray_settings(os.environ).items():
         os.environ.setdefault(key, value)
     try:
@@ -51,4 +56,7 @@ def simulate(run_config: dict[str, object], *, partners: int, client_cpus: float
         if ours:  # Ray's session files (Flower has shut Ray down); the next run starts a new session
             shutil.rmtree(ray_tmp, ignore_errors=True)
             del os.environ["RAY_TMPDIR"]
+        if flwr_home:
+            shutil.rmtree(flwr_home, ignore_errors=True)
+            del os.environ["FLWR_HOME"]
     return Path(str(run_config["runs-dir"])) / str(run_config["run-id"])

@@ -154,11 +154,17 @@ def test_dp_federation_writes_a_complete_run_folder(tmp_path: Path, ray_env: Pat
 
 
 @pytest.mark.slow
-def test_many_partners_on_generated_data_and_a_sample_of_them_each_round(tmp_path: Path, ray_env: Path) -> None:
+def test_many_partners_on_generated_data_and_a_sample_of_them_each_round(
+    tmp_path: Path, ray_env: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Six partners (the five kinds of generated catalogue, then books-2), half of them trained in the round."""
     before = descendants()
+    monkeypatch.delenv("FLWR_HOME")  # as an experiment script runs: Flower's home is the runner's to choose
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    flower_homes = set(Path("/tmp").glob("fedxrec-flwr-*"))
     config = {"rounds": 1, "fraction-train": 0.5, "runs-dir": str(tmp_path / "runs"), "run-id": "six", "batch-size": 128}
     addresses, _ = simulate(config, partners=6)
+    assert not (tmp_path / "home" / ".flwr").exists() and set(Path("/tmp").glob("fedxrec-flwr-*")) == flower_homes
     run = tmp_path / "runs" / "six"
     rows = {r["partner"]: r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())}
     assert sorted(rows) == ["books", "books-2", "games", "gear", "kids", "music-store"]

@@ -11,6 +11,7 @@ adapter's arrays and the declared metrics are returned for sending.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 from collections import OrderedDict
@@ -59,6 +60,11 @@ def resolve_partner(node_config: dict[str, Any], settings: FederationSettings) -
             f"simulated partner {pid} has no entry: scenario {settings.scenario!r} has {len(partners)} partners; run with num-supernodes={len(partners)}"
         )
     return partners[pid]
+
+
+def on_own_device(settings: FederationSettings, spec: PartnerSpec) -> FederationSettings:
+    """The run's settings with a deployed partner's own device (node config ``device``), if it chose one."""
+    return dataclasses.replace(settings, device=spec.device) if spec.device else settings
 
 
 # --------------------------------------------------------------------------- data (cached per process)
@@ -283,6 +289,7 @@ def train(
     a ``max-epsilon``, every round of a run without DP (the checks:
     :func:`client.round_privacy.plan_round`). Either way the round's line is appended
     to the partner's privacy ledger."""
+    settings = on_own_device(settings, spec)
     check_same_run(state, settings, folder)
     training_device(settings.device)  # a partner without the GPU asked for fails here, before it plans or spends anything
     if settings.dp and state.trained_without_dp:
@@ -399,6 +406,7 @@ def evaluate_global(
     adapter's weight in it.
 
     The adapter is also kept in the state folder (:func:`client.private_state.keep_global_adapter`)."""
+    settings = on_own_device(settings, spec)
     check_same_run(state, settings, folder)
     data = partner_data(spec, max_len=HEAD.max_len)
     checked_adapter(settings, data, arrays)  # before it is kept

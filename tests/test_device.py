@@ -16,16 +16,20 @@ from pathlib import Path
 
 import pytest
 import torch
+from flwr.app import Context, MessageType, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
 
 from client import partner
+from client.client_app import train
 from client.private_state import PartnerState
 from server.run_folder import RunFolder
 from shared.cli import main
 from shared.device import on_cpu, training_device
+from shared.federation import wire
 from shared.federation.adapter import initial_adapter
-from shared.federation.scenario import PartnerSpec
+from shared.federation.scenario import PartnerSpec, synthetic_scenario
 from shared.federation.settings import SettingsError, settings_from_run_config
-from tests.test_federation import ENCODER_DIM, settings_for
+from tests.test_federation import ENCODER_DIM, message, settings_for
 
 
 @pytest.fixture
@@ -139,3 +143,22 @@ def test_a_simulated_partner_that_ray_gave_no_gpu_trains_on_the_cpu(tmp_path: Pa
     auto, why = json.loads(done.stdout.strip().splitlines()[-1])
     assert auto == "cpu"
     assert why == "Ray gave this simulated partner no GPU (set the federation's client-resources-num-gpus above 0 to share one)"
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("no_gpu")
+def test_a_deployed_partner_chooses_its_own_device(tmp_path: Path) -> None:
+    """The coordinator asks for a GPU; a partner's node config keeps it on its CPU. A mistyped choice is named."""
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
+    settings = settings_for(tmp_path / "coordinator", device="cuda")
+    spec = synthetic_scenario(tmp_path / "data", partners=1)[0]
+    node = {"data-path": str(spec.data), "state-dir": str(tmp_path / "private"), "device": "cpu"}
+
+    def round_one(node_config: dict[str, object]) -> dict[str, float]:
+        ctx = Context(run_id=1, node_id=1, node_config=node_config, state=RecordDict(), run_config={})  # type: ignore[arg-type]
+        reply = train(message(MessageType.TRAIN, initial_adapter(settings, in_dim=ENCODER_DIM), settings, 1), ctx)
+        return dict(reply.content[wire.METRICS])  # type: ignore[arg-type]
+
+    assert round_one(node)["steps"] > 0
+    with pytest.raises(RuntimeError, match=r"node config: device must be one of \['auto', 'cpu', 'cuda'\], got 'gpu'"):
+        round_one({**node, "device": "gpu"})

@@ -29,6 +29,7 @@ from typing import Any
 from shared.checks import is_finite_number, is_whole_number
 from shared.data.readers import FORMATS
 from shared.data.synthetic import SyntheticConfig, generate
+from shared.device import DEVICES
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,7 @@ class PartnerSpec:
     data_format: str | None = None  # None: detected from the files
     max_delta: float | None = None  # None: 1 / (the partner's users)
     account: Path | None = None  # the privacy account kept across runs (shared.privacy.account)
+    device: str | None = None  # a deployed partner's own choice (node config); None: the run's
 
 
 # A deployed partner's node config (``flower-supernode --node-config "data-path='...' ..."``).
@@ -55,6 +57,8 @@ NODE_CONFIG = {
     "and its privacy account",
     "privacy-account": "the file that counts every run on this data, so that max-epsilon caps them together "
     "(default: privacy-account.jsonl in state-dir; name one file for several SuperNodes on the same data)",
+    "device": f"where this partner trains and scores, one of {', '.join(DEVICES)} (default: the run's 'device'): "
+    "its hardware is its own to choose, whatever the coordinator asks",
 }
 # The keys of NODE_CONFIG that name the partner's own files: its failures tell the coordinator these keys, not the paths
 NODE_CONFIG_PATHS = ("data-path", "state-dir", "privacy-account")
@@ -86,6 +90,12 @@ def partner_options(values: dict[str, Any], *, known: tuple[str, ...], base: Pat
             problems.append(f"{where}: {key} must be {expected}, got {value!r}")
         else:
             out[name] = int(value) if whole else float(value)
+    device = values.get("device")
+    if device is not None:
+        if device not in DEVICES:
+            problems.append(f"{where}: device must be one of {list(DEVICES)}, got {device!r}")
+        else:
+            out["device"] = str(device)
     fmt = values.get("data-format")
     if fmt is not None:
         if fmt not in FORMATS:

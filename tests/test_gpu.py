@@ -33,7 +33,7 @@ from shared.privacy.accounting import Budget, PartnerAccountant
 from shared.training import model_user_ranks
 from simulations.runner import simulate as run_federation
 from tests.test_federation import ENCODER_DIM, context, message, settings_for
-from tests.test_privacy import tiny_model, users
+from tests.test_privacy import assert_one_example_gradients, tiny_model, users
 
 pytestmark = pytest.mark.gpu
 CUDA = torch.device("cuda")
@@ -65,12 +65,8 @@ def test_per_sample_gradients_on_the_gpu_equal_one_example_batches_on_the_cpu() 
     wrapped(inputs.to(CUDA), targets.to(CUDA), negatives.to(CUDA)).backward()
     per_sample = {name: p.grad_sample.cpu() for name, p in model.named_parameters()}
     wrapped._close()
-    reference = tiny_model(released_counts=True, residual=True)
-    for i in range(len(inputs)):
-        reference.zero_grad()
-        reference(inputs[i : i + 1], targets[i : i + 1], negatives[i : i + 1]).backward()
-        for name, p in reference.named_parameters():
-            torch.testing.assert_close(per_sample[name][i], p.grad, atol=1e-4, rtol=1e-3, msg=f"{name}, user {i}")
+    reference = tiny_model(released_counts=True, residual=True)  # on the CPU
+    assert_one_example_gradients(per_sample, reference, (inputs, targets, negatives), atol=1e-4, rtol=1e-3)
 
 
 def test_a_dp_round_on_the_gpu_draws_its_noise_there_and_returns_its_state_on_the_cpu() -> None:

@@ -64,12 +64,24 @@ def test_per_sample_gradients_equal_one_example_batches(prior: bool, residual: b
     per_sample = {name: p.grad_sample.clone() for name, p in model.named_parameters()}
     assert set(per_sample) == {n for n, p in model.named_parameters() if p.requires_grad}
     wrapped._close()
-    reference = tiny_model(released_counts=prior, residual=residual)
+    assert_one_example_gradients(per_sample, tiny_model(released_counts=prior, residual=residual), (inputs, targets, negatives))
+
+
+def assert_one_example_gradients(
+    per_sample: dict[str, torch.Tensor],
+    reference: DomainModel,
+    batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    *,
+    atol: float = 1e-5,
+    rtol: float = 1e-4,
+) -> None:
+    """``per_sample[name][i]`` equals the gradient of ``reference`` on user i of ``batch`` alone, for every parameter."""
+    inputs, targets, negatives = batch
     for i in range(len(inputs)):
         reference.zero_grad()
         reference(inputs[i : i + 1], targets[i : i + 1], negatives[i : i + 1]).backward()
         for name, p in reference.named_parameters():
-            torch.testing.assert_close(per_sample[name][i], p.grad, atol=1e-5, rtol=1e-4, msg=f"{name}, user {i}")
+            torch.testing.assert_close(per_sample[name][i], p.grad, atol=atol, rtol=rtol, msg=f"{name}, user {i}")
 
 
 def _dp_round(model: DomainModel, ledger: PartnerAccountant, *, noise: float = 1.0, epochs: int = 1) -> None:

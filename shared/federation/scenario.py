@@ -90,18 +90,14 @@ def partner_options(values: dict[str, Any], *, known: tuple[str, ...], base: Pat
             problems.append(f"{where}: {key} must be {expected}, got {value!r}")
         else:
             out[name] = int(value) if whole else float(value)
-    device = values.get("device")
-    if device is not None:
-        if device not in DEVICES:
-            problems.append(f"{where}: device must be one of {list(DEVICES)}, got {device!r}")
+    for key, name, choices in (("data-format", "data_format", FORMATS), ("device", "device", DEVICES)):
+        value = values.get(key)
+        if value is None:
+            continue
+        if value not in choices:
+            problems.append(f"{where}: {key} must be one of {list(choices)}, got {value!r}")
         else:
-            out["device"] = str(device)
-    fmt = values.get("data-format")
-    if fmt is not None:
-        if fmt not in FORMATS:
-            problems.append(f"{where}: data-format must be one of {list(FORMATS)}, got {fmt!r}")
-        else:
-            out["data_format"] = str(fmt)
+            out[name] = str(value)
     account = values.get("privacy-account")
     if account is not None:
         if not isinstance(account, str) or not account:

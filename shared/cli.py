@@ -334,8 +334,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
         problems.add("--epsilon", f"must be above 0 (the demo runs under DP), got {args.epsilon}")
     if args.partners < 2:
         problems.add("--partners", f"must be at least 2 (a federation), got {args.partners}")
+    if not args.gpus_per_partner >= 0:
+        problems.add("--gpus-per-partner", f"must be at least 0 (a share of one GPU, e.g. 0.5), got {args.gpus_per_partner}")
+    elif args.gpus_per_partner > 0 and (missing := why_no_gpu()):
+        problems.add("--gpus-per-partner", f"{args.gpus_per_partner:g}, but {missing}; leave it at 0 to train on the CPU")
     problems.raise_if_any()  # before a SuperLink and Ray start
-    return run_demo(out=Path(args.out), rounds=args.rounds, epsilon=args.epsilon, partners=args.partners)
+    return run_demo(
+        out=Path(args.out), rounds=args.rounds, epsilon=args.epsilon, partners=args.partners, gpus_per_partner=args.gpus_per_partner
+    )
 
 
 # ---------------------------------------------------------------- parser
@@ -443,6 +449,14 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--rounds", type=int, default=3, help="federated rounds (default: 3)")
     demo.add_argument("--epsilon", type=finite_float, default=8.0, help="each partner's privacy budget (default: 8)")
     demo.add_argument("--partners", type=int, default=3, help="simulated partners, each its own generated domain (default: 3; any number)")
+    demo.add_argument(
+        "--gpus-per-partner",
+        type=finite_float,
+        default=0.0,
+        metavar="SHARE",
+        help="each simulated partner's share of a GPU, where it trains (client-resources-num-gpus; 0.5: two partners per GPU; "
+        "default: 0, the CPU)",
+    )
     demo.set_defaults(handler=cmd_demo)
 
     partners = sub.add_parser("partners", help="the coordinator's list of partners (run config partners-file)").add_subparsers(

@@ -17,12 +17,14 @@ from typing import Any
 from shared.flower_run import PROJECT, flwr_run
 
 
-def run_demo(*, out: Path, rounds: int = 3, epsilon: float = 8.0, partners: int = 3) -> int:
+def run_demo(*, out: Path, rounds: int = 3, epsilon: float = 8.0, partners: int = 3, gpus_per_partner: float = 0.0) -> int:
+    """``gpus_per_partner`` > 0: each partner trains on that share of a GPU (run setting ``device = "auto"``)."""
     runs = (out if out.is_absolute() else Path.cwd() / out).resolve()
     run_id = time.strftime("demo-%Y%m%d-%H%M%S")
     config = {"rounds": rounds, "target-epsilon": epsilon, "runs-dir": str(runs), "run-id": run_id, "scenario": "synthetic"}
-    print(f"fedxrec demo: {partners} partners, {rounds} rounds, DP at epsilon {epsilon:g}; run folder {runs / run_id}")
-    status = flwr_run(run_config=config, partners=partners, flwr_home=PROJECT / ".flwr")
+    where = f"{gpus_per_partner:g} of a GPU each" if gpus_per_partner else "on the CPU"
+    print(f"fedxrec demo: {partners} partners ({where}), {rounds} rounds, DP at epsilon {epsilon:g}; run folder {runs / run_id}")
+    status = flwr_run(run_config=config, partners=partners, flwr_home=PROJECT / ".flwr", client_gpus=gpus_per_partner)
     summary_path = runs / run_id / "summary.json"
     if status != 0 or not summary_path.is_file():
         # flwr run can exit 0 when the ServerApp failed: the missing summary is what tells

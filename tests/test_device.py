@@ -145,6 +145,18 @@ def test_a_simulated_partner_that_ray_gave_no_gpu_trains_on_the_cpu(tmp_path: Pa
     assert why == "Ray gave this simulated partner no GPU (set the federation's client-resources-num-gpus above 0 to share one)"
 
 
+@pytest.mark.usefixtures("no_gpu")
+def test_the_demo_names_a_gpu_share_it_cannot_have(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["demo", "--out", str(tmp_path), "--gpus-per-partner", "0.5"]) == 2
+    said = capsys.readouterr().err
+    assert (
+        "--gpus-per-partner 0.5, but this process sees no CUDA GPU: CUDA_VISIBLE_DEVICES is ''; leave it at 0 to train on the CPU" in said
+    )
+    assert main(["demo", "--out", str(tmp_path), "--gpus-per-partner", "-1"]) == 2
+    assert "--gpus-per-partner must be at least 0 (a share of one GPU, e.g. 0.5), got -1" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())  # no run began
+
+
 @pytest.mark.slow
 @pytest.mark.usefixtures("no_gpu")
 def test_a_deployed_partner_chooses_its_own_device(tmp_path: Path) -> None:

@@ -24,6 +24,7 @@ from client import partner
 from client.client_app import evaluate, train
 from client.local_training import DPPlan, train_round
 from client.private_state import PartnerState
+from shared.cli import main
 from shared.device import why_no_gpu
 from shared.federation import wire
 from shared.federation.adapter import initial_adapter
@@ -128,3 +129,12 @@ def test_simulated_partners_share_one_gpu_through_flowers_engine(tmp_path: Path,
     assert all(r["steps"] > 0 and not r["failed"] and 0 < r["epsilon"] <= 8.0 * 1.011 for r in rows), rows
     for name in ("books", "games"):
         assert ledger.verify(run / "ledger" / f"{name}.jsonl").ok
+
+
+def test_the_demo_runs_its_partners_on_shares_of_a_gpu(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``fedxrec demo --gpus-per-partner 0.5``: the real ``flwr run`` path, with the GPU in its federation config."""
+    assert main(["demo", "--out", str(tmp_path), "--rounds", "1", "--partners", "2", "--gpus-per-partner", "0.5"]) == 0
+    assert "2 partners (0.5 of a GPU each)" in capsys.readouterr().out
+    (run,) = tmp_path.iterdir()
+    summary = json.loads((run / "summary.json").read_text())
+    assert sorted(summary["partners"]) == ["books", "games"] and all(p["rounds_trained"] == 1 for p in summary["partners"].values())

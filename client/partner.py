@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import os
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +23,7 @@ import torch
 from client.local_training import freeze_untrained, train_round, user_sequences
 from client.private_state import PartnerState, check_same_run, keep_global_adapter, read_kept_adapter
 from client.round_privacy import Declined, ledger_entry, ledger_events, plan_round, round_schedule
+from shared.checks import number_from_env
 from shared.data.split import DomainSplit
 from shared.device import training_device
 from shared.encoder import TextEncoder, hash_tensors
@@ -122,16 +122,8 @@ def partner_data(spec: PartnerSpec, *, max_len: int) -> PartnerData:
 
 def data_budget() -> int:
     """Bytes of prepared partner data one process keeps: ``$FEDXREC_PARTNER_DATA_MB`` megabytes (default 1024)."""
-    given = os.environ.get(DATA_BUDGET_ENV, "")
-    if not given:
-        return DATA_BUDGET_MB << 20
-    try:
-        mb = float(given)
-    except ValueError:
-        mb = float("nan")
-    if not mb >= 0 or mb == float("inf"):
-        raise ValueError(f"${DATA_BUDGET_ENV} is {given!r}: expected megabytes, a number of at least 0 (0 keeps only the partner in use)")
-    return int(mb * (1 << 20))
+    mb = number_from_env(DATA_BUDGET_ENV, expected="megabytes (0 keeps only the partner in use)")
+    return int((DATA_BUDGET_MB if mb is None else mb) * (1 << 20))
 
 
 # --------------------------------------------------------------------------- the model

@@ -12,6 +12,7 @@ whose messages name its kebab-case keys.
 from __future__ import annotations
 
 import math
+import os
 from typing import Any
 
 Problem = tuple[str, str]  # (field, "must be <what is expected>, got <value>")
@@ -35,6 +36,21 @@ def is_finite_number(value: Any) -> bool:
 def is_whole_number(value: Any) -> bool:
     """An int, not a bool."""
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def number_from_env(name: str, *, expected: str) -> float | None:
+    """The number in environment variable ``name`` (None where it is unset or empty); raises naming the
+    variable and ``expected`` unless it is a finite number of at least 0."""
+    given = os.environ.get(name, "")
+    if not given:
+        return None
+    try:
+        value = float(given)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value >= 0):
+        raise ValueError(f"${name} is {given!r}: expected {expected}, a number of at least 0")
+    return value
 
 
 def expect(config: Any, *rules: tuple[str, bool, str]) -> list[Problem]:

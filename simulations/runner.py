@@ -18,6 +18,8 @@ from flwr.simulation import run_simulation
 
 from client.client_app import app as client_app
 from server.server_app import main as server_main
+from shared.checks import number_from_env
+from shared.device import why_no_gpu
 from shared.flower_run import ray_settings
 
 
@@ -32,8 +34,22 @@ def server_with_config(run_config: dict[str, object]) -> ServerApp:
     return app
 
 
-def simulate(run_config: dict[str, object], *, partners: int, client_cpus: float = 1.0, client_gpus: float = 0.0) -> Path:
-    """Runs one federation; returns its run folder."""
+GPU_SHARE_ENV = "FEDXREC_GPUS_PER_PARTNER"
+
+
+def gpu_share() -> float:
+    """Each simulated partner's share of a GPU in the experiment scripts' runs: ``$FEDXREC_GPUS_PER_PARTNER``
+    (default 0: the CPU; 0.25: four partners per GPU), refused where this process sees no GPU."""
+    share = number_from_env(GPU_SHARE_ENV, expected="each simulated partner's share of a GPU (0.5: two partners per GPU)")
+    if share and (missing := why_no_gpu()):
+        raise ValueError(f"${GPU_SHARE_ENV} is {share:g}, but {missing}; unset it to train on the CPU")
+    return share or 0.0
+
+
+def simulate(run_config: dict[str, object], *, partners: int, client_cpus: float = 1.0, client_gpus: float | None = None) -> Path:
+    """Runs one federation; returns its run folder. ``client_gpus``: each partner's share of a GPU
+    (default: :func:`gpu_share`)."""
+    client_gpus = gpu_share() if client_gpus is None else client_gpus
     ours = "RAY_TMPDIR" not in os.environ  # a folder the caller chose is the caller's to remove
     ray_tmp = Path(os.environ.setdefault("RAY_TMPDIR", f"/tmp/fedxrec-ray-{os.getpid()}"))
     # Flower keeps an id file in its home (~/.flwr), even with telemetry off: not in the user's home

@@ -29,6 +29,7 @@ from shared.federation import wire
 from shared.federation.adapter import initial_adapter
 from shared.federation.scenario import PartnerSpec, synthetic_scenario
 from shared.federation.settings import SettingsError, settings_from_run_config
+from simulations.runner import GPU_SHARE_ENV, gpu_share, simulate
 from tests.test_federation import ENCODER_DIM, message, settings_for
 
 
@@ -155,6 +156,22 @@ def test_the_demo_names_a_gpu_share_it_cannot_have(tmp_path: Path, capsys: pytes
     assert main(["demo", "--out", str(tmp_path), "--gpus-per-partner", "-1"]) == 2
     assert "--gpus-per-partner must be at least 0 (a share of one GPU, e.g. 0.5), got -1" in capsys.readouterr().err
     assert not any(tmp_path.iterdir())  # no run began
+
+
+@pytest.mark.usefixtures("no_gpu")
+def test_the_experiment_scripts_take_a_gpu_share_from_the_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(GPU_SHARE_ENV, raising=False)
+    assert gpu_share() == 0.0
+    monkeypatch.setenv(GPU_SHARE_ENV, "half")
+    with pytest.raises(ValueError, match=r"\$FEDXREC_GPUS_PER_PARTNER is 'half': expected each simulated partner's share of a GPU"):
+        gpu_share()
+    monkeypatch.setenv(GPU_SHARE_ENV, "0.5")
+    ray_tmp = os.environ.get("RAY_TMPDIR")
+    with pytest.raises(
+        ValueError, match=r"\$FEDXREC_GPUS_PER_PARTNER is 0.5, but this process sees no CUDA GPU.*unset it to train on the CPU"
+    ):
+        simulate({"runs-dir": str(tmp_path), "run-id": "r"}, partners=2)  # before Ray starts
+    assert os.environ.get("RAY_TMPDIR") == ray_tmp and not any(tmp_path.iterdir())
 
 
 @pytest.mark.slow

@@ -496,5 +496,8 @@ def test_a_process_keeps_partners_data_within_its_budget(tmp_path: Path, monkeyp
     partner.partner_data(b, max_len=partner.HEAD.max_len)
     assert [key[1] for key in partner._DATA] == [41]
     monkeypatch.setenv(partner.DATA_BUDGET_ENV, "lots")
-    with pytest.raises(ValueError, match=r"\$FEDXREC_PARTNER_DATA_MB is 'lots': expected megabytes, a number of at least 0"):
+    with pytest.raises(
+        ValueError,
+        match=r"\$FEDXREC_PARTNER_DATA_MB is 'lots': expected megabytes \(0 keeps only the partner in use\), a number of at least 0",
+    ):
         partner.partner_data(c, max_len=partner.HEAD.max_len)

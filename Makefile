@@ -1,6 +1,6 @@
 # make demo : install into .venv, then run the federated demo on generated data
 # make test : install into .venv, then run the test suite (what CI runs)
-# make test-gpu : the tests that need a CUDA GPU (tests/test_gpu.py), on a machine with one
+# make test-gpu : the tests that need a CUDA GPU (tests/test_gpu_*.py), on a machine with one
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin

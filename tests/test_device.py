@@ -1,7 +1,7 @@
 """Where partners train: the run setting ``device`` (CPU, or a CUDA GPU the process sees).
 
 These run on any machine. What only a GPU can show (a DP round on CUDA, scores equal
-to the CPU's, a simulation of partners sharing one GPU) is in ``tests/test_gpu.py``.
+to the CPU's, a simulation of partners sharing one GPU) is in ``tests/test_gpu_*.py``.
 """
 
 from __future__ import annotations

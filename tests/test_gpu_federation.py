@@ -1,43 +1,34 @@
-"""Partners on a CUDA GPU (the run setting ``device``): what only a GPU can show.
+"""Partners on a CUDA GPU through the ClientApp, Flower's simulation engine and the demo.
 
-Marked ``gpu`` and left out of ``make test`` (CI has no GPU); ``make test-gpu`` runs
-them, and fails, naming why, on a machine without one. The device-independent
-parts (the setting, its errors, Ray's assignment) are in ``tests/test_device.py``.
+Marked ``gpu``, like ``tests/test_gpu_training.py``: ``make test-gpu`` runs both on a
+machine with a GPU. These need Flower, Ray and the encoder package too.
 """
 
 from __future__ import annotations
 
 import json
-import warnings
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
 from flwr.app import MessageType
 from flwr.supercore.task_identity import TaskIdentity
-from opacus import GradSampleModule
-from torch.utils.data import TensorDataset
 
 from client import partner
 from client.client_app import evaluate, train
-from client.local_training import DPPlan, train_round
 from client.private_state import PartnerState
 from shared.cli import main
 from shared.device import why_no_gpu
 from shared.federation import wire
 from shared.federation.adapter import initial_adapter
-from shared.model.adapters import adapter_state
 from shared.privacy import ledger
-from shared.privacy.accounting import Budget, PartnerAccountant
 from shared.training import model_user_ranks
 from simulations.runner import simulate as run_federation
 from tests.test_federation import ENCODER_DIM, context, message, settings_for
-from tests.test_privacy import assert_one_example_gradients, tiny_model, users
+from tests.test_gpu_training import tensors_in
 
 pytestmark = pytest.mark.gpu
-CUDA = torch.device("cuda")
 
 
 @pytest.fixture(autouse=True)
@@ -47,44 +38,6 @@ def _needs_a_gpu() -> Iterator[None]:
         pytest.fail(f"these tests need a CUDA GPU: {missing}")
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
     yield
-
-
-def _tensors(tree: Any) -> list[torch.Tensor]:
-    if isinstance(tree, torch.Tensor):
-        return [tree]
-    if isinstance(tree, dict):
-        return [t for v in tree.values() for t in _tensors(v)]
-    if isinstance(tree, list | tuple):
-        return [t for v in tree for t in _tensors(v)]
-    return []
-
-
-def test_per_sample_gradients_on_the_gpu_equal_one_example_batches_on_the_cpu() -> None:
-    model = tiny_model(released_counts=True, residual=True).to(CUDA)
-    inputs, targets, negatives = users()
-    wrapped = GradSampleModule(model, loss_reduction="mean")
-    wrapped(inputs.to(CUDA), targets.to(CUDA), negatives.to(CUDA)).backward()
-    per_sample = {name: p.grad_sample.cpu() for name, p in model.named_parameters()}
-    wrapped._close()
-    reference = tiny_model(released_counts=True, residual=True)  # on the CPU
-    assert_one_example_gradients(per_sample, reference, (inputs, targets, negatives), atol=1e-4, rtol=1e-3)
-
-
-def test_a_dp_round_on_the_gpu_draws_its_noise_there_and_returns_its_state_on_the_cpu() -> None:
-    model = tiny_model(dropout=0.1).to(CUDA)
-    before = {k: v.clone() for k, v in adapter_state(model.adapter).items()}
-    accountant = PartnerAccountant(Budget(epsilon=8.0, delta=1e-3))
-    inputs, targets, _ = users(40, seed=1)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        outcome, state = train_round(
-            model, TensorDataset(inputs, targets), epochs=1, batch_size=8, lr=1e-2, negatives=7, seed=0, dp=DPPlan(1.0, 1.0, accountant)
-        )
-    after = adapter_state(model.adapter)
-    assert all(v.device.type == "cpu" for v in after.values()) and any(not torch.equal(before[k], after[k]) for k in before)
-    assert accountant.steps == 5 and outcome.steps == 5 and torch.isfinite(torch.tensor(outcome.loss))
-    assert all(t.device.type == "cpu" for t in _tensors(state))
-    assert all(p.device.type == "cuda" for p in model.parameters())
 
 
 def test_a_partner_on_the_gpu_keeps_the_wire_contract_and_a_state_any_machine_can_load(tmp_path: Path) -> None:
@@ -106,7 +59,7 @@ def test_a_partner_on_the_gpu_keeps_the_wire_contract_and_a_state_any_machine_ca
     folder = tmp_path / "test" / "partners" / "books"
     state = PartnerState.load(folder)
     assert state.head is not None
-    assert all(t.device.type == "cpu" for t in [*state.head.values(), *_tensors(state.optimizer)])
+    assert all(t.device.type == "cpu" for t in [*state.head.values(), *tensors_in(state.optimizer)])
     check = ledger.verify(folder / "ledger.jsonl")
     assert check.ok and [e["status"] for e in check.entries] == ["trained", "trained"]
 
@@ -135,6 +88,6 @@ def test_the_demo_runs_its_partners_on_shares_of_a_gpu(tmp_path: Path, capsys: p
     """``fedxrec demo --gpus-per-partner 0.5``: the real ``flwr run`` path, with the GPU in its federation config."""
     assert main(["demo", "--out", str(tmp_path), "--rounds", "1", "--partners", "2", "--gpus-per-partner", "0.5"]) == 0
     assert "2 partners (0.5 of a GPU each)" in capsys.readouterr().out
-    (run,) = tmp_path.iterdir()
-    summary = json.loads((run / "summary.json").read_text())
+    (summary_file,) = tmp_path.glob("*/summary.json")  # beside the generated data, _data/
+    summary = json.loads(summary_file.read_text())
     assert sorted(summary["partners"]) == ["books", "games"] and all(p["rounds_trained"] == 1 for p in summary["partners"].values())

@@ -15,6 +15,7 @@ import dataclasses
 import hashlib
 from collections import OrderedDict
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -77,7 +78,7 @@ class PartnerData:
     examples: Any  # TensorDataset of users' sequences
     fingerprint: str
 
-    @property
+    @cached_property
     def nbytes(self) -> int:
         """About the memory this holds: its tensors and arrays, and its texts and their objects (~100 bytes each)."""
         split = self.split
@@ -247,11 +248,6 @@ def arrays_digest(arrays: dict[str, torch.Tensor]) -> str:
     return digest.hexdigest()
 
 
-def head_state(model: DomainModel) -> dict[str, torch.Tensor]:
-    """What the private state keeps of ``model``: all but the adapter, copied to the CPU."""
-    return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items() if not k.startswith("adapter.")}
-
-
 # --------------------------------------------------------------------------- one round
 
 
@@ -342,7 +338,7 @@ def train(
             ledger_entry(spec, settings, budget, server_round, events, accountant.epsilon(), outcome.examples, privacy.note),
         )
     new_state = PartnerState(
-        head_state(model),
+        model.private_state(),
         optimizer_state,
         accountant.state_dict(),
         state.noise_multiplier,

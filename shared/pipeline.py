@@ -329,8 +329,7 @@ def save_domain_model(folder: Path, run: DomainRun | Sequence[DomainRun], config
         weights = folder if len(runs) == 1 else member_folder(folder, k)
         weights.mkdir(exist_ok=True)
         save_adapter(r.model.adapter, weights / "adapter.safetensors", config=config.adapter)
-        head = {key: v.detach().cpu().contiguous() for key, v in r.model.state_dict().items() if not key.startswith("adapter.")}
-        save_file(head, str(weights / "head.safetensors"))
+        save_file(r.model.private_state(), str(weights / "head.safetensors"))
     split = runs[0].split
     with (folder / "items.tsv").open("w", newline="", encoding="utf-8") as fh:
         w = csv.writer(fh, delimiter="\t")

@@ -121,7 +121,7 @@ def cold_start(
     if recipe is not None:
         model = recipe_alone(spec, settings, config=recipe)
         own["alone, full recipe"] = test_row(spec, model)
-        others["alone, full recipe"] = on_other_users(spec, adapter_state(model.adapter), partner.head_state(model))
+        others["alone, full recipe"] = on_other_users(spec, adapter_state(model.adapter), model.private_state())
         tuned_dir = together / "finetuned" / spec.name
         tuned = partner_finetune(
             state_dir=together / "partners" / spec.name,

@@ -84,3 +84,13 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     if deselected:
         config.hook.pytest_deselected(items=deselected)
         items[:] = [item for item in items if not item.get_closest_marker("gpu")]
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """A ``gpu`` test fails at once, saying why, where this process sees no CUDA GPU."""
+    if item.get_closest_marker("gpu"):
+        from shared.device import why_no_gpu
+
+        missing = why_no_gpu()
+        if missing:
+            pytest.fail(f"these tests need a CUDA GPU: {missing}")

@@ -10,7 +10,6 @@ parts (the setting, its errors, Ray's assignment) are in ``tests/test_device.py`
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -19,21 +18,12 @@ from opacus import GradSampleModule
 from torch.utils.data import TensorDataset
 
 from client.local_training import DPPlan, train_round
-from shared.device import why_no_gpu
 from shared.model.adapters import adapter_state
 from shared.privacy.accounting import Budget, PartnerAccountant
 from tests.test_privacy import assert_one_example_gradients, tiny_model, users
 
 pytestmark = pytest.mark.gpu
 CUDA = torch.device("cuda")
-
-
-@pytest.fixture(autouse=True)
-def _needs_a_gpu() -> Iterator[None]:
-    missing = why_no_gpu()
-    if missing:
-        pytest.fail(f"these tests need a CUDA GPU: {missing}")
-    yield
 
 
 def tensors_in(tree: Any) -> list[torch.Tensor]:

@@ -116,6 +116,10 @@ class DomainModel(nn.Module):
             nn.init.constant_(self.popularity.weight, popularity_start)
         self.register_load_state_dict_pre_hook(_rename_old_prior_keys)
 
+    def private_state(self) -> dict[str, torch.Tensor]:
+        """Everything but the shared adapter (head, residual, prior), as what is saved: detached contiguous copies on the CPU."""
+        return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in self.state_dict().items() if not k.startswith("adapter.")}
+
     def check_dp_safe(self) -> None:
         """Raises if training this model under DP-SGD would void the guarantee."""
         if self.popularity is not None and not (self.counts_noise is not None and float(self.counts_noise) > 0):

@@ -19,20 +19,15 @@ Flower's coordinate-wise median or trimmed mean (:func:`server.strategy.make_str
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from typing import Any
 
 import torch
 from flwr.app import RecordDict
 
+from shared.checks import is_finite_number, is_whole_number
 from shared.federation import wire
 from shared.model.adapters import state_problems
-
-
-def is_finite_number(value: object) -> bool:
-    """One metric value as the contract declares it: a single finite number."""
-    return isinstance(value, int | float) and math.isfinite(value)
 
 
 def train_reply_problems(content: RecordDict, *, sent: dict[str, torch.Tensor]) -> list[str]:
@@ -88,6 +83,6 @@ def _metric_problems(metrics: dict[str, Any], declared: tuple[str, ...]) -> list
         if not is_finite_number(value):
             problems.append(f"metric {name!r} is {value!r}, expected one finite number")
     examples = metrics.get("num-examples")
-    if examples is not None and not (isinstance(examples, int) and examples >= 0):
+    if examples is not None and not (is_whole_number(examples) and examples >= 0):
         problems.append(f"num-examples is {examples!r}, expected a whole number of users, 0 or more")
     return problems

@@ -27,7 +27,8 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, FedMedian, FedTrimmedAvg
 
 from server.partner_list import PartnerList
-from server.screening import evaluate_reply_problems, is_finite_number, train_reply_problems
+from server.screening import evaluate_reply_problems, train_reply_problems
+from shared.checks import is_finite_number
 from shared.federation import wire
 from shared.federation.settings import FederationSettings
 

@@ -109,7 +109,7 @@ def cold_start(
     own = {"zero-shot (untrained)": zero_shot(spec, settings)}
     others = {"zero-shot (untrained)": on_other_users(spec, *untrained)}
     together = out / f"{scenario.stem}-federated"
-    runs = {  # method: (run folder, its scenario, partners, run config overrides)
+    runs: dict[str, tuple[Path, Path, int, dict[str, object]]] = {  # method: (run folder, its scenario, partners, run config overrides)
         "alone": (out / f"{scenario.stem}-alone", one_partner_scenario(spec, out / "scenarios"), 1, {}),
         "in the federation": (together, scenario, len(specs), {}),
     }

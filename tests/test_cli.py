@@ -52,7 +52,7 @@ def test_data_check_lists_problems_and_fails(synthetic: list[Path], tmp_path: Pa
     assert out["ok"] is False and {"empty text", "duplicate item id", "unknown item"} <= kinds
     assert main(["data", "check", str(broken)]) == 2
     err = capsys.readouterr().err
-    assert "problem(s) found" in err and "items.tsv:2: field 'text'" in err and "Traceback" not in err
+    assert "problem(s) found" in err and "items.tsv:2: field 'Title'" in err and "Traceback" not in err
 
 
 def test_data_generate(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -129,7 +129,7 @@ def test_tsv_duplicate_item_id(steam_copy: Path) -> None:
     first_id = lines[1].split("\t")[0]
     write_lines(steam_copy / "items.tsv", [*lines, f"{first_id}\tAnother title"])
     p = find(problems_of(steam_copy), "duplicate item id")
-    assert (Path(p.file).name, p.line, p.field) == ("items.tsv", len(lines) + 1, "item_id")
+    assert (Path(p.file).name, p.line, p.field) == ("items.tsv", len(lines) + 1, "ItemID")
     assert f"duplicate item id '{first_id}' (also on line(s) 2)" in p.message
 
 
@@ -139,8 +139,25 @@ def test_tsv_unknown_item(steam_copy: Path) -> None:
     lines[6] = f"{user}\t999999999\t{ts}"
     write_lines(steam_copy / "interactions.tsv", lines)
     p = find(problems_of(steam_copy), "unknown item")
-    assert (Path(p.file).name, p.line, p.field) == ("interactions.tsv", 7, "item_id")
+    assert (Path(p.file).name, p.line, p.field) == ("interactions.tsv", 7, "ItemID")
     assert "'999999999' is not in the catalogue" in p.message
+
+
+def test_tsv_problems_come_once_each_in_line_order(steam_copy: Path) -> None:
+    """An empty item id is one problem (not also an unknown item); the checks' passes are merged in line order."""
+    lines = lines_of(steam_copy / "interactions.tsv")
+    user, item, _ = lines[3].split("\t")
+    lines[3] = f"{user}\t{item}\tlast week"
+    user, _, ts = lines[2].split("\t")
+    lines[2] = f"{user}\t \t{ts}"
+    lines[5] = "\t".join([lines[5].split("\t")[0], "999999999", lines[5].split("\t")[2]])
+    write_lines(steam_copy / "interactions.tsv", lines)
+    problems = problems_of(steam_copy)
+    assert [(Path(p.file).name, p.line, p.field, p.kind) for p in problems] == [
+        ("interactions.tsv", 3, "ItemID", "unparsable value"),
+        ("interactions.tsv", 4, "Timestamp", "unparsable value"),
+        ("interactions.tsv", 6, "ItemID", "unknown item"),
+    ]
 
 
 def test_tsv_empty_text(steam_copy: Path) -> None:
@@ -149,7 +166,7 @@ def test_tsv_empty_text(steam_copy: Path) -> None:
     lines[3] = f"{item}\t   "
     write_lines(steam_copy / "items.tsv", lines)
     p = find(problems_of(steam_copy), "empty text")
-    assert (Path(p.file).name, p.line, p.field) == ("items.tsv", 4, "text")
+    assert (Path(p.file).name, p.line, p.field) == ("items.tsv", 4, "Title")
     assert f"item '{item}' has empty text" in p.message
 
 
@@ -306,6 +323,10 @@ def test_json_wrong_shape(office_copy: Path) -> None:
     (office_copy / "Office.inter.json").write_text(json.dumps(inter))
     p = find(problems_of(office_copy), "unparsable value")
     assert p.field == "['7']" and "expected a list of item ids, found str" in p.message
+    inter["7"] = ["12", " "]
+    (office_copy / "Office.inter.json").write_text(json.dumps(inter))
+    problems = problems_of(office_copy)
+    assert [(p.field, p.message) for p in problems] == [("['7'][1]", "expected an item id, found ' '")]
 
 
 # --------------------------------------------------------------------------- mapped (a partner's own files)
@@ -370,6 +391,22 @@ def test_mapped_config_typos_are_all_named(shop: Path) -> None:
     assert any("missing key 'user'" in m for m in messages)
     assert any("unknown key 'item'; did you mean 'items'?" in m for m in messages)
     assert any("missing table [items]" in m for m in messages)
+
+
+def test_mapped_problems_name_the_partners_own_columns(shop: Path) -> None:
+    events = pd.read_csv(shop / "events.csv", dtype=str)
+    events.loc[1, "sku"] = "z9"
+    events.to_csv(shop / "events.csv", index=False)
+    catalogue = pd.read_parquet(shop / "catalogue.parquet")
+    catalogue.loc[3, ["title", "brand"]] = ["", " "]
+    catalogue.loc[4] = ["a1", "Another mug", ""]
+    catalogue.to_parquet(shop / "catalogue.parquet")
+    problems = problems_of(shop)  # a Parquet file's "line" is its 1-based row; a CSV file's header is line 1
+    assert [(Path(p.file).name, p.line, p.field, p.kind) for p in problems] == [
+        ("catalogue.parquet", 4, "title + brand", "empty text"),
+        ("catalogue.parquet", 5, "sku", "duplicate item id"),
+        ("events.csv", 3, "sku", "unknown item"),
+    ]
 
 
 def test_mapped_missing_column_and_bad_time(shop: Path) -> None:

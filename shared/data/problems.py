@@ -65,8 +65,9 @@ class Problems:
         return bool(self._items)
 
     def raise_if_any(self) -> None:
+        """Raises every problem, each file's in line order (the checks find them in several passes)."""
         if self._items:
-            raise DataError(list(self._items))
+            raise DataError(sorted(self._items, key=lambda p: (p.file, p.line or 0)))
 
 
 class DataError(Exception):

@@ -159,7 +159,16 @@ def _read_tsv(folder: Path, name: str, problems: Problems) -> DomainData | None:
             "line": items_t.lines,
         }
     )
-    check_tables(problems, interactions=inter, items=items, interactions_file=str(inter_path), items_file=str(items_path))
+    check_tables(
+        problems,
+        interactions=inter,
+        items=items,
+        interactions_file=str(inter_path),
+        items_file=str(items_path),
+        item_column="ItemID",
+        id_column="ItemID",
+        text_column="Title",
+    )
     if problems:
         return None
     return DomainData(name, _order_by_time(inter.drop(columns="line")), items.drop(columns="line"), folder, "tsv")
@@ -318,7 +327,7 @@ def _read_json(folder: Path, name: str, problems: Problems) -> DomainData | None
             )
             continue
         for pos, item in enumerate(seq):
-            if isinstance(item, bool) or not isinstance(item, (int, str)):
+            if isinstance(item, bool) or not isinstance(item, (int, str)) or not str(item).strip():
                 problems.add(inter_path, f"expected an item id, found {item!r}", field=f"[{user!r}][{pos}]", kind="unparsable value")
                 continue
             records.append((str(user), str(item), pos, 0, f"[{user!r}][{pos}]"))
@@ -518,7 +527,16 @@ def _read_mapped(folder: Path, name: str, problems: Problems) -> DomainData | No
     )
     texts = [". ".join(p.strip() for p in parts if p.strip()) for parts in zip(*(items_t.columns[c] for c in mapping.text), strict=True)]
     items = pd.DataFrame({"item_id": _ids(items_t, mapping.item_id, problems), "text": texts, "line": items_t.lines})
-    check_tables(problems, interactions=inter, items=items, interactions_file=str(inter_t.path), items_file=str(items_t.path))
+    check_tables(
+        problems,
+        interactions=inter,
+        items=items,
+        interactions_file=str(inter_t.path),
+        items_file=str(items_t.path),
+        item_column=mapping.item,
+        id_column=mapping.item_id,
+        text_column=" + ".join(mapping.text),
+    )
     if problems:
         return None
     return DomainData(mapping.name or name, _order_by_time(inter.drop(columns="line")), items.drop(columns="line"), folder, "mapped")

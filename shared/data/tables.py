@@ -67,13 +67,19 @@ def check_tables(
     items: pd.DataFrame,
     interactions_file: str,
     items_file: str,
+    item_column: str = "item_id",
+    id_column: str = "item_id",
+    text_column: str = "text",
 ) -> None:
     """Checks shared by every reader: duplicate item ids, empty text, unknown items.
 
     Both frames carry a ``line`` column (source line or row; 0 when the format has
     no lines, as JSON) used in the messages, and may carry a ``key`` column (a JSON
     key path) that then names the field; ``interactions`` may carry a ``file``
-    column when it was read from several files.
+    column when it was read from several files. ``item_column``, ``id_column`` and
+    ``text_column`` name the field as the partner's files call it (the interactions'
+    item column, the catalogue's id and text columns). An empty item id is the
+    reader's to report, so it is not reported again as an unknown item.
     """
     dup = items[items.duplicated("item_id", keep=False)]
     for item_id, group in dup.groupby("item_id", sort=False):
@@ -83,7 +89,7 @@ def check_tables(
             f"duplicate item id {item_id!r} (also on line(s) {', '.join(map(str, lines[:-1]))}); "
             "each item must appear once in the catalogue",
             line=int(lines[-1]) or None,
-            field=_field(group.iloc[-1], "item_id"),
+            field=_field(group.iloc[-1], id_column),
             kind="duplicate item id",
         )
     empty = items[items["text"].str.strip() == ""]
@@ -92,18 +98,18 @@ def check_tables(
             items_file,
             f"item {row.item_id!r} has empty text; the encoder needs some text for every item (drop the item or give it a title)",
             line=int(row.line) or None,
-            field=_field(row, "text"),
+            field=_field(row, text_column),
             kind="empty text",
         )
     known = set(items["item_id"])
-    unknown = interactions[~interactions["item_id"].isin(known)]
+    unknown = interactions[~interactions["item_id"].isin(known) & (interactions["item_id"] != "")]
     for row in unknown.itertuples(index=False):
         file = getattr(row, "file", interactions_file)
         problems.add(
             file,
             f"item {row.item_id!r} is not in the catalogue ({items_file})",
             line=int(row.line) or None,
-            field=_field(row, "item_id"),
+            field=_field(row, item_column),
             kind="unknown item",
         )
     if len(interactions) == 0 and not problems:

@@ -44,8 +44,8 @@ MAX_NOISE_RAISE = 2.0
 
 @dataclass(frozen=True)
 class Lifetime:
-    """A capped partner's privacy account: its cap over all runs (at the account's delta
-    and accountant) and the events every run has reserved so far."""
+    """A capped partner's privacy account: its cap over all runs (at the account's delta and
+    order; a new account's order is not fixed yet: the best one) and the events every run has reserved so far."""
 
     budget: Budget
     spent: list[Event]
@@ -63,8 +63,8 @@ def lifetime_of(spec: PartnerSpec, budget: Budget) -> Lifetime | None:
     if spec.account is None or spec.max_epsilon is None:
         return None
     entries = account.read(spec.account)
-    delta, kind = account.terms(entries, delta=budget.delta, accountant=budget.accountant)
-    return Lifetime(Budget(spec.max_epsilon, delta, kind), account.events_of(entries), len({x["run"] for x in entries}))
+    t = account.terms(entries, delta=budget.delta)  # a new account: the best order, which its first run's plan will fix
+    return Lifetime(Budget(spec.max_epsilon, t.delta, t.accountant, t.order), account.events_of(entries), len({x["run"] for x in entries}))
 
 
 def prior_counts(
@@ -209,7 +209,7 @@ def plan_round(
             events=ledger_events(released, sigma, sample_rate, steps, settings.max_grad_norm),
             cap=spec.max_epsilon,
             delta=budget.delta,
-            accountant=budget.accountant,
+            plan=[*accountant.events, *released, (sigma, sample_rate, settings.rounds * steps)],  # fixes a new account's order
         )
         if not got.granted:
             return Declined(

@@ -11,7 +11,8 @@ import pytest
 from shared.cli import main
 from shared.federation.scenario import load_scenario, partner_from_node_config
 from shared.privacy import account
-from shared.privacy.accounting import Budget, epsilon_of, release_fits
+from shared.privacy.accounting import Budget, best_order, epsilon_of, release_fits
+from shared.privacy.ledger import GENESIS
 
 DELTA = 1e-5
 
@@ -25,29 +26,54 @@ def test_reservations_compose_over_runs_and_stop_at_the_cap(tmp_path: Path) -> N
     granted = {}
     for run in ("run-a", "run-b", "run-c"):
         for r in (1, 2, 3):
-            got = account.reserve(path, run=run, server_round=r, events=[dp_sgd()], cap=4.0, delta=DELTA, accountant="rdp")
+            got = account.reserve(path, run=run, server_round=r, events=[dp_sgd()], cap=4.0, delta=DELTA, plan=[(1.0, 0.02, 300)])
             granted[run, r] = got.granted
-    # one accountant over every run's rounds: 8 rounds spend 3.89, a 9th would spend 4.11
-    assert list(granted.values()) == [True] * 8 + [False]
     entries = account.read(path)
-    assert [(x["run"], x["round"]) for x in entries] == [k for k, ok in granted.items() if ok]
-    assert entries[-1]["epsilon"] == pytest.approx(epsilon_of([(1.0, 0.02, 100)] * 8, delta=DELTA, accountant="rdp"))
-    assert entries[-1]["epsilon"] <= 4.0 < epsilon_of([(1.0, 0.02, 100)] * 9, delta=DELTA, accountant="rdp")
+    order = best_order([(1.0, 0.02, 300)], delta=DELTA)  # the first run's whole plan fixes the account's order
+    assert [x["order"] for x in entries] == [order] * len(entries)
+    k = len(entries)  # RDP at that order over every run's rounds: k rounds fit in 4, one more would not
+    assert 3 < k < 9 and list(granted.values()) == [True] * k + [False] * (9 - k)
+    assert [(x["run"], x["round"]) for x in entries] == [key for key, ok in granted.items() if ok]
+    assert entries[-1]["epsilon"] == pytest.approx(epsilon_of([(1.0, 0.02, 100 * k)], delta=DELTA, accountant="rdp", order=order))
+    assert entries[-1]["epsilon"] <= 4.0 < epsilon_of([(1.0, 0.02, 100 * (k + 1))], delta=DELTA, accountant="rdp", order=order)
+    # the first run alone is counted as its own accountant counts it; the runs after it at no better than their best order
+    assert entries[2]["epsilon"] == pytest.approx(epsilon_of([(1.0, 0.02, 300)], delta=DELTA, accountant="rdp"))
+    assert entries[-1]["epsilon"] >= epsilon_of([(1.0, 0.02, 100 * k)], delta=DELTA, accountant="rdp")
 
 
-def test_the_account_keeps_its_first_delta_and_accountant(tmp_path: Path) -> None:
+def test_the_account_keeps_its_first_delta_and_order(tmp_path: Path) -> None:
     path = tmp_path / "account.jsonl"
-    account.reserve(path, run="a", server_round=1, events=[dp_sgd()], cap=None, delta=DELTA, accountant="rdp")
-    got = account.reserve(path, run="b", server_round=1, events=[dp_sgd()], cap=None, delta=1e-3, accountant="prv")
+    account.reserve(path, run="a", server_round=1, events=[dp_sgd()], cap=None, delta=DELTA)
+    got = account.reserve(path, run="b", server_round=1, events=[dp_sgd(sigma=3.0)], cap=None, delta=1e-3, plan=[(3.0, 0.02, 100)])
     assert got.granted  # no cap: recorded, never refused
-    assert got.after == pytest.approx(epsilon_of([(1.0, 0.02, 200)], delta=DELTA, accountant="rdp"))
-    assert [(x["delta"], x["accountant"]) for x in account.read(path)] == [(DELTA, "rdp")] * 2
+    order = best_order([(1.0, 0.02, 100)], delta=DELTA)  # without a plan: the first reservation's own events
+    expected = epsilon_of([(1.0, 0.02, 100), (3.0, 0.02, 100)], delta=DELTA, accountant="rdp", order=order)
+    assert got.after == pytest.approx(expected)
+    assert [(x["delta"], x["accountant"], x["order"]) for x in account.read(path)] == [(DELTA, "rdp", order)] * 2
+
+
+def test_an_account_written_before_orders_were_fixed_still_counts_and_says_so(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Lines without "order" (an earlier fedxrec's): read, verified and extended as they were, at the best order."""
+    path = tmp_path / "account.jsonl"
+    epsilon = epsilon_of([(1.0, 0.02, 100)], delta=DELTA, accountant="prv")
+    old = {"seq": 1, "run": "a", "round": 1, "accountant": "prv", "delta": DELTA, "cap": 8.0, "events": [dp_sgd()]}
+    line = json.dumps({**old, "epsilon": epsilon, "time": "2026-11-01T10:00:00+0000", "prev": GENESIS}, separators=(", ", ": "))
+    path.write_text(line + "\n")
+    got = account.reserve(path, run="b", server_round=1, events=[dp_sgd()], cap=8.0, delta=DELTA)
+    assert got.granted and got.after == pytest.approx(epsilon_of([(1.0, 0.02, 200)], delta=DELTA, accountant="prv"))
+    assert ["order" in x for x in account.read(path)] == [False, False]
+    assert main(["privacy", "account", str(path)]) == 0
+    assert "prv at its best order (an account written before orders were fixed: not a proven cap over runs)" in capsys.readouterr().out
+    second = json.loads(path.read_text().splitlines()[1])
+    path.write_text(line + "\n" + json.dumps({**second, "order": 4.0}) + "\n")  # one line's form differs from the first's
+    with pytest.raises(account.AccountError, match="line 2: expected the fields"):
+        account.read(path)
 
 
 def test_an_edited_removed_or_truncated_account_is_named(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     path = tmp_path / "account.jsonl"
     for r in (1, 2, 3):
-        account.reserve(path, run="a", server_round=r, events=[dp_sgd()], cap=8.0, delta=DELTA, accountant="rdp")
+        account.reserve(path, run="a", server_round=r, events=[dp_sgd()], cap=8.0, delta=DELTA)
     assert main(["privacy", "account", str(path)]) == 0
     out = capsys.readouterr().out
     assert "lifetime epsilon" in out and "of cap 8" in out and "dp-accounting RDP" in out
@@ -83,19 +109,19 @@ def test_a_damaged_account_field_is_named(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], field: str, value: object, words: str
 ) -> None:
     path = tmp_path / "account.jsonl"
-    account.reserve(path, run="a", server_round=1, events=[dp_sgd()], cap=8.0, delta=DELTA, accountant="rdp")
+    account.reserve(path, run="a", server_round=1, events=[dp_sgd()], cap=8.0, delta=DELTA)
     entry = json.loads(path.read_text())
     path.write_text(json.dumps({**entry, field: value}) + "\n")
     assert main(["privacy", "account", str(path)]) == 1
     assert f"{path}, line 1: {words}" in capsys.readouterr().out
     with pytest.raises(account.AccountError, match="line 1: " + words.split(":")[0]):  # and no round reserves on it
-        account.reserve(path, run="b", server_round=1, events=[dp_sgd()], cap=8.0, delta=DELTA, accountant="rdp")
+        account.reserve(path, run="b", server_round=1, events=[dp_sgd()], cap=8.0, delta=DELTA)
 
 
 def _reserve_many(path: str, run: str) -> int:
     granted = 0
     for r in range(1, 6):
-        got = account.reserve(Path(path), run=run, server_round=r, events=[dp_sgd()], cap=5.0, delta=DELTA, accountant="rdp")
+        got = account.reserve(Path(path), run=run, server_round=r, events=[dp_sgd()], cap=5.0, delta=DELTA)
         granted += got.granted
     return granted
 
@@ -107,7 +133,8 @@ def test_runs_reserving_at_once_never_pass_the_cap_together(tmp_path: Path) -> N
     entries = account.read(path)  # one intact chain, every granted round on it
     assert len(entries) == sum(granted)
     assert entries[-1]["epsilon"] <= 5.0
-    assert epsilon_of([(1.0, 0.02, 100)] * (len(entries) + 1), delta=DELTA, accountant="rdp") > 5.0
+    order = entries[0]["order"]
+    assert epsilon_of([(1.0, 0.02, 100)] * (len(entries) + 1), delta=DELTA, accountant="rdp", order=order) > 5.0
 
 
 def test_an_item_count_release_fits_what_earlier_runs_left() -> None:

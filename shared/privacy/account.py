@@ -12,16 +12,24 @@ both take the last of the budget.
 
 One JSON line per reservation, hash-chained like the ledger::
 
-    {"seq": 3, "run": "run-b", "round": 1, "accountant": "rdp", "delta": 1e-05, "cap": 8.0,
+    {"seq": 3, "run": "run-b", "round": 1, "accountant": "rdp", "order": 2.6, "delta": 1e-05, "cap": 8.0,
      "events": [{"mechanism": "dp-sgd", "noise_multiplier": 0.9, "sample_rate": 0.02, "steps": 50, "max_grad_norm": 1.0}],
      "epsilon": 6.1, "time": "...", "prev": "<sha256 of line 2>"}
 
 ``epsilon`` is the lifetime figure after the line: every event of every run so
-far, composed by one accountant at one delta. The account's first line fixes both
-(a later run with another delta is counted at the account's; the events
-themselves do not depend on delta). A reservation is never taken back: a round
-reserved and then lost to a crash still counts, so the account may overstate
-what was released, never understate it.
+far, composed by RDP at one Rényi ``order`` and one delta. The account's first
+line fixes both (a later run with another delta is counted at the account's; the
+events themselves do not depend on delta). The order is fixed because runs are
+chosen one after another (a coordinator picks a run's settings after seeing the
+runs before, and a new run's noise depends on what the account has left): such a
+sequence composes as RDP at an order fixed in advance (Feldman & Zrnic, NeurIPS
+2021, a Rényi filter), not at the best order for what was spent, nor by PRV. The
+first line's order is the best one for the first run's whole plan, so that run
+is counted exactly as its own accountant counts it. An account written before
+orders were fixed has no ``order`` field; it keeps its first line's accountant
+and best order, and says so (:func:`summary`). A reservation is never taken
+back: a round reserved and then lost to a crash still counts, so the account may
+overstate what was released, never understate it.
 """
 
 from __future__ import annotations
@@ -38,20 +46,26 @@ from typing import Any
 
 from shared.checks import is_finite_number
 from shared.privacy import ledger
-from shared.privacy.accounting import ACCOUNTANTS, Event, epsilon_of
+from shared.privacy.accounting import Event, best_order, epsilon_of
 from shared.privacy.ledger import GENESIS, line_hash
 
-FIELDS = ("seq", "run", "round", "accountant", "delta", "cap", "events", "epsilon", "time", "prev")
+FIELDS = ("seq", "run", "round", "accountant", "order", "delta", "cap", "events", "epsilon", "time", "prev")
+UNORDERED_FIELDS = tuple(f for f in FIELDS if f != "order")  # an account written before orders were fixed
 ACCOUNT_RULES: tuple[ledger.Rule, ...] = (
     *ledger.line_rules("round", "accountant", "delta", "epsilon", "time"),
     ("run", lambda v: isinstance(v, str), "the run's id (text)"),
     ("cap", lambda v: v is None or (is_finite_number(v) and v > 0), "null (no cap) or a finite number above 0"),
 )
+ORDER_RULES: tuple[ledger.Rule, ...] = (
+    ("accountant", lambda v: v == "rdp", "'rdp' (an account counts by RDP at its order)"),
+    ("order", lambda v: is_finite_number(v) and v > 1, "a Rényi order, a finite number above 1"),
+)
 
 
 def _line_problems(entry: dict[str, Any]) -> list[str]:
     """Everything wrong with one account line's fields (its place in the chain is checked beside)."""
-    return ledger.rule_problems(entry, ACCOUNT_RULES) + ledger.event_problems(entry["events"])
+    rules = (*ACCOUNT_RULES, *ORDER_RULES) if "order" in entry else ACCOUNT_RULES
+    return ledger.rule_problems(entry, rules) + ledger.event_problems(entry["events"])
 
 
 class AccountError(ValueError):
@@ -85,9 +99,10 @@ def _checked(path: Path, lines: list[str]) -> list[dict[str, Any]]:
             entry = json.loads(line)
         except json.JSONDecodeError as err:
             raise AccountError(f"{where}: not a JSON object ({err.msg}); was the file edited by hand?") from err
-        if not isinstance(entry, dict) or list(entry) != list(FIELDS):
+        form = FIELDS if not entries or "order" in entries[0] else UNORDERED_FIELDS  # every line as the first
+        if not isinstance(entry, dict) or list(entry) not in ([list(form)] if entries else [list(FIELDS), list(UNORDERED_FIELDS)]):
             got = list(entry) if isinstance(entry, dict) else type(entry).__name__
-            raise AccountError(f"{where}: expected the fields {list(FIELDS)}, got {got}")
+            raise AccountError(f"{where}: expected the fields {list(form)}, got {got}")
         if entry["seq"] != len(entries) + 1:
             raise AccountError(f"{where}: seq is {entry['seq']}, expected {len(entries) + 1}: a line was removed, added or moved")
         if entry["prev"] != prev:
@@ -105,14 +120,36 @@ def events_of(entries: list[dict[str, Any]], *, run: str | None = None) -> list[
     return ledger.events_of([x for x in entries if run is None or x["run"] == run])
 
 
-def terms(entries: list[dict[str, Any]], *, delta: float, accountant: str) -> tuple[float, str]:
-    """The account's (delta, accountant): its first line's, or the caller's for a new account."""
-    return (float(entries[0]["delta"]), str(entries[0]["accountant"])) if entries else (delta, accountant)
+@dataclass(frozen=True)
+class Terms:
+    """How an account counts: at ``delta``, by RDP at ``order`` (None: an account written before
+    orders were fixed, counted by its ``accountant`` at the best order)."""
+
+    delta: float
+    accountant: str
+    order: float | None
 
 
-def lifetime_epsilon(entries: list[dict[str, Any]], *, extra: list[Event] | None = None, delta: float, accountant: str) -> float:
-    delta, accountant = terms(entries, delta=delta, accountant=accountant)
-    return epsilon_of([*events_of(entries), *(extra or [])], delta=delta, accountant=accountant)
+def terms(entries: list[dict[str, Any]], *, delta: float, order: float | None = None) -> Terms:
+    """The account's terms: its first line's, or for a new account the caller's delta and ``order``
+    (None: not chosen yet, as while a first run plans: the best order)."""
+    if not entries:
+        return Terms(delta, "rdp", order)
+    first = entries[0]
+    return Terms(float(first["delta"]), str(first["accountant"]), float(first["order"]) if "order" in first else None)
+
+
+def counting(result: dict[str, Any]) -> str:
+    """How a :func:`summary` was counted, in words: "RDP at order 2.6", or an old account's caveat."""
+    if result["order"] is not None:
+        return f"RDP at order {result['order']:g} (fixed by the account's first line)"
+    return f"{result['accountant']} at its best order (an account written before orders were fixed: not a proven cap over runs)"
+
+
+def lifetime_epsilon(entries: list[dict[str, Any]], *, extra: list[Event] | None = None, delta: float, order: float | None = None) -> float:
+    """Epsilon of every event in the account (and ``extra``), by the account's :func:`terms`."""
+    t = terms(entries, delta=delta, order=order)
+    return epsilon_of([*events_of(entries), *(extra or [])], delta=t.delta, accountant=t.accountant, order=t.order)
 
 
 @contextmanager
@@ -135,28 +172,30 @@ def reserve(
     events: list[dict[str, Any]],
     cap: float | None,
     delta: float,
-    accountant: str,
+    plan: list[Event] | None = None,
 ) -> Reservation:
     """Appends this round's ``events`` if the lifetime epsilon with them stays within ``cap``
-    (``None``: no cap, always granted and recorded). Read, check and append happen under one lock."""
-    if accountant not in ACCOUNTANTS:
-        raise ValueError(f"accountant {accountant!r}: expected one of {ACCOUNTANTS}")
+    (``None``: no cap, always granted and recorded). Read, check and append happen under one lock.
+
+    A new account is fixed at the Rényi order that is best for ``plan``, the reserving run's
+    whole plan (its every round's events; None: this round's ``events``)."""
     new = ledger.events_of([{"events": events}])
     with locked(path):
         lines = _lines(path)
         entries = _checked(path, lines)
-        before = lifetime_epsilon(entries, delta=delta, accountant=accountant)
-        after = lifetime_epsilon(entries, extra=new, delta=delta, accountant=accountant)
+        t = terms(entries, delta=delta, order=best_order(plan or new, delta=delta))
+        before = lifetime_epsilon(entries, delta=t.delta, order=t.order)
+        after = lifetime_epsilon(entries, extra=new, delta=t.delta, order=t.order)
         runs = len({x["run"] for x in entries} | {run})
         if cap is not None and after > cap + 1e-9:
             return Reservation(False, before, after, cap, runs)
-        account_delta, account_accountant = terms(entries, delta=delta, accountant=accountant)
         entry = {
             "seq": len(entries) + 1,
             "run": run,
             "round": int(server_round),
-            "accountant": account_accountant,
-            "delta": account_delta,
+            "accountant": t.accountant,
+            **({"order": t.order} if t.order is not None else {}),
+            "delta": t.delta,
             "cap": cap,
             "events": [ledger.event_record(e) for e in events],
             "epsilon": after,
@@ -189,9 +228,9 @@ def checked_summary(path: Path, *, head: tuple[int, str] | None = None) -> tuple
     entries = _checked(path, lines)
     if not entries:
         raise AccountError(f"{path}: no privacy account here (the file is missing or empty)")
-    delta, accountant = terms(entries, delta=0.0, accountant="rdp")
+    t = terms(entries, delta=0.0)
     for n in range(len(entries)):
-        recomputed = lifetime_epsilon(entries[: n + 1], delta=delta, accountant=accountant)
+        recomputed = lifetime_epsilon(entries[: n + 1], delta=t.delta)
         if abs(recomputed - float(entries[n]["epsilon"])) > 1e-6 * max(1.0, recomputed):
             raise AccountError(
                 f"{path}, line {n + 1}: epsilon {entries[n]['epsilon']} is not what its events and the lines before give ({recomputed:.6f})"
@@ -208,12 +247,14 @@ def checked_summary(path: Path, *, head: tuple[int, str] | None = None) -> tuple
         r["rounds"].append(x["round"])
         r["last"] = x["time"]
     for name, r in runs.items():
-        r["epsilon"] = epsilon_of(events_of(entries, run=name), delta=delta, accountant=accountant)
+        r["epsilon"] = epsilon_of(events_of(entries, run=name), delta=t.delta, accountant=t.accountant, order=t.order)
     events = events_of(entries)
+    delta = t.delta
     caps = [x["cap"] for x in entries if x["cap"] is not None]
     result = {
         "account": str(path),
-        "accountant": accountant,
+        "accountant": t.accountant,
+        "order": t.order,  # None: written before orders were fixed (best order: not a proven filter over runs)
         "delta": delta,
         "cap": caps[-1] if caps else None,
         "epsilon": float(entries[-1]["epsilon"]),

@@ -23,6 +23,8 @@ from typing import Any
 import numpy as np
 from opacus.accountants import create_accountant
 from opacus.accountants.accountant import IAccountant
+from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
+from opacus.accountants.rdp import RDPAccountant
 from opacus.accountants.utils import get_noise_multiplier
 
 ACCOUNTANTS = ("rdp", "prv")
@@ -33,11 +35,12 @@ Event = tuple[float, float, int]
 
 @dataclass(frozen=True)
 class Budget:
-    """What a partner may spend over the whole run."""
+    """What a partner may spend over the whole run (or, with ``order``, over a privacy account's every run)."""
 
     epsilon: float
     delta: float
     accountant: str = "rdp"
+    order: float | None = None  # RDP at this one Rényi order, not the best one: a privacy account's (see epsilon_of)
 
 
 def partner_budget(*, server_epsilon: float, partner_cap: float | None, delta: float, n_users: int, accountant: str) -> Budget:
@@ -57,18 +60,43 @@ def merge_events(events: list[Event]) -> list[Event]:
     return merged
 
 
-def epsilon_of(events: list[Event], *, delta: float, accountant: str) -> float:
-    """Epsilon at ``delta`` after ``events``, by Opacus' ``accountant`` (0 for no events)."""
+def epsilon_of(events: list[Event], *, delta: float, accountant: str, order: float | None = None) -> float:
+    """Epsilon at ``delta`` after ``events``, by Opacus' ``accountant`` (0 for no events).
+
+    With ``order``: RDP at that one Rényi order (``accountant`` must be "rdp"), as a privacy
+    filter needs. Events chosen one after another, each from what the ones before spent (a
+    partner's runs), compose as RDP only at an order fixed in advance (Feldman & Zrnic,
+    "Individual Privacy Accounting via a Rényi Filter", NeurIPS 2021); the best order, or PRV,
+    is proven for parameters fixed in advance only."""
     bad = [e for e in events if not (math.isfinite(e[0]) and e[0] > 0 and 0 < e[1] <= 1 and e[2] >= 0)]
     if bad:  # Opacus' RDP never returns on an infinite noise multiplier
         raise ValueError(f"events {bad}: expected (noise multiplier finite and above 0, 0 < sample rate <= 1, steps >= 0)")
     history = [e for e in merge_events(events) if e[2] > 0]
     if not history:
         return 0.0
+    if order is not None:
+        if accountant != "rdp":
+            raise ValueError(f"an epsilon at one order is RDP's; got the {accountant!r} accountant")
+        return _rdp_epsilon(history, delta=delta, orders=[order])[0]
     acc = create_accountant(accountant)
     acc.history = history
     with _quiet_accounting():
         return float(acc.get_epsilon(delta=delta))
+
+
+def best_order(events: list[Event], *, delta: float) -> float:
+    """The Rényi order (of Opacus' RDP accountant's) at which ``events`` spend the least epsilon at ``delta``."""
+    return _rdp_epsilon([e for e in merge_events(events) if e[2] > 0], delta=delta, orders=list(RDPAccountant.DEFAULT_ALPHAS))[1]
+
+
+def _rdp_epsilon(history: list[Event], *, delta: float, orders: list[float]) -> tuple[float, float]:
+    """(epsilon, the order that gives it): Opacus' RDP of each event, summed, converted at ``delta``."""
+    rdp = np.zeros(len(orders))
+    for sigma, rate, steps in history:
+        rdp += np.asarray(compute_rdp(q=rate, noise_multiplier=sigma, steps=steps, orders=orders))
+    with _quiet_accounting():
+        epsilon, order = get_privacy_spent(orders=orders, rdp=rdp, delta=delta)
+    return float(epsilon), float(order)
 
 
 @contextlib.contextmanager
@@ -77,8 +105,9 @@ def _quiet_accounting() -> Iterator[None]:
     # np.errstate: PRV at sample rate 1 (an item-count release) evaluates log(1 - q) in
     # a branch np.where then discards.
     with warnings.catch_warnings(), np.errstate(divide="ignore", invalid="ignore"):
-        # RDP at very low noise: "optimal order is the largest alpha" (a loose but valid bound).
-        warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
+        # RDP at very low noise: "optimal order is the largest alpha" (a loose but valid bound); at one
+        # fixed order, it is the largest and the smallest.
+        warnings.filterwarnings("ignore", message="Optimal order is the (largest|smallest) alpha")
         yield
 
 
@@ -109,9 +138,10 @@ def calibrate_noise(*, budget: Budget, sample_rate: float, steps: int, spent: li
     prior = list(spent or [])
 
     def over(noise: float) -> bool:
-        return epsilon_of([*prior, (noise, sample_rate, steps)], delta=budget.delta, accountant=budget.accountant) > budget.epsilon
+        events = [*prior, (noise, sample_rate, steps)]
+        return epsilon_of(events, delta=budget.delta, accountant=budget.accountant, order=budget.order) > budget.epsilon
 
-    if prior and over(sigma):  # the earlier events took part of the budget: bisect upwards
+    if over(sigma):  # the earlier events took part of the budget, or the order is fixed: bisect upwards
         low, high = sigma, 2 * sigma
         while over(high):
             low, high = high, 2 * high
@@ -194,8 +224,9 @@ def release_fits(*, budget: Budget, counts_noise: float, spent: Sequence[Event] 
 
     Partners skip a release that does not fit (and train without the prior): more
     would leave training too little, e.g. noise 3 alone spends ~1.2 at delta 1e-5."""
-    before = epsilon_of(list(spent), delta=budget.delta, accountant=budget.accountant)
-    after = epsilon_of([*spent, counts_release_event(counts_noise)], delta=budget.delta, accountant=budget.accountant)
+    delta, accountant, order = budget.delta, budget.accountant, budget.order
+    before = epsilon_of(list(spent), delta=delta, accountant=accountant, order=order)
+    after = epsilon_of([*spent, counts_release_event(counts_noise)], delta=delta, accountant=accountant, order=order)
     return after - before <= (budget.epsilon - before) / 2
 
 

@@ -190,7 +190,7 @@ def cmd_account(args: argparse.Namespace) -> int:
     print(
         f"lifetime epsilon {result['epsilon']:.4f}"
         + (f" of cap {cap:g} (left {cap - result['epsilon']:.4f})" if cap is not None else " (no cap)")
-        + f" at delta {result['delta']:.3g}, {result['accountant']} accountant; dp-accounting RDP {independent['dp_accounting_rdp']:.4f}, PLD {independent['dp_accounting_pld']:.4f}"
+        + f" at delta {result['delta']:.3g}, {account.counting(result)}; dp-accounting RDP {independent['dp_accounting_rdp']:.4f}, PLD {independent['dp_accounting_pld']:.4f}"
     )
     print(f"{'run':<32} {'rounds':>6} {'epsilon':>9}  from / to")
     for name, r in result["runs"].items():

@@ -377,7 +377,7 @@ def _lifetime_terms(p: dict[str, Any]) -> list[tuple[str, str]]:
         ("account verified", "yes" if life["verified"] else "NO: " + "; ".join(life["problems"])),
         ("this ledger's releases are reserved there as run", ", ".join(life["this_run"]) or "n/a (nothing released)"),
         ("runs on this data", runs),
-        ("lifetime epsilon (every run, one accountant)", f"{life['epsilon']:.4f} at delta {life['delta']:.3g}, {life['accountant']}"),
+        ("lifetime epsilon (every run, one account)", f"{life['epsilon']:.4f} at delta {life['delta']:.3g}, {account.counting(life)}"),
         ("lifetime cap", "none" if cap is None else f"{cap:g} (left {max(0.0, cap - life['epsilon']):.4f})"),
         ("lifetime epsilon by dp-accounting, RDP / PLD", f"{ind['dp_accounting_rdp']:.4f} / {ind['dp_accounting_pld']:.4f}"),
     ]

@@ -99,10 +99,11 @@ def _checked(path: Path, lines: list[str]) -> list[dict[str, Any]]:
             entry = json.loads(line)
         except json.JSONDecodeError as err:
             raise AccountError(f"{where}: not a JSON object ({err.msg}); was the file edited by hand?") from err
-        form = FIELDS if not entries or "order" in entries[0] else UNORDERED_FIELDS  # every line as the first
-        if not isinstance(entry, dict) or list(entry) not in ([list(form)] if entries else [list(FIELDS), list(UNORDERED_FIELDS)]):
+        # the first line may have either form; every later line has the first's
+        forms = [FIELDS, UNORDERED_FIELDS] if not entries else [FIELDS if "order" in entries[0] else UNORDERED_FIELDS]
+        if not isinstance(entry, dict) or tuple(entry) not in forms:
             got = list(entry) if isinstance(entry, dict) else type(entry).__name__
-            raise AccountError(f"{where}: expected the fields {list(form)}, got {got}")
+            raise AccountError(f"{where}: expected the fields {list(forms[0])}, got {got}")
         if entry["seq"] != len(entries) + 1:
             raise AccountError(f"{where}: seq is {entry['seq']}, expected {len(entries) + 1}: a line was removed, added or moved")
         if entry["prev"] != prev:
@@ -183,7 +184,7 @@ def reserve(
     with locked(path):
         lines = _lines(path)
         entries = _checked(path, lines)
-        t = terms(entries, delta=delta, order=best_order(plan or new, delta=delta))
+        t = terms(entries, delta=delta, order=None if entries else best_order(plan or new, delta=delta))
         before = lifetime_epsilon(entries, delta=t.delta, order=t.order)
         after = lifetime_epsilon(entries, extra=new, delta=t.delta, order=t.order)
         runs = len({x["run"] for x in entries} | {run})
@@ -249,18 +250,17 @@ def checked_summary(path: Path, *, head: tuple[int, str] | None = None) -> tuple
     for name, r in runs.items():
         r["epsilon"] = epsilon_of(events_of(entries, run=name), delta=t.delta, accountant=t.accountant, order=t.order)
     events = events_of(entries)
-    delta = t.delta
     caps = [x["cap"] for x in entries if x["cap"] is not None]
     result = {
         "account": str(path),
         "accountant": t.accountant,
         "order": t.order,  # None: written before orders were fixed (best order: not a proven filter over runs)
-        "delta": delta,
+        "delta": t.delta,
         "cap": caps[-1] if caps else None,
         "epsilon": float(entries[-1]["epsilon"]),
         "independent_epsilon": {
-            "dp_accounting_rdp": rdp_epsilon(events, delta=delta),
-            "dp_accounting_pld": pld_epsilon(events, delta=delta),
+            "dp_accounting_rdp": rdp_epsilon(events, delta=t.delta),
+            "dp_accounting_pld": pld_epsilon(events, delta=t.delta),
         },
         "runs": runs,
         "lines": len(entries),

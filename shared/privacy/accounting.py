@@ -23,7 +23,6 @@ from typing import Any
 import numpy as np
 from opacus.accountants import create_accountant
 from opacus.accountants.accountant import IAccountant
-from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
 from opacus.accountants.rdp import RDPAccountant
 from opacus.accountants.utils import get_noise_multiplier
 
@@ -74,29 +73,20 @@ def epsilon_of(events: list[Event], *, delta: float, accountant: str, order: flo
     history = [e for e in merge_events(events) if e[2] > 0]
     if not history:
         return 0.0
-    if order is not None:
-        if accountant != "rdp":
-            raise ValueError(f"an epsilon at one order is RDP's; got the {accountant!r} accountant")
-        return _rdp_epsilon(history, delta=delta, orders=[order])[0]
+    if order is not None and accountant != "rdp":
+        raise ValueError(f"an epsilon at one order is RDP's; got the {accountant!r} accountant")
     acc = create_accountant(accountant)
     acc.history = history
     with _quiet_accounting():
-        return float(acc.get_epsilon(delta=delta))
+        return float(acc.get_epsilon(delta=delta) if order is None else acc.get_epsilon(delta=delta, alphas=[order]))
 
 
 def best_order(events: list[Event], *, delta: float) -> float:
     """The Rényi order (of Opacus' RDP accountant's) at which ``events`` spend the least epsilon at ``delta``."""
-    return _rdp_epsilon([e for e in merge_events(events) if e[2] > 0], delta=delta, orders=list(RDPAccountant.DEFAULT_ALPHAS))[1]
-
-
-def _rdp_epsilon(history: list[Event], *, delta: float, orders: list[float]) -> tuple[float, float]:
-    """(epsilon, the order that gives it): Opacus' RDP of each event, summed, converted at ``delta``."""
-    rdp = np.zeros(len(orders))
-    for sigma, rate, steps in history:
-        rdp += np.asarray(compute_rdp(q=rate, noise_multiplier=sigma, steps=steps, orders=orders))
+    acc = RDPAccountant()
+    acc.history = [e for e in merge_events(events) if e[2] > 0]
     with _quiet_accounting():
-        epsilon, order = get_privacy_spent(orders=orders, rdp=rdp, delta=delta)
-    return float(epsilon), float(order)
+        return float(acc.get_privacy_spent(delta=delta)[1])
 
 
 @contextlib.contextmanager

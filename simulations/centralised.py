@@ -2,7 +2,7 @@
 
     python -m simulations.centralised --scenario simulations/scenarios/amazon-steam-4k.toml
         [--rounds 3] [--local-epochs 2] [--batch-size 64] [--seed 0] [--partners NAME ...]
-        [--out runs/centralised]
+        [--share-head] [--out runs/centralised]
 
 A federation without DP can at best approach what the same model learns from
 every partner's data in one place; it does not beat it. So when a partner loses
@@ -24,6 +24,10 @@ each partner's users, in one process:
   partners' batches are shuffled into one order, one optimizer step each, as if
   the raw data were in one place. The adapter thus takes as many steps as all
   partners together; each private part as many as alone.
+
+With ``--share-head`` both arms train the sequence head too (``trains =
+"all"``), and the pooled arm shares it like the adapter: whether a head
+learnt from every catalogue's histories would be worth sending.
 
 Each partner is scored after every ``local-epochs`` passes (a round's worth),
 and its final models user by user against each other
@@ -116,14 +120,22 @@ def train_together(
 
 
 def run_arm(
-    arm: str, data: dict[str, partner.PartnerData], settings: FederationSettings, *, log: Callable[[str], None] = print
+    arm: str,
+    data: dict[str, partner.PartnerData],
+    settings: FederationSettings,
+    *,
+    share_head: bool = False,
+    log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
-    """One arm's models, trained from the start: each partner's history and per-user scores at the end."""
+    """One arm's models, trained from the start: each partner's history and per-user scores at the end.
+    ``share_head``: the pooled models hold one head too (``settings.trains`` must be "all")."""
     models = {name: partner_model(settings, d) for name, d in data.items()}
     if arm == "pooled":
-        shared = next(iter(models.values())).adapter
+        first = next(iter(models.values()))
         for model in models.values():
-            model.adapter = shared  # one adapter for all: the pooled model
+            model.adapter = first.adapter  # one adapter for all: the pooled model
+            if share_head:
+                model.head = first.head
         groups = [list(models)]
     else:
         groups = [[name] for name in models]
@@ -166,18 +178,31 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-size", type=int, default=64, help="users per step")
     parser.add_argument("--seed", type=int, default=0, help="initial adapter, batches, negatives and dropout")
     parser.add_argument("--partners", nargs="+", help="only these partners (default: every partner of the scenario)")
+    parser.add_argument(
+        "--share-head",
+        action="store_true",
+        help="train the sequence head too, in both arms, and share it in the pooled one (default: the head stays at identity)",
+    )
     parser.add_argument("--out", type=Path, default=Path("runs/centralised"), help="folder for centralised.md and centralised.json")
     args = parser.parse_args(argv)
     specs = scenario_partners(parser, args.scenario, args.partners, two_for="pooling")
-    settings = FederationSettings(dp=False, rounds=args.rounds, local_epochs=args.local_epochs, batch_size=args.batch_size, seed=args.seed)
+    settings = FederationSettings(
+        dp=False,
+        rounds=args.rounds,
+        local_epochs=args.local_epochs,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        trains="all" if args.share_head else "adapter",
+    )
     started = time.monotonic()
     data = {s.name: partner.partner_data(s, max_len=partner.HEAD.max_len) for s in specs}  # read once, for both arms
-    arms = {arm: run_arm(arm, data, settings) for arm in ARMS}
+    arms = {arm: run_arm(arm, data, settings, share_head=args.share_head) for arm in ARMS}
     names = [s.name for s in specs]
     rows = {name: paired(arms["pooled"][name]["scores"], arms["alone"][name]["scores"]) for name in names}
     minutes = (time.monotonic() - started) / 60
     lines = [
-        f"`{args.scenario}`, {args.rounds} rounds x {args.local_epochs} local epochs, seed {args.seed}, without DP; "
+        f"`{args.scenario}`, {args.rounds} rounds x {args.local_epochs} local epochs, seed {args.seed}, without DP, "
+        f"{'the head trained too (shared when pooled)' if args.share_head else 'the head at identity'}; "
         f"test NDCG@10 of each partner's model trained alone / pooled with the others' data after each round, "
         f"and the final change, paired user by user (bold: the interval excludes 0). {machine()}, {minutes:.0f} min.",
         "",
@@ -189,7 +214,13 @@ def main(argv: list[str] | None = None) -> None:
         lines,
         {
             "scenario": str(args.scenario),
-            "settings": {"rounds": args.rounds, "local-epochs": args.local_epochs, "batch-size": args.batch_size, "seed": args.seed},
+            "settings": {
+                "rounds": args.rounds,
+                "local-epochs": args.local_epochs,
+                "batch-size": args.batch_size,
+                "seed": args.seed,
+                "share-head": args.share_head,
+            },
             "partners": {n: {"history": {arm: arms[arm][n]["history"] for arm in ARMS}, **rows[n]} for n in names},
             "minutes": minutes,
         },

@@ -11,6 +11,7 @@ import torch
 from client import partner
 from shared.federation.scenario import PartnerSpec, synthetic_scenario
 from shared.federation.settings import FederationSettings
+from shared.model.recommender import DomainModel
 from simulations import centralised
 from simulations.federations import scenario_file
 
@@ -68,3 +69,25 @@ def test_pooling_needs_two_partners(books_and_games: Path, capsys: pytest.Captur
     with pytest.raises(SystemExit):
         centralised.main(["--scenario", str(books_and_games), "--partners", "books"])
     assert "pooling needs two partners, got ['books']" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_share_head_trains_one_head_for_the_pooled_partners(tmp_path: Path) -> None:
+    specs = two_partners(tmp_path)
+    settings = FederationSettings(dp=False, rounds=1, local_epochs=1, batch_size=32, trains="all")
+    data = {s.name: partner.partner_data(s, max_len=partner.HEAD.max_len) for s in specs}
+    start = {k: v.clone() for k, v in centralised.partner_model(settings, data[specs[0].name]).head.state_dict().items()}
+    models = []
+    original = centralised.partner_model
+
+    def kept(settings: FederationSettings, data: partner.PartnerData) -> DomainModel:
+        models.append(original(settings, data))
+        return models[-1]
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(centralised, "partner_model", kept)
+        centralised.run_arm("pooled", data, settings, share_head=True, log=lambda _: None)
+    a, b = models
+    assert a.head is b.head and a.adapter is b.adapter
+    assert all(p.requires_grad for p in a.head.parameters())
+    assert any(not torch.equal(v, start[k]) for k, v in a.head.state_dict().items())  # the shared head trained

@@ -62,7 +62,7 @@ ARMS = ("alone", "pooled")
 
 def partner_model(settings: FederationSettings, data: partner.PartnerData) -> DomainModel:
     """A partner's model as a federation without DP starts it: the initial adapter, the
-    exact counts of its prior, the head frozen at identity."""
+    exact counts of its prior, the head at identity (frozen there unless ``settings.trains`` is "all")."""
     arrays = initial_adapter(settings, in_dim=int(data.vectors.shape[1]))
     counts = user_weighted_counts(data.split.train, n_items=data.split.n_items, window=settings.popularity_window)
     model = partner.build_model(settings, data, adapter_arrays=arrays, head=None, counts=torch.as_tensor(counts))
@@ -128,7 +128,7 @@ def run_arm(
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """One arm's models, trained from the start: each partner's history and per-user scores at the end.
-    ``share_head``: the pooled models hold one head too (``settings.trains`` must be "all")."""
+    ``share_head``: the pooled models hold one head too (it trains with ``settings.trains = "all"``)."""
     models = {name: partner_model(settings, d) for name, d in data.items()}
     if arm == "pooled":
         first = next(iter(models.values()))

@@ -130,6 +130,10 @@ class Terms:
     accountant: str
     order: float | None
 
+    def spent_on(self, events: list[Event]) -> float:
+        """Epsilon of ``events`` as the account counts them."""
+        return epsilon_of(events, delta=self.delta, accountant=self.accountant, order=self.order)
+
 
 def terms(entries: list[dict[str, Any]], *, delta: float, order: float | None = None) -> Terms:
     """The account's terms: its first line's, or for a new account the caller's delta and ``order``
@@ -149,8 +153,7 @@ def counting(result: dict[str, Any]) -> str:
 
 def lifetime_epsilon(entries: list[dict[str, Any]], *, extra: list[Event] | None = None, delta: float, order: float | None = None) -> float:
     """Epsilon of every event in the account (and ``extra``), by the account's :func:`terms`."""
-    t = terms(entries, delta=delta, order=order)
-    return epsilon_of([*events_of(entries), *(extra or [])], delta=t.delta, accountant=t.accountant, order=t.order)
+    return terms(entries, delta=delta, order=order).spent_on([*events_of(entries), *(extra or [])])
 
 
 @contextmanager
@@ -185,8 +188,8 @@ def reserve(
         lines = _lines(path)
         entries = _checked(path, lines)
         t = terms(entries, delta=delta, order=None if entries else best_order(plan or new, delta=delta))
-        before = lifetime_epsilon(entries, delta=t.delta, order=t.order)
-        after = lifetime_epsilon(entries, extra=new, delta=t.delta, order=t.order)
+        spent = events_of(entries)
+        before, after = t.spent_on(spent), t.spent_on([*spent, *new])
         runs = len({x["run"] for x in entries} | {run})
         if cap is not None and after > cap + 1e-9:
             return Reservation(False, before, after, cap, runs)
@@ -231,7 +234,7 @@ def checked_summary(path: Path, *, head: tuple[int, str] | None = None) -> tuple
         raise AccountError(f"{path}: no privacy account here (the file is missing or empty)")
     t = terms(entries, delta=0.0)
     for n in range(len(entries)):
-        recomputed = lifetime_epsilon(entries[: n + 1], delta=t.delta)
+        recomputed = t.spent_on(events_of(entries[: n + 1]))
         if abs(recomputed - float(entries[n]["epsilon"])) > 1e-6 * max(1.0, recomputed):
             raise AccountError(
                 f"{path}, line {n + 1}: epsilon {entries[n]['epsilon']} is not what its events and the lines before give ({recomputed:.6f})"
@@ -248,7 +251,7 @@ def checked_summary(path: Path, *, head: tuple[int, str] | None = None) -> tuple
         r["rounds"].append(x["round"])
         r["last"] = x["time"]
     for name, r in runs.items():
-        r["epsilon"] = epsilon_of(events_of(entries, run=name), delta=t.delta, accountant=t.accountant, order=t.order)
+        r["epsilon"] = t.spent_on(events_of(entries, run=name))
     events = events_of(entries)
     caps = [x["cap"] for x in entries if x["cap"] is not None]
     result = {

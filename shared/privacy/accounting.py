@@ -41,6 +41,10 @@ class Budget:
     accountant: str = "rdp"
     order: float | None = None  # RDP at this one Rényi order, not the best one: a privacy account's (see epsilon_of)
 
+    def spent_on(self, events: list[Event]) -> float:
+        """Epsilon of ``events`` as this budget counts them (its delta, accountant and order)."""
+        return epsilon_of(events, delta=self.delta, accountant=self.accountant, order=self.order)
+
 
 def partner_budget(*, server_epsilon: float, partner_cap: float | None, delta: float, n_users: int, accountant: str) -> Budget:
     """The server's target, lowered to the partner's own cap; delta 0 means 1 / (10 n)."""
@@ -128,8 +132,7 @@ def calibrate_noise(*, budget: Budget, sample_rate: float, steps: int, spent: li
     prior = list(spent or [])
 
     def over(noise: float) -> bool:
-        events = [*prior, (noise, sample_rate, steps)]
-        return epsilon_of(events, delta=budget.delta, accountant=budget.accountant, order=budget.order) > budget.epsilon
+        return budget.spent_on([*prior, (noise, sample_rate, steps)]) > budget.epsilon
 
     if over(sigma):  # the earlier events took part of the budget, or the order is fixed: bisect upwards
         low, high = sigma, 2 * sigma
@@ -214,9 +217,8 @@ def release_fits(*, budget: Budget, counts_noise: float, spent: Sequence[Event] 
 
     Partners skip a release that does not fit (and train without the prior): more
     would leave training too little, e.g. noise 3 alone spends ~1.2 at delta 1e-5."""
-    delta, accountant, order = budget.delta, budget.accountant, budget.order
-    before = epsilon_of(list(spent), delta=delta, accountant=accountant, order=order)
-    after = epsilon_of([*spent, counts_release_event(counts_noise)], delta=delta, accountant=accountant, order=order)
+    before = budget.spent_on(list(spent))
+    after = budget.spent_on([*spent, counts_release_event(counts_noise)])
     return after - before <= (budget.epsilon - before) / 2
 
 

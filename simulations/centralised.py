@@ -119,26 +119,30 @@ def train_together(
     return history, final
 
 
-def run_arm(
-    arm: str,
-    data: dict[str, partner.PartnerData],
-    settings: FederationSettings,
-    *,
-    share_head: bool = False,
-    log: Callable[[str], None] = print,
-) -> dict[str, Any]:
-    """One arm's models, trained from the start: each partner's history and per-user scores at the end.
-    ``share_head``: the pooled models hold one head too (it trains with ``settings.trains = "all"``)."""
+def arm_models(arm: str, data: dict[str, partner.PartnerData], settings: FederationSettings) -> dict[str, DomainModel]:
+    """Each partner's model for ``arm``, untrained. Pooled, the partners hold one adapter, and one
+    head where the head trains (``settings.trains = "all"``, ``--share-head``)."""
     models = {name: partner_model(settings, d) for name, d in data.items()}
     if arm == "pooled":
         first = next(iter(models.values()))
         for model in models.values():
             model.adapter = first.adapter  # one adapter for all: the pooled model
-            if share_head:
+            if settings.trains == "all":
                 model.head = first.head
-        groups = [list(models)]
-    else:
-        groups = [[name] for name in models]
+    return models
+
+
+def run_arm(
+    arm: str,
+    models: dict[str, DomainModel],
+    data: dict[str, partner.PartnerData],
+    settings: FederationSettings,
+    *,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Trains one arm's models (:func:`arm_models`) from the start: each partner's history and
+    per-user scores at the end. Pooled, all partners train together; alone, each by itself."""
+    groups = [list(models)] if arm == "pooled" else [[name] for name in models]
     arm_scores: dict[str, Any] = {}
     for group in groups:
         history, final = train_together({n: models[n] for n in group}, data, settings, log=log)
@@ -196,7 +200,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     started = time.monotonic()
     data = {s.name: partner.partner_data(s, max_len=partner.HEAD.max_len) for s in specs}  # read once, for both arms
-    arms = {arm: run_arm(arm, data, settings, share_head=args.share_head) for arm in ARMS}
+    arms = {arm: run_arm(arm, arm_models(arm, data, settings), data, settings) for arm in ARMS}
     names = [s.name for s in specs]
     rows = {name: paired(arms["pooled"][name]["scores"], arms["alone"][name]["scores"]) for name in names}
     minutes = (time.monotonic() - started) / 60

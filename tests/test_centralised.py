@@ -11,7 +11,6 @@ import torch
 from client import partner
 from shared.federation.scenario import PartnerSpec, synthetic_scenario
 from shared.federation.settings import FederationSettings
-from shared.model.recommender import DomainModel
 from simulations import centralised
 from simulations.federations import scenario_file
 
@@ -32,15 +31,14 @@ def test_pooled_partners_train_one_adapter_and_partners_alone_their_own(tmp_path
     a, b = (s.name for s in specs)
     start = adapter_copy(centralised.partner_model(settings, data[a]))
 
-    alone = {n: centralised.partner_model(settings, data[n]) for n in (a, b)}
+    alone = centralised.arm_models("alone", data, settings)
     for n in (a, b):
         centralised.train_together({n: alone[n]}, data, settings, log=lambda _: None)
     trained_a, trained_b = adapter_copy(alone[a]), adapter_copy(alone[b])
     assert any(not torch.equal(trained_a[k], start[k]) for k in start)
     assert any(not torch.equal(trained_a[k], trained_b[k]) for k in start)  # each its own
 
-    pooled = {n: centralised.partner_model(settings, data[n]) for n in (a, b)}
-    pooled[b].adapter = pooled[a].adapter
+    pooled = centralised.arm_models("pooled", data, settings)
     history, _ = centralised.train_together(pooled, data, settings, log=lambda _: None)
     assert pooled[a].adapter is pooled[b].adapter
     assert all(not p.requires_grad for m in pooled.values() for p in m.head.parameters())  # trains = "adapter"
@@ -76,18 +74,10 @@ def test_share_head_trains_one_head_for_the_pooled_partners(tmp_path: Path) -> N
     specs = two_partners(tmp_path)
     settings = FederationSettings(dp=False, rounds=1, local_epochs=1, batch_size=32, trains="all")
     data = {s.name: partner.partner_data(s, max_len=partner.HEAD.max_len) for s in specs}
-    start = {k: v.clone() for k, v in centralised.partner_model(settings, data[specs[0].name]).head.state_dict().items()}
-    models = []
-    original = centralised.partner_model
-
-    def kept(settings: FederationSettings, data: partner.PartnerData) -> DomainModel:
-        models.append(original(settings, data))
-        return models[-1]
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(centralised, "partner_model", kept)
-        centralised.run_arm("pooled", data, settings, share_head=True, log=lambda _: None)
-    a, b = models
+    models = centralised.arm_models("pooled", data, settings)
+    a, b = models.values()
+    start = {k: v.detach().clone() for k, v in a.head.state_dict().items()}
+    centralised.run_arm("pooled", models, data, settings, log=lambda _: None)
     assert a.head is b.head and a.adapter is b.adapter
     assert all(p.requires_grad for p in a.head.parameters())
     assert any(not torch.equal(v, start[k]) for k, v in a.head.state_dict().items())  # the shared head trained

@@ -231,7 +231,9 @@ def test_a_privacy_account_caps_every_run_on_the_data_together(tmp_path: Path) -
     assert "too little is left of this partner's lifetime epsilon 5 over 3 run(s)" in third.note
     entries = account.read(tmp_path / "account.jsonl")
     assert [x["run"] for x in entries] == ["first", "second"]
-    assert 4.9 < entries[-1]["epsilon"] <= 5.0 and entries[-1]["epsilon"] == pytest.approx(account.lifetime_epsilon(entries, delta=1.0))
+    assert 4.9 < entries[-1]["epsilon"] <= 5.0 and entries[-1]["epsilon"] == pytest.approx(
+        account.terms(entries, delta=1.0).spent_on(account.events_of(entries))
+    )
     # the privacy officer's report of the second run's ledger finds that run in the account
     report = build_report(tmp_path / "second" / "ledger.jsonl", account_path=tmp_path / "account.jsonl")
     life = report["partners"][0]["lifetime"]

@@ -151,11 +151,6 @@ def counting(result: dict[str, Any]) -> str:
     return f"{result['accountant']} at its best order (an account written before orders were fixed: not a proven cap over runs)"
 
 
-def lifetime_epsilon(entries: list[dict[str, Any]], *, extra: list[Event] | None = None, delta: float, order: float | None = None) -> float:
-    """Epsilon of every event in the account (and ``extra``), by the account's :func:`terms`."""
-    return terms(entries, delta=delta, order=order).spent_on([*events_of(entries), *(extra or [])])
-
-
 @contextmanager
 def locked(path: Path) -> Iterator[None]:
     """An exclusive lock on ``path`` for one reservation (``path``.lock beside it; POSIX advisory lock)."""

@@ -39,6 +39,8 @@ def test_reservations_compose_over_runs_and_stop_at_the_cap(tmp_path: Path) -> N
     # the first run alone is counted as its own accountant counts it; the runs after it at no better than their best order
     assert entries[2]["epsilon"] == pytest.approx(epsilon_of([(1.0, 0.02, 300)], delta=DELTA, accountant="rdp"))
     assert entries[-1]["epsilon"] >= epsilon_of([(1.0, 0.02, 100 * k)], delta=DELTA, accountant="rdp")
+    # recomputed without Opacus, at the account's order: the same figure
+    assert account.summary(path)["independent_epsilon"]["integrated_rdp"] == pytest.approx(entries[-1]["epsilon"], rel=1e-6)
 
 
 def test_the_account_keeps_its_first_delta_and_order(tmp_path: Path) -> None:

@@ -11,6 +11,7 @@ import pytest
 from shared.cli import main as cli_main
 from shared.privacy import account, independent, ledger
 from shared.privacy.accounting import epsilon_of, plan
+from shared.privacy.report import integration_warning
 from tests.browser import assert_page_shows_every_partner
 
 # --------------------------------------------------------------------------- accounting against dp-accounting
@@ -25,9 +26,9 @@ def random_history(rng: np.random.Generator) -> list[tuple[float, float, int]]:
 def test_our_rdp_epsilon_equals_dp_accounting_within_one_percent() -> None:
     """200 random histories of 1-5 events with epsilon up to 20 (the range budgets live in).
 
-    Beyond it, at low noise and high sample rates, dp-accounting drops fractional
-    RDP orders whose series does not converge in 1,000 terms, and its bound is a
-    few percent looser than Opacus' (which sums to convergence).
+    Beyond it, at low noise and high sample rates, dp-accounting's figure is a few
+    percent higher: at fractional orders it sums the series by the terms' magnitudes
+    (next test), and drops an order where that sum does not converge in 1,000 terms.
     """
     rng = np.random.default_rng(7)
     checked = 0
@@ -40,6 +41,54 @@ def test_our_rdp_epsilon_equals_dp_accounting_within_one_percent() -> None:
         theirs = independent.rdp_epsilon(events, delta=delta)
         assert ours == pytest.approx(theirs, rel=0.01), (events, delta)
         checked += 1
+
+
+def test_integrated_rdp_equals_opacus_to_rounding() -> None:
+    """Direct integration of the RDP definition against Opacus' series, over random histories
+    (item-count releases at sample rate 1 among them), at the best order and at a fixed one."""
+    rng = np.random.default_rng(11)
+    checked = 0
+    while checked < 40:
+        events = random_history(rng) + ([(3.0, 1.0, 1)] if rng.random() < 0.3 else [])
+        delta = float(10 ** rng.uniform(-7, -3))
+        ours = epsilon_of(events, delta=delta, accountant="rdp")
+        if not 0.05 < ours < 50:
+            continue
+        assert independent.integrated_epsilon(events, delta=delta) == pytest.approx(ours, rel=1e-9), (events, delta)
+        checked += 1
+    fixed = epsilon_of([(0.8, 0.3, 40)], delta=1e-5, accountant="rdp", order=5.5)
+    assert independent.integrated_epsilon([(0.8, 0.3, 40)], delta=1e-5, order=5.5) == pytest.approx(fixed, rel=1e-9)
+
+
+def test_dp_accounting_is_above_the_integral_at_fractional_orders_only() -> None:
+    """What the report says of dp-accounting's RDP figure, on ``make demo``'s partners' events: at
+    integer orders it equals the integral; at fractional ones it is higher (the series summed by
+    the terms' magnitudes), and its best order is fractional, so its epsilon is a little higher."""
+    from dp_accounting.rdp import RdpAccountant
+
+    events, delta = [(0.7512, 0.1429, 21), (3.0, 1.0, 1)], 2.5e-4
+
+    def dp_accounting_at(order: float) -> float:
+        accountant = RdpAccountant(orders=[order])
+        accountant.compose(independent._dp_event(events))
+        return float(accountant.get_epsilon(delta))
+
+    for order in (2.0, 3.0, 5.0):
+        assert dp_accounting_at(order) == pytest.approx(independent.integrated_epsilon(events, delta=delta, order=order), rel=1e-9)
+    for order in (2.4, 2.6, 3.5):
+        assert dp_accounting_at(order) > independent.integrated_epsilon(events, delta=delta, order=order) + 1e-4
+    ours = epsilon_of(events, delta=delta, accountant="rdp")
+    assert independent.integrated_epsilon(events, delta=delta) == pytest.approx(ours, rel=1e-9)
+    assert 1.001 * ours < independent.rdp_epsilon(events, delta=delta) < 1.01 * ours
+
+
+def test_the_report_says_when_the_integral_does_not_back_the_ledger() -> None:
+    def partner(accountant: str, recorded: float, integrated: float) -> dict[str, object]:
+        return {"accountant": accountant, "epsilon": recorded, "independent_epsilon": {"integrated_rdp": integrated}}
+
+    assert integration_warning(partner("rdp", 2.0, 2.0 + 1e-9)) == ""
+    assert "DIFFERS from the ledger's 2.000000" in integration_warning(partner("rdp", 2.0, 2.01))
+    assert integration_warning(partner("prv", 2.0, 2.3)) == ""  # PRV's figure is not RDP's
 
 
 def test_pld_is_no_looser_than_rdp() -> None:
@@ -308,10 +357,12 @@ def test_report_of_a_run_folder(tmp_path: Path, capsys: pytest.CaptureFixture[st
     assert books["noise_multiplier"] == [0.9] and books["max_grad_norm"] == [1.0] and books["sample_rate"] == [0.02]
     assert books["item_counts_noise"] == [5.0]
     assert books["budget_left"] == pytest.approx(4.0 - books["epsilon"])
+    assert books["independent_epsilon"]["integrated_rdp"] == pytest.approx(books["epsilon"], rel=1e-6)
     assert books["independent_epsilon"]["dp_accounting_rdp"] == pytest.approx(books["epsilon"], rel=0.01)
     assert books["independent_epsilon"]["dp_accounting_pld"] <= books["epsilon"]
     md = (out / "report.md").read_text()
     assert "## Partner books" in md and "What is not protected" in md and "item catalogue" in md
+    assert "| epsilon by direct integration, RDP | " + f"{books['epsilon']:.4f} (equals the ledger's to 1e-6) |" in md
     csv_rows = (out / "ledger.csv").read_text().splitlines()
     assert csv_rows[0].startswith("partner,seq,round,status,mechanism") and len(csv_rows) == 1 + 2 * (4 + 1)  # + round 1 item counts
     assert_page_shows_every_partner(out / "report.html", ["books", "games"], tmp_path, plots_each=2)

@@ -215,13 +215,14 @@ def summary(path: Path, *, head: tuple[int, str] | None = None) -> dict[str, Any
     """The account checked and summed up, for ``fedxrec privacy account``: per run and over
     the lifetime, epsilon by the account's accountant, each line's recorded epsilon recomputed
     from the events (``AccountError`` names the first line that does not add up), and
-    dp-accounting's independent RDP and PLD figures for the lifetime."""
+    the independent figures for the lifetime: RDP by direct integration at the account's order,
+    and dp-accounting's RDP and PLD."""
     return checked_summary(path, head=head)[0]
 
 
 def checked_summary(path: Path, *, head: tuple[int, str] | None = None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """:func:`summary` and the account's lines it checked, from one read of the file."""
-    from shared.privacy.independent import pld_epsilon, rdp_epsilon
+    from shared.privacy.independent import integrated_epsilon, pld_epsilon, rdp_epsilon
 
     lines = _lines(path)
     entries = _checked(path, lines)
@@ -257,6 +258,7 @@ def checked_summary(path: Path, *, head: tuple[int, str] | None = None) -> tuple
         "cap": caps[-1] if caps else None,
         "epsilon": float(entries[-1]["epsilon"]),
         "independent_epsilon": {
+            "integrated_rdp": integrated_epsilon(events, delta=t.delta, order=t.order),
             "dp_accounting_rdp": rdp_epsilon(events, delta=t.delta),
             "dp_accounting_pld": pld_epsilon(events, delta=t.delta),
         },

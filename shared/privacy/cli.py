@@ -139,7 +139,7 @@ def _parse_head(text: str, *, printed_by: str) -> tuple[int, str]:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from shared.privacy.report import build_report, write_report
+    from shared.privacy.report import build_report, integration_warning, write_report
 
     source = Path(args.source)
     if not source.exists():
@@ -152,7 +152,7 @@ def cmd_report(args: argparse.Namespace) -> int:
         state = "verified" if p["verified"] else "VERIFICATION FAILED"
         print(
             f"{p['partner']:<24} epsilon {p['epsilon']:.4f} of {p['budget_epsilon'] if p['budget_epsilon'] is not None else 'n/a'} "
-            f"(dp-accounting RDP {p['independent_epsilon'].get('dp_accounting_rdp', 0):.4f}, PLD {p['independent_epsilon'].get('dp_accounting_pld', 0):.4f}); "
+            f"({_crosscheck(p['independent_epsilon'])}); "
             f"rounds joined {len(p['rounds_joined'])}, declined {len(p['rounds_declined'])}; {state}"
         )
         life = p.get("lifetime")
@@ -164,12 +164,22 @@ def cmd_report(args: argparse.Namespace) -> int:
                 + f" over {len(life['runs'])} run(s) in {life['account']}"
                 + (f"; this run is {', '.join(life['this_run'])} there" if life["this_run"] else "")
             )
+        if warning := integration_warning(p):
+            print(f"{'':<24} WARNING: integrated RDP epsilon {p['independent_epsilon']['integrated_rdp']:.6f} {warning}")
         for problem in p["problems"]:
             print(f"{'':<24} FAILED: {problem}")
     if report["released_nothing"]:
         print(f"released nothing in this run (no ledger; trained in no round): {', '.join(report['released_nothing'])}")
     print("wrote " + ", ".join(str(p) for p in paths))
     return 0 if report["verified"] else 1
+
+
+def _crosscheck(independent: dict[str, float]) -> str:
+    """The figures recomputed without Opacus, as one line's part (0 where nothing was released)."""
+    return ", ".join(
+        f"{label} {independent.get(key, 0.0):.4f}"
+        for label, key in (("integrated RDP", "integrated_rdp"), ("dp-accounting RDP", "dp_accounting_rdp"), ("PLD", "dp_accounting_pld"))
+    )
 
 
 def cmd_account(args: argparse.Namespace) -> int:
@@ -190,7 +200,7 @@ def cmd_account(args: argparse.Namespace) -> int:
     print(
         f"lifetime epsilon {result['epsilon']:.4f}"
         + (f" of cap {cap:g} (left {cap - result['epsilon']:.4f})" if cap is not None else " (no cap)")
-        + f" at delta {result['delta']:.3g}, {account.counting(result)}; dp-accounting RDP {independent['dp_accounting_rdp']:.4f}, PLD {independent['dp_accounting_pld']:.4f}"
+        + f" at delta {result['delta']:.3g}, {account.counting(result)}; {_crosscheck(independent)}"
     )
     print(f"{'run':<32} {'rounds':>6} {'epsilon':>9}  from / to")
     for name, r in result["runs"].items():

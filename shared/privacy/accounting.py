@@ -3,8 +3,10 @@
 Privacy unit: one user. One DP-SGD example is a user's whole training sequence,
 users are Poisson-sampled, and whatever a partner trains in the federation (the
 adapter, and the head with ``trains = "all"``) is trained by the one DP
-optimizer, so the (epsilon, delta) guarantee covers everything a partner releases
-from training (the adapter it sends each round).
+optimizer, so the (epsilon, delta) guarantee covers the trained weights a partner
+releases (the adapter it sends each round). The statistics it reports beside them
+(the round's mean training loss, its evaluation metrics) are not covered: the
+privacy report lists them under "What is not protected".
 
 The accountant is Opacus' (RDP or PRV); its ``state_dict`` holds only the history
 of (noise multiplier, sample rate, steps), which is stored with the partner's

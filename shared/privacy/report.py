@@ -37,7 +37,8 @@ from shared.privacy import account, independent, ledger
 DP_UNIT = "one user: every interaction of one user in the partner's domain (user-level DP)"
 PROTECTED = [
     "whether any one user is in the partner's data, and anything about that user's interactions, "
-    "as far as it can be learned from the adapters the partner sent (the only thing training releases)",
+    "as far as it can be learned from the adapters the partner sent (the only thing training releases under DP; "
+    "the statistics below are sent beside them without noise)",
 ]
 CROSSCHECK_NOTE = (
     "Epsilon is recomputed from the ledger's events three ways, none of them Opacus. Direct integration: each step's Rényi "
@@ -53,6 +54,8 @@ NOT_PROTECTED = [
     "the approximate number of users: it follows from the sample rate, and the number of examples per round is reported",
     "the partner's participation: which rounds it joined or declined, and its evaluation metrics (valid/test NDCG@10, Recall@10), "
     "which are computed on its data without noise and sent to the coordinator",
+    "each round's mean training loss (the metric 'loss'), the average of its DP-SGD steps' losses on the users they sampled, "
+    "computed without noise and sent to the coordinator with the adapter",
     "anything released outside training (for example recommendations served to users)",
 ]
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 from collections import OrderedDict
 from dataclasses import dataclass
 from functools import cached_property
@@ -28,6 +29,7 @@ from shared.checks import number_from_env
 from shared.data.split import DomainSplit
 from shared.device import training_device
 from shared.encoder import TextEncoder, hash_tensors
+from shared.federation import wire
 from shared.federation.adapter import adapter_config
 from shared.federation.scenario import SIMULATION_NODE_CONFIG, PartnerSpec, partner_from_node_config, scenario_partners
 from shared.federation.settings import PARTNER_HEAD_HEADS, FederationSettings
@@ -296,7 +298,7 @@ def train(
     def decline(note: str, sigma: float = 0.0) -> tuple[TrainReply, PartnerState]:
         # The counts (if drawn) are dropped unused: nothing that depends on them leaves.
         spent = accountant.epsilon()
-        metrics = _train_metrics(0, 0.0, 0, spent, budget.delta, sigma, sample_rate, declined=True)
+        metrics = as_sent(_train_metrics(0, 0.0, 0, spent, budget.delta, sigma, sample_rate, declined=True), spec, folder, server_round)
         ledger.append(ledger_path, ledger_entry(spec, settings, budget, server_round, [], spent, 0, note))
         return TrainReply(arrays, metrics, note, _whole_ledger(ledger_path)), state
 
@@ -357,12 +359,29 @@ def train(
         state.noise_multiplier or 0.0,
         sample_rate,
     )
+    metrics = as_sent(metrics, spec, folder, server_round)
     return TrainReply(adapter_state(model.adapter), metrics, "", _whole_ledger(ledger_path)), new_state
 
 
 def _whole_ledger(path: Path) -> str:
     """What a training reply sends of the partner's ledger: every line so far, so the run's copy can catch up."""
     return path.read_text(encoding="utf-8") if path.is_file() else ""
+
+
+OWN_METRICS = "own-metrics.jsonl"  # a withholding partner's statistics, in its state folder
+
+
+def as_sent(metrics: dict[str, float], spec: PartnerSpec, folder: Path, server_round: int) -> dict[str, float]:
+    """The metrics as the partner sends them. With node config ``withhold-metrics``, each statistic it
+    computed without noise on its users (:data:`wire.WITHHELD_METRICS`) goes as :data:`wire.WITHHELD`,
+    and the figures are appended to ``own-metrics.jsonl`` in its state folder instead."""
+    if not spec.withhold_metrics:
+        return metrics
+    kept = {name: value for name, value in metrics.items() if name in wire.WITHHELD_METRICS}
+    folder.mkdir(parents=True, exist_ok=True)  # a run's first round may be declined before anything else is written
+    with (folder / OWN_METRICS).open("a", encoding="utf-8") as fh:
+        fh.write(json.dumps({"round": server_round, **kept}) + "\n")
+    return {name: wire.WITHHELD if name in wire.WITHHELD_METRICS else value for name, value in metrics.items()}
 
 
 def _train_metrics(
@@ -409,4 +428,4 @@ def evaluate_global(
             continue
         m = ranking_metrics(model, data.split, which)
         out[names[0]], out[names[1]] = m["ndcg@10"], m["recall@10"]
-    return out
+    return as_sent(out, spec, folder, server_round)

@@ -6,7 +6,7 @@ from typing import Any
 
 from server.run_folder import RunFolder
 from server.strategy import PartnerReply, RoundLog
-from shared.federation.wire import EVALUATE_METRICS, TRAIN_METRICS
+from shared.federation.wire import EVALUATE_METRICS, TRAIN_METRICS, WITHHELD, WITHHELD_METRICS
 
 NO_DP = -1.0
 
@@ -23,6 +23,7 @@ def round_rows(server_round: int, log: RoundLog) -> list[dict[str, Any]]:
         for name in TRAIN_METRICS:
             value = reply.metrics.get(name)
             row[_key(name)] = None if value == NO_DP and name in ("epsilon", "delta") else value
+        _mark_withheld(row, reply)
         row["declined"] = bool(reply.metrics.get("declined"))
         row["rejected"] = bool(reply.rejected)  # left out of the average by the server (server.screening)
         row["failed"] = bool(reply.failed)  # the partner's ClientApp raised instead of replying
@@ -47,6 +48,7 @@ def round_rows(server_round: int, log: RoundLog) -> list[dict[str, Any]]:
         for name in EVALUATE_METRICS:
             if name != "num-examples":
                 row[_key(name)] = reply.metrics.get(name)
+        _mark_withheld(row, reply)
         if reply.rejected or reply.failed:
             row["note"] = _joined(row["note"], _note(reply, "evaluation"))
     # kept apart from another node of the same name (PartnerFedAvg.finish_round): one note per row
@@ -54,6 +56,14 @@ def round_rows(server_round: int, log: RoundLog) -> list[dict[str, Any]]:
     for name, reply in kept_apart.items():
         rows[name]["note"] = _joined(rows[name]["note"], _clash(reply))
     return list(rows.values())
+
+
+def _mark_withheld(row: dict[str, Any], reply: PartnerReply) -> None:
+    """A statistic the partner withheld (node config withhold-metrics) is recorded as None, and the row says so."""
+    withheld = [name for name in WITHHELD_METRICS if reply.metrics.get(name) == WITHHELD]
+    for name in withheld:
+        row[_key(name)] = None
+    row["withheld"] = bool(withheld) or row.get("withheld", False)
 
 
 def _joined(*notes: str) -> str:
@@ -90,13 +100,19 @@ def end_round(run: RunFolder, server_round: int, arrays: dict[str, Any], log: Ro
     width = max([24, *(len(row["partner"]) for row in rows)])  # a name kept apart by node id is long
     print(f"  {'partner':<{width}} {'loss':>7} {'epsilon':>8} {'valid NDCG@10':>14} {'test NDCG@10':>13} {'sent B':>9} {'received B':>11}")
     for row in rows:
-        eps, loss = row.get("epsilon"), row.get("loss")  # None: not trained this round
+        eps, loss = row.get("epsilon"), row.get("loss")  # None: not trained this round, or withheld
+        valid, test = (_score(row, f"{which}_ndcg@10") for which in ("valid", "test"))
         print(
             f"  {row['partner']:<{width}} {'-' if loss is None else format(loss, '.3f'):>7} {'-' if eps is None else format(eps, '.3f'):>8} "
-            f"{row.get('valid_ndcg@10') or 0:>14.4f} {row.get('test_ndcg@10') or 0:>13.4f} {row.get('bytes_sent', 0):>9,} {row.get('bytes_received', 0):>11,}"
+            f"{valid:>14} {test:>13} {row.get('bytes_sent', 0):>9,} {row.get('bytes_received', 0):>11,}"
             + (f"  ({row['note']})" if row.get("note") else "")
         )
     print(
         f"  the full encoder would be {encoder_bytes:,} bytes; each partner sent and received {log.bytes_sent_each / encoder_bytes:.2%} of that"
     )
     return rows
+
+
+def _score(row: dict[str, Any], key: str) -> str:
+    value = row.get(key)
+    return "withheld" if value is None and row.get("withheld") else format(value or 0, ".4f")

@@ -172,6 +172,7 @@ class RunFolder:
                 p["rounds_declined"] += 1
             elif row.get("steps"):
                 p["rounds_trained"] += 1
+            p["withheld"] = bool(row.get("withheld")) or p.get("withheld", False)
             for key in (
                 "valid_ndcg@10",
                 "valid_recall@10",
@@ -220,14 +221,20 @@ class RunFolder:
         for name, p in partners.items():
             eps = "no DP" if not settings.dp else "-" if p.get("epsilon") is None else f"{p['epsilon']:.3f}"
             delta = "" if p.get("delta") is None else f"{p['delta']:.1e}"
+            test_ndcg, test_recall, valid_ndcg = (_figure(p, key) for key in ("test_ndcg@10", "test_recall@10", "valid_ndcg@10"))
             lines.append(
-                f"| {name} | {p.get('test_ndcg@10', float('nan')):.4f} | {p.get('test_recall@10', float('nan')):.4f} | "
-                f"{p.get('valid_ndcg@10', float('nan')):.4f} | {eps} | {delta} | {p['rounds_trained']} | {p['rounds_declined']} |"
+                f"| {name} | {test_ndcg} | {test_recall} | {valid_ndcg} | {eps} | {delta} | {p['rounds_trained']} | {p['rounds_declined']} |"
                 + "".join(f" {p[f'rounds_{k}']} |" for k in left_out)
                 + (f" {p.get('global_weight', float('nan')):g} |" if mixed else "")
             )
         (self.root / "summary.md").write_text("\n".join(lines) + "\n")
         return summary
+
+
+def _figure(partner: dict[str, Any], key: str) -> str:
+    """A quality figure of the summary: "withheld" where the partner withholds its statistics (node config withhold-metrics)."""
+    value = partner.get(key)
+    return "withheld" if value is None and partner.get("withheld") else format(float("nan") if value is None else value, ".4f")
 
 
 SELF_DECLARED = {"bound_by": "self-declared"}

@@ -162,6 +162,8 @@ def test_supernodes_serve_run_after_run_within_their_lifetime_budget(tmp_path: P
 
         def supernode(name: str) -> list[str]:  # each partner: its data, its private folder, its own cap, its key
             node_config = f"data-path='{tmp_path / 'data' / name}' state-dir='{tmp_path / 'partners' / name}' max-epsilon=8"
+            if name == names[0]:  # it sends none of the statistics no epsilon covers
+                node_config += " withhold-metrics=true"
             return [
                 str(BIN / "flower-supernode"),
                 f"--root-certificates={ca}",
@@ -240,6 +242,13 @@ def test_supernodes_serve_run_after_run_within_their_lifetime_budget(tmp_path: P
     assert json.loads((tuned / "metrics.json").read_text())["from"]["run_id"] == "first"
     rows = [json.loads(line) for line in (runs / "second" / "metrics.jsonl").read_text().splitlines()]
     assert rows and all(r["declined"] for r in rows) and {r["partner"] for r in rows} == set(names)
+    first_rows = [json.loads(line) for line in (runs / "first" / "metrics.jsonl").read_text().splitlines()]
+    for row in first_rows:  # the withholding partner's statistics are not on the coordinator's record; the other's are
+        withheld = row["partner"] == names[0]
+        assert row["withheld"] == withheld and (row["test_ndcg@10"] is None) == withheld and (row["loss"] is None) == withheld
+        assert 0 < row["epsilon"] <= 8.0  # DP-covered: sent either way
+    kept = (tmp_path / "partners" / names[0] / "runs" / "first" / "own-metrics.jsonl").read_text().splitlines()
+    assert len(kept) == 4 and all(json.loads(line)["round"] in (1, 2) for line in kept)  # train and evaluate, 2 rounds
     for run_id in ("first", "second"):  # every row under the name its node was registered with, and the run says so
         rows = [json.loads(line) for line in (runs / run_id / "metrics.jsonl").read_text().splitlines()]
         assert {(r["partner"], r["node_id"]) for r in rows} == set(node_ids.items())

@@ -17,7 +17,9 @@ from client import partner
 from client.client_app import STATE_KEY, evaluate, train
 from client.finetune import federated_start
 from client.private_state import PartnerState, newest_state
+from server.rounds import round_rows
 from server.run_folder import RunFolder
+from server.strategy import PartnerReply, RoundLog
 from shared.federation import wire
 from shared.federation.adapter import initial_adapter
 from shared.federation.scenario import synthetic_scenario
@@ -204,6 +206,46 @@ def test_a_partner_cap_below_the_server_target_binds(tmp_path: Path) -> None:
         )
         assert reply.metrics["epsilon"] <= 1.0 * 1.011
     assert reply.metrics["epsilon"] > 0.9
+
+
+@pytest.mark.slow
+def test_a_partner_can_withhold_the_statistics_no_epsilon_covers(tmp_path: Path) -> None:
+    """Node config withhold-metrics: the loss and the quality metrics go as WITHHELD (same keys), the
+    partner keeps them in its state folder, and the server records them as withheld, not as figures."""
+    settings = settings_for(tmp_path)
+    found = partner.resolve_partner({"partition-id": 0, "num-partitions": 3}, settings)
+    spec = dataclasses.replace(found, withhold_metrics=True)
+    folder, arrays = tmp_path / "shop", initial_adapter(settings, in_dim=ENCODER_DIM)
+    reply, state = partner.train(settings=settings, server_round=1, spec=spec, arrays=arrays, state=PartnerState(), folder=folder)
+    scores = partner.evaluate_global(settings=settings, server_round=1, spec=spec, arrays=reply.arrays, state=state, folder=folder)
+    assert set(reply.metrics) == set(wire.TRAIN_METRICS) and set(scores) == set(wire.EVALUATE_METRICS)
+    sent = {**reply.metrics, **scores}
+    assert {name: sent[name] for name in wire.WITHHELD_METRICS} == dict.fromkeys(wire.WITHHELD_METRICS, wire.WITHHELD)
+    assert reply.metrics["steps"] > 0 and 0 < reply.metrics["epsilon"] <= settings.target_epsilon * 1.011  # DP-covered: sent
+    kept = [json.loads(line) for line in (folder / partner.OWN_METRICS).read_text().splitlines()]
+    assert [sorted(k) for k in kept] == [["loss", "round"], ["round", "test-ndcg@10", "test-recall@10", "valid-ndcg@10", "valid-recall@10"]]
+    assert kept[0]["loss"] > 0 and all(0 <= kept[1][name] <= 1 for name in wire.WITHHELD_METRICS if name != "loss")
+
+    log = RoundLog(
+        train=[PartnerReply(node_id=7, partner=spec.name, note="", metrics=reply.metrics)],
+        evaluate=[PartnerReply(node_id=7, partner=spec.name, note="", metrics=scores)],
+    )
+    (row,) = round_rows(1, log)
+    assert row["withheld"] and all(row[name.replace("-", "_")] is None for name in wire.WITHHELD_METRICS)
+    assert row["epsilon"] == reply.metrics["epsilon"] and row["steps"] == reply.metrics["steps"]
+    # a first round declined (a capped partner, a run without DP) is the first thing written in a fresh folder
+    capped = dataclasses.replace(spec, max_epsilon=4.0)
+    declined, _ = partner.train(
+        settings=settings_for(tmp_path, dp=False), server_round=1, spec=capped, arrays=arrays, state=PartnerState(), folder=tmp_path / "new"
+    )
+    assert declined.metrics["declined"] == 1 and declined.metrics["loss"] == wire.WITHHELD
+    assert (tmp_path / "new" / partner.OWN_METRICS).is_file()
+
+    run = RunFolder(tmp_path / "run")
+    run.append_metrics([row])
+    summary = run.write_summary(settings=settings, adapter_bytes=100, encoder_bytes=10**6)
+    assert summary["partners"][spec.name]["withheld"] and "test_ndcg@10" not in summary["partners"][spec.name]
+    assert f"| {spec.name} | withheld | withheld | withheld | {row['epsilon']:.3f} |" in (run.root / "summary.md").read_text()
 
 
 @pytest.mark.slow

@@ -167,6 +167,11 @@ def test_node_config_errors_name_every_key() -> None:
     assert (spec.name, spec.max_epsilon, spec.account) == ("shop", 4.0, Path("/keep/privacy-account.jsonl"))
     shared = partner_from_node_config({"data-path": "/data/shop", "state-dir": "/keep", "privacy-account": "/accounts/shop.jsonl"})
     assert shared.account == Path("/accounts/shop.jsonl")
+    # a string would read as true whatever it says: only a TOML boolean is taken
+    with pytest.raises(ValueError, match="withhold-metrics must be true or false, got 'false'"):
+        partner_from_node_config({"data-path": "/data/shop", "state-dir": "/keep", "withhold-metrics": "false"})
+    assert partner_from_node_config({"data-path": "/data/shop", "state-dir": "/keep", "withhold-metrics": True}).withhold_metrics
+    assert not spec.withhold_metrics
 
 
 def test_scenario_partner_settings_are_checked(tmp_path: Path) -> None:

@@ -11,7 +11,7 @@ import pytest
 from shared.cli import main as cli_main
 from shared.privacy import account, independent, ledger
 from shared.privacy.accounting import epsilon_of, plan
-from shared.privacy.report import integration_warning
+from shared.privacy.report import build_report, integration_warning, to_markdown
 from tests.browser import assert_page_shows_every_partner
 
 # --------------------------------------------------------------------------- accounting against dp-accounting
@@ -196,6 +196,31 @@ def test_verify_rejects_an_event_of_unknown_mechanism(tmp_path: Path) -> None:
     assert not result.ok and "mechanism 'laplace'" in "; ".join(result.problems)
 
 
+def test_a_report_says_which_partners_withheld_their_scores(tmp_path: Path) -> None:
+    """A partner with node config withhold-metrics: the run's summary says so, its rows have no scores."""
+    run = fake_run(tmp_path)
+    summary = json.loads((run / "summary.json").read_text())
+    summary["partners"]["games"]["withheld"] = True
+    (run / "summary.json").write_text(json.dumps(summary))
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    for row in rows:
+        if row["partner"] == "games":
+            row.update({"test_ndcg@10": None, "valid_ndcg@10": None, "withheld": True})
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    built = build_report(run)
+    assert [(p["partner"], p["withheld_metrics"], len(p["quality"])) for p in built["partners"]] == [
+        ("books", False, 4),
+        ("games", True, 0),
+    ]
+    assert "| loss and quality metrics (sent without noise) | withheld by the partner (node config withhold-metrics) |" in to_markdown(
+        built
+    )
+    own = build_report(run / "ledger" / "books.jsonl")["partners"][0]  # a ledger alone does not say
+    assert own.get("withheld_metrics") is None and "not known from a ledger alone" in to_markdown(
+        build_report(run / "ledger" / "books.jsonl")
+    )
+
+
 @pytest.mark.parametrize(
     ("field", "value", "words"),
     [
@@ -363,6 +388,7 @@ def test_report_of_a_run_folder(tmp_path: Path, capsys: pytest.CaptureFixture[st
     md = (out / "report.md").read_text()
     assert "## Partner books" in md and "What is not protected" in md and "item catalogue" in md
     assert "| epsilon by direct integration, RDP | " + f"{books['epsilon']:.4f} (equals the ledger's to 1e-6) |" in md
+    assert "| loss and quality metrics (sent without noise) | sent each round: not covered by epsilon |" in md
     csv_rows = (out / "ledger.csv").read_text().splitlines()
     assert csv_rows[0].startswith("partner,seq,round,status,mechanism") and len(csv_rows) == 1 + 2 * (4 + 1)  # + round 1 item counts
     assert_page_shows_every_partner(out / "report.html", ["books", "games"], tmp_path, plots_each=2)

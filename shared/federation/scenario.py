@@ -42,6 +42,7 @@ class PartnerSpec:
     max_delta: float | None = None  # None: 1 / (the partner's users)
     account: Path | None = None  # the privacy account kept across runs (shared.privacy.account)
     device: str | None = None  # a deployed partner's own choice (node config); None: the run's
+    withhold_metrics: bool = False  # send its loss and quality metrics as wire.WITHHELD, keeping them itself
 
 
 # A deployed partner's node config (``flower-supernode --node-config "data-path='...' ..."``).
@@ -59,12 +60,15 @@ NODE_CONFIG = {
     "(default: privacy-account.jsonl in state-dir; name one file for several SuperNodes on the same data)",
     "device": f"where this partner trains and scores, one of {', '.join(DEVICES)} (default: the run's 'device'): "
     "its hardware is its own to choose, whatever the coordinator asks",
+    "withhold-metrics": "true: send the coordinator none of the statistics computed without noise on this partner's users "
+    "(each round's training loss, its valid/test NDCG@10 and Recall@10), which no epsilon covers; they are kept in "
+    "its state folder (own-metrics.jsonl). Default false",
 }
 # The keys of NODE_CONFIG that name the partner's own files: its failures tell the coordinator these keys, not the paths
 NODE_CONFIG_PATHS = ("data-path", "state-dir", "privacy-account")
 SIMULATION_NODE_CONFIG = ("partition-id", "num-partitions")  # set by Flower's simulation engine
 ACCOUNT_FILE = "privacy-account.jsonl"  # a deployed partner's default, in its state-dir
-SCENARIO_KEYS = ("name", "data", "data-format", "max-epsilon", "max-delta", "max-users", "privacy-account")
+SCENARIO_KEYS = ("name", "data", "data-format", "max-epsilon", "max-delta", "max-users", "privacy-account", "withhold-metrics")
 
 
 def partner_options(values: dict[str, Any], *, known: tuple[str, ...], base: Path, where: str) -> tuple[dict[str, Any], list[str]]:
@@ -98,6 +102,12 @@ def partner_options(values: dict[str, Any], *, known: tuple[str, ...], base: Pat
             problems.append(f"{where}: {key} must be one of {list(choices)}, got {value!r}")
         else:
             out[name] = str(value)
+    withhold = values.get("withhold-metrics")
+    if withhold is not None:
+        if not isinstance(withhold, bool):  # a string "false" must not read as true
+            problems.append(f"{where}: withhold-metrics must be true or false, got {withhold!r}")
+        else:
+            out["withhold_metrics"] = withhold
     account = values.get("privacy-account")
     if account is not None:
         if not isinstance(account, str) or not account:

@@ -42,6 +42,10 @@ EVALUATE_METRICS = (
     "test-recall@10",
     "global-weight",  # the global adapter's weight in the partner's model: 1 unless personal-mix chose less
 )
+# The statistics a partner computes on its users without noise (no epsilon covers them). A partner with
+# node config withhold-metrics sends each as WITHHELD instead (the keys stay: the contract is the same).
+WITHHELD_METRICS = ("loss", "valid-ndcg@10", "valid-recall@10", "test-ndcg@10", "test-recall@10")
+WITHHELD = -1.0
 PARTNER_FIELDS = ("name", "note", "ledger")  # ledger: on train replies, the partner's privacy ledger of the run ("" if none)
 
 # A ClientApp that raises reaches the coordinator as Flower's error text alone (Ray's adds its traceback):

@@ -55,7 +55,8 @@ NOT_PROTECTED = [
     "the partner's participation: which rounds it joined or declined, and its evaluation metrics (valid/test NDCG@10, Recall@10), "
     "which are computed on its data without noise and sent to the coordinator",
     "each round's mean training loss (the metric 'loss'), the average of its DP-SGD steps' losses on the users they sampled, "
-    "computed without noise and sent to the coordinator with the adapter",
+    "computed without noise and sent to the coordinator with the adapter (a partner with node config withhold-metrics = true "
+    "sends neither these nor its evaluation metrics: its rows in metrics.jsonl say 'withheld')",
     "anything released outside training (for example recommendations served to users)",
 ]
 
@@ -251,6 +252,7 @@ def build_report(source: str | Path, *, head: ledger.Head | None = None, account
             if entry:  # the run's name for it: the coordinator's, or kept apart where two nodes gave one name
                 p["partner"] = entry[0]
             p["quality"] = quality.get(p["partner"], [])
+            p["withheld_metrics"] = bool(entry[1].get("withheld")) if entry else None
         config_path = source / "config.json"
         config = read_json_object(config_path, what="the run's resolved config") if config_path.is_file() else {}
         kind, title = "run", source.name
@@ -366,10 +368,17 @@ def _terms(p: dict[str, Any]) -> list[tuple[str, str]]:
         ("epsilon spent", _fmt(p["epsilon"])),
         ("budget", _fmt(p["budget_epsilon"], "g")),
         ("budget left", _fmt(p["budget_left"])),
+        ("loss and quality metrics (sent without noise)", _withheld(p.get("withheld_metrics"))),
         ("epsilon by direct integration, RDP", _integrated(p)),
         ("epsilon by dp-accounting, RDP", _fmt(ind.get("dp_accounting_rdp"))),
         ("epsilon by dp-accounting, PLD", _fmt(ind.get("dp_accounting_pld"))),
     ]
+
+
+def _withheld(withheld: bool | None) -> str:
+    if withheld is None:
+        return "not known from a ledger alone (the run's summary says)"
+    return "withheld by the partner (node config withhold-metrics)" if withheld else "sent each round: not covered by epsilon"
 
 
 def _integrated(p: dict[str, Any]) -> str:

@@ -26,9 +26,16 @@ def read_scenario(parser: argparse.ArgumentParser, path: Path, *, flag: str = "-
     """The partners of a scenario file; any problem in it is a usage error naming ``flag``, raised before
     anything runs (a scenario read only at the end of a long experiment would fail hours in)."""
     try:
-        return load_scenario(path)
+        specs = load_scenario(path)
     except (OSError, ValueError) as err:
         parser.error(f"{flag}: {err}")
+    withholding = [spec.name for spec in specs if spec.withhold_metrics]
+    if withholding:  # every script here compares partners' scores, which these would not report
+        parser.error(
+            f"{flag}: {path}: partner(s) {', '.join(withholding)} withhold their scores (withhold-metrics = true), which this "
+            "script compares; leave the key out of the scenario for experiments"
+        )
+    return specs
 
 
 def machine() -> str:

@@ -84,6 +84,22 @@ def test_an_experiment_refuses_a_bad_cold_start_scenario_before_it_runs(
     assert not out.exists()  # nothing ran
 
 
+def test_an_experiment_refuses_a_partner_that_withholds_its_scores(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from simulations import experiments
+
+    (tmp_path / "shop").mkdir()
+    (tmp_path / "s.toml").write_text('[[partner]]\ndata = "shop"\nwithhold-metrics = true\n')
+    assert load_scenario(tmp_path / "s.toml")[0].withhold_metrics  # a federation may have it
+    monkeypatch.setattr("sys.argv", ["experiments", "--scenario", str(tmp_path / "s.toml"), "--out", str(tmp_path / "out")])
+    with pytest.raises(SystemExit) as exit_info:
+        experiments.main()
+    assert exit_info.value.code == 2
+    assert "partner(s) shop withhold their scores (withhold-metrics = true), which this script compares" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
 def test_generated_data_has_a_domain_for_every_simulated_partner(tmp_path: Path) -> None:
     specs = synthetic_scenario(tmp_path, partners=7)
     assert [s.name for s in specs] == sorted(["books", "games", "gear", "music-store", "kids", "books-2", "games-2"])

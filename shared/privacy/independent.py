@@ -95,8 +95,8 @@ def integrated_rdp(*, noise_multiplier: float, sample_rate: float, order: float)
 
         A = E_{z ~ N(0, s^2)} [ ((1 - q) + q exp((2z - 1) / (2 s^2)))^order ],   RDP = log(A) / (order - 1)
 
-    for noise multiplier s and sample rate q (their Theorem 5: this direction of the divergence
-    is the larger). The integrand is a mix of Gaussians centred between 0 and ``order``, each of
+    for noise multiplier s and sample rate q (they show this direction of the divergence is the
+    larger, and Opacus computes the same quantity by a series). The integrand is a mix of Gaussians centred between 0 and ``order``, each of
     width s, so a trapezoid rule on [-12 s - 1, order + 12 s + 1] in log space is exact to rounding.
     """
     s, q, a = float(noise_multiplier), float(sample_rate), float(order)

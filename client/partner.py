@@ -42,9 +42,6 @@ from shared.privacy.accounting import PartnerAccountant
 from shared.training import ranking_metrics
 from shared.vector_cache import VectorCache
 
-NO_DP = -1.0  # epsilon and delta reported when DP is off
-
-
 # --------------------------------------------------------------------------- who am I
 
 
@@ -298,7 +295,12 @@ def train(
     def decline(note: str, sigma: float = 0.0) -> tuple[TrainReply, PartnerState]:
         # The counts (if drawn) are dropped unused: nothing that depends on them leaves.
         spent = accountant.epsilon()
-        metrics = as_sent(_train_metrics(0, 0.0, 0, spent, budget.delta, sigma, sample_rate, declined=True), spec, folder, server_round)
+        metrics = as_sent(
+            _train_metrics(0, 0.0, 0, spent, budget.delta, sigma, sample_rate, declined=True),
+            spec=spec,
+            folder=folder,
+            server_round=server_round,
+        )
         ledger.append(ledger_path, ledger_entry(spec, settings, budget, server_round, [], spent, 0, note))
         return TrainReply(arrays, metrics, note, _whole_ledger(ledger_path)), state
 
@@ -354,12 +356,12 @@ def train(
         outcome.examples,
         outcome.loss,
         outcome.steps,
-        accountant.epsilon() if settings.dp else NO_DP,
-        budget.delta if settings.dp else NO_DP,
+        accountant.epsilon() if settings.dp else wire.NO_DP,
+        budget.delta if settings.dp else wire.NO_DP,
         state.noise_multiplier or 0.0,
         sample_rate,
     )
-    metrics = as_sent(metrics, spec, folder, server_round)
+    metrics = as_sent(metrics, spec=spec, folder=folder, server_round=server_round)
     return TrainReply(adapter_state(model.adapter), metrics, "", _whole_ledger(ledger_path)), new_state
 
 
@@ -371,7 +373,7 @@ def _whole_ledger(path: Path) -> str:
 OWN_METRICS = "own-metrics.jsonl"  # a withholding partner's statistics, in its state folder
 
 
-def as_sent(metrics: dict[str, float], spec: PartnerSpec, folder: Path, server_round: int) -> dict[str, float]:
+def as_sent(metrics: dict[str, float], *, spec: PartnerSpec, folder: Path, server_round: int) -> dict[str, float]:
     """The metrics as the partner sends them. With node config ``withhold-metrics``, each statistic it
     computed without noise on its users (:data:`wire.WITHHELD_METRICS`) goes as :data:`wire.WITHHELD`,
     and the figures are appended to ``own-metrics.jsonl`` in its state folder instead."""
@@ -428,4 +430,4 @@ def evaluate_global(
             continue
         m = ranking_metrics(model, data.split, which)
         out[names[0]], out[names[1]] = m["ndcg@10"], m["recall@10"]
-    return as_sent(out, spec, folder, server_round)
+    return as_sent(out, spec=spec, folder=folder, server_round=server_round)

@@ -4,11 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from server.run_folder import RunFolder
+from server.run_folder import RunFolder, quality_figure
 from server.strategy import PartnerReply, RoundLog
-from shared.federation.wire import EVALUATE_METRICS, TRAIN_METRICS, WITHHELD, WITHHELD_METRICS
-
-NO_DP = -1.0
+from shared.federation.wire import EVALUATE_METRICS, NO_DP, TRAIN_METRICS, WITHHELD, WITHHELD_METRICS
 
 
 def _key(name: str) -> str:
@@ -101,7 +99,7 @@ def end_round(run: RunFolder, server_round: int, arrays: dict[str, Any], log: Ro
     print(f"  {'partner':<{width}} {'loss':>7} {'epsilon':>8} {'valid NDCG@10':>14} {'test NDCG@10':>13} {'sent B':>9} {'received B':>11}")
     for row in rows:
         eps, loss = row.get("epsilon"), row.get("loss")  # None: not trained this round, or withheld
-        valid, test = (_score(row, f"{which}_ndcg@10") for which in ("valid", "test"))
+        valid, test = (quality_figure(row, f"{which}_ndcg@10", missing=0.0) for which in ("valid", "test"))
         print(
             f"  {row['partner']:<{width}} {'-' if loss is None else format(loss, '.3f'):>7} {'-' if eps is None else format(eps, '.3f'):>8} "
             f"{valid:>14} {test:>13} {row.get('bytes_sent', 0):>9,} {row.get('bytes_received', 0):>11,}"
@@ -111,8 +109,3 @@ def end_round(run: RunFolder, server_round: int, arrays: dict[str, Any], log: Ro
         f"  the full encoder would be {encoder_bytes:,} bytes; each partner sent and received {log.bytes_sent_each / encoder_bytes:.2%} of that"
     )
     return rows
-
-
-def _score(row: dict[str, Any], key: str) -> str:
-    value = row.get(key)
-    return "withheld" if value is None and row.get("withheld") else format(value or 0, ".4f")

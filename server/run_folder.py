@@ -221,7 +221,7 @@ class RunFolder:
         for name, p in partners.items():
             eps = "no DP" if not settings.dp else "-" if p.get("epsilon") is None else f"{p['epsilon']:.3f}"
             delta = "" if p.get("delta") is None else f"{p['delta']:.1e}"
-            test_ndcg, test_recall, valid_ndcg = (_figure(p, key) for key in ("test_ndcg@10", "test_recall@10", "valid_ndcg@10"))
+            test_ndcg, test_recall, valid_ndcg = (quality_figure(p, key) for key in ("test_ndcg@10", "test_recall@10", "valid_ndcg@10"))
             lines.append(
                 f"| {name} | {test_ndcg} | {test_recall} | {valid_ndcg} | {eps} | {delta} | {p['rounds_trained']} | {p['rounds_declined']} |"
                 + "".join(f" {p[f'rounds_{k}']} |" for k in left_out)
@@ -231,10 +231,11 @@ class RunFolder:
         return summary
 
 
-def _figure(partner: dict[str, Any], key: str) -> str:
-    """A quality figure of the summary: "withheld" where the partner withholds its statistics (node config withhold-metrics)."""
-    value = partner.get(key)
-    return "withheld" if value is None and partner.get("withheld") else format(float("nan") if value is None else value, ".4f")
+def quality_figure(record: dict[str, Any], key: str, *, missing: float = float("nan")) -> str:
+    """A score of a metrics row or a summary's partner, to 4 places: "withheld" where the partner withholds
+    its statistics (node config withhold-metrics), ``missing`` where there is none."""
+    value = record.get(key)
+    return "withheld" if value is None and record.get("withheld") else format(missing if value is None else value, ".4f")
 
 
 SELF_DECLARED = {"bound_by": "self-declared"}

@@ -46,6 +46,7 @@ EVALUATE_METRICS = (
 # node config withhold-metrics sends each as WITHHELD instead (the keys stay: the contract is the same).
 WITHHELD_METRICS = ("loss", "valid-ndcg@10", "valid-recall@10", "test-ndcg@10", "test-recall@10")
 WITHHELD = -1.0
+NO_DP = -1.0  # "epsilon" and "delta" of a run without DP
 PARTNER_FIELDS = ("name", "note", "ledger")  # ledger: on train replies, the partner's privacy ledger of the run ("" if none)
 
 # A ClientApp that raises reaches the coordinator as Flower's error text alone (Ray's adds its traceback):

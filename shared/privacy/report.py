@@ -106,6 +106,7 @@ def _partner_report(path: Path, *, head: ledger.Head | None, quality: list[dict[
         "budget_left": None if budget is None else max(0.0, budget - final),
         "independent_epsilon": crosscheck,
         "quality": quality,
+        "withheld_metrics": None,  # a run folder's summary says (build_report); a ledger alone does not
         "entries": entries,  # the verified lines, as read
     }
 
@@ -368,7 +369,7 @@ def _terms(p: dict[str, Any]) -> list[tuple[str, str]]:
         ("epsilon spent", _fmt(p["epsilon"])),
         ("budget", _fmt(p["budget_epsilon"], "g")),
         ("budget left", _fmt(p["budget_left"])),
-        ("loss and quality metrics (sent without noise)", _withheld(p.get("withheld_metrics"))),
+        ("loss and quality metrics (sent without noise)", _withheld(p["withheld_metrics"])),
         ("epsilon by direct integration, RDP", _integrated(p)),
         ("epsilon by dp-accounting, RDP", _fmt(ind.get("dp_accounting_rdp"))),
         ("epsilon by dp-accounting, PLD", _fmt(ind.get("dp_accounting_pld"))),

@@ -26,7 +26,7 @@ from shared.federation.scenario import synthetic_scenario
 from shared.federation.settings import FederationSettings, SettingsError, settings_from_run_config
 from shared.model.adapters import MoEAdapter
 from shared.privacy import account, ledger
-from shared.privacy.report import build_report
+from shared.privacy.report import build_report, to_markdown
 
 ENCODER_DIM = 384
 
@@ -281,6 +281,7 @@ def test_a_privacy_account_caps_every_run_on_the_data_together(tmp_path: Path) -
     life = report["partners"][0]["lifetime"]
     assert report["verified"] and life["verified"] and life["this_run"] == ["second"]
     assert life["epsilon"] == entries[-1]["epsilon"] and list(life["runs"]) == ["first", "second"]
+    assert f"| {life['epsilon']:.4f} (equals the account's to 1e-6) |" in to_markdown(report)  # the integral backs it
 
 
 @pytest.mark.slow

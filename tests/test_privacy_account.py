@@ -10,7 +10,7 @@ import pytest
 
 from shared.cli import main
 from shared.federation.scenario import load_scenario, partner_from_node_config
-from shared.privacy import account
+from shared.privacy import account, independent
 from shared.privacy.accounting import Budget, best_order, epsilon_of, release_fits
 from shared.privacy.ledger import GENESIS
 
@@ -41,6 +41,21 @@ def test_reservations_compose_over_runs_and_stop_at_the_cap(tmp_path: Path) -> N
     assert entries[-1]["epsilon"] >= epsilon_of([(1.0, 0.02, 100 * k)], delta=DELTA, accountant="rdp")
     # recomputed without Opacus, at the account's order: the same figure
     assert account.summary(path)["independent_epsilon"]["integrated_rdp"] == pytest.approx(entries[-1]["epsilon"], rel=1e-6)
+
+
+def test_the_account_command_warns_when_the_integral_does_not_back_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same check as the run report's: the lifetime epsilon must equal its recomputation by integration."""
+    path = tmp_path / "account.jsonl"
+    account.reserve(path, run="a", server_round=1, events=[dp_sgd()], cap=8.0, delta=DELTA)
+    assert main(["privacy", "account", str(path)]) == 0
+    assert "WARNING" not in capsys.readouterr().out
+    recorded = account.read(path)[-1]["epsilon"]
+    integrated = independent.integrated_epsilon
+    monkeypatch.setattr(independent, "integrated_epsilon", lambda events, **kw: integrated(events, **kw) + 0.01)  # as if Opacus erred
+    assert main(["privacy", "account", str(path)]) == 0  # the account's own checks still pass: it is a warning
+    assert f"WARNING: integrated RDP epsilon {recorded + 0.01:.6f} DIFFERS from the account's {recorded:.6f}" in capsys.readouterr().out
 
 
 def test_the_account_keeps_its_first_delta_and_order(tmp_path: Path) -> None:

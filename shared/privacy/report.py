@@ -370,7 +370,10 @@ def _terms(p: dict[str, Any]) -> list[tuple[str, str]]:
         ("budget", _fmt(p["budget_epsilon"], "g")),
         ("budget left", _fmt(p["budget_left"])),
         ("loss and quality metrics (sent without noise)", _withheld(p["withheld_metrics"])),
-        ("epsilon by direct integration, RDP", _integrated(p)),
+        (
+            "epsilon by direct integration, RDP",
+            _integrated(p["independent_epsilon"].get("integrated_rdp"), recorded=p["epsilon"], accountant=p["accountant"], whose="ledger"),
+        ),
         ("epsilon by dp-accounting, RDP", _fmt(ind.get("dp_accounting_rdp"))),
         ("epsilon by dp-accounting, PLD", _fmt(ind.get("dp_accounting_pld"))),
     ]
@@ -382,22 +385,29 @@ def _withheld(withheld: bool | None) -> str:
     return "withheld by the partner (node config withhold-metrics)" if withheld else "sent each round: not covered by epsilon"
 
 
-def _integrated(p: dict[str, Any]) -> str:
-    """The integrated RDP figure and, where the ledger counts by RDP, whether it equals the ledger's."""
-    value = p["independent_epsilon"].get("integrated_rdp")
-    if value is None or p["accountant"] != "rdp":
+def _integrated(value: float | None, *, recorded: float, accountant: str, whose: str) -> str:
+    """An integrated RDP figure and, where ``whose`` figure counts by RDP, whether it equals that figure."""
+    if value is None or accountant != "rdp":
         return _fmt(value)
-    same = "equals the ledger's to 1e-6"
-    return f"{value:.4f} ({integration_warning(p) or same})"
+    same = f"equals the {whose}'s to 1e-6"
+    return f"{value:.4f} ({_disagreement(value, recorded=recorded, accountant=accountant, whose=whose) or same})"
+
+
+def _disagreement(value: float | None, *, recorded: float, accountant: str, whose: str) -> str:
+    return independent.integral_disagreement(value, recorded=recorded, accountant=accountant, recorded_by=f"the {whose}'s")
 
 
 def integration_warning(p: dict[str, Any]) -> str:
-    """Empty, or why the integrated RDP epsilon does not back a partner's recorded RDP epsilon: it must
-    equal it to rounding (1e-6 relative; measured over 200 random histories: within 4e-11)."""
-    value = p["independent_epsilon"].get("integrated_rdp")
-    if value is None or p["accountant"] != "rdp" or abs(value - p["epsilon"]) <= 1e-6 * max(1.0, abs(p["epsilon"])):
-        return ""
-    return f"DIFFERS from the ledger's {p['epsilon']:.6f}: Opacus' arithmetic and the RDP definition disagree"
+    """Empty, or why the integrated RDP epsilon does not back a partner's recorded RDP epsilon."""
+    return _disagreement(p["independent_epsilon"].get("integrated_rdp"), recorded=p["epsilon"], accountant=p["accountant"], whose="ledger")
+
+
+def lifetime_integration_warning(life: dict[str, Any]) -> str:
+    """Empty, or why the integrated RDP epsilon does not back a privacy account's lifetime epsilon
+    (``life``: :func:`shared.privacy.account.summary`)."""
+    return _disagreement(
+        life["independent_epsilon"]["integrated_rdp"], recorded=life["epsilon"], accountant=life["accountant"], whose="account"
+    )
 
 
 def _lifetime_terms(p: dict[str, Any]) -> list[tuple[str, str]]:
@@ -419,7 +429,7 @@ def _lifetime_terms(p: dict[str, Any]) -> list[tuple[str, str]]:
         (
             "lifetime epsilon by direct integration, RDP "
             + ("at the account's order" if life["order"] is not None else "at the best order"),
-            f"{ind['integrated_rdp']:.4f}",
+            _integrated(ind["integrated_rdp"], recorded=life["epsilon"], accountant=life["accountant"], whose="account"),
         ),
         ("lifetime epsilon by dp-accounting, RDP / PLD", f"{ind['dp_accounting_rdp']:.4f} / {ind['dp_accounting_pld']:.4f}"),
     ]

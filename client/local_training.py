@@ -16,6 +16,7 @@ Under DP (see DESIGN.md, "Differential-privacy correctness"):
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import warnings
 from dataclasses import dataclass
@@ -175,30 +176,60 @@ def train_round(
     # the one it is given, which must be on the device of the gradients.
     sampling = os_entropy_generator() if dp is not None else generator
     loader = DataLoader(data, batch_size=batch_size, shuffle=True, generator=sampling)
-    module: torch.nn.Module = model
     model.train()  # Opacus refuses a model in eval mode
-    if dp is not None:
-        from opacus import PrivacyEngine
+    run = functools.partial(
+        _train_epochs, epochs=epochs, negatives=negatives, n_items=model.features.n_items, generator=generator, device=device
+    )
+    if dp is None:
+        return run(model, optimizer, loader), on_cpu(optimizer.state_dict())
+    from client.per_user_linear import per_user_gradients_only  # imports Opacus: only under DP
 
-        model.check_dp_safe()
+    # Opacus sets each weight's gradient from the per-user ones: autograd's summed
+    # gradient would be computed and thrown away (client/per_user_linear.py)
+    with per_user_gradients_only(model):
+        module, dp_optimizer, dp_loader = _made_private(model, optimizer, loader, dp=dp, device=device)
+        outcome = run(module, dp_optimizer, dp_loader)
+        module.remove_hooks()
+    return outcome, on_cpu(dp_optimizer.original_optimizer.state_dict())
 
-        with warnings.catch_warnings():
-            # Opacus' secure_mode needs torchcsprng (no build for this torch); the loader's
-            # and the noise's generator are seeded from OS entropy instead (README, DP).
-            warnings.filterwarnings("ignore", message=".*[Ss]ecure RNG.*")
-            engine = PrivacyEngine(accountant=dp.ledger.budget.accountant)
-            engine.accountant = dp.ledger.accountant  # one accountant for the whole run
-            module, optimizer, loader = engine.make_private(
-                module=model,
-                optimizer=optimizer,
-                data_loader=loader,
-                noise_multiplier=dp.noise_multiplier,
-                max_grad_norm=dp.max_grad_norm,
-                poisson_sampling=True,
-                noise_generator=os_entropy_generator(device),
-            )
+
+def _made_private(
+    model: DomainModel, optimizer: torch.optim.Optimizer, loader: DataLoader, *, dp: DPPlan, device: torch.device
+) -> tuple[Any, Any, DataLoader]:
+    """Opacus' module, DP optimizer and Poisson loader for ``model``, counting in the partner's accountant."""
+    from opacus import PrivacyEngine
+
+    model.check_dp_safe()
+    with warnings.catch_warnings():
+        # Opacus' secure_mode needs torchcsprng (no build for this torch); the loader's
+        # and the noise's generator are seeded from OS entropy instead (README, DP).
+        warnings.filterwarnings("ignore", message=".*[Ss]ecure RNG.*")
+        engine = PrivacyEngine(accountant=dp.ledger.budget.accountant)
+        engine.accountant = dp.ledger.accountant  # one accountant for the whole run
+        return engine.make_private(
+            module=model,
+            optimizer=optimizer,
+            data_loader=loader,
+            noise_multiplier=dp.noise_multiplier,
+            max_grad_norm=dp.max_grad_norm,
+            poisson_sampling=True,
+            noise_generator=os_entropy_generator(device),
+        )
+
+
+def _train_epochs(
+    module: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    loader: DataLoader,
+    *,
+    epochs: int,
+    negatives: int,
+    n_items: int,
+    generator: torch.Generator,
+    device: torch.device,
+) -> RoundOutcome:
+    """``epochs`` passes over ``loader``, one optimizer step per batch, ``negatives`` items drawn per user."""
     warnings.filterwarnings("ignore", message="Full backward hook is firing")  # Opacus on the first layer: harmless
-    n_items = model.features.n_items
     losses: list[torch.Tensor] = []  # kept on the device: reading each loss would wait for the GPU every step
     steps, examples = 0, 0
     for _ in range(epochs):
@@ -215,13 +246,8 @@ def train_round(
             losses.append(loss.detach())
             steps += 1
             examples += len(inputs)
-    if dp is not None:
-        module.remove_hooks()  # type: ignore[operator]
-        state = optimizer.original_optimizer.state_dict()  # type: ignore[attr-defined]
-    else:
-        state = optimizer.state_dict()
     mean_loss = float(torch.stack(losses).double().mean()) if losses else 0.0
-    return RoundOutcome(mean_loss, steps, examples), on_cpu(state)
+    return RoundOutcome(mean_loss, steps, examples)
 
 
 def poisson_schedule(n_users: int, batch_size: int) -> tuple[float, int]:

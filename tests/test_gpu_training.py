@@ -18,6 +18,7 @@ from opacus import GradSampleModule
 from torch.utils.data import TensorDataset
 
 from client.local_training import DPPlan, train_round
+from client.per_user_linear import per_user_gradients_only
 from shared.model.adapters import adapter_state
 from shared.privacy.accounting import Budget, PartnerAccountant
 from tests.test_privacy import assert_one_example_gradients, tiny_model, users
@@ -40,10 +41,11 @@ def tensors_in(tree: Any) -> list[torch.Tensor]:
 def test_per_sample_gradients_on_the_gpu_equal_one_example_batches_on_the_cpu() -> None:
     model = tiny_model(released_counts=True, residual=True).to(CUDA)
     inputs, targets, negatives = users()
-    wrapped = GradSampleModule(model, loss_reduction="mean")
-    wrapped(inputs.to(CUDA), targets.to(CUDA), negatives.to(CUDA)).backward()
-    per_sample = {name: p.grad_sample.cpu() for name, p in model.named_parameters()}
-    wrapped._close()
+    with per_user_gradients_only(model):  # as a DP round trains it
+        wrapped = GradSampleModule(model, loss_reduction="mean")
+        wrapped(inputs.to(CUDA), targets.to(CUDA), negatives.to(CUDA)).backward()
+        per_sample = {name: p.grad_sample.cpu() for name, p in model.named_parameters()}
+        wrapped._close()
     reference = tiny_model(released_counts=True, residual=True)  # on the CPU
     assert_one_example_gradients(per_sample, reference, (inputs, targets, negatives), atol=1e-4, rtol=1e-3)
 

@@ -13,6 +13,7 @@ from torch.nn import functional as F
 from torch.utils.data import TensorDataset
 
 from client.local_training import DPPlan, poisson_schedule, pull_towards_start, train_round
+from client.per_user_linear import PerUserLinear, per_user_gradients_only
 from shared.model.adapters import MoEAdapter, MoEAdapterConfig, adapter_state
 from shared.model.head import HeadConfig
 from shared.model.recommender import DomainModel, ItemFeatures
@@ -59,12 +60,55 @@ def users(n: int = 5, *, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, tor
 def test_per_sample_gradients_equal_one_example_batches(prior: bool, residual: bool) -> None:
     model = tiny_model(released_counts=prior, residual=residual)
     inputs, targets, negatives = users()
-    wrapped = GradSampleModule(model, loss_reduction="mean")
-    wrapped(inputs, targets, negatives).backward()
-    per_sample = {name: p.grad_sample.clone() for name, p in model.named_parameters()}
+    with per_user_gradients_only(model):  # as a DP round trains it
+        wrapped = GradSampleModule(model, loss_reduction="mean")
+        wrapped(inputs, targets, negatives).backward()
+        per_sample = {name: p.grad_sample.clone() for name, p in model.named_parameters()}
+        wrapped._close()
     assert set(per_sample) == {n for n, p in model.named_parameters() if p.requires_grad}
-    wrapped._close()
     assert_one_example_gradients(per_sample, tiny_model(released_counts=prior, residual=residual), (inputs, targets, negatives))
+
+
+def test_a_dp_step_is_the_same_without_autograds_summed_gradient() -> None:
+    """Opacus overwrites a weight's summed gradient with the noised sum of the clipped per-user
+    ones, so leaving it uncomputed (``per_user_gradients_only``) changes nothing: the same batch
+    and the same noise give the same step, and every linear layer is an ``nn.Linear`` again after."""
+    from opacus import PrivacyEngine
+    from torch.utils.data import DataLoader
+
+    inputs, targets, negatives = users()
+
+    def one_step(model: DomainModel) -> tuple[dict[str, torch.Tensor], list[str]]:
+        optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+        loader = DataLoader(TensorDataset(inputs, targets), batch_size=len(inputs))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            module, dp_optimizer, _ = PrivacyEngine().make_private(
+                module=model,
+                optimizer=optimizer,
+                data_loader=loader,
+                noise_multiplier=1.0,
+                max_grad_norm=0.5,  # below the users' gradient norms: clipping acts
+                poisson_sampling=False,
+                noise_generator=torch.Generator().manual_seed(7),
+            )
+            module(inputs, targets, negatives).backward()
+        no_summed = sorted(n for n, p in model.named_parameters() if p.requires_grad and p.grad is None)
+        dp_optimizer.step()
+        module.remove_hooks()
+        return {n: p.detach().clone() for n, p in model.named_parameters()}, no_summed
+
+    plain, computed = one_step(tiny_model(residual=True))
+    model = tiny_model(residual=True)
+    with per_user_gradients_only(model) as layers:
+        skipped, not_computed = one_step(model)
+    linear = sorted(f"{name}.{k}" for name, m in model.named_modules() if m in layers for k, _ in m.named_parameters())
+    assert computed == [] and not_computed == linear and "adapter.experts.weight" in linear and "residual.weight" in linear
+    start = dict(tiny_model(residual=True).named_parameters())
+    for name in plain:
+        assert not torch.equal(plain[name], start[name]), name  # the step moved every weight
+        torch.testing.assert_close(skipped[name], plain[name], atol=1e-6, rtol=1e-5, msg=name)
+    assert {type(m) for m in model.modules()} & {PerUserLinear} == set()
 
 
 def assert_one_example_gradients(
@@ -122,6 +166,7 @@ def test_a_dp_step_changes_the_adapter_and_the_head() -> None:
         assert not torch.equal(before[f"adapter.{key}"], after[f"adapter.{key}"]), key
     assert not torch.equal(before["head.blocks.0.attn.qkv.weight"], after["head.blocks.0.attn.qkv.weight"])
     assert ledger.steps == 5 and ledger.epsilon() > 0  # 40 users, batch 8: 5 Poisson steps
+    assert PerUserLinear not in {type(m) for m in model.modules()}  # only while the DP round trains
 
 
 def test_epsilon_composes_across_rounds_like_one_accountant() -> None:

@@ -1,4 +1,4 @@
-"""Linear layers that leave the summed weight gradient to Opacus during DP-SGD.
+"""Linear layers whose weights take their gradient from Opacus alone during DP-SGD.
 
 Under DP-SGD Opacus builds each user's gradient of a linear layer from what its
 hooks capture (the layer's input and the gradient of its output: one batched
@@ -15,7 +15,10 @@ grad sampler, registered for this class). On Scientific's DP step
 (``python -m simulations.bench_dp_step``, side by side) this takes the step from
 1.38–1.40× to 1.11–1.13× the step without DP. The noised gradient is the same
 either way (``tests/test_privacy.py``). Outside the ``with`` block the layers are plain
-``nn.Linear`` again, so nothing trained without DP can lose its gradient.
+``nn.Linear`` again, so nothing trained without DP can lose its gradient; inside
+it, a layer Opacus had not hooked would have no per-user gradient, and Opacus'
+optimizer stops with an error ("Per sample gradient is not initialized"), it does
+not step without it.
 """
 
 from __future__ import annotations

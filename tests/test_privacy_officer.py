@@ -11,7 +11,7 @@ import pytest
 from shared.cli import main as cli_main
 from shared.privacy import account, independent, ledger
 from shared.privacy.accounting import epsilon_of, plan
-from shared.privacy.report import build_report, integration_warning, lifetime_integration_warning, to_markdown
+from shared.privacy.report import build_report, integration_warning, to_markdown
 from tests.browser import assert_page_shows_every_partner
 
 # --------------------------------------------------------------------------- accounting against dp-accounting
@@ -86,12 +86,12 @@ def test_the_report_says_when_the_integral_does_not_back_the_ledger() -> None:
     def partner(accountant: str, recorded: float, integrated: float) -> dict[str, object]:
         return {"accountant": accountant, "epsilon": recorded, "independent_epsilon": {"integrated_rdp": integrated}}
 
-    assert integration_warning(partner("rdp", 2.0, 2.0 + 1e-9)) == ""
-    assert "DIFFERS from the ledger's 2.000000" in integration_warning(partner("rdp", 2.0, 2.01))
-    assert integration_warning(partner("prv", 2.0, 2.3)) == ""  # PRV's figure is not RDP's
+    assert integration_warning(partner("rdp", 2.0, 2.0 + 1e-9), whose="ledger") == ""
+    assert "DIFFERS from the ledger's 2.000000" in integration_warning(partner("rdp", 2.0, 2.01), whose="ledger")
+    assert integration_warning(partner("prv", 2.0, 2.3), whose="ledger") == ""  # PRV's figure is not RDP's
     life = {"accountant": "rdp", "epsilon": 5.0, "independent_epsilon": {"integrated_rdp": 5.1}}
-    assert "DIFFERS from the account's 5.000000" in lifetime_integration_warning(life)
-    assert lifetime_integration_warning({**life, "independent_epsilon": {"integrated_rdp": 5.0}}) == ""
+    assert "DIFFERS from the account's 5.000000" in integration_warning(life, whose="account")
+    assert integration_warning({**life, "independent_epsilon": {"integrated_rdp": 5.0}}, whose="account") == ""
 
 
 def test_pld_is_no_looser_than_rdp() -> None:

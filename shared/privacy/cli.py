@@ -139,7 +139,7 @@ def _parse_head(text: str, *, printed_by: str) -> tuple[int, str]:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from shared.privacy.report import build_report, integration_warning, lifetime_integration_warning, write_report
+    from shared.privacy.report import build_report, write_report
 
     source = Path(args.source)
     if not source.exists():
@@ -164,10 +164,8 @@ def cmd_report(args: argparse.Namespace) -> int:
                 + f" over {len(life['runs'])} run(s) in {life['account']}"
                 + (f"; this run is {', '.join(life['this_run'])} there" if life["this_run"] else "")
             )
-            if warning := lifetime_integration_warning(life):
-                print(f"{'':<24} WARNING: integrated RDP lifetime epsilon {life['independent_epsilon']['integrated_rdp']:.6f} {warning}")
-        if warning := integration_warning(p):
-            print(f"{'':<24} WARNING: integrated RDP epsilon {p['independent_epsilon']['integrated_rdp']:.6f} {warning}")
+            _warn_if_the_integral_differs(life, whose="account", what="lifetime epsilon", prefix=f"{'':<24} ")
+        _warn_if_the_integral_differs(p, whose="ledger", prefix=f"{'':<24} ")
         for problem in p["problems"]:
             print(f"{'':<24} FAILED: {problem}")
     if report["released_nothing"]:
@@ -184,9 +182,16 @@ def _crosscheck(independent: dict[str, float]) -> str:
     )
 
 
+def _warn_if_the_integral_differs(record: dict[str, Any], *, whose: str, what: str = "epsilon", prefix: str = "") -> None:
+    """A WARNING line where the integrated RDP epsilon does not back ``record``'s (report.integration_warning)."""
+    from shared.privacy.report import integration_warning
+
+    if warning := integration_warning(record, whose=whose):
+        print(f"{prefix}WARNING: integrated RDP {what} {record['independent_epsilon']['integrated_rdp']:.6f} {warning}")
+
+
 def cmd_account(args: argparse.Namespace) -> int:
     from shared.privacy import account
-    from shared.privacy.report import lifetime_integration_warning
 
     head = _parse_head(args.head, printed_by="account") if args.head else None
     try:
@@ -205,8 +210,7 @@ def cmd_account(args: argparse.Namespace) -> int:
         + (f" of cap {cap:g} (left {cap - result['epsilon']:.4f})" if cap is not None else " (no cap)")
         + f" at delta {result['delta']:.3g}, {account.counting(result)}; {_crosscheck(independent)}"
     )
-    if warning := lifetime_integration_warning(result):
-        print(f"WARNING: integrated RDP epsilon {independent['integrated_rdp']:.6f} {warning}")
+    _warn_if_the_integral_differs(result, whose="account")
     print(f"{'run':<32} {'rounds':>6} {'epsilon':>9}  from / to")
     for name, r in result["runs"].items():
         print(f"{name:<32} {len(r['rounds']):>6} {r['epsilon']:>9.4f}  {r['first']} / {r['last']}")

@@ -372,7 +372,7 @@ def _terms(p: dict[str, Any]) -> list[tuple[str, str]]:
         ("loss and quality metrics (sent without noise)", _withheld(p["withheld_metrics"])),
         (
             "epsilon by direct integration, RDP",
-            _integrated(p["independent_epsilon"].get("integrated_rdp"), recorded=p["epsilon"], accountant=p["accountant"], whose="ledger"),
+            _integrated(p, whose="ledger"),
         ),
         ("epsilon by dp-accounting, RDP", _fmt(ind.get("dp_accounting_rdp"))),
         ("epsilon by dp-accounting, PLD", _fmt(ind.get("dp_accounting_pld"))),
@@ -385,28 +385,24 @@ def _withheld(withheld: bool | None) -> str:
     return "withheld by the partner (node config withhold-metrics)" if withheld else "sent each round: not covered by epsilon"
 
 
-def _integrated(value: float | None, *, recorded: float, accountant: str, whose: str) -> str:
-    """An integrated RDP figure and, where ``whose`` figure counts by RDP, whether it equals that figure."""
-    if value is None or accountant != "rdp":
+def _integrated(record: dict[str, Any], *, whose: str) -> str:
+    """``record``'s integrated RDP epsilon and, where ``record`` counts by RDP, whether it equals its own figure."""
+    value = record["independent_epsilon"].get("integrated_rdp")
+    if value is None or record["accountant"] != "rdp":
         return _fmt(value)
     same = f"equals the {whose}'s to 1e-6"
-    return f"{value:.4f} ({_disagreement(value, recorded=recorded, accountant=accountant, whose=whose) or same})"
+    return f"{value:.4f} ({integration_warning(record, whose=whose) or same})"
 
 
-def _disagreement(value: float | None, *, recorded: float, accountant: str, whose: str) -> str:
-    return independent.integral_disagreement(value, recorded=recorded, accountant=accountant, recorded_by=f"the {whose}'s")
-
-
-def integration_warning(p: dict[str, Any]) -> str:
-    """Empty, or why the integrated RDP epsilon does not back a partner's recorded RDP epsilon."""
-    return _disagreement(p["independent_epsilon"].get("integrated_rdp"), recorded=p["epsilon"], accountant=p["accountant"], whose="ledger")
-
-
-def lifetime_integration_warning(life: dict[str, Any]) -> str:
-    """Empty, or why the integrated RDP epsilon does not back a privacy account's lifetime epsilon
-    (``life``: :func:`shared.privacy.account.summary`)."""
-    return _disagreement(
-        life["independent_epsilon"]["integrated_rdp"], recorded=life["epsilon"], accountant=life["accountant"], whose="account"
+def integration_warning(record: dict[str, Any], *, whose: str) -> str:
+    """Empty, or why the integrated RDP epsilon does not back ``record``'s recorded RDP epsilon: a
+    partner's (``whose="ledger"``) or its privacy account's lifetime (``whose="account"``,
+    :func:`shared.privacy.account.summary`)."""
+    return independent.integral_disagreement(
+        record["independent_epsilon"].get("integrated_rdp"),
+        recorded=record["epsilon"],
+        accountant=record["accountant"],
+        recorded_by=f"the {whose}'s",
     )
 
 
@@ -429,7 +425,7 @@ def _lifetime_terms(p: dict[str, Any]) -> list[tuple[str, str]]:
         (
             "lifetime epsilon by direct integration, RDP "
             + ("at the account's order" if life["order"] is not None else "at the best order"),
-            _integrated(ind["integrated_rdp"], recorded=life["epsilon"], accountant=life["accountant"], whose="account"),
+            _integrated(life, whose="account"),
         ),
         ("lifetime epsilon by dp-accounting, RDP / PLD", f"{ind['dp_accounting_rdp']:.4f} / {ind['dp_accounting_pld']:.4f}"),
     ]

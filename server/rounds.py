@@ -24,7 +24,7 @@ def round_rows(server_round: int, log: RoundLog) -> list[dict[str, Any]]:
         _mark_withheld(row, reply)
         row["declined"] = bool(reply.metrics.get("declined"))
         row["rejected"] = bool(reply.rejected)  # left out of the average by the server (server.screening)
-        row["failed"] = bool(reply.failed)  # the partner's ClientApp raised instead of replying
+        row["failed"] = bool(reply.failed)  # the partner's ClientApp raised, or its SuperNode went offline, instead of replying
         row["note"] = _note(reply, "update")
         row["bytes_sent"] = log.bytes_sent_each
         row["bytes_received"] = reply.bytes_received

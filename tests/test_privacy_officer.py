@@ -530,6 +530,36 @@ def test_a_round_run_twice_needs_two_reservations(tmp_path: Path, capsys: pytest
     assert "only 1 of those releases are reserved" in life["problems"][0]
 
 
+def test_a_round_reserved_and_lost_before_its_release_is_named_and_still_counted(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The partner stopped while training round 2 (tests/test_deployment.py does it to a real SuperNode): its
+    reservation stays in the account; its ledger holds the round it ran again after, not the lost one."""
+    path = tmp_path / "state" / "ledger.jsonl"
+    write_ledger(path, partner="gear", rounds=3, decline_last=False)
+    lines = path.read_text().splitlines()
+    beside = tmp_path / "state" / "privacy-account.jsonl"
+    reserve_as_ledger(beside, path, run="autumn", rounds=[1])
+    lost = json.loads(lines[1])
+    account.reserve(beside, run="autumn", server_round=2, events=lost["events"], cap=9.0, delta=1e-5)  # then the crash
+    reserve_as_ledger(beside, path, run="autumn", rounds=[2, 3])  # round 2 again, then 3
+    assert cli_main(["privacy", "report", str(path)]) == 0  # it understates nothing: verified
+    out = capsys.readouterr().out
+    assert "reserved in the account, in no line of this ledger: round 2: lost between the reservation and the release" in out
+    report = json.loads((tmp_path / "state" / "privacy-report" / "report.json").read_text())
+    life = report["partners"][0]["lifetime"]
+    assert life["verified"] and life["this_run"] == ["autumn"] and life["reserved_not_released"] == [2]
+    assert life["epsilon"] > report["partners"][0]["epsilon"]  # the lost round counts
+    assert (
+        "| reserved there, released in no line of this ledger | round 2: lost"
+        in (tmp_path / "state" / "privacy-report" / "report.md").read_text()
+    )
+    # a ledger whose every reservation it holds says so
+    reserve_as_ledger(tmp_path / "exact.jsonl", path, run="autumn")
+    assert cli_main(["privacy", "report", str(path), "--account", str(tmp_path / "exact.jsonl"), "--out", str(tmp_path / "exact")]) == 0
+    assert json.loads((tmp_path / "exact" / "report.json").read_text())["partners"][0]["lifetime"]["reserved_not_released"] == []
+
+
 def test_a_release_missing_from_the_account_fails_the_report(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     path = tmp_path / "ledger.jsonl"
     write_ledger(path, partner="gear")

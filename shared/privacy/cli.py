@@ -139,7 +139,7 @@ def _parse_head(text: str, *, printed_by: str) -> tuple[int, str]:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from shared.privacy.report import build_report, write_report
+    from shared.privacy.report import build_report, unreleased_note, write_report
 
     source = Path(args.source)
     if not source.exists():
@@ -164,6 +164,8 @@ def cmd_report(args: argparse.Namespace) -> int:
                 + f" over {len(life['runs'])} run(s) in {life['account']}"
                 + (f"; this run is {', '.join(life['this_run'])} there" if life["this_run"] else "")
             )
+            if lost := unreleased_note(life["reserved_not_released"]):
+                print(f"{'':<24} reserved in the account, in no line of this ledger: {lost}")
             _warn_if_the_integral_differs(life, whose="account", what="lifetime epsilon", prefix=f"{'':<24} ")
         _warn_if_the_integral_differs(p, whose="ledger", prefix=f"{'':<24} ")
         for problem in p["problems"]:

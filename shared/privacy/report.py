@@ -186,7 +186,7 @@ def _lifetime(path: Path, *, entries: list[dict[str, Any]]) -> dict[str, Any]:
     try:
         result, lines = account.checked_summary(path)
     except account.AccountError as err:
-        return {"account": str(path), "verified": False, "problems": [str(err)], "this_run": []}
+        return {"account": str(path), "verified": False, "problems": [str(err)], "this_run": [], "reserved_not_released": []}
     # per round of this ledger that released something (a declined round released nothing; a round run again
     # after the coordinator resumed has two lines, each reserved on its own): per run, how many are reserved
     released: dict[int, list[dict[str, Any]]] = {}
@@ -215,7 +215,14 @@ def _lifetime(path: Path, *, entries: list[dict[str, Any]]) -> dict[str, Any]:
                 "count the rest, so its lifetime epsilon understates what was spent"
             )
     holding = [run for run in result["runs"] if released and all(reserved[r, run] == len(m) for r, m in released.items())]
-    return {**result, "verified": not problems, "problems": problems, "this_run": holding}
+    # rounds the run reserved whose release this ledger lacks: lost between the two (the partner stopped while
+    # training, say). Nothing of them was sent; the account counts them all the same (it may overstate, never understate)
+    lost: list[int] = []
+    if len(holding) == 1:
+        for r in sorted({x["round"] for x in lines if x["run"] == holding[0]}):
+            extra = sum(x["run"] == holding[0] and x["round"] == r for x in lines) - len(released.get(r, []))
+            lost += [r] * max(extra, 0)
+    return {**result, "verified": not problems, "problems": problems, "this_run": holding, "reserved_not_released": lost}
 
 
 def build_report(source: str | Path, *, head: ledger.Head | None = None, account_path: Path | None = None) -> dict[str, Any]:
@@ -406,6 +413,17 @@ def integration_warning(record: dict[str, Any], *, whose: str) -> str:
     )
 
 
+def unreleased_note(rounds: list[int]) -> str:
+    """Why a run's account can hold more than its ledger: rounds reserved, then lost before their release."""
+    if not rounds:
+        return ""
+    which = ", ".join(map(str, rounds))
+    return (
+        f"round{'s' if len(rounds) > 1 else ''} {which}: lost between the reservation and the release (the partner "
+        "stopped while training, say); nothing of it was sent, and the account counts it all the same"
+    )
+
+
 def _lifetime_terms(p: dict[str, Any]) -> list[tuple[str, str]]:
     """Rows for the partner's privacy account over all runs (empty without one)."""
     life = p.get("lifetime")
@@ -419,6 +437,7 @@ def _lifetime_terms(p: dict[str, Any]) -> list[tuple[str, str]]:
         ("privacy account", f"{life['account']} ({life['lines']} lines, head {life['head']})"),
         ("account verified", "yes" if life["verified"] else "NO: " + "; ".join(life["problems"])),
         ("this ledger's releases are reserved there as run", ", ".join(life["this_run"]) or "n/a (nothing released)"),
+        ("reserved there, released in no line of this ledger", unreleased_note(life["reserved_not_released"]) or "none"),
         ("runs on this data", runs),
         ("lifetime epsilon (every run, one account)", f"{life['epsilon']:.4f} at delta {life['delta']:.3g}, {account.counting(life)}"),
         ("lifetime cap", "none" if cap is None else f"{cap:g} (left {max(0.0, cap - life['epsilon']):.4f})"),

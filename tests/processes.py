@@ -8,23 +8,37 @@ import struct
 from pathlib import Path
 
 
-def descendants(pid: int | None = None) -> set[int]:
-    """PIDs of every live descendant of ``pid`` (default: this process)."""
-    root = pid or os.getpid()
-    children: dict[int, list[int]] = {}
+def _live_processes() -> dict[int, list[str]]:
+    """Each live (not zombie) process's fields of ``/proc/<pid>/stat`` after its name: state, ppid, pgrp, ..."""
+    found = {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
             fields = stat.read_text().rsplit(")", 1)[1].split()
         except OSError:
             continue
         if fields[0] != "Z":
-            children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+            found[int(stat.parent.name)] = fields
+    return found
+
+
+def descendants(pid: int | None = None) -> set[int]:
+    """PIDs of every live descendant of ``pid`` (default: this process)."""
+    root = pid or os.getpid()
+    children: dict[int, list[int]] = {}
+    for child, fields in _live_processes().items():
+        children.setdefault(int(fields[1]), []).append(child)
     out, todo = set(), [root]
     while todo:
         for child in children.get(todo.pop(), []):
             out.add(child)
             todo.append(child)
     return out
+
+
+def in_groups(groups: set[int]) -> set[int]:
+    """PIDs of the live processes in any of the process groups ``groups``: a killed process's children
+    leave its descendants (they are re-parented) but stay in its group."""
+    return {pid for pid, fields in _live_processes().items() if int(fields[2]) in groups}
 
 
 def niceness(pids: set[int], *, named: str) -> dict[int, int]:

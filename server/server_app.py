@@ -12,6 +12,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
 from server.partner_list import load_partner_list
+from server.restarts import RestartAwareGrid
 from server.rounds import end_round
 from server.run_folder import RunFolder, new_run_id
 from server.strategy import make_strategy
@@ -49,7 +50,7 @@ def main(grid: Grid, context: Context) -> None:
 
     if settings.rounds > done:
         strategy.start(
-            grid=grid,
+            grid=RestartAwareGrid(grid),  # a partner that restarts in the middle of a round is not waited for
             initial_arrays=ArrayRecord(arrays),
             num_rounds=settings.rounds - done,
             train_config=config,

@@ -1,0 +1,95 @@
+"""Stop waiting for a SuperNode that restarted while it held an instruction.
+
+A SuperNode pulls an instruction once. If it restarts before it replies (its
+machine went down and a restart policy brought it back), the new process is
+never given that instruction again, and Flower's SuperLink, which answers for a
+node that is offline ("Node Unavailable"), sees this one online again. Unless
+the SuperLink pulled its answer before the restart, the round would wait for
+the strategy's timeout (Flower's default: an hour). :class:`RestartAwareGrid`
+notes each addressee's activation time when a round's instructions are sent
+and answers for a node activated again since, with an error reply that says
+so; the round goes on without it (tests/test_deployment.py kills and restarts
+a real SuperNode).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+
+from flwr.app import Error, Message, RecordDict
+from flwr.common.constant import ErrorCode
+from flwr.proto.node_pb2 import NodeInfo
+from flwr.serverapp import Grid
+from flwr.supercore.run import Run
+
+RESTARTED = (
+    "Error: SuperNode activated again after it received this instruction (it restarted, or came back after "
+    "missing its heartbeats): the server stopped waiting for its reply"
+)
+
+FLOWER_PULL_INTERVAL = 3.0  # seconds between pulls, as Flower's own send_and_receive waits (deployed); a simulation's grid says its own
+
+
+class RestartAwareGrid(Grid):
+    """``grid``, with a ``send_and_receive`` that does not wait for a SuperNode activated again after
+    the instructions were sent (every other call goes to ``grid`` unchanged)."""
+
+    def __init__(self, grid: Grid) -> None:
+        self.grid = grid
+        self.pull_interval = float(getattr(grid, "pull_interval", FLOWER_PULL_INTERVAL))
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        """Flower's ``send_and_receive`` (push, then pull until every reply is in or ``timeout``), plus:
+        an instruction whose SuperNode has been activated again since it was sent gets an error reply
+        (:data:`RESTARTED`) instead of being waited for."""
+        messages = list(messages)
+        # noted just before sending: a node activated after this is not waited for (one activated in the instant
+        # between this and the push would cost its update of this round, where a missed restart costs the round an hour)
+        activated = self._activations()
+        pushed = set(self.grid.push_messages(messages))  # Flower's grid sets each message's id in place as it pushes it
+        waiting = {msg.metadata.message_id: msg for msg in messages if msg.metadata.message_id in pushed}
+        replies: list[Message] = []
+        end = None if timeout is None else time.monotonic() + timeout
+        while waiting:
+            for reply in self.grid.pull_messages(list(waiting)):
+                replies.append(reply)
+                waiting.pop(reply.metadata.reply_to_message_id, None)
+            if waiting:
+                now = self._activations()
+                for message_id, msg in list(waiting.items()):
+                    node = msg.metadata.dst_node_id
+                    if node in now and now[node] != activated.get(node):
+                        replies.append(Message(Error(code=ErrorCode.NODE_UNAVAILABLE, reason=RESTARTED), reply_to=msg))
+                        del waiting[message_id]
+            if not waiting or (end is not None and time.monotonic() >= end):
+                break
+            time.sleep(self.pull_interval)
+        return replies
+
+    def _activations(self) -> dict[int, str]:
+        """Each connected SuperNode's last activation, as the SuperLink records it (its own clock)."""
+        return {node.node_id: node.last_activated_at for node in self.grid.get_nodes()}
+
+    # everything else: the grid's own
+    def set_run(self, run: Run) -> None:
+        self.grid.set_run(run)
+
+    @property
+    def run(self) -> Run:
+        return self.grid.run
+
+    def create_message(self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str, ttl: float | None = None) -> Message:
+        return self.grid.create_message(content, message_type, dst_node_id, group_id, ttl)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return self.grid.get_node_ids()
+
+    def get_nodes(self) -> Iterable[NodeInfo]:
+        return self.grid.get_nodes()
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        return self.grid.push_messages(messages)
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        return self.grid.pull_messages(message_ids)

@@ -1,0 +1,79 @@
+"""The server does not wait for a SuperNode that restarted while it held an instruction (server.restarts),
+on Flower's own in-memory SuperLink state and grid (tests/test_deployment.py: real processes)."""
+
+from __future__ import annotations
+
+import secrets
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+import torch
+from flwr.app import ArrayRecord, Message, MessageType, RecordDict
+from flwr.proto.task_pb2 import Task
+from flwr.server.superlink.linkstate import InMemoryLinkState, LinkStateFactory
+from flwr.server.superlink.linkstate.in_memory_linkstate import RunRecord
+from flwr.supercore.constant import FLWR_IN_MEMORY_DB_NAME, NOOP_FEDERATION_ID
+from flwr.supercore.object_store import ObjectStoreFactory
+from flwr.supercore.run import Run
+from flwr.supercore.task_identity import TaskIdentity
+from flwr.superlink.federation import NoOpFederationManager
+from flwr.superlink.grid import InMemoryGrid
+
+from server.restarts import RESTARTED, RestartAwareGrid
+
+HEARTBEAT = 30.0
+
+
+@pytest.fixture
+def superlink() -> Iterator[tuple[InMemoryLinkState, InMemoryGrid, int]]:
+    """Flower's in-memory SuperLink state with one run, one active SuperNode, and the ServerApp's grid."""
+    factory = LinkStateFactory(FLWR_IN_MEMORY_DB_NAME, NoOpFederationManager(), ObjectStoreFactory())
+    state = factory.state()
+    assert isinstance(state, InMemoryLinkState)
+    run = Run.create_empty(run_id=7)
+    run.primary_task_id, run.federation_id = 11, NOOP_FEDERATION_ID
+    state.run_ids[run.run_id] = RunRecord(run=run)  # as flwr.simulation.run_simulation registers its run
+    state.task_store[11] = Task(task_id=11, run_id=run.run_id)
+    node = state.create_node("owner", "owner", secrets.token_bytes(32), heartbeat_interval=HEARTBEAT)
+    assert state.activate_node(node, HEARTBEAT)
+    grid = InMemoryGrid(state_factory=factory, pull_interval=0.05)
+    grid.set_run(run)
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = run.run_id, 1, 11  # the ServerApp's, as Flower sets them
+    yield state, grid, node
+
+
+def instruction(node: int) -> Message:
+    return Message(content=RecordDict({"arrays": ArrayRecord({"w": torch.ones(2)})}), dst_node_id=node, message_type=MessageType.TRAIN)
+
+
+def test_a_supernode_activated_again_after_its_instruction_gets_a_reply_saying_so(
+    superlink: tuple[InMemoryLinkState, InMemoryGrid, int],
+) -> None:
+    state, grid, node = superlink
+
+    def restart() -> None:
+        """The node's process dies holding the instruction; a new one activates before the server's next pull,
+        so the SuperLink, which answers only for a node that is offline when pulled, sees it online."""
+        time.sleep(0.3)
+        with state.lock:  # between two pulls
+            state.deactivate_node(node)
+            time.sleep(0.001)  # activation times are the SuperLink's clock, in microseconds
+            assert state.activate_node(node, HEARTBEAT)
+
+    restarted = threading.Thread(target=restart)
+    restarted.start()
+    started = time.monotonic()
+    replies = list(RestartAwareGrid(grid).send_and_receive([instruction(node)], timeout=30))
+    restarted.join()
+    assert time.monotonic() - started < 5  # not the timeout
+    assert len(replies) == 1 and replies[0].has_error() and replies[0].error.reason == RESTARTED
+    assert replies[0].metadata.src_node_id == node  # the reply is the node's, as the server names rows by it
+
+
+def test_a_supernode_still_running_is_waited_for(superlink: tuple[InMemoryLinkState, InMemoryGrid, int]) -> None:
+    _, grid, node = superlink
+    started = time.monotonic()
+    assert list(RestartAwareGrid(grid).send_and_receive([instruction(node)], timeout=0.5)) == []  # as Flower's: nothing by the timeout
+    assert time.monotonic() - started >= 0.5

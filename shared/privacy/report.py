@@ -216,7 +216,7 @@ def _lifetime(path: Path, *, entries: list[dict[str, Any]]) -> dict[str, Any]:
             )
     holding = [run for run in result["runs"] if released and all(reserved[r, run] == len(m) for r, m in released.items())]
     # rounds the run reserved whose release this ledger lacks: lost between the two (the partner stopped while
-    # training, say). Nothing of them was sent; the account counts them all the same (it may overstate, never understate)
+    # training, say), or cut from the ledger's end. The account counts them either way (it may overstate, never understate)
     lost: list[int] = []
     if len(holding) == 1:
         for r in sorted({x["round"] for x in lines if x["run"] == holding[0]}):
@@ -420,7 +420,8 @@ def unreleased_note(rounds: list[int]) -> str:
     which = ", ".join(map(str, rounds))
     return (
         f"round{'s' if len(rounds) > 1 else ''} {which}: lost between the reservation and the release (the partner "
-        "stopped while training, say); nothing of it was sent, and the account counts it all the same"
+        "stopped while training, say: then nothing of it was sent), unless lines were cut from this ledger's end "
+        "(--head rules that out); the account counts it either way"
     )
 
 

@@ -12,7 +12,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
 from server.partner_list import load_partner_list
-from server.restarts import RestartAwareGrid
+from server.round_wait import RoundWaitGrid
 from server.rounds import end_round
 from server.run_folder import RunFolder, new_run_id
 from server.strategy import make_strategy
@@ -50,12 +50,13 @@ def main(grid: Grid, context: Context) -> None:
 
     if settings.rounds > done:
         strategy.start(
-            grid=RestartAwareGrid(grid),  # a partner that restarts in the middle of a round is not waited for
+            grid=RoundWaitGrid(grid),  # not waiting for a partner that restarted mid-round; the silent recorded at the timeout
             initial_arrays=ArrayRecord(arrays),
             num_rounds=settings.rounds - done,
             train_config=config,
             evaluate_config=config,
             evaluate_fn=lambda rnd, rec: after_round(rnd, rec) if rnd > 0 else None,
+            timeout=settings.round_timeout,
         )
     adapter_bytes = sum(v.numel() * v.element_size() for v in arrays.values())
     run.write_summary(settings=settings, adapter_bytes=adapter_bytes, encoder_bytes=encoder.n_bytes, names=names)

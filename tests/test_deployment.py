@@ -133,7 +133,7 @@ def test_a_partner_whose_machine_goes_down_while_training_rejoins_and_its_accoun
         # As a restart policy would (docker/compose.yaml: restart: unless-stopped): start it again whenever it
         # stops. Until the SuperLink has found the crashed node offline (two missed heartbeats, about a minute),
         # it refuses the node's key (Flower's exit code 305). The round ends with the other partner: the SuperLink
-        # answers for the crashed node, or, where the restart came before its answer was pulled, the server (server.restarts).
+        # answers for the crashed node, or, where the restart came before its answer was pulled, the server (server.round_wait).
         starts, deadline = 0, time.monotonic() + 600  # it takes about 3 minutes; a round waiting out Flower's hour fails here
         while run.poll() is None:
             assert time.monotonic() < deadline, "the run did not finish in 10 minutes:\n" + (tmp_path / "flwr-run.log").read_text()[-3000:]

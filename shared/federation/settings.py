@@ -31,6 +31,14 @@ class FederationSettings:
     local_epochs: int = field(default=1, metadata={"help": "passes over a partner's users per round"})
     fraction_train: float = field(default=1.0, metadata={"help": "fraction of partners sampled per round"})
     min_partners: int = field(default=2, metadata={"help": "fewest partners a round needs"})
+    round_timeout: float = field(
+        default=3600.0,
+        metadata={
+            "help": "seconds the server waits for the partners' replies, once for a round's training and once for its "
+            "evaluation (Flower's default: 3600); a partner that has not replied by then is recorded as failed, "
+            "saying so, and the round goes on with the others. Not part of a run's identity: a resumed run may change it"
+        },
+    )
     adapter: str = field(default="moe", metadata={"help": "shared adapter kind: 'moe'"})
     moe_n_experts: int = field(default=4, metadata={"help": "moe adapter: experts"})
     moe_dim: int = field(default=128, metadata={"help": "moe adapter: output width"})
@@ -199,7 +207,8 @@ class FederationSettings:
             problems.append(f"trim-fraction must be in [0, 0.5) (the fraction cut from each end), got {self.trim_fraction}")
         if self.proximal_mu < 0:
             problems.append(f"proximal-mu must be >= 0 (0: plain FedAvg), got {self.proximal_mu}")
-        problems += [f"{_key(k)} must be > 0, got {getattr(self, k)}" for k in ("lr", "max_grad_norm") if getattr(self, k) <= 0]
+        positive_numbers = ("lr", "max_grad_norm", "round_timeout")
+        problems += [f"{_key(k)} must be > 0, got {getattr(self, k)}" for k in positive_numbers if getattr(self, k) <= 0]
         return problems
 
     def to_run_config(self) -> dict[str, Any]:

@@ -1,15 +1,17 @@
-"""Stop waiting for a SuperNode that restarted while it held an instruction.
+"""How the server waits for a round's replies: not for a SuperNode that restarted while it held an
+instruction, and not past the run's ``round-timeout`` without saying so.
 
 A SuperNode pulls an instruction once. If it restarts before it replies (its
 machine went down and a restart policy brought it back), the new process is
 never given that instruction again, and Flower's SuperLink, which answers for a
 node that is offline ("Node Unavailable"), sees this one online again. Unless
 the SuperLink pulled its answer before the restart, the round would wait for
-the strategy's timeout (Flower's default: an hour). :class:`RestartAwareGrid`
-notes each addressee's activation time when a round's instructions are sent
-and answers for a node activated again since, with an error reply that says
-so; the round goes on without it (tests/test_deployment.py kills and restarts
-a real SuperNode).
+the strategy's timeout. :class:`RoundWaitGrid` notes each addressee's
+activation time when a round's instructions are sent and answers for a node
+activated again since, with an error reply that says so; the round goes on
+without it (tests/test_deployment.py kills and restarts a real SuperNode). A
+partner still silent at the timeout gets such a reply too: Flower's own wait
+returns nothing for it, and the round's record would not show it at all.
 """
 
 from __future__ import annotations
@@ -31,9 +33,10 @@ RESTARTED = (
 FLOWER_PULL_INTERVAL = 3.0  # seconds between pulls, as Flower's own send_and_receive waits (deployed); a simulation's grid says its own
 
 
-class RestartAwareGrid(Grid):
+class RoundWaitGrid(Grid):
     """``grid``, with a ``send_and_receive`` that does not wait for a SuperNode activated again after
-    the instructions were sent (every other call goes to ``grid`` unchanged)."""
+    the instructions were sent and answers for the silent ones at the timeout (every other call goes
+    to ``grid`` unchanged)."""
 
     def __init__(self, grid: Grid) -> None:
         self.grid = grid
@@ -42,7 +45,8 @@ class RestartAwareGrid(Grid):
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
         """Flower's ``send_and_receive`` (push, then pull until every reply is in or ``timeout``), plus:
         an instruction whose SuperNode has been activated again since it was sent gets an error reply
-        (:data:`RESTARTED`) instead of being waited for."""
+        (:data:`RESTARTED`) instead of being waited for, and one still unanswered at ``timeout`` an error
+        reply saying so (Flower returns nothing for it, so the round's record would not show it)."""
         messages = list(messages)
         # noted just before sending: a node activated after this is not waited for (one activated in the instant
         # between this and the push would cost its update of this round, where a missed restart costs the round an hour)
@@ -62,7 +66,11 @@ class RestartAwareGrid(Grid):
                     if node in now and now[node] != activated.get(node):
                         replies.append(Message(Error(code=ErrorCode.NODE_UNAVAILABLE, reason=RESTARTED), reply_to=msg))
                         del waiting[message_id]
-            if not waiting or (end is not None and time.monotonic() >= end):
+            if not waiting:
+                break
+            if end is not None and time.monotonic() >= end:  # recorded as failed, saying why, rather than left out unsaid
+                late = f"Error: no reply within {timeout:g} s (run config round-timeout): the server stopped waiting for it"
+                replies += [Message(Error(code=ErrorCode.REPLY_MESSAGE_UNAVAILABLE, reason=late), reply_to=msg) for msg in waiting.values()]
                 break
             time.sleep(self.pull_interval)
         return replies

@@ -1,5 +1,6 @@
-"""The server does not wait for a SuperNode that restarted while it held an instruction (server.restarts),
-on Flower's own in-memory SuperLink state and grid (tests/test_deployment.py: real processes)."""
+"""How the server waits for a round's replies (server.round_wait): not for a SuperNode that restarted while
+it held an instruction, and not past the timeout without a record; on Flower's own in-memory SuperLink state
+and grid (tests/test_deployment.py: real processes)."""
 
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from flwr.supercore.task_identity import TaskIdentity
 from flwr.superlink.federation import NoOpFederationManager
 from flwr.superlink.grid import InMemoryGrid
 
-from server.restarts import RESTARTED, RestartAwareGrid
+from server.round_wait import RESTARTED, RoundWaitGrid
 
 HEARTBEAT = 30.0
 
@@ -65,15 +66,21 @@ def test_a_supernode_activated_again_after_its_instruction_gets_a_reply_saying_s
     restarted = threading.Thread(target=restart)
     restarted.start()
     started = time.monotonic()
-    replies = list(RestartAwareGrid(grid).send_and_receive([instruction(node)], timeout=30))
+    replies = list(RoundWaitGrid(grid).send_and_receive([instruction(node)], timeout=30))
     restarted.join()
     assert time.monotonic() - started < 5  # not the timeout
     assert len(replies) == 1 and replies[0].has_error() and replies[0].error.reason == RESTARTED
     assert replies[0].metadata.src_node_id == node  # the reply is the node's, as the server names rows by it
 
 
-def test_a_supernode_still_running_is_waited_for(superlink: tuple[InMemoryLinkState, InMemoryGrid, int]) -> None:
+def test_a_supernode_still_running_is_waited_for_until_the_timeout_and_then_recorded(
+    superlink: tuple[InMemoryLinkState, InMemoryGrid, int],
+) -> None:
     _, grid, node = superlink
     started = time.monotonic()
-    assert list(RestartAwareGrid(grid).send_and_receive([instruction(node)], timeout=0.5)) == []  # as Flower's: nothing by the timeout
+    replies = list(RoundWaitGrid(grid).send_and_receive([instruction(node)], timeout=0.5))
     assert time.monotonic() - started >= 0.5
+    # Flower's own wait returns nothing for it; here the round's record shows it, and why
+    assert len(replies) == 1 and replies[0].has_error() and replies[0].metadata.src_node_id == node
+    assert replies[0].error.reason == "Error: no reply within 0.5 s (run config round-timeout): the server stopped waiting for it"
+    assert list(grid.send_and_receive([instruction(node)], timeout=0.5)) == []

@@ -49,7 +49,7 @@ class RoundWaitGrid(Grid):
         reply saying so (Flower returns nothing for it, so the round's record would not show it)."""
         messages = list(messages)
         # noted just before sending: a node activated after this is not waited for (one activated in the instant
-        # between this and the push would cost its update of this round, where a missed restart costs the round an hour)
+        # between this and the push would cost its update of this round, where a missed restart costs the round its timeout)
         activated = self._activations()
         pushed = set(self.grid.push_messages(messages))  # Flower's grid sets each message's id in place as it pushes it
         waiting = {msg.metadata.message_id: msg for msg in messages if msg.metadata.message_id in pushed}

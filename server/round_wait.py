@@ -11,7 +11,9 @@ activation time when a round's instructions are sent and answers for a node
 activated again since, with an error reply that says so; the round goes on
 without it (tests/test_deployment.py kills and restarts a real SuperNode). A
 partner still silent at the timeout gets such a reply too: Flower's own wait
-returns nothing for it, and the round's record would not show it at all.
+returns nothing for it, and the round's record would not show it at all. And a
+reply the SuperLink makes for an offline node comes from the SuperLink's own
+node id; it is handed on as the node's, so the partner's row is its own.
 """
 
 from __future__ import annotations
@@ -57,8 +59,7 @@ class RoundWaitGrid(Grid):
         end = None if timeout is None else time.monotonic() + timeout
         while waiting:
             for reply in self.grid.pull_messages(list(waiting)):
-                replies.append(reply)
-                waiting.pop(reply.metadata.reply_to_message_id, None)
+                replies.append(_from_addressee(reply, waiting.pop(reply.metadata.reply_to_message_id, None)))
             if waiting:
                 now = self._activations()
                 for message_id, msg in list(waiting.items()):
@@ -101,3 +102,12 @@ class RoundWaitGrid(Grid):
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
         return self.grid.pull_messages(message_ids)
+
+
+def _from_addressee(reply: Message, sent: Message | None) -> Message:
+    """``reply`` as coming from the node its instruction went to. The SuperLink makes the error reply for
+    a node that is offline ("Node Unavailable") from its own node id; the server names a round's rows by
+    the replying node, so such a reply is made again, the same error, in answer to ``sent``."""
+    if sent is None or not reply.has_error() or reply.metadata.src_node_id == sent.metadata.dst_node_id:
+        return reply
+    return Message(reply.error, reply_to=sent)

@@ -58,7 +58,7 @@ class RoundLog:
     bytes_sent_each: int = 0
 
 
-def _reply(msg: Message, *, node: int, partner: str, problems: list[str], declared: tuple[str, ...]) -> PartnerReply:
+def _reply(msg: Message, *, partner: str, problems: list[str], declared: tuple[str, ...]) -> PartnerReply:
     """What the run folder keeps of a reply; of a rejected one, only the declared metrics that are finite numbers."""
     content = msg.content
     info = dict(content.config_records[wire.PARTNER]) if wire.PARTNER in content.config_records else {}
@@ -68,7 +68,7 @@ def _reply(msg: Message, *, node: int, partner: str, problems: list[str], declar
         metrics = {k: v for k, v in metrics.items() if k in declared and is_finite_number(v)}
     arrays = content.array_records.get(wire.ARRAYS)
     return PartnerReply(
-        node_id=node,
+        node_id=msg.metadata.src_node_id,
         partner=partner,
         note=note if isinstance(note, str) else "",
         ledger=lines if isinstance(lines, str) else "",
@@ -102,7 +102,6 @@ class PartnerFedAvg(FedAvg):
         self.holders: dict[str, int] = dict(holders or {})  # partner name -> the node that holds it in this run (finish_round)
         self.partner_list = partner_list
         self.unlisted_seen: set[int] = set()  # connected SuperNodes not on the list, each reported once
-        self.instructions: list[Message] = []  # this round's messages to the partners, train or evaluate (see _addressee)
 
     def round_log(self, server_round: int) -> RoundLog:
         return self.rounds.setdefault(server_round + self.offset, RoundLog())
@@ -140,22 +139,10 @@ class PartnerFedAvg(FedAvg):
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         self.round_log(server_round).bytes_sent_each = record_bytes(arrays)
         self.sent = arrays.to_torch_state_dict()
-        self.instructions = list(super().configure_train(server_round + self.offset, arrays, config, self._listed(grid)))
-        return self.instructions
+        return super().configure_train(server_round + self.offset, arrays, config, self._listed(grid))
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
-        self.instructions = list(super().configure_evaluate(server_round + self.offset, arrays, config, self._listed(grid)))
-        return self.instructions
-
-    def _addressee(self, msg: Message) -> int:
-        """The node whose reply ``msg`` is. A SuperNode's own reply comes from its node id; the error reply
-        the SuperLink makes for a node that went offline (Flower's "Node Unavailable") comes from the
-        SuperLink itself, so its node is the one the answered instruction went to. Flower's grid gives each
-        instruction its message id in place as it sends it."""
-        for sent in self.instructions:
-            if sent.metadata.message_id and sent.metadata.message_id == msg.metadata.reply_to_message_id:
-                return sent.metadata.dst_node_id
-        return msg.metadata.src_node_id
+        return super().configure_evaluate(server_round + self.offset, arrays, config, self._listed(grid))
 
     def _listed(self, grid: Grid) -> Grid:
         """The grid as FedAvg's sampling sees it: with a partner list, only the listed SuperNodes."""
@@ -177,27 +164,25 @@ class PartnerFedAvg(FedAvg):
         Names are finish_round's to settle, once the round's replies are in."""
         passed = []
         for msg in replies:
-            node = self._addressee(msg)
+            node = msg.metadata.src_node_id
             partner = f"node-{node}"  # until finish_round names it
             if msg.has_error():
                 given, reason = wire.read_failure(msg.error.reason or f"error code {msg.error.code}")
                 into.append(PartnerReply(node, partner, "", {}, failed=reason, given_name=given))
                 continue
             problems = train_reply_problems(msg.content, sent=self.sent) if train else evaluate_reply_problems(msg.content)
-            problems = [*self._name_problems(msg, node), *problems]
-            reply = _reply(
-                msg, node=node, partner=partner, problems=problems, declared=wire.TRAIN_METRICS if train else wire.EVALUATE_METRICS
-            )
+            problems = [*self._name_problems(msg), *problems]
+            reply = _reply(msg, partner=partner, problems=problems, declared=wire.TRAIN_METRICS if train else wire.EVALUATE_METRICS)
             into.append(reply)
             if not reply.rejected:
                 passed.append(msg)
         return passed
 
-    def _name_problems(self, msg: Message, node: int) -> list[str]:
+    def _name_problems(self, msg: Message) -> list[str]:
         """Against the coordinator's list: is the node listed, and does its reply give the listed name?"""
         if self.partner_list is None:
             return []
-        given = _given_name(msg)
+        node, given = msg.metadata.src_node_id, _given_name(msg)
         listed = self.partner_list.name_of(node)
         if listed is None:
             return [f"SuperNode {node} is not on the coordinator's list of partners ({self.partner_list.path})"]

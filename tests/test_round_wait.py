@@ -11,7 +11,7 @@ from collections.abc import Iterator
 
 import pytest
 import torch
-from flwr.app import ArrayRecord, Message, MessageType, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.proto.task_pb2 import Task
 from flwr.server.superlink.linkstate import InMemoryLinkState, LinkStateFactory
 from flwr.server.superlink.linkstate.in_memory_linkstate import RunRecord
@@ -23,6 +23,9 @@ from flwr.superlink.federation import NoOpFederationManager
 from flwr.superlink.grid import InMemoryGrid
 
 from server.round_wait import RESTARTED, RoundWaitGrid
+from server.rounds import round_rows
+from server.strategy import PartnerFedAvg
+from tests.test_screening import SENT, _Grid, evaluation_content, reply, train_content
 
 HEARTBEAT = 30.0
 
@@ -84,3 +87,26 @@ def test_a_supernode_still_running_is_waited_for_until_the_timeout_and_then_reco
     assert len(replies) == 1 and replies[0].has_error() and replies[0].metadata.src_node_id == node
     assert replies[0].error.reason == "Error: no reply within 0.5 s (run config round-timeout): the server stopped waiting for it"
     assert list(grid.send_and_receive([instruction(node)], timeout=0.5)) == []
+
+
+def test_a_partner_whose_supernode_went_offline_is_named_in_its_row(superlink: tuple[InMemoryLinkState, InMemoryGrid, int]) -> None:
+    """Flower's SuperLink answers for a SuperNode that stopped sending heartbeats (its machine went down)
+    from its own node id; the server's grid gives that reply the node of the instruction it answers, so
+    the partner's row is its own (tests/test_deployment.py has the real thing)."""
+    state, grid, gone = superlink
+    state.deactivate_node(gone)  # offline before it replied
+    assert [r.metadata.src_node_id for r in grid.send_and_receive([instruction(gone)], timeout=5)] != [gone]  # Flower's: the SuperLink's
+    (offline,) = RoundWaitGrid(grid).send_and_receive([instruction(gone)], timeout=5)
+    assert offline.has_error() and offline.metadata.src_node_id == gone
+
+    strategy = PartnerFedAvg()
+    strategy.configure_train(1, ArrayRecord(SENT), ConfigRecord({}), grid=_Grid())  # type: ignore[arg-type]
+    strategy.aggregate_train(1, [offline, *(reply(node, train_content(name=f"p{node}")) for node in (1, 2, 4))])
+    log = strategy.finish_round(1)
+    strategy.configure_evaluate(1, ArrayRecord(SENT), ConfigRecord({}), grid=_Grid())  # type: ignore[arg-type]
+    strategy.aggregate_evaluate(1, [reply(gone, evaluation_content("p3", 0.1))])  # back in time to be scored
+    log = strategy.finish_round(1)
+    rows = {r["partner"]: r for r in round_rows(1, log)}
+    assert set(rows) == {"p1", "p2", "p3", "p4"}
+    assert rows["p3"]["failed"] and "Node Unavailable" in rows["p3"]["note"] and rows["p3"]["node_id"] == gone
+    assert not any(rows[p]["failed"] for p in ("p1", "p2", "p4"))

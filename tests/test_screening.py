@@ -206,30 +206,6 @@ def test_a_partner_whose_clientapp_failed_is_named_in_its_row(tmp_path: Path) ->
     assert not rows["games"]["failed"] and not rows["games"]["rejected"]
 
 
-def test_a_partner_whose_supernode_went_offline_is_named_in_its_row() -> None:
-    """Flower's SuperLink answers for a SuperNode that stopped sending heartbeats (its machine went down):
-    the reply comes from the SuperLink's own node id, and only the instruction it answers names the partner
-    (tests/test_deployment.py has the real thing)."""
-    from flwr.server.superlink.linkstate.utils import create_message_error_unavailable_res_message
-
-    strategy = PartnerFedAvg()
-    instructions = list(strategy.configure_train(1, ArrayRecord(SENT), ConfigRecord({}), grid=_Grid()))  # type: ignore[arg-type]
-    for n, sent in enumerate(instructions):  # as Flower's grid does in place when it sends them
-        sent.metadata.__dict__["_message_id"] = f"instruction-{n}"
-    gone = next(m for m in instructions if m.metadata.dst_node_id == 3)
-    offline = create_message_error_unavailable_res_message(gone.metadata, "node_unavail")
-    assert offline.metadata.src_node_id != 3  # the SuperLink's, not the partner's
-    strategy.aggregate_train(1, [offline, *(reply(node, train_content(name=f"p{node}")) for node in (1, 2, 4))])
-    log = strategy.finish_round(1)
-    strategy.configure_evaluate(1, ArrayRecord(SENT), ConfigRecord({}), grid=_Grid())  # type: ignore[arg-type]
-    strategy.aggregate_evaluate(1, [reply(3, evaluation_content("p3", 0.1))])  # back in time to be scored
-    log = strategy.finish_round(1)
-    rows = {r["partner"]: r for r in round_rows(1, log)}
-    assert set(rows) == {"p1", "p2", "p3", "p4"}
-    assert rows["p3"]["failed"] and "Node Unavailable" in rows["p3"]["note"] and rows["p3"]["node_id"] == 3
-    assert not any(rows[p]["failed"] for p in ("p1", "p2", "p4"))
-
-
 RAY_REASON = (  # as Flower's simulation engine reports a ClientApp that raised: Ray's traceback, then the message again
     "<class 'ray.exceptions.RayTaskError(ClientAppException)'>:<'\x1b[36mray::ClientAppActor.run()\x1b[39m (pid=1)\n"
     '  File "client/client_app.py", line 40, in train\n    raise RuntimeError(wire.failure_text(name, err)) from err\n'

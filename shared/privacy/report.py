@@ -26,6 +26,7 @@ import csv
 import html
 import io
 import json
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -219,9 +220,8 @@ def _lifetime(path: Path, *, entries: list[dict[str, Any]]) -> dict[str, Any]:
     # training, say), or cut from the ledger's end. The account counts them either way (it may overstate, never understate)
     lost: list[int] = []
     if len(holding) == 1:
-        for r in sorted({x["round"] for x in lines if x["run"] == holding[0]}):
-            extra = sum(x["run"] == holding[0] and x["round"] == r for x in lines) - len(released.get(r, []))
-            lost += [r] * max(extra, 0)
+        reservations = Counter(x["round"] for x in lines if x["run"] == holding[0])
+        lost = [r for r in sorted(reservations) for _ in range(reservations[r] - len(released.get(r, [])))]
     return {**result, "verified": not problems, "problems": problems, "this_run": holding, "reserved_not_released": lost}
 
 
@@ -377,10 +377,7 @@ def _terms(p: dict[str, Any]) -> list[tuple[str, str]]:
         ("budget", _fmt(p["budget_epsilon"], "g")),
         ("budget left", _fmt(p["budget_left"])),
         ("loss and quality metrics (sent without noise)", _withheld(p["withheld_metrics"])),
-        (
-            "epsilon by direct integration, RDP",
-            _integrated(p, whose="ledger"),
-        ),
+        ("epsilon by direct integration, RDP", _integrated(p, whose="ledger")),
         ("epsilon by dp-accounting, RDP", _fmt(ind.get("dp_accounting_rdp"))),
         ("epsilon by dp-accounting, PLD", _fmt(ind.get("dp_accounting_pld"))),
     ]

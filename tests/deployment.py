@@ -161,9 +161,12 @@ class Deployment:
     def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, trace: TracebackType | None) -> None:
         self.close()
 
-    def _start(self, command: list[str], log: Path) -> subprocess.Popen[bytes]:
+    def _start(self, command: list[str], log: Path, *, cwd: Path | None = None) -> subprocess.Popen[bytes]:
+        """``command`` in a process group of its own, its output in ``log``; stopped by :meth:`close`."""
         with log.open("ab") as out:
-            process = subprocess.Popen(command, env=self.env, stdout=out, stderr=subprocess.STDOUT, cwd=self.root, start_new_session=True)
+            process = subprocess.Popen(
+                command, env=self.env, stdout=out, stderr=subprocess.STDOUT, cwd=cwd or self.root, start_new_session=True
+            )
         self.processes.append(process)
         return process
 
@@ -202,11 +205,7 @@ class Deployment:
     def flwr_run(self, config: dict[str, object], *, log: Path) -> subprocess.Popen[bytes]:
         """``flwr run PROJECT partners --stream`` with ``config``, started; its output in ``log``."""
         pairs = " ".join(f"{k}={_toml(v)}" for k, v in config.items())
-        command = [str(BIN / "flwr"), "run", str(PROJECT), "partners", "--stream", "--run-config", pairs]
-        with log.open("ab") as out:
-            process = subprocess.Popen(command, env=self.env, stdout=out, stderr=subprocess.STDOUT, cwd=PROJECT, start_new_session=True)
-        self.processes.append(process)
-        return process
+        return self._start([str(BIN / "flwr"), "run", str(PROJECT), "partners", "--stream", "--run-config", pairs], log, cwd=PROJECT)
 
     def run(self, config: dict[str, object], *, log: Path, timeout: float = 600) -> None:
         """One run, to its end; fails with the end of its output unless ``flwr run`` exits 0."""

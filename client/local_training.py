@@ -31,7 +31,7 @@ from shared.data.split import DomainSplit
 from shared.device import model_device, on_cpu
 from shared.federation.settings import OPTIMIZERS
 from shared.model.recommender import DomainModel
-from shared.privacy.accounting import PartnerAccountant
+from shared.privacy.accounting import PartnerAccountant, poisson_schedule
 from shared.training import next_item_pairs
 
 
@@ -171,50 +171,62 @@ def train_round(
     if proximal_mu > 0:
         pull_towards_start(optimizer, trainable_parameters(model.adapter), mu=proximal_mu)
     device = model_device(model)
-    # Under DP, Poisson sampling and noise must be secret: Opacus' loader samples with the
-    # loader's generator (on the CPU, where the data is) and its optimizer adds noise from
-    # the one it is given, which must be on the device of the gradients.
-    sampling = os_entropy_generator() if dp is not None else generator
-    loader = DataLoader(data, batch_size=batch_size, shuffle=True, generator=sampling)
     model.train()  # Opacus refuses a model in eval mode
     run = functools.partial(
         _train_epochs, epochs=epochs, negatives=negatives, n_items=model.features.n_items, generator=generator, device=device
     )
     if dp is None:
+        loader = DataLoader(data, batch_size=batch_size, shuffle=True, generator=generator)
         return run(model, optimizer, loader), on_cpu(optimizer.state_dict())
     from client.per_user_linear import per_user_gradients_only  # imports Opacus: only under DP
 
     # Opacus sets each weight's gradient from the per-user ones: autograd's summed
     # gradient would be computed and thrown away (client/per_user_linear.py)
     with per_user_gradients_only(model):
-        module, dp_optimizer, dp_loader = _made_private(model, optimizer, loader, dp=dp, device=device)
+        module, dp_optimizer, dp_loader = _made_private(model, optimizer, data, batch_size=batch_size, dp=dp, device=device)
         outcome = run(module, dp_optimizer, dp_loader)
         module.remove_hooks()
     return outcome, on_cpu(dp_optimizer.original_optimizer.state_dict())
 
 
 def _made_private(
-    model: DomainModel, optimizer: torch.optim.Optimizer, loader: DataLoader, *, dp: DPPlan, device: torch.device
+    model: DomainModel, optimizer: torch.optim.Optimizer, data: TensorDataset, *, batch_size: int, dp: DPPlan, device: torch.device
 ) -> tuple[Any, Any, DataLoader]:
-    """Opacus' module, DP optimizer and Poisson loader for ``model``, counting in the partner's accountant."""
+    """Opacus' module, DP optimizer and Poisson loader for ``model``, counting in the partner's accountant.
+
+    The loader samples at the rate of :func:`~shared.privacy.accounting.poisson_schedule`, the one the
+    partner planned and records. It is built here, not by ``make_private(poisson_sampling=True)``:
+    that derives the rate from a loader's length and, for some lengths, counts another rate than
+    the one it samples at (see ``poisson_schedule``); so the guard that option sets is set here."""
     from opacus import PrivacyEngine
+    from opacus.data_loader import DPDataLoader
 
     model.check_dp_safe()
+    rate, steps = poisson_schedule(users=len(data), batch_size=batch_size)
+    # Which users a step samples and the noise it adds must be secret: both generators are
+    # seeded from OS entropy, the sampler's on the CPU (where the data is), the noise's on
+    # the device of the gradients.
+    loader = DPDataLoader(data, sample_rate=rate, generator=os_entropy_generator())
+    if len(loader) != steps or 1 / len(loader) != rate:  # Opacus' accountant counts rate 1 / len(loader)
+        raise RuntimeError(
+            f"Opacus' Poisson loader takes {len(loader)} steps an epoch at rate {rate}; the schedule is {steps} at 1 / {steps}"
+        )
     with warnings.catch_warnings():
-        # Opacus' secure_mode needs torchcsprng (no build for this torch); the loader's
-        # and the noise's generator are seeded from OS entropy instead (README, DP).
+        # Opacus' secure_mode needs torchcsprng (no build for this torch): OS entropy instead (README, DP).
         warnings.filterwarnings("ignore", message=".*[Ss]ecure RNG.*")
         engine = PrivacyEngine(accountant=dp.ledger.budget.accountant)
         engine.accountant = dp.ledger.accountant  # one accountant for the whole run
-        return engine.make_private(
+        module, dp_optimizer, dp_loader = engine.make_private(
             module=model,
             optimizer=optimizer,
             data_loader=loader,
             noise_multiplier=dp.noise_multiplier,
             max_grad_norm=dp.max_grad_norm,
-            poisson_sampling=True,
+            poisson_sampling=False,  # the loader above already samples each user on its own
             noise_generator=os_entropy_generator(device),
         )
+    module.forbid_grad_accumulation()  # what poisson_sampling=True would set: one backward pass per step
+    return module, dp_optimizer, dp_loader
 
 
 def _train_epochs(
@@ -248,9 +260,3 @@ def _train_epochs(
             examples += len(inputs)
     mean_loss = float(torch.stack(losses).double().mean()) if losses else 0.0
     return RoundOutcome(mean_loss, steps, examples)
-
-
-def poisson_schedule(n_users: int, batch_size: int) -> tuple[float, int]:
-    """(sample rate, steps per epoch) of Opacus' Poisson loader over ``n_users`` examples."""
-    n_batches = max(1, -(-n_users // batch_size))
-    return 1.0 / n_batches, n_batches

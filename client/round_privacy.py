@@ -27,13 +27,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from client.local_training import DPPlan, poisson_schedule
+from client.local_training import DPPlan
 from client.private_state import PartnerState
 from shared.data.split import DomainSplit
 from shared.federation.scenario import PartnerSpec
 from shared.federation.settings import FederationSettings
 from shared.privacy import account, ledger
-from shared.privacy.accounting import Budget, Event, PartnerAccountant, calibrate_noise, partner_budget, release_fits
+from shared.privacy.accounting import Budget, Event, PartnerAccountant, calibrate_noise, partner_budget, poisson_schedule, release_fits
 from shared.privacy.item_counts import release_item_counts, user_weighted_counts
 
 # A run whose rounds the privacy account could fund only at over twice the run's own
@@ -110,7 +110,7 @@ class RoundSchedule:
 
 def round_schedule(settings: FederationSettings, spec: PartnerSpec, *, n_users: int) -> RoundSchedule:
     """A round's schedule and budget for a partner of ``n_users`` users (``partner.train`` and the tests build it the same way)."""
-    sample_rate, per_epoch = poisson_schedule(n_users, settings.batch_size)
+    sample_rate, per_epoch = poisson_schedule(users=n_users, batch_size=settings.batch_size)
     budget = partner_budget(
         server_epsilon=settings.target_epsilon,
         partner_cap=spec.max_epsilon,

@@ -16,11 +16,11 @@ import argparse
 import time
 from pathlib import Path
 
-from client.local_training import DPPlan, poisson_schedule, train_round
+from client.local_training import DPPlan, train_round
 from client.partner import HEAD, partner_data
 from shared.federation.scenario import PartnerSpec
 from shared.federation.settings import OPTIMIZERS, FederationSettings
-from shared.privacy.accounting import Budget, PartnerAccountant, calibrate_noise
+from shared.privacy.accounting import Budget, PartnerAccountant, calibrate_noise, poisson_schedule
 from shared.training import ranking_metrics
 from simulations.bench_dp_step import model_for
 from simulations.common import machine, real_domain, write_json
@@ -47,7 +47,7 @@ def main() -> None:
 
     untrained = test_ndcg()
     n_users = len(data.examples)
-    rate, per_epoch = poisson_schedule(n_users, args.batch_size)
+    rate, per_epoch = poisson_schedule(users=n_users, batch_size=args.batch_size)
     budget = Budget(args.epsilon, 1.0 / (10 * n_users))
     sigma = calibrate_noise(budget=budget, sample_rate=rate, steps=args.epochs * per_epoch)
     accountant = PartnerAccountant(budget)

@@ -12,12 +12,12 @@ from opacus import GradSampleModule
 from torch.nn import functional as F
 from torch.utils.data import TensorDataset
 
-from client.local_training import DPPlan, poisson_schedule, pull_towards_start, train_round
+from client.local_training import DPPlan, pull_towards_start, train_round
 from client.per_user_linear import PerUserLinear, per_user_gradients_only
 from shared.model.adapters import MoEAdapter, MoEAdapterConfig, adapter_state
 from shared.model.head import HeadConfig
 from shared.model.recommender import DomainModel, ItemFeatures
-from shared.privacy.accounting import Budget, PartnerAccountant, calibrate_noise, partner_budget
+from shared.privacy.accounting import Budget, PartnerAccountant, calibrate_noise, epsilon_of, partner_budget, poisson_schedule
 from shared.privacy.item_counts import release_item_counts, user_weighted_counts
 
 
@@ -185,7 +185,7 @@ def test_epsilon_composes_across_rounds_like_one_accountant() -> None:
 def test_calibration_spends_the_budget_over_the_planned_rounds() -> None:
     budget = partner_budget(server_epsilon=8.0, partner_cap=3.0, delta=0.0, n_users=1000, accountant="rdp")
     assert budget.epsilon == 3.0 and budget.delta == pytest.approx(1e-4)  # the partner's cap binds
-    rate, steps = poisson_schedule(1000, 64)
+    rate, steps = poisson_schedule(users=1000, batch_size=64)
     noise = calibrate_noise(budget=budget, sample_rate=rate, steps=5 * steps)
     ledger = PartnerAccountant(budget)
     for _ in range(5):
@@ -193,6 +193,49 @@ def test_calibration_spends_the_budget_over_the_planned_rounds() -> None:
         ledger.record((noise, rate, steps))
     assert 2.9 <= ledger.epsilon() <= 3.0 * 1.011
     assert not ledger.can_afford(noise_multiplier=noise, sample_rate=rate, steps=steps)  # a 6th round would overspend
+
+
+def test_the_poisson_schedule_is_one_opacus_samples_and_counts_exactly() -> None:
+    """Opacus' sampler takes int(1 / rate) steps an epoch and its accountant counts 1 / (those steps);
+    at 1 / 93 (1 / (1 / 93) = 92.99...) that is 92 steps counted at 1 / 92, not the 93 at 1 / 93 planned."""
+    from opacus.data_loader import DPDataLoader
+
+    lowered = set()
+    for users in range(1, 20_001, 7):
+        for batch_size in (1, 8, 64, 256):
+            rate, steps = poisson_schedule(users=users, batch_size=batch_size)
+            planned = -(-users // batch_size)
+            assert rate == 1 / steps and int(1 / rate) == steps  # Opacus takes exactly the steps it counts
+            assert all(int(1 / (1 / s)) != s for s in range(steps + 1, planned + 1))  # the nearest such count
+            assert steps >= 0.98 * planned  # a close one: batches stay near batch_size (891 becomes 888)
+            lowered |= {planned} if steps < planned else set()
+    assert {93, 99, 105} <= lowered
+    for users in (93 * 64, 99 * 64 - 5, 105 * 64):
+        rate, steps = poisson_schedule(users=users, batch_size=64)
+        loader = DPDataLoader(TensorDataset(torch.zeros(users, 1)), sample_rate=rate)
+        assert loader.sample_rate == rate == 1 / len(loader) and len(loader) == steps  # sampled = counted = planned
+
+
+def test_a_dp_round_records_the_rate_it_planned_when_opacus_would_count_another() -> None:
+    inputs, targets, _ = users(93 * 8, seed=2)  # 93 batches of 8: Opacus' own loader would count 1 / 92 for 1 / 93
+    rate, steps = poisson_schedule(users=len(inputs), batch_size=8)
+    accountant = PartnerAccountant(Budget(epsilon=8.0, delta=1e-5))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        outcome, _ = train_round(
+            tiny_model(),
+            TensorDataset(inputs, targets),
+            epochs=1,
+            batch_size=8,
+            lr=1e-2,
+            negatives=7,
+            seed=0,
+            dp=DPPlan(1.0, 1.0, accountant),
+        )
+    assert (rate, steps) == (1 / 92, 92)
+    assert accountant.events == [(1.0, rate, outcome.steps)] and 80 < outcome.steps <= steps
+    # so a ledger line made from the plan's rate and the steps taken gives the accountant's epsilon
+    assert epsilon_of([(1.0, rate, outcome.steps)], delta=1e-5, accountant="rdp") == accountant.epsilon()
 
 
 def test_ledger_state_is_small_and_checked(tmp_path: Path) -> None:

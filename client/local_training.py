@@ -229,6 +229,17 @@ def _made_private(
     return module, dp_optimizer, dp_loader
 
 
+def _noise_only_step(optimizer: Any) -> None:
+    """The DP step of a Poisson batch that sampled no user: the DP optimizer adds its noise to a
+    zero gradient, moves the model and counts the step, as the sampled Gaussian mechanism (and
+    its accountant) assume. Skipping it would show, in the model and in the steps taken, that
+    no user was sampled: a release no accountant counts."""
+    optimizer.zero_grad(set_to_none=True)
+    for p in optimizer.params:  # Opacus' own form of an empty batch: zero per-user gradients
+        p.grad_sample = torch.zeros((0, *p.shape), device=p.device, dtype=p.dtype)
+    optimizer.step()
+
+
 def _train_epochs(
     module: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -246,7 +257,9 @@ def _train_epochs(
     steps, examples = 0, 0
     for _ in range(epochs):
         for inputs, targets in loader:
-            if len(inputs) == 0:  # an empty Poisson batch: the model stays as it is, nothing is released
+            if len(inputs) == 0:  # an empty Poisson batch (only DP's loader makes them): a step all the same
+                _noise_only_step(optimizer)
+                steps += 1
                 continue
             inputs, targets = trim_padding(inputs, targets)
             # drawn on the CPU, so that a run's negatives are the same on any device

@@ -238,6 +238,21 @@ def test_a_dp_round_records_the_rate_it_planned_when_opacus_would_count_another(
     assert epsilon_of([(1.0, rate, outcome.steps)], delta=1e-5, accountant="rdp") == accountant.epsilon()
 
 
+def test_a_poisson_batch_that_sampled_no_user_is_still_a_noisy_step() -> None:
+    """At batch size 1 over 40 users about a third of the steps sample no one (0.975 ** 40 = 0.363)."""
+    inputs, targets, _ = users(40, seed=3)
+    model, accountant = tiny_model(), PartnerAccountant(Budget(epsilon=8.0, delta=1e-5))
+    before = {k: v.clone() for k, v in adapter_state(model.adapter).items()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        outcome, _ = train_round(
+            model, TensorDataset(inputs, targets), epochs=3, batch_size=1, lr=1e-2, negatives=7, seed=0, dp=DPPlan(1.0, 1.0, accountant)
+        )
+    # every step taken and counted: skipping the empty ones would leave about 76 (none empty: chance 0.637 ** 120)
+    assert outcome.steps == 3 * 40 and accountant.events == [(1.0, 1 / 40, 3 * 40)]
+    assert all(not torch.equal(v, before[k]) for k, v in adapter_state(model.adapter).items())
+
+
 def test_ledger_state_is_small_and_checked(tmp_path: Path) -> None:
     ledger = PartnerAccountant(Budget(epsilon=1.0, delta=1e-5))
     ledger.record((1.2, 0.01, 100))

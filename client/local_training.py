@@ -53,6 +53,9 @@ class DPPlan:
     noise_multiplier: float
     max_grad_norm: float
     ledger: PartnerAccountant
+    # The count of users the Poisson schedule is made from: a partner's declared public-users,
+    # so that nothing it releases follows from its real count; None: the data's own count.
+    users: int | None = None
 
 
 # The popularity prior's weight is one scalar: Adam moves it by about lr per step, so
@@ -202,7 +205,8 @@ def _made_private(
     from opacus.data_loader import DPDataLoader
 
     model.check_dp_safe()
-    rate, steps = poisson_schedule(users=len(data), batch_size=batch_size)
+    users = dp.users or len(data)
+    rate, steps = poisson_schedule(users=users, batch_size=batch_size)
     # Which users a step samples and the noise it adds must be secret: both generators are
     # seeded from OS entropy, the sampler's on the CPU (where the data is), the noise's on
     # the device of the gradients.
@@ -226,6 +230,9 @@ def _made_private(
             noise_generator=os_entropy_generator(device),
         )
     module.forbid_grad_accumulation()  # what poisson_sampling=True would set: one backward pass per step
+    # The sum of clipped gradients and noise is divided by the expected batch, which Opacus takes
+    # from the data's count: from the schedule's, it is the same unless public-users is declared.
+    dp_optimizer.expected_batch_size = max(1, int(users * rate))
     return module, dp_optimizer, dp_loader
 
 

@@ -332,6 +332,7 @@ def train(
         optimizer_state=state.optimizer,
         proximal_mu=settings.proximal_mu,
     )
+    examples = reported_examples(spec, settings, sampled=outcome.examples)
     if settings.dp:
         assert state.noise_multiplier is not None
         events = ledger_events(privacy.released, state.noise_multiplier, sample_rate, outcome.steps, settings.max_grad_norm)
@@ -339,7 +340,7 @@ def train(
         # ledger ahead of the state (it overstates, never understates, what was spent).
         ledger.append(
             ledger_path,
-            ledger_entry(spec, settings, budget, server_round, events, accountant.epsilon(), outcome.examples, privacy.note),
+            ledger_entry(spec, settings, budget, server_round, events, accountant.epsilon(), examples, privacy.note),
         )
     new_state = PartnerState(
         model.private_state(),
@@ -353,7 +354,7 @@ def train(
     )
     new_state.save(folder)
     metrics = _train_metrics(
-        outcome.examples,
+        examples,
         outcome.loss,
         outcome.steps,
         accountant.epsilon() if settings.dp else wire.NO_DP,
@@ -363,6 +364,14 @@ def train(
     )
     metrics = as_sent(metrics, spec=spec, folder=folder, server_round=server_round)
     return TrainReply(adapter_state(model.adapter), metrics, "", _whole_ledger(ledger_path)), new_state
+
+
+def reported_examples(spec: PartnerSpec, settings: FederationSettings, *, sampled: int) -> int:
+    """The users a round trained on, as the partner reports them (FedAvg's weight, the ledger's
+    ``examples``): those its steps sampled, or, with ``public-users``, the declared count x the
+    local epochs (what it samples on average if that is its real count), which nothing of its
+    data moves."""
+    return spec.public_users * settings.local_epochs if spec.public_users else sampled
 
 
 def _whole_ledger(path: Path) -> str:
@@ -422,7 +431,8 @@ def evaluate_global(
     adapter, mix = personal_adapter(settings, data, arrays=arrays, state=state, folder=folder)
     keep_global_adapter(folder, adapter, settings=settings, server_round=server_round, split=data.split, mix=mix)
     model = build_model(settings, data, adapter_arrays=adapter, head=state.head)
-    out: dict[str, float] = {"num-examples": len(data.split.eval_users("test")), "global-weight": float(mix["global-weight"])}
+    users = spec.public_users or len(data.split.eval_users("test"))  # the average's weight
+    out: dict[str, float] = {"num-examples": users, "global-weight": float(mix["global-weight"])}
     for which in ("valid", "test"):
         names = (f"{which}-ndcg@10", f"{which}-recall@10")
         if all(n in mix for n in names):  # scored while choosing the mix

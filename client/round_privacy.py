@@ -105,11 +105,14 @@ class RoundSchedule:
     budget: Budget  # the run's target lowered to the partner's cap; delta 0 means 1 / (10 x users)
     sample_rate: float  # Poisson sampling: expected batch size / users
     steps: int  # this round's steps: local epochs x steps per epoch
-    users: int  # the partner's users, one training example each (user-level DP)
+    users: int  # the partner's users, one training example each (user-level DP), or its declared public-users
 
 
 def round_schedule(settings: FederationSettings, spec: PartnerSpec, *, n_users: int) -> RoundSchedule:
-    """A round's schedule and budget for a partner of ``n_users`` users (``partner.train`` and the tests build it the same way)."""
+    """A round's schedule and budget for a partner of ``n_users`` users, or of the count it declares
+    public (``public-users``: then nothing here follows from its real count). ``partner.train`` and
+    the tests build it the same way."""
+    n_users = spec.public_users or n_users
     sample_rate, per_epoch = poisson_schedule(users=n_users, batch_size=settings.batch_size)
     budget = partner_budget(
         server_epsilon=settings.target_epsilon,
@@ -219,7 +222,8 @@ def plan_round(
             )
     for event in released:
         accountant.record(event)
-    return RoundPrivacy(DPPlan(sigma, settings.max_grad_norm, accountant), counts, counts_noise, released, note)
+    dp = DPPlan(sigma, settings.max_grad_norm, accountant, users=spec.public_users)
+    return RoundPrivacy(dp, counts, counts_noise, released, note)
 
 
 def ledger_events(released: list[Event], sigma: float, sample_rate: float, steps: int, max_grad_norm: float) -> list[dict[str, Any]]:

@@ -331,6 +331,31 @@ def test_a_partner_declines_a_delta_above_its_max(tmp_path: Path) -> None:
     assert reply.metrics["declined"] == 1 and "above this partner's max-delta 1e-06" in reply.note
 
 
+@pytest.mark.slow
+def test_a_partner_that_declares_its_user_count_public_sends_nothing_that_follows_from_its_real_count(tmp_path: Path) -> None:
+    """Under DP the sample rate, the steps, the default delta and the example counts a partner sends
+    follow from its number of users, which adding or removing one user changes: with public-users they
+    follow from the declared count. Two partners of 300 and 340 users, both declaring 320."""
+    settings = settings_for(tmp_path, batch_size=64, local_epochs=1)
+    found = partner.resolve_partner({"partition-id": 0, "num-partitions": 3}, settings)
+    arrays = initial_adapter(settings, in_dim=ENCODER_DIM)
+
+    def sent(users: int, public: int | None) -> tuple[dict[str, float], dict[str, float], dict[str, object]]:
+        spec = partner.PartnerSpec(found.name, found.data, max_users=users, public_users=public)
+        folder = tmp_path / f"{users}-{public}"
+        reply, state = partner.train(settings=settings, server_round=1, spec=spec, arrays=arrays, state=PartnerState(), folder=folder)
+        scored = partner.evaluate_global(settings=settings, server_round=1, spec=spec, arrays=reply.arrays, state=state, folder=folder)
+        line = {k: v for k, v in json.loads(reply.ledger.splitlines()[-1]).items() if k not in ("time", "prev")}
+        return {k: v for k, v in reply.metrics.items() if k != "loss"}, scored, line
+
+    small, large = sent(300, 320), sent(340, 320)
+    assert small[0] == large[0] and small[2] == large[2]  # every training figure and the ledger line alike
+    assert small[0]["sample-rate"] == 1 / 5 and small[0]["steps"] == 5 and small[0]["num-examples"] == 320
+    assert small[0]["delta"] == pytest.approx(1 / 3200) and small[1]["num-examples"] == large[1]["num-examples"] == 320
+    undeclared_small, undeclared_large = sent(300, None)[0], sent(340, None)[0]  # without it they differ
+    assert undeclared_small["sample-rate"] != undeclared_large["sample-rate"] and undeclared_small["delta"] != undeclared_large["delta"]
+
+
 def test_run_config_errors_name_every_key() -> None:
     with pytest.raises(SettingsError) as info:
         settings_from_run_config(

@@ -165,21 +165,30 @@ def test_an_item_count_release_fits_what_earlier_runs_left() -> None:
 def test_node_config_errors_name_every_key() -> None:
     with pytest.raises(ValueError) as info:
         partner_from_node_config(
-            {"data-path": "/data/shop", "max-epsilom": 4.0, "max-users": 0, "data-format": "csv", "max-delta": float("nan")}
+            {
+                "data-path": "/data/shop",
+                "max-epsilom": 4.0,
+                "max-users": 0,
+                "public-users": 4000.5,
+                "data-format": "csv",
+                "max-delta": float("nan"),
+            }
         )
     with pytest.raises(ValueError, match="max-epsilon must be a finite number above 0, got inf"):
         partner_from_node_config({"data-path": "/data/shop", "state-dir": "/keep", "max-epsilon": float("inf")})
     message = str(info.value)
     assert "unknown key 'max-epsilom'; did you mean 'max-epsilon'?" in message  # a cap must never be dropped silently
     assert "max-users must be a whole number of at least 1, got 0" in message
+    assert "public-users must be a whole number of at least 1, got 4000.5" in message
     assert "data-format must be one of ['tsv', 'recbole', 'json', 'mapped'], got 'csv'" in message
     assert "max-delta must be a number in (0, 1), got nan" in message
     # without a state-dir the state would go where the coordinator's runs-dir says
     assert "state-dir must be the partner's private folder" in message
     with pytest.raises(ValueError, match="data-path must be the partner's data folder"):
         partner_from_node_config({"max-epsilon": 4.0, "state-dir": "/keep"})
-    spec = partner_from_node_config({"data-path": "/data/shop", "state-dir": "/keep", "max-epsilon": 4})
+    spec = partner_from_node_config({"data-path": "/data/shop", "state-dir": "/keep", "max-epsilon": 4, "public-users": 4000})
     assert (spec.name, spec.max_epsilon, spec.account) == ("shop", 4.0, Path("/keep/privacy-account.jsonl"))
+    assert spec.public_users == 4000
     shared = partner_from_node_config({"data-path": "/data/shop", "state-dir": "/keep", "privacy-account": "/accounts/shop.jsonl"})
     assert shared.account == Path("/accounts/shop.jsonl")
     # a string would read as true whatever it says: only a TOML boolean is taken

@@ -38,6 +38,9 @@ class PartnerSpec:
     data: Path
     max_epsilon: float | None = None
     max_users: int | None = None
+    # The count of users the partner declares public: its schedule, default delta and reported
+    # example counts follow from it, not from its data. None: from its data (which they then reveal).
+    public_users: int | None = None
     data_format: str | None = None  # None: detected from the files
     max_delta: float | None = None  # None: 1 / (the partner's users)
     account: Path | None = None  # the privacy account kept across runs (shared.privacy.account)
@@ -54,6 +57,9 @@ NODE_CONFIG = {
     "max-delta": "the largest delta the partner accepts (default: 1 / its users; a delta near that lets a mechanism "
     "reveal about one user in the clear)",
     "max-users": "train on the first N users only",
+    "public-users": "the number of users the partner declares public (say, rounded): its sample rate, steps, default "
+    "delta and max-delta, and the example counts it reports follow from it instead of its data, so that DP covers its "
+    "real count (default: none; they then reveal its approximate number of users)",
     "state-dir": "the partner's private folder (required): each run's head, optimizer, accountant and ledger in runs/<run-id>/, "
     "and its privacy account",
     "privacy-account": "the file that counts every run on this data, so that max-epsilon caps them together "
@@ -68,7 +74,17 @@ NODE_CONFIG = {
 NODE_CONFIG_PATHS = ("data-path", "state-dir", "privacy-account")
 SIMULATION_NODE_CONFIG = ("partition-id", "num-partitions")  # set by Flower's simulation engine
 ACCOUNT_FILE = "privacy-account.jsonl"  # a deployed partner's default, in its state-dir
-SCENARIO_KEYS = ("name", "data", "data-format", "max-epsilon", "max-delta", "max-users", "privacy-account", "withhold-metrics")
+SCENARIO_KEYS = (
+    "name",
+    "data",
+    "data-format",
+    "max-epsilon",
+    "max-delta",
+    "max-users",
+    "public-users",
+    "privacy-account",
+    "withhold-metrics",
+)
 
 
 def partner_options(values: dict[str, Any], *, known: tuple[str, ...], base: Path, where: str) -> tuple[dict[str, Any], list[str]]:
@@ -85,6 +101,7 @@ def partner_options(values: dict[str, Any], *, known: tuple[str, ...], base: Pat
         ("max-epsilon", "max_epsilon", False, lambda v: v > 0, "a finite number above 0"),
         ("max-delta", "max_delta", False, lambda v: 0 < v < 1, "a number in (0, 1)"),
         ("max-users", "max_users", True, lambda v: v >= 1, "a whole number of at least 1"),
+        ("public-users", "public_users", True, lambda v: v >= 1, "a whole number of at least 1"),
     )
     for key, name, whole, valid, expected in numbers:
         value = values.get(key)

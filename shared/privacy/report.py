@@ -52,7 +52,8 @@ CROSSCHECK_NOTE = (
 )
 NOT_PROTECTED = [
     "the partner's item catalogue and item texts: the adapter is trained on them and they are not private in this design",
-    "the approximate number of users: it follows from the sample rate, and the number of examples per round is reported",
+    "the approximate number of users: it follows from the sample rate, and the number of examples per round is reported "
+    "(unless the partner declared a count public, node config public-users: these then follow from that count)",
     "the partner's participation: which rounds it joined or declined, and its evaluation metrics (valid/test NDCG@10, Recall@10), "
     "which are computed on its data without noise and sent to the coordinator",
     "each round's mean training loss (the metric 'loss'), the average of its DP-SGD steps' losses on the users they sampled, "

@@ -53,8 +53,9 @@ class DPPlan:
     noise_multiplier: float
     max_grad_norm: float
     ledger: PartnerAccountant
-    # The count of users the Poisson schedule is made from: a partner's declared public-users,
-    # so that nothing it releases follows from its real count; None: the data's own count.
+    # The count of users the Poisson schedule is made from (client.round_privacy.RoundSchedule: a
+    # partner's declared public-users, so that nothing it releases follows from its real count);
+    # None: the data's own count.
     users: int | None = None
 
 

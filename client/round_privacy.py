@@ -222,7 +222,7 @@ def plan_round(
             )
     for event in released:
         accountant.record(event)
-    dp = DPPlan(sigma, settings.max_grad_norm, accountant, users=spec.public_users)
+    dp = DPPlan(sigma, settings.max_grad_norm, accountant, users=schedule.users)
     return RoundPrivacy(dp, counts, counts_noise, released, note)
 
 

@@ -187,13 +187,13 @@ def train_round(
     # Opacus sets each weight's gradient from the per-user ones: autograd's summed
     # gradient would be computed and thrown away (client/per_user_linear.py)
     with per_user_gradients_only(model):
-        module, dp_optimizer, dp_loader = _made_private(model, optimizer, data, batch_size=batch_size, dp=dp, device=device)
+        module, dp_optimizer, dp_loader = made_private(model, optimizer, data, batch_size=batch_size, dp=dp, device=device)
         outcome = run(module, dp_optimizer, dp_loader)
         module.remove_hooks()
     return outcome, on_cpu(dp_optimizer.original_optimizer.state_dict())
 
 
-def _made_private(
+def made_private(
     model: DomainModel, optimizer: torch.optim.Optimizer, data: TensorDataset, *, batch_size: int, dp: DPPlan, device: torch.device
 ) -> tuple[Any, Any, DataLoader]:
     """Opacus' module, DP optimizer and Poisson loader for ``model``, counting in the partner's accountant.
@@ -231,6 +231,10 @@ def _made_private(
             noise_generator=os_entropy_generator(device),
         )
     module.forbid_grad_accumulation()  # what poisson_sampling=True would set: one backward pass per step
+    # Opacus' defence against floating-point attacks on Gaussian noise (each draw the sum of four,
+    # Holohan & Braghin 2021), part of its secure_mode; the rest of that mode, a CSPRNG, needs
+    # torchcsprng, so the engine's flag stays off and the generators are seeded from OS entropy.
+    dp_optimizer.secure_mode = True
     # The sum of clipped gradients and noise is divided by the expected batch, which Opacus takes
     # from the data's count: from the schedule's, it is the same unless public-users is declared.
     dp_optimizer.expected_batch_size = max(1, int(users * rate))

@@ -4,8 +4,9 @@
 
 Same model, same batches (a user-level batch of the domain's training sequences,
 sampled softmax with per-user negatives), the steps taken in turn so that
-machine noise hits them alike. The DP step is Opacus: per-sample gradients,
-per-user clipping, Gaussian noise, accountant step, with the linear layers as a DP
+machine noise hits them alike. The DP step is a DP round's own Opacus set-up
+(``client.local_training.made_private``): per-sample gradients, per-user clipping,
+Gaussian noise in Opacus' floating-point-safe form, accountant step, with the linear layers as a DP
 round trains them (``client/per_user_linear.py``: no summed gradient that Opacus
 would throw away); a third step, Opacus with plain ``nn.Linear`` layers, shows
 what that saves. Every step trains what a partner trains under DP (``--trains``,
@@ -22,10 +23,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from opacus import PrivacyEngine
 from torch.utils.data import DataLoader
 
-from client.local_training import freeze_untrained, trainable_parameters, trim_padding, user_sequences
+from client.local_training import DPPlan, freeze_untrained, made_private, trainable_parameters, trim_padding, user_sequences
 from client.partner import HEAD, PartnerData, build_model, partner_data
 from client.per_user_linear import per_user_gradients_only
 from shared.allocator import keep_freed_memory
@@ -34,6 +34,7 @@ from shared.federation.adapter import initial_adapter
 from shared.federation.scenario import PartnerSpec
 from shared.federation.settings import TRAINS, FederationSettings
 from shared.model.recommender import DomainModel
+from shared.privacy.accounting import Budget, PartnerAccountant
 from simulations.common import machine, real_domain, write_json
 
 STEPS = {
@@ -73,13 +74,13 @@ def main() -> None:
         for name in ("dp", "dp-summed"):
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                module, optimizer, _ = PrivacyEngine(accountant="rdp").make_private(
-                    module=models[name],
-                    optimizer=torch.optim.AdamW(trainable_parameters(models[name]), lr=1e-3),
-                    data_loader=loader,
-                    noise_multiplier=1.0,
-                    max_grad_norm=1.0,
-                    noise_generator=torch.Generator(device=device),
+                module, optimizer, _ = made_private(  # a DP round's own Opacus set-up; its loader is not used
+                    models[name],
+                    torch.optim.AdamW(trainable_parameters(models[name]), lr=1e-3),
+                    examples,
+                    batch_size=args.batch_size,
+                    dp=DPPlan(1.0, 1.0, PartnerAccountant(Budget(epsilon=8.0, delta=1e-5))),
+                    device=device,
                 )
             steps[name] = (module, optimizer)
         times, rows = timed_steps(steps, data=data, settings=settings, loader=loader, n_steps=args.steps, device=device)

@@ -156,6 +156,24 @@ def test_dp_sampling_and_noise_do_not_follow_the_run_seed() -> None:
     assert any(not torch.equal(private[k], other[k]) for k in private)
 
 
+def test_dp_noise_is_drawn_in_opacus_floating_point_safe_form(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rounding in one floating-point Gaussian draw can reveal the value it was added to
+    (Jin et al., 2022); Opacus' secure form sums four draws. It is used without the rest of
+    secure_mode (a CSPRNG that needs torchcsprng)."""
+    from opacus.optimizers import optimizer as dp_optimizer
+
+    modes: list[bool] = []
+    draw = dp_optimizer._generate_noise
+
+    def recording(*args: object, **kwargs: object) -> torch.Tensor:
+        modes.append(bool(kwargs.get("secure_mode")))
+        return draw(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(dp_optimizer, "_generate_noise", recording)
+    _dp_round(tiny_model(), PartnerAccountant(Budget(epsilon=8.0, delta=1e-3)))
+    assert modes and all(modes)
+
+
 def test_a_dp_step_changes_the_adapter_and_the_head() -> None:
     model = tiny_model(dropout=0.1)
     before = {k: v.clone() for k, v in model.state_dict().items()}

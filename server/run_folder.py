@@ -85,11 +85,11 @@ class RunFolder:
         if path.is_file():
             # a key the stored config lacks was added to fedxrec after the run began: its default is what the run used
             previous = {**FederationSettings().to_run_config(), **read_json_object(path, what="the run's resolved config")}
-            may_change = ("rounds", "device", "round-timeout")  # more rounds; other hardware; a longer or shorter wait
+            may_change = ("rounds", "device", "round-timeout", "partners-timeout")  # more rounds; other hardware; other waits
             changed = {k: (previous.get(k), v) for k, v in settings.to_run_config().items() if previous.get(k) != v and k not in may_change}
             if changed:
                 raise ValueError(
-                    f"run {self.root} exists with other settings {changed}; resume with the same settings (only 'rounds' may grow, and 'device' and 'round-timeout' change) or choose another run-id"
+                    f"run {self.root} exists with other settings {changed}; resume with the same settings (only 'rounds' may grow, and 'device', 'round-timeout' and 'partners-timeout' change) or choose another run-id"
                 )
         path.write_text(json.dumps(settings.to_run_config(), indent=2))
 

@@ -10,13 +10,16 @@ are left out of the average rather than averaged in with weight 0; and every
 reply's metrics, partner name and size are kept so that the run folder can hold
 one line per partner per round. With the coordinator's list of partners
 (:mod:`server.partner_list`) only listed SuperNodes are sampled, and names are
-the list's, not the replies'.
+the list's, not the replies'. Before a round's training and its evaluation the
+strategy waits for ``min-partners`` SuperNodes at most ``partners-timeout``
+seconds (:class:`TooFewPartners`), where Flower's sampling would wait forever.
 Rounds are numbered from ``first_round`` so that a resumed run continues its
 numbering.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, cast
@@ -87,13 +90,25 @@ def _given_name(msg: Message) -> str | None:
     return name if isinstance(name, str) and name else None
 
 
+class TooFewPartners(RuntimeError):
+    """Fewer than ``min-partners`` SuperNodes were connected within ``partners-timeout``: the run stops."""
+
+
 class PartnerFedAvg(FedAvg):
     def __init__(
-        self, *, first_round: int = 1, holders: dict[str, int] | None = None, partner_list: PartnerList | None = None, **fedavg: Any
+        self,
+        *,
+        first_round: int = 1,
+        holders: dict[str, int] | None = None,
+        partner_list: PartnerList | None = None,
+        partners_timeout: float = 3600.0,
+        **fedavg: Any,
     ) -> None:
         """``holders``: partner name -> node id, as the run's earlier rounds had them (a resumed run).
-        ``partner_list``: the coordinator's list; None: partners name themselves."""
+        ``partner_list``: the coordinator's list; None: partners name themselves.
+        ``partners_timeout``: seconds to wait for enough SuperNodes before a round's step."""
         super().__init__(**fedavg)
+        self.partners_timeout = partners_timeout
         self.offset = first_round - 1
         self.rounds: dict[int, RoundLog] = {}
         self.sent: dict[str, torch.Tensor] = {}  # this round's global adapter, which replies are checked against
@@ -139,10 +154,38 @@ class PartnerFedAvg(FedAvg):
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         self.round_log(server_round).bytes_sent_each = record_bytes(arrays)
         self.sent = arrays.to_torch_state_dict()
-        return super().configure_train(server_round + self.offset, arrays, config, self._listed(grid))
+        listed = self._listed(grid)
+        self.await_partners(
+            listed, needed=max(self.min_available_nodes, self.min_train_nodes), step=f"round {server_round + self.offset}'s training"
+        )
+        return super().configure_train(server_round + self.offset, arrays, config, listed)
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
-        return super().configure_evaluate(server_round + self.offset, arrays, config, self._listed(grid))
+        listed = self._listed(grid)
+        needed = max(self.min_available_nodes, self.min_evaluate_nodes)
+        self.await_partners(listed, needed=needed, step=f"round {server_round + self.offset}'s evaluation")
+        return super().configure_evaluate(server_round + self.offset, arrays, config, listed)
+
+    def await_partners(self, grid: Grid, *, needed: int, step: str) -> None:
+        """Returns once ``needed`` SuperNodes are connected (with a partner list: listed ones), so that
+        Flower's sampling, which waits for as many without a limit, samples at once; raises
+        :class:`TooFewPartners` if they are not within ``partners_timeout`` seconds."""
+        deadline = time.monotonic() + self.partners_timeout
+        said = False
+        while (connected := len(list(grid.get_node_ids()))) < needed:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TooFewPartners(
+                    f"{step}: {connected} SuperNode(s) connected, {needed} needed (run config min-partners), after waiting "
+                    f"{self.partners_timeout:g} s (run config partners-timeout). The run stops here; start it again with the "
+                    "same run-id to resume after its last finished round"
+                )
+            if not said:
+                print(
+                    f"{step}: waiting for {needed} SuperNodes ({connected} connected), at most {self.partners_timeout:g} s (run config partners-timeout)"
+                )
+                said = True
+            time.sleep(min(1.0, left))
 
     def _listed(self, grid: Grid) -> Grid:
         """The grid as FedAvg's sampling sees it: with a partner list, only the listed SuperNodes."""
@@ -213,6 +256,7 @@ def make_strategy(
         first_round=first_round,
         holders=holders,
         partner_list=partner_list,
+        partners_timeout=settings.partners_timeout,
         fraction_train=settings.fraction_train,
         fraction_evaluate=1.0,
         min_train_nodes=settings.min_partners,

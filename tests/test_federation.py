@@ -368,10 +368,11 @@ def test_run_config_errors_name_every_key() -> None:
                 "proximal-mu": -0.5,
                 "moe-dim": 127,
                 "round-timeout": 0.0,
+                "partners-timeout": -1.0,
             }
         )
     text = str(info.value)
-    assert "round-timeout must be > 0, got 0.0" in text
+    assert "round-timeout must be > 0, got 0.0" in text and "partners-timeout must be > 0, got -1.0" in text
     assert "moe-dim must be a multiple of 2 (each partner's head attends over the adapter's output with 2 heads), got 127" in text
     assert "proximal-mu must be >= 0 (0: plain FedAvg), got -0.5" in text
     assert "optimizer must be 'adamw' or 'sgd', got 'adam'" in text
@@ -519,6 +520,7 @@ def test_a_run_folder_resumes_only_with_its_own_settings(tmp_path: Path) -> None
     (run.root / "config.json").write_text(json.dumps(stored))
     run.write_config(dataclasses.replace(settings, rounds=5))  # rounds may grow
     run.write_config(dataclasses.replace(settings, rounds=5, round_timeout=60.0))  # and the server wait longer or shorter
+    run.write_config(dataclasses.replace(settings, rounds=5, partners_timeout=60.0))  # for replies or for partners
     with pytest.raises(ValueError, match=r"exists with other settings \{'personal-mix': \('off', 'valid'\)\}"):
         run.write_config(dataclasses.replace(settings, personal_mix="valid"))
     (run.root / "config.json").write_text('{"rounds": 3,')  # cut off: a disk that filled up

@@ -1,6 +1,7 @@
 """How the server waits for a round's replies (server.round_wait): not for a SuperNode that restarted while
-it held an instruction, and not past the timeout without a record; on Flower's own in-memory SuperLink state
-and grid (tests/test_deployment.py: real processes)."""
+it held an instruction, and not past the timeout without a record; and for enough SuperNodes before a round's
+step (server.strategy), not forever. On Flower's own in-memory SuperLink state and grid (tests/test_deployment.py:
+real processes)."""
 
 from __future__ import annotations
 
@@ -24,7 +25,8 @@ from flwr.superlink.grid import InMemoryGrid
 
 from server.round_wait import RESTARTED, RoundWaitGrid
 from server.rounds import round_rows
-from server.strategy import PartnerFedAvg
+from server.strategy import PartnerFedAvg, TooFewPartners, make_strategy
+from shared.federation.settings import FederationSettings
 from tests.test_screening import SENT, _Grid, evaluation_content, reply, train_content
 
 HEARTBEAT = 30.0
@@ -110,3 +112,29 @@ def test_a_partner_whose_supernode_went_offline_is_named_in_its_row(superlink: t
     assert set(rows) == {"p1", "p2", "p3", "p4"}
     assert rows["p3"]["failed"] and "Node Unavailable" in rows["p3"]["note"] and rows["p3"]["node_id"] == gone
     assert not any(rows[p]["failed"] for p in ("p1", "p2", "p4"))
+
+
+def test_a_round_waits_for_min_partners_at_most_partners_timeout(superlink: tuple[InMemoryLinkState, InMemoryGrid, int]) -> None:
+    """Flower's sampling waits for min-partners SuperNodes without a limit: a partner that never comes
+    back would hold the run for ever. The strategy waits at most partners-timeout, then stops the run saying why."""
+    state, grid, _ = superlink
+    strategy = make_strategy(FederationSettings(min_partners=2, partners_timeout=0.5))
+    started = time.monotonic()
+    with pytest.raises(TooFewPartners) as info:
+        strategy.configure_train(1, ArrayRecord(SENT), ConfigRecord({}), grid)
+    assert 0.5 <= time.monotonic() - started < 5
+    assert str(info.value).startswith(
+        "round 1's training: 1 SuperNode(s) connected, 2 needed (run config min-partners), after waiting 0.5 s "
+        "(run config partners-timeout). The run stops here"
+    )
+
+    def join() -> None:  # a second partner's SuperNode connects while the round waits
+        time.sleep(0.3)
+        assert state.activate_node(state.create_node("owner", "owner", secrets.token_bytes(32), heartbeat_interval=HEARTBEAT), HEARTBEAT)
+
+    joining = threading.Thread(target=join)
+    joining.start()
+    waiting = make_strategy(FederationSettings(min_partners=2, partners_timeout=30))
+    instructions = list(waiting.configure_evaluate(1, ArrayRecord(SENT), ConfigRecord({}), grid))
+    joining.join()
+    assert len(instructions) == 2 and time.monotonic() - started < 10  # both partners, as soon as the second came

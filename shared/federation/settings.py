@@ -39,6 +39,15 @@ class FederationSettings:
             "saying so, and the round goes on with the others. Not part of a run's identity: a resumed run may change it"
         },
     )
+    partners_timeout: float = field(
+        default=3600.0,
+        metadata={
+            "help": "seconds the server waits, before a round's training and again before its evaluation, for "
+            "min-partners SuperNodes to be connected (Flower's own sampling waits without a limit); then the run stops, "
+            "saying how many were, and a later run with the same run-id resumes after its last finished round. Not part "
+            "of a run's identity: a resumed run may change it"
+        },
+    )
     adapter: str = field(default="moe", metadata={"help": "shared adapter kind: 'moe'"})
     moe_n_experts: int = field(default=4, metadata={"help": "moe adapter: experts"})
     moe_dim: int = field(default=128, metadata={"help": "moe adapter: output width"})
@@ -207,7 +216,7 @@ class FederationSettings:
             problems.append(f"trim-fraction must be in [0, 0.5) (the fraction cut from each end), got {self.trim_fraction}")
         if self.proximal_mu < 0:
             problems.append(f"proximal-mu must be >= 0 (0: plain FedAvg), got {self.proximal_mu}")
-        positive_numbers = ("lr", "max_grad_norm", "round_timeout")
+        positive_numbers = ("lr", "max_grad_norm", "round_timeout", "partners_timeout")
         problems += [f"{_key(k)} must be > 0, got {getattr(self, k)}" for k in positive_numbers if getattr(self, k) <= 0]
         return problems
 

@@ -155,9 +155,8 @@ class PartnerFedAvg(FedAvg):
         self.round_log(server_round).bytes_sent_each = record_bytes(arrays)
         self.sent = arrays.to_torch_state_dict()
         listed = self._listed(grid)
-        self.await_partners(
-            listed, needed=max(self.min_available_nodes, self.min_train_nodes), step=f"round {server_round + self.offset}'s training"
-        )
+        needed = max(self.min_available_nodes, self.min_train_nodes)
+        self.await_partners(listed, needed=needed, step=f"round {server_round + self.offset}'s training")
         return super().configure_train(server_round + self.offset, arrays, config, listed)
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:

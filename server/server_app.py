@@ -15,7 +15,7 @@ from server.partner_list import load_partner_list
 from server.round_wait import RoundWaitGrid
 from server.rounds import end_round
 from server.run_folder import RunFolder, new_run_id
-from server.strategy import make_strategy
+from server.strategy import TooFewPartners, make_strategy
 from shared.encoder import TextEncoder
 from shared.federation.adapter import initial_adapter
 from shared.federation.scenario import load_scenario, supernodes_note
@@ -48,16 +48,24 @@ def main(grid: Grid, context: Context) -> None:
         r = server_round + done
         end_round(run, r, record.to_torch_state_dict(), strategy.finish_round(server_round), encoder_bytes=encoder.n_bytes)
 
-    if settings.rounds > done:
-        strategy.start(
-            grid=RoundWaitGrid(grid),  # not waiting for a partner that restarted mid-round; the silent recorded at the timeout
-            initial_arrays=ArrayRecord(arrays),
-            num_rounds=settings.rounds - done,
-            train_config=config,
-            evaluate_config=config,
-            evaluate_fn=lambda rnd, rec: after_round(rnd, rec) if rnd > 0 else None,
-            timeout=settings.round_timeout,
-        )
     adapter_bytes = sum(v.numel() * v.element_size() for v in arrays.values())
-    run.write_summary(settings=settings, adapter_bytes=adapter_bytes, encoder_bytes=encoder.n_bytes, names=names)
+
+    def summarise() -> None:
+        run.write_summary(settings=settings, adapter_bytes=adapter_bytes, encoder_bytes=encoder.n_bytes, names=names)
+
+    if settings.rounds > done:
+        try:
+            strategy.start(
+                grid=RoundWaitGrid(grid),  # not waiting for a partner that restarted mid-round; the silent recorded at the timeout
+                initial_arrays=ArrayRecord(arrays),
+                num_rounds=settings.rounds - done,
+                train_config=config,
+                evaluate_config=config,
+                evaluate_fn=lambda rnd, rec: after_round(rnd, rec) if rnd > 0 else None,
+                timeout=settings.round_timeout,
+            )
+        except TooFewPartners:
+            summarise()  # the rounds it finished, for whoever resumes the run
+            raise
+    summarise()
     print("\n" + (run.root / "summary.md").read_text())

@@ -212,13 +212,12 @@ def made_private(
     # seeded from OS entropy, the sampler's on the CPU (where the data is), the noise's on
     # the device of the gradients.
     loader = DPDataLoader(data, sample_rate=rate, generator=os_entropy_generator())
-    if len(loader) != steps or 1 / len(loader) != rate:  # Opacus' accountant counts rate 1 / len(loader)
+    if len(loader) != steps:  # Opacus' accountant counts rate 1 / len(loader); the schedule's is 1 / steps
         raise RuntimeError(
             f"Opacus' Poisson loader takes {len(loader)} steps an epoch at rate {rate}; the schedule is {steps} at 1 / {steps}"
         )
     with warnings.catch_warnings():
-        # Opacus' secure_mode needs torchcsprng (no build for this torch): OS entropy instead (README, DP).
-        warnings.filterwarnings("ignore", message=".*[Ss]ecure RNG.*")
+        warnings.filterwarnings("ignore", message=".*[Ss]ecure RNG.*")  # the engine's secure_mode is off: see below
         engine = PrivacyEngine(accountant=dp.ledger.budget.accountant)
         engine.accountant = dp.ledger.accountant  # one accountant for the whole run
         module, dp_optimizer, dp_loader = engine.make_private(

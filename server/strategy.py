@@ -101,7 +101,7 @@ class PartnerFedAvg(FedAvg):
         first_round: int = 1,
         holders: dict[str, int] | None = None,
         partner_list: PartnerList | None = None,
-        partners_timeout: float = 3600.0,
+        partners_timeout: float = FederationSettings.partners_timeout,
         **fedavg: Any,
     ) -> None:
         """``holders``: partner name -> node id, as the run's earlier rounds had them (a resumed run).
@@ -154,16 +154,19 @@ class PartnerFedAvg(FedAvg):
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         self.round_log(server_round).bytes_sent_each = record_bytes(arrays)
         self.sent = arrays.to_torch_state_dict()
-        listed = self._listed(grid)
-        needed = max(self.min_available_nodes, self.min_train_nodes)
-        self.await_partners(listed, needed=needed, step=f"round {server_round + self.offset}'s training")
-        return super().configure_train(server_round + self.offset, arrays, config, listed)
+        ready = self._ready(grid, min_nodes=self.min_train_nodes, step=f"round {server_round + self.offset}'s training")
+        return super().configure_train(server_round + self.offset, arrays, config, ready)
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        ready = self._ready(grid, min_nodes=self.min_evaluate_nodes, step=f"round {server_round + self.offset}'s evaluation")
+        return super().configure_evaluate(server_round + self.offset, arrays, config, ready)
+
+    def _ready(self, grid: Grid, *, min_nodes: int, step: str) -> Grid:
+        """The grid as FedAvg's sampling sees it (:meth:`_listed`), once as many SuperNodes as that
+        sampling waits for are connected on it (:meth:`await_partners`)."""
         listed = self._listed(grid)
-        needed = max(self.min_available_nodes, self.min_evaluate_nodes)
-        self.await_partners(listed, needed=needed, step=f"round {server_round + self.offset}'s evaluation")
-        return super().configure_evaluate(server_round + self.offset, arrays, config, listed)
+        self.await_partners(listed, needed=max(self.min_available_nodes, min_nodes), step=step)
+        return listed
 
     def await_partners(self, grid: Grid, *, needed: int, step: str) -> None:
         """Returns once ``needed`` SuperNodes are connected (with a partner list: listed ones), so that

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import pytest
@@ -18,7 +19,7 @@ from shared.model.adapters import MoEAdapter, MoEAdapterConfig, adapter_state
 from shared.model.head import HeadConfig
 from shared.model.recommender import DomainModel, ItemFeatures
 from shared.privacy.accounting import Budget, PartnerAccountant, calibrate_noise, epsilon_of, partner_budget, poisson_schedule
-from shared.privacy.item_counts import release_item_counts, user_weighted_counts
+from shared.privacy.item_counts import gaussian_noise, release_item_counts, user_weighted_counts
 
 
 def tiny_model(*, dropout: float = 0.0, seed: int = 0, released_counts: bool = False, residual: bool = False) -> DomainModel:
@@ -320,6 +321,29 @@ def test_released_item_counts_bound_each_user_and_compose_in_the_accountant() ->
     assert 2.95 <= total.epsilon() <= 3.0
     with pytest.raises(ValueError, match="noise_multiplier must be > 0"):
         release_item_counts(sequences, n_items=5, noise_multiplier=0.0, rng=np.random.default_rng(0))
+
+
+class RecordingGenerator:
+    """A numpy Generator's ``normal``, recording each call."""
+
+    def __init__(self, seed: int) -> None:
+        self.rng = np.random.default_rng(seed)
+        self.calls: list[tuple[float, float, int]] = []
+
+    def normal(self, loc: float, scale: float, size: int) -> np.ndarray:
+        self.calls.append((loc, scale, size))
+        return self.rng.normal(loc, scale, size)
+
+
+def test_item_count_noise_is_drawn_in_the_floating_point_safe_form() -> None:
+    """As DP-SGD's noise (above): each value the sum of four draws, halved, so its
+    standard deviation is still the noise multiplier."""
+    recording = RecordingGenerator(0)
+    rng = cast(np.random.Generator, recording)
+    release_item_counts([np.array([1, 2])], n_items=5, noise_multiplier=3.0, rng=rng)
+    assert recording.calls == [(0.0, 3.0, 6)] * 4
+    noise = gaussian_noise(3.0, 200_000, rng=rng)
+    assert noise.std() == pytest.approx(3.0, rel=0.01) and abs(noise.mean()) < 0.05
 
 
 def test_a_dp_step_with_sgd_changes_the_adapter() -> None:

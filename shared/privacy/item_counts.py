@@ -11,6 +11,12 @@ of standard deviation ``noise_multiplier`` on every item then makes the release
 Gaussian mechanism at sample rate 1: Opacus' RDP and PRV accountants compose it
 with DP-SGD's steps exactly as they compose those steps with each other.
 
+The noise is drawn in the form DP-SGD's is (Opacus' ``secure_mode`` noise, which the
+partner's optimizer uses): each value the sum of four Gaussian draws, halved. One
+floating-point Gaussian draw can reveal, through its rounding, the value it was added
+to (Jin et al., IEEE S&P 2022); the sum of several resists that (Holohan & Braghin,
+2021).
+
 Why only the latest items: the items a model is tested on are each user's latest,
 and popularity drifts. On amazon2014-office, counts over whole histories rank test
 items worse than no prior at all, while counts over each user's last 1 to 3 items
@@ -41,12 +47,18 @@ def user_weighted_counts(sequences: Sequence[np.ndarray], *, n_items: int, windo
     return counts
 
 
+def gaussian_noise(std: float, size: int, *, rng: np.random.Generator) -> np.ndarray:
+    """[size] Gaussian noise of standard deviation ``std``, each value the sum of four draws of
+    standard deviation ``std`` halved (the floating-point-safe form; module docstring)."""
+    return sum((rng.normal(0.0, std, size) for _ in range(4)), np.zeros(size)) / 2.0
+
+
 def release_item_counts(
     sequences: Sequence[np.ndarray], *, n_items: int, window: int = 0, noise_multiplier: float, rng: np.random.Generator
 ) -> tuple[np.ndarray, Event]:
     """Noisy counts [N + 1] (clipped at 0, row 0 = 0) and the accountant event that pays for them."""
     if noise_multiplier <= 0:
         raise ValueError(f"noise_multiplier must be > 0 for a DP release, got {noise_multiplier}")
-    noisy = user_weighted_counts(sequences, n_items=n_items, window=window) + rng.normal(0.0, noise_multiplier, n_items + 1)
+    noisy = user_weighted_counts(sequences, n_items=n_items, window=window) + gaussian_noise(noise_multiplier, n_items + 1, rng=rng)
     noisy[0] = 0.0
     return np.clip(noisy, 0.0, None), counts_release_event(noise_multiplier)

@@ -85,11 +85,12 @@ class RunFolder:
         if path.is_file():
             # a key the stored config lacks was added to fedxrec after the run began: its default is what the run used
             previous = {**FederationSettings().to_run_config(), **read_json_object(path, what="the run's resolved config")}
-            may_change = ("rounds", "device", "round-timeout", "partners-timeout")  # more rounds; other hardware; other waits
+            # more rounds; other hardware; other waits; fewer partners after one is gone (no partner plans its privacy on it)
+            may_change = ("rounds", "device", "round-timeout", "partners-timeout", "min-partners")
             changed = {k: (previous.get(k), v) for k, v in settings.to_run_config().items() if previous.get(k) != v and k not in may_change}
             if changed:
                 raise ValueError(
-                    f"run {self.root} exists with other settings {changed}; resume with the same settings (only 'rounds' may grow, and 'device', 'round-timeout' and 'partners-timeout' change) or choose another run-id"
+                    f"run {self.root} exists with other settings {changed}; resume with the same settings (only 'rounds' may grow, and 'device', 'round-timeout', 'partners-timeout' and 'min-partners' change) or choose another run-id"
                 )
         path.write_text(json.dumps(settings.to_run_config(), indent=2))
 

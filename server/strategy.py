@@ -180,7 +180,7 @@ class PartnerFedAvg(FedAvg):
                 raise TooFewPartners(
                     f"{step}: {connected} SuperNode(s) connected, {needed} needed (run config min-partners), after waiting "
                     f"{self.partners_timeout:g} s (run config partners-timeout). The run stops here; start it again with the "
-                    "same run-id to resume after its last finished round"
+                    "same run-id to resume after its last finished round, once they are back or with a lower min-partners"
                 )
             if not said:
                 print(

@@ -521,6 +521,7 @@ def test_a_run_folder_resumes_only_with_its_own_settings(tmp_path: Path) -> None
     run.write_config(dataclasses.replace(settings, rounds=5))  # rounds may grow
     run.write_config(dataclasses.replace(settings, rounds=5, round_timeout=60.0))  # and the server wait longer or shorter
     run.write_config(dataclasses.replace(settings, rounds=5, partners_timeout=60.0))  # for replies or for partners
+    run.write_config(dataclasses.replace(settings, rounds=5, min_partners=1))  # and go on without a partner gone for good
     with pytest.raises(ValueError, match=r"exists with other settings \{'personal-mix': \('off', 'valid'\)\}"):
         run.write_config(dataclasses.replace(settings, personal_mix="valid"))
     (run.root / "config.json").write_text('{"rounds": 3,')  # cut off: a disk that filled up

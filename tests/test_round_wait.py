@@ -125,7 +125,8 @@ def test_a_round_waits_for_min_partners_at_most_partners_timeout(superlink: tupl
     assert 0.5 <= time.monotonic() - started < 5
     assert str(info.value).startswith(
         "round 1's training: 1 SuperNode(s) connected, 2 needed (run config min-partners), after waiting 0.5 s "
-        "(run config partners-timeout). The run stops here"
+        "(run config partners-timeout). The run stops here; start it again with the same run-id to resume after its last "
+        "finished round, once they are back or with a lower min-partners"
     )
 
     def join() -> None:  # a second partner's SuperNode connects while the round waits

@@ -30,7 +30,13 @@ class FederationSettings:
     rounds: int = field(default=3, metadata={"help": "federated rounds"})
     local_epochs: int = field(default=1, metadata={"help": "passes over a partner's users per round"})
     fraction_train: float = field(default=1.0, metadata={"help": "fraction of partners sampled per round"})
-    min_partners: int = field(default=2, metadata={"help": "fewest partners a round needs"})
+    min_partners: int = field(
+        default=2,
+        metadata={
+            "help": "fewest partners a round needs. Not part of a run's identity: a run stopped at partners-timeout "
+            "because a partner is gone for good may resume with fewer"
+        },
+    )
     round_timeout: float = field(
         default=3600.0,
         metadata={

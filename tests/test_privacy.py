@@ -342,7 +342,7 @@ def test_item_count_noise_is_drawn_in_the_floating_point_safe_form() -> None:
     rng = cast(np.random.Generator, recording)
     release_item_counts([np.array([1, 2])], n_items=5, noise_multiplier=3.0, rng=rng)
     assert recording.calls == [(0.0, 3.0, 6)] * 4
-    noise = gaussian_noise(3.0, 200_000, rng=rng)
+    noise = gaussian_noise(std=3.0, size=200_000, rng=rng)
     assert noise.std() == pytest.approx(3.0, rel=0.01) and abs(noise.mean()) < 0.05
 
 

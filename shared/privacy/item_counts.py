@@ -47,10 +47,11 @@ def user_weighted_counts(sequences: Sequence[np.ndarray], *, n_items: int, windo
     return counts
 
 
-def gaussian_noise(std: float, size: int, *, rng: np.random.Generator) -> np.ndarray:
+def gaussian_noise(*, std: float, size: int, rng: np.random.Generator) -> np.ndarray:
     """[size] Gaussian noise of standard deviation ``std``, each value the sum of four draws of
     standard deviation ``std`` halved (the floating-point-safe form; module docstring)."""
-    return sum((rng.normal(0.0, std, size) for _ in range(4)), np.zeros(size)) / 2.0
+    draws = np.stack([rng.normal(0.0, std, size) for _ in range(4)])  # [4, size]
+    return draws.sum(axis=0) / 2.0
 
 
 def release_item_counts(
@@ -59,6 +60,8 @@ def release_item_counts(
     """Noisy counts [N + 1] (clipped at 0, row 0 = 0) and the accountant event that pays for them."""
     if noise_multiplier <= 0:
         raise ValueError(f"noise_multiplier must be > 0 for a DP release, got {noise_multiplier}")
-    noisy = user_weighted_counts(sequences, n_items=n_items, window=window) + gaussian_noise(noise_multiplier, n_items + 1, rng=rng)
+    noisy = user_weighted_counts(sequences, n_items=n_items, window=window) + gaussian_noise(
+        std=noise_multiplier, size=n_items + 1, rng=rng
+    )
     noisy[0] = 0.0
     return np.clip(noisy, 0.0, None), counts_release_event(noise_multiplier)

@@ -37,6 +37,11 @@ from shared.privacy import ledger
 PACKAGES = ("fedxrec", "flwr", "torch", "opacus", "transformers", "peft", "numpy", "pandas", "safetensors", "grpcio", "ray")
 
 
+# The run-config keys a resumed run may change: more rounds (the first, which may only grow); other
+# hardware; other waits; fewer partners after one is gone (no partner plans its privacy on it).
+MAY_CHANGE_ON_RESUME = ("rounds", "device", "round-timeout", "partners-timeout", "min-partners")
+
+
 def new_run_id() -> str:
     return time.strftime("%Y%m%d-%H%M%S")
 
@@ -85,12 +90,16 @@ class RunFolder:
         if path.is_file():
             # a key the stored config lacks was added to fedxrec after the run began: its default is what the run used
             previous = {**FederationSettings().to_run_config(), **read_json_object(path, what="the run's resolved config")}
-            # more rounds; other hardware; other waits; fewer partners after one is gone (no partner plans its privacy on it)
-            may_change = ("rounds", "device", "round-timeout", "partners-timeout", "min-partners")
-            changed = {k: (previous.get(k), v) for k, v in settings.to_run_config().items() if previous.get(k) != v and k not in may_change}
+            changed = {
+                k: (previous.get(k), v)
+                for k, v in settings.to_run_config().items()
+                if previous.get(k) != v and k not in MAY_CHANGE_ON_RESUME
+            }
             if changed:
+                *others, last = (f"'{k}'" for k in MAY_CHANGE_ON_RESUME[1:])
                 raise ValueError(
-                    f"run {self.root} exists with other settings {changed}; resume with the same settings (only 'rounds' may grow, and 'device', 'round-timeout', 'partners-timeout' and 'min-partners' change) or choose another run-id"
+                    f"run {self.root} exists with other settings {changed}; resume with the same settings (only 'rounds' may "
+                    f"grow, and {', '.join(others)} and {last} change) or choose another run-id"
                 )
         path.write_text(json.dumps(settings.to_run_config(), indent=2))
 

@@ -79,7 +79,7 @@ def main() -> None:
                     torch.optim.AdamW(trainable_parameters(models[name]), lr=1e-3),
                     examples,
                     batch_size=args.batch_size,
-                    dp=DPPlan(1.0, 1.0, PartnerAccountant(Budget(epsilon=8.0, delta=1e-5))),
+                    dp=DPPlan(noise_multiplier=1.0, max_grad_norm=1.0, ledger=PartnerAccountant(Budget(epsilon=8.0, delta=1e-5))),
                     device=device,
                 )
             steps[name] = (module, optimizer)

@@ -60,8 +60,7 @@ def release_item_counts(
     """Noisy counts [N + 1] (clipped at 0, row 0 = 0) and the accountant event that pays for them."""
     if noise_multiplier <= 0:
         raise ValueError(f"noise_multiplier must be > 0 for a DP release, got {noise_multiplier}")
-    noisy = user_weighted_counts(sequences, n_items=n_items, window=window) + gaussian_noise(
-        std=noise_multiplier, size=n_items + 1, rng=rng
-    )
+    exact = user_weighted_counts(sequences, n_items=n_items, window=window)
+    noisy = exact + gaussian_noise(std=noise_multiplier, size=exact.size, rng=rng)
     noisy[0] = 0.0
     return np.clip(noisy, 0.0, None), counts_release_event(noise_multiplier)

@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
-# The deployment of tests/test_deployment.py, in containers: builds the image,
-# starts docker/compose.yaml (a SuperLink and two SuperNodes) as its own compose
-# project, runs two federations through it from this machine, and checks what
-# they left: the first trains both partners, the second is declined by both
-# (their privacy accounts, cap 8, are spent), and the coordinator's ledger copies
-# verify. Everything it started is removed at the end, volumes included.
+# The deployment of tests/test_deployment.py, in containers: makes the try-out
+# keys (docker/make-keys.sh), builds the image, starts docker/compose.yaml (a
+# SuperLink and two SuperNodes, every connection TLS) as its own compose project,
+# registers the two partners' keys, checks that a SuperNode with a key nobody
+# registered is refused, runs two federations through it from this machine, and
+# checks what they left: the first trains both partners, the second is declined
+# by both (their privacy accounts, cap 8, are spent), and the coordinator's ledger
+# copies verify. Everything it started is removed at the end, volumes included
+# (docker/keys stays: compose.yaml's keys for the next try).
 #
 #   make install && docker/smoke-test.sh
 #
@@ -26,19 +29,38 @@ trap 'compose down -v >/dev/null 2>&1 || true; rm -rf "$work"' EXIT
 from pathlib import Path
 from shared.federation.scenario import scenario_partners
 scenario_partners('synthetic', root=Path('runs/_data'), n_partners=3)"
+docker/make-keys.sh books games stranger
 # shellcheck disable=SC2086  # DOCKER_BUILD_FLAGS: several flags
 docker build ${DOCKER_BUILD_FLAGS:-} ${TORCH_INDEX:+--build-arg "TORCH_INDEX=$TORCH_INDEX"} -f docker/Dockerfile -t fedxrec .
-compose up -d
+compose up -d superlink
 for _ in $(seq 60); do
-    if curl -fs http://127.0.0.1:9095/health >/dev/null; then break; fi
+    if curl -fs --cacert docker/keys/ca.pem https://127.0.0.1:9095/health >/dev/null; then break; fi
     sleep 1
 done
 
-mkdir "$work/flwr"
-printf '[superlink]\ndefault = "partners"\n\n[superlink.partners]\naddress = "127.0.0.1:9095"\ninsecure = true\n' >"$work/flwr/config.toml"
+export FLWR_HOME="$work/flwr" FLWR_DISABLE_UPDATE_CHECK=1 FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1 FLWR_TELEMETRY_ENABLED=0
+mkdir "$FLWR_HOME"
+printf '[superlink]\ndefault = "partners"\n\n[superlink.partners]\naddress = "127.0.0.1:9095"\nroot-certificates = "%s"\n' \
+    "$PWD/docker/keys/ca.pem" >"$FLWR_HOME/config.toml"
+for partner in books games; do
+    "$BIN/flwr" supernode register "docker/keys/$partner.pub" partners | tee -a "$work/register.log"
+done
+grep -c "registered successfully" "$work/register.log" | grep -qx 2 || { echo "registering the partners' keys failed"; exit 1; }
+compose up -d
+# A SuperNode whose key was never registered, on the same network, with the same CA: refused (Flower's
+# exit code 305, which it prints; the process itself exits 1)
+if docker run --rm --network "${PROJECT}_default" -v "$PWD/docker/keys/ca.pem:/keys/ca.pem:ro" \
+    -v "$PWD/docker/keys/stranger:/keys/stranger:ro" fedxrec flower-supernode --root-certificates=/keys/ca.pem \
+    --auth-supernode-private-key=/keys/stranger --superlink=superlink:9095 --node-config="data-path='/tmp'" \
+    >"$work/stranger.log" 2>&1 || ! grep -q "Exit Code: 305" "$work/stranger.log"; then
+    tail -20 "$work/stranger.log"
+    echo "a SuperNode whose key nobody registered was not refused with Flower's exit code 305"
+    exit 1
+fi
+echo "a SuperNode whose key nobody registered was refused (Flower's exit code 305)"
+
 for run in first second; do
-    FLWR_HOME="$work/flwr" FLWR_DISABLE_UPDATE_CHECK=1 FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1 \
-        "$BIN/flwr" run . partners --stream --run-config "rounds=2 run-id=\"smoke-$run\"" >"$work/$run.log" 2>&1 ||
+    "$BIN/flwr" run . partners --stream --run-config "rounds=2 run-id=\"smoke-$run\"" >"$work/$run.log" 2>&1 ||
         { tail -50 "$work/$run.log"; exit 1; }
     docker cp "$(compose ps -q superlink):/var/lib/fedxrec/runs/smoke-$run" "$work/"
 done

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -186,14 +187,29 @@ def test_the_docker_files_hold_what_the_deployment_test_runs() -> None:
             assert all((PROJECT / s).exists() for s in sources), line
             assert set(sources) <= admitted, f"{line}: .dockerignore keeps {set(sources) - admitted} out of the build context"
     services = yaml.safe_load((docker / "compose.yaml").read_text())["services"]
-    link = services.pop("superlink")["command"]
+    superlink = services.pop("superlink")
+    link = superlink["command"]
     assert link[0] == "flower-superlink" and "--isolation=subprocess" in link
+    # as across organisations: TLS, and only registered SuperNodes (docker/make-keys.sh makes the keys)
+    assert {"--ssl-ca-certfile=/keys/ca.pem", "--ssl-certfile=/keys/superlink.pem", "--ssl-keyfile=/keys/superlink.key"} <= set(link)
+    assert "--enable-supernode-auth" in link and "--insecure" not in link
+    assert _key_mounts(superlink) == {"ca.pem", "superlink.pem", "superlink.key"}
     assert services
     for name, service in services.items():
         command = service["command"]
         assert command[0] == "flower-supernode" and "--superlink=superlink:9095" in command
+        assert "--root-certificates=/keys/ca.pem" in command and "--insecure" not in command
+        assert f"--auth-supernode-private-key=/keys/{name}" in command
+        assert _key_mounts(service) == {"ca.pem", name}, f"{name} mounts keys other than the CA's certificate and its own"
         node_config = parse_config_args([next(c for c in command if c.startswith("--node-config=")).split("=", 1)[1]])
         spec = partner_from_node_config(node_config)  # every key known, data-path and state-dir given
         assert spec.max_epsilon is not None and spec.account is not None, name
         # each container mounts its data at /data: without its own name, every partner would be "data"
         assert spec.name == name, f"{name}: its node config names the partner {spec.name!r}"
+
+
+def _key_mounts(service: dict[str, Any]) -> set[str]:
+    """The files of docker/keys a compose service mounts, each checked read-only at /keys/<the same name>."""
+    mounts = [volume.split(":") for volume in service["volumes"] if volume.startswith("./keys/")]
+    assert all(len(m) == 3 and m[2] == "ro" and m[1] == "/keys/" + m[0].removeprefix("./keys/") for m in mounts), mounts
+    return {m[0].removeprefix("./keys/") for m in mounts}

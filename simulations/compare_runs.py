@@ -2,7 +2,7 @@
 
     python -m simulations.compare_runs --scenario simulations/scenarios/amazon-steam-4k.toml
         --run runs/experiments/federated-nodp --baseline 'runs/experiments/local-{partner}'
-        [--partners NAME ...] [--other-users] [--out runs/compare]
+        [--partners NAME ...] [--other-users | --new-items] [--out runs/compare]
 
 Each partner's model after ``--run`` (the adapter it kept after the last round and
 its private head) is scored on the partner's validation and test users beside its
@@ -13,7 +13,10 @@ rows). The difference of their NDCG@10 is paired user by user
 change of a few per cent on a few thousand test users is more than noise.
 With ``--other-users`` a partner with ``max-users`` (a cold-start partner) is
 scored on its domain's other users instead, whom it never saw, as
-:mod:`simulations.coldstart` scores it.
+:mod:`simulations.coldstart` scores it. With ``--new-items`` each partner is
+scored on the users whose target is a new item, one that none of its training
+sequences holds (its text is all a model knows of it; the popularity prior
+counts it 0): where a text-based federation is meant to help most.
 
 The last columns apply a no-harm rule a partner can use to pick its model: keep
 ``--run``'s only where its validation gain over the baseline is significant
@@ -48,9 +51,12 @@ def run_folder(pattern: str, name: str) -> Path:
     return Path(pattern.replace("{partner}", name))
 
 
-def scores(run: Path, spec: PartnerSpec, *, other_users: bool = False) -> dict[str, Any]:
+def scores(run: Path, spec: PartnerSpec, *, other_users: bool = False, new_items: bool = False) -> dict[str, Any]:
     """Per-user NDCG@10 on the valid and test users of partner ``spec`` under its model after ``run``
-    (with ``other_users``, on its domain's users after its ``max-users``, whom it never saw)."""
+    (with ``other_users``, on its domain's users after its ``max-users``, whom it never saw; with
+    ``new_items``, on its users whose target is a new item: :meth:`DomainSplit.new_item_targets`)."""
+    if other_users and new_items:
+        raise ValueError("other_users and new_items: a new item is new to the partner's own training users; choose one")
     arrays, head = federations.federated_model(run, spec.name)  # checks that run is a finished run folder
     settings = settings_from_run_config(json.loads((run / "config.json").read_text()))
     if other_users:
@@ -58,7 +64,15 @@ def scores(run: Path, spec: PartnerSpec, *, other_users: bool = False) -> dict[s
     else:
         data = partner.partner_data(spec, max_len=partner.HEAD.max_len)
         split = data.split
-    return user_scores(partner.build_model(settings, data, adapter_arrays=arrays, head=head), split)
+    per_user = user_scores(partner.build_model(settings, data, adapter_arrays=arrays, head=head), split)
+    if new_items:
+        per_user = {which: s[torch.as_tensor(split.new_item_targets(which))] for which, s in per_user.items()}
+        if few := {which: len(s) for which, s in per_user.items() if len(s) < 2}:
+            raise ValueError(
+                f"partner {spec.name!r}: {few} users whose target is a new item; a paired comparison needs at least 2 "
+                "in each split (leave it out with --partners)"
+            )
+    return per_user
 
 
 def user_scores(model: DomainModel, split: DomainSplit) -> dict[str, torch.Tensor]:
@@ -89,9 +103,10 @@ def paired(ours: dict[str, Any], theirs: dict[str, Any]) -> dict[str, Any]:
     return row
 
 
-def compare(spec: PartnerSpec, *, run: Path, baseline: Path, other_users: bool = False) -> dict[str, Any]:
+def compare(spec: PartnerSpec, *, run: Path, baseline: Path, other_users: bool = False, new_items: bool = False) -> dict[str, Any]:
     """Partner ``spec``'s row: its models after ``run`` and ``baseline``, :func:`paired`."""
-    return {"partner": spec.name, **paired(scores(run, spec, other_users=other_users), scores(baseline, spec, other_users=other_users))}
+    users = {"other_users": other_users, "new_items": new_items}
+    return {"partner": spec.name, **paired(scores(run, spec, **users), scores(baseline, spec, **users))}
 
 
 def table(rows: list[dict[str, Any]]) -> list[str]:
@@ -132,25 +147,38 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--run", required=True, help="run folder (or pattern with {partner}) whose models are compared")
     parser.add_argument("--baseline", required=True, help="run folder (or pattern with {partner}) of the models compared against")
     parser.add_argument("--partners", nargs="+", help="only these partners (default: every partner of the scenario)")
-    parser.add_argument(
+    whom = parser.add_mutually_exclusive_group()
+    whom.add_argument(
         "--other-users",
         action="store_true",
         help="score each partner on its domain's users after its max-users, whom it never saw (a cold-start partner)",
+    )
+    whom.add_argument(
+        "--new-items",
+        action="store_true",
+        help="score each partner on its users whose target is a new item, one none of its training sequences holds",
     )
     parser.add_argument("--out", type=Path, help="folder for compare.md and compare.json")
     args = parser.parse_args(argv)
     specs = scenario_partners(parser, args.scenario, args.partners)
     rows = [
-        compare(spec, run=run_folder(args.run, spec.name), baseline=run_folder(args.baseline, spec.name), other_users=args.other_users)
+        compare(
+            spec,
+            run=run_folder(args.run, spec.name),
+            baseline=run_folder(args.baseline, spec.name),
+            other_users=args.other_users,
+            new_items=args.new_items,
+        )
         for spec in specs
     ]
-    users = " on each domain's other users" if args.other_users else ""
+    users = " on each domain's other users" if args.other_users else " on the users whose target is a new item" if args.new_items else ""
     lines = [f"`{args.run}` against `{args.baseline}`, test NDCG@10{users}, paired user by user:", "", *table(rows)]
     print("\n".join(lines))
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "compare.md").write_text("\n".join(lines) + "\n")
-        write_json(args.out / "compare.json", {"run": args.run, "baseline": args.baseline, "partners": rows})
+        scored = "other-users" if args.other_users else "new-items" if args.new_items else "all"
+        write_json(args.out / "compare.json", {"run": args.run, "baseline": args.baseline, "users": scored, "partners": rows})
 
 
 if __name__ == "__main__":

@@ -70,6 +70,23 @@ def small_split() -> DomainSplit:
     )
 
 
+def test_new_item_targets_are_those_no_training_sequence_holds() -> None:
+    # item 5 is in no training sequence; item 3 only in a user's who is not evaluated, which still
+    # counts: the model trained on it. Masks follow eval_users' order (user 2 is left out).
+    split = DomainSplit(
+        name="toy",
+        item_ids=list("abcde"),
+        item_texts=list("abcde"),
+        users=["u0", "u1", "u2", "u3"],
+        train=[np.array([1, 2]), np.array([4]), np.array([3]), np.array([1])],
+        valid=np.array([5, 3, 0, 2]),
+        test=np.array([4, 5, 0, 5]),
+    )
+    assert split.new_item_targets("valid").tolist() == [True, False, False]
+    assert split.new_item_targets("test").tolist() == [False, True, True]
+    assert small_split().new_item_targets("test").tolist() == [False, False]
+
+
 def next_item_scorer(seqs: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
     """Scores item (last + 1) highest, then descending by distance: a known ranking."""
     last = seqs[torch.arange(len(seqs)), lengths - 1]  # [B] item index of the last item

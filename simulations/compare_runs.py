@@ -2,7 +2,7 @@
 
     python -m simulations.compare_runs --scenario simulations/scenarios/amazon-steam-4k.toml
         --run runs/experiments/federated-nodp --baseline 'runs/experiments/local-{partner}'
-        [--partners NAME ...] [--other-users | --new-items] [--out runs/compare]
+        [--partners NAME ...] [--other-users | --new-items | --seen-items] [--out runs/compare]
 
 Each partner's model after ``--run`` (the adapter it kept after the last round and
 its private head) is scored on the partner's validation and test users beside its
@@ -16,7 +16,8 @@ scored on its domain's other users instead, whom it never saw, as
 :mod:`simulations.coldstart` scores it. With ``--new-items`` each partner is
 scored on the users whose target is a new item, one that none of its training
 sequences holds (its text is all a model knows of it; the popularity prior
-counts it 0): where a text-based federation is meant to help most.
+counts it 0): where a text-based federation is meant to help most; with
+``--seen-items``, on the others.
 
 The last columns apply a no-harm rule a partner can use to pick its model: keep
 ``--run``'s only where its validation gain over the baseline is significant
@@ -51,12 +52,18 @@ def run_folder(pattern: str, name: str) -> Path:
     return Path(pattern.replace("{partner}", name))
 
 
-def scores(run: Path, spec: PartnerSpec, *, other_users: bool = False, new_items: bool = False) -> dict[str, Any]:
+TARGETS = ("all", "new", "seen")  # which of a partner's users are scored, by their target item
+
+
+def scores(run: Path, spec: PartnerSpec, *, other_users: bool = False, targets: str = "all") -> dict[str, Any]:
     """Per-user NDCG@10 on the valid and test users of partner ``spec`` under its model after ``run``
-    (with ``other_users``, on its domain's users after its ``max-users``, whom it never saw; with
-    ``new_items``, on its users whose target is a new item: :meth:`DomainSplit.new_item_targets`)."""
-    if other_users and new_items:
-        raise ValueError("other_users and new_items: a new item is new to the partner's own training users; choose one")
+    (with ``other_users``, on its domain's users after its ``max-users``, whom it never saw). ``targets``
+    "new": only the users whose target is a new item (:meth:`DomainSplit.new_item_targets`); "seen":
+    only the others."""
+    if targets not in TARGETS:
+        raise ValueError(f"targets must be one of {TARGETS}, got {targets!r}")
+    if other_users and targets != "all":
+        raise ValueError("other_users scores all of them: a new item is new to the partner's own training users")
     arrays, head = federations.federated_model(run, spec.name)  # checks that run is a finished run folder
     settings = settings_from_run_config(json.loads((run / "config.json").read_text()))
     if other_users:
@@ -65,12 +72,13 @@ def scores(run: Path, spec: PartnerSpec, *, other_users: bool = False, new_items
         data = partner.partner_data(spec, max_len=partner.HEAD.max_len)
         split = data.split
     per_user = user_scores(partner.build_model(settings, data, adapter_arrays=arrays, head=head), split)
-    if new_items:
-        per_user = {which: s[torch.as_tensor(split.new_item_targets(which))] for which, s in per_user.items()}
+    if targets != "all":
+        keep = {which: torch.as_tensor(split.new_item_targets(which) == (targets == "new")) for which in per_user}
+        per_user = {which: s[keep[which]] for which, s in per_user.items()}
         if few := {which: len(s) for which, s in per_user.items() if len(s) < 2}:
             raise ValueError(
-                f"partner {spec.name!r}: {few} users whose target is a new item; a paired comparison needs at least 2 "
-                "in each split (leave it out with --partners)"
+                f"partner {spec.name!r}: {few} users whose target is a {targets} item; a paired comparison needs at "
+                "least 2 in each split (leave it out with --partners)"
             )
     return per_user
 
@@ -95,17 +103,18 @@ def paired(ours: dict[str, Any], theirs: dict[str, Any]) -> dict[str, Any]:
             "difference": diff.mean,
             "interval": [low, high],
             "z": diff.z,
-            "change": diff.mean / base,
-            "change-interval": [low / base, high / base],
+            # relative to the baseline's score; None where it scores 0 (e.g. a few users, none hit)
+            "change": diff.mean / base if base else None,
+            "change-interval": [low / base, high / base] if base else None,
         }
     keep_run = row["valid"]["z"] > Z_ONE_SIDED_5
     row["kept"] = {"model": "run" if keep_run else "baseline", "test": row["test"]["run" if keep_run else "baseline"]}
     return row
 
 
-def compare(spec: PartnerSpec, *, run: Path, baseline: Path, other_users: bool = False, new_items: bool = False) -> dict[str, Any]:
-    """Partner ``spec``'s row: its models after ``run`` and ``baseline``, :func:`paired`."""
-    users = {"other_users": other_users, "new_items": new_items}
+def compare(spec: PartnerSpec, *, run: Path, baseline: Path, other_users: bool = False, targets: str = "all") -> dict[str, Any]:
+    """Partner ``spec``'s row: its models after ``run`` and ``baseline`` (:func:`scores`), :func:`paired`."""
+    users: dict[str, Any] = {"other_users": other_users, "targets": targets}
     return {"partner": spec.name, **paired(scores(run, spec, **users), scores(baseline, spec, **users))}
 
 
@@ -116,11 +125,15 @@ def table(rows: list[dict[str, Any]]) -> list[str]:
     ]
     for r in rows:
         t = r["test"]
-        low, high = t["change-interval"]
+        if t["change"] is None:  # the baseline scores 0: the difference itself, no relative change
+            low, high = t["interval"]
+            change, kept = f"{t['difference']:+.4f} ({low:+.4f} to {high:+.4f}); baseline 0", "-"
+        else:
+            low, high = t["change-interval"]
+            change, kept = f"{t['change']:+.1%} ({low:+.1%} to {high:+.1%})", f"{r['kept']['test'] / t['baseline'] - 1:+.1%}"
         lines.append(
-            f"| {r['partner']} | {t['users']} | {t['baseline']:.4f} | {t['run']:.4f} | {t['change']:+.1%} ({low:+.1%} to {high:+.1%}) "
-            f"| {t['z']:+.2f} | {r['valid']['z']:+.2f} "
-            f"| {r['kept']['model']} | {r['kept']['test'] / t['baseline'] - 1:+.1%} |"
+            f"| {r['partner']} | {t['users']} | {t['baseline']:.4f} | {t['run']:.4f} | {change} "
+            f"| {t['z']:+.2f} | {r['valid']['z']:+.2f} | {r['kept']['model']} | {kept} |"
         )
     return lines
 
@@ -158,26 +171,34 @@ def main(argv: list[str] | None = None) -> None:
         action="store_true",
         help="score each partner on its users whose target is a new item, one none of its training sequences holds",
     )
+    whom.add_argument("--seen-items", action="store_true", help="score each partner on its users whose target is not a new item")
     parser.add_argument("--out", type=Path, help="folder for compare.md and compare.json")
     args = parser.parse_args(argv)
     specs = scenario_partners(parser, args.scenario, args.partners)
+    targets = "new" if args.new_items else "seen" if args.seen_items else "all"
     rows = [
         compare(
             spec,
             run=run_folder(args.run, spec.name),
             baseline=run_folder(args.baseline, spec.name),
             other_users=args.other_users,
-            new_items=args.new_items,
+            targets=targets,
         )
         for spec in specs
     ]
-    users = " on each domain's other users" if args.other_users else " on the users whose target is a new item" if args.new_items else ""
+    users = (
+        " on each domain's other users"
+        if args.other_users
+        else ""
+        if targets == "all"
+        else f" on the users whose target is a {targets} item"
+    )
     lines = [f"`{args.run}` against `{args.baseline}`, test NDCG@10{users}, paired user by user:", "", *table(rows)]
     print("\n".join(lines))
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "compare.md").write_text("\n".join(lines) + "\n")
-        scored = "other-users" if args.other_users else "new-items" if args.new_items else "all"
+        scored = "other-users" if args.other_users else f"{targets}-items" if targets != "all" else "all"
         write_json(args.out / "compare.json", {"run": args.run, "baseline": args.baseline, "users": scored, "partners": rows})
 
 

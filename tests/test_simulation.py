@@ -114,7 +114,9 @@ def test_dp_federation_writes_a_complete_run_folder(tmp_path: Path, ray_env: Pat
         assert row["test"]["difference"] == 0 and row["kept"] == {"model": "baseline", "test": row["test"]["baseline"]}
         # every item of the generated domains is in some training sequence: no user's target is new
         with pytest.raises(ValueError, match=rf"partner '{spec.name}': {{'valid': 0, 'test': 0}} users whose target is a new item"):
-            compare_runs.compare(spec, run=run, baseline=run, new_items=True)
+            compare_runs.compare(spec, run=run, baseline=run, targets="new")
+        seen = compare_runs.compare(spec, run=run, baseline=run, targets="seen")  # so every user's target is a seen item
+        assert seen["test"] == row["test"]
     with pytest.raises(ValueError, match="partner 'books' has no max-users"):
         compare_runs.compare(spec_of["books"], run=run, baseline=run, other_users=True)
 

@@ -170,7 +170,6 @@ def build_model(
         counts_noise=counts_noise,
         leave_one_out=leave_one_out,  # the federation's counts are user-weighted (shared.privacy.item_counts)
         counts_window=settings.popularity_window,
-        counts_floor=settings.popularity_floor,
         private_residual=settings.private_residual,
     )
     if head is not None:

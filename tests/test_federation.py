@@ -459,16 +459,6 @@ def test_aggregation_and_its_trim_are_validated() -> None:
     ]
 
 
-def test_the_popularity_floor_is_validated_and_reaches_the_partners_model(tmp_path: Path) -> None:
-    with pytest.raises(SettingsError, match=r"popularity-floor must be a finite number >= 0, got -1.0"):
-        settings_from_run_config({"popularity-floor": -1.0})
-    settings = settings_for(tmp_path, popularity_floor=1.0)
-    spec = partner.resolve_partner({"partition-id": 0, "num-partitions": 3}, settings)
-    data = partner.partner_data(spec, max_len=partner.HEAD.max_len)
-    model = partner.build_model(settings, data, adapter_arrays=initial_adapter(settings, in_dim=ENCODER_DIM), head=None)
-    assert model.counts_floor == 1.0
-
-
 def test_trains_is_validated() -> None:
     with pytest.raises(SettingsError, match="trains must be 'all' or 'adapter'"):
         settings_from_run_config({"trains": "head"})

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import pytest
 import torch
@@ -152,23 +150,6 @@ def test_leave_one_out_takes_each_users_own_share_out_of_their_items_counts(wind
         for r, item in enumerate(rows[b].tolist()):
             expected = 0.0 if item == 0 else np.log1p(others[item]) if item in own else np.log1p(counts[item].item())
             assert bias[b, r].item() == pytest.approx(expected, abs=1e-5), (b, item)
-
-
-def test_the_counts_floor_lifts_items_counted_less_to_it_and_nothing_else() -> None:
-    counts = torch.tensor([0.0, *[0.0, 0.5, 2.0] * 10])  # item 0 is padding
-    model = small_model(counts=counts)
-    assert model.popularity is not None
-    with torch.no_grad():
-        model.popularity.weight.fill_(1.0)
-    index = torch.arange(31)
-    model.counts_floor = 1.0
-    expected = torch.where(index > 0, torch.log1p(counts.clamp(min=1.0)), torch.zeros(31))
-    torch.testing.assert_close(model.item_bias(index), expected)
-    # with each user's own share taken out first (training's leave-one-out), then the floor
-    torch.testing.assert_close(model.item_bias(index, own_share=torch.full((31,), 2.0)), torch.where(index > 0, math.log1p(1.0), 0.0))
-    torch.testing.assert_close(model.log_counts, torch.log1p(counts))  # what is stored (and saved) is as released
-    with pytest.raises(ValueError, match="counts_floor must be >= 0"):
-        DomainModel(adapter=model.adapter, features=model.features, head_config=HeadConfig(max_len=8), counts_floor=-1.0)
 
 
 def test_popularity_prior_with_exact_counts_is_refused_under_dp() -> None:

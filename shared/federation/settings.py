@@ -138,15 +138,6 @@ class FederationSettings:
             "users' latest, and whole-history counts rank them worse on amazon2014-office"
         },
     )
-    popularity_floor: float = field(
-        default=0.0,
-        metadata={
-            "help": "the prior counts every item at least this much (0: as counted): an item no user had among their "
-            "last popularity-window items, a new one above all, is then ranked by its text instead of below every "
-            "counted item (one user's recent item counts 1 or 0.71). Applied to the counts as released, so it costs "
-            "no privacy"
-        },
-    )
     accountant: str = field(default="rdp", metadata={"help": "Opacus accountant: 'rdp' or 'prv'"})
     seed: int = field(
         default=0,
@@ -220,8 +211,6 @@ class FederationSettings:
                 f"popularity-noise must be > 0 with dp and popularity-prior on, got {self.popularity_noise} "
                 "(exact counts would void the guarantee; set popularity-prior = false instead)"
             )
-        if not is_finite_number(self.popularity_floor) or self.popularity_floor < 0:
-            problems.append(f"popularity-floor must be a finite number >= 0, got {self.popularity_floor!r}")
         if self.popularity_window < 0:
             problems.append(f"popularity-window must be >= 0 (0: whole histories), got {self.popularity_window}")
         if self.run_id and not RUN_ID.fullmatch(self.run_id):

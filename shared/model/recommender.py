@@ -21,8 +21,6 @@ without DP only. Evaluation ranks the full catalogue without gradients.
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -72,7 +70,6 @@ class DomainModel(nn.Module):
         counts_noise: float = 0.0,
         leave_one_out: bool = False,
         counts_window: int = 0,
-        counts_floor: float = 0.0,
         private_residual: bool = False,
     ) -> None:
         """``item_counts`` [N + 1] adds the popularity prior, its weight starting at
@@ -81,9 +78,7 @@ class DomainModel(nn.Module):
         counts are :func:`shared.privacy.item_counts.user_weighted_counts`, and the
         sampled loss takes each user's own share (``1 / sqrt(k)``) out of the counts
         of their items, as a test user's held-out item was never counted (else a
-        training target's count always includes itself). ``counts_floor``: the prior counts
-        every item at least this much, so an item without recent interactions (a new one
-        above all) is ranked by its text instead of below every counted item. ``private_residual``: add a
+        training target's count always includes itself). ``private_residual``: add a
         linear map of the text vector, zero at the start, to the adapter's output; in a
         federation it stays with the partner (it is not the adapter), so the partner
         keeps what its own catalogue needs while the shared adapter is averaged."""
@@ -116,9 +111,6 @@ class DomainModel(nn.Module):
         self.register_buffer("counts_noise", None if item_counts is None else torch.tensor(float(counts_noise)))
         self.leave_one_out = leave_one_out
         self.counts_window = counts_window
-        if counts_floor < 0:
-            raise ValueError(f"counts_floor must be >= 0, got {counts_floor}")
-        self.counts_floor = float(counts_floor)
         if item_counts is not None:
             self.popularity = nn.Linear(1, 1, bias=False)
             nn.init.constant_(self.popularity.weight, popularity_start)
@@ -174,8 +166,6 @@ class DomainModel(nn.Module):
         log_counts = self.log_counts[index]
         if own_share is not None:
             log_counts = torch.log1p((torch.expm1(log_counts) - own_share).clamp(min=0))
-        if self.counts_floor > 0:  # log1p(max(count, floor)) for every item (not padding); the stored counts are unchanged
-            log_counts = torch.where(index > 0, log_counts.clamp(min=math.log1p(self.counts_floor)), log_counts)
         return self.popularity(log_counts.unsqueeze(-1)).squeeze(-1)
 
     # ------------------------------------------------------------------ users

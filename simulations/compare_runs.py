@@ -53,6 +53,12 @@ def run_folder(pattern: str, name: str) -> Path:
 
 
 TARGETS = ("all", "new", "seen")  # which of a partner's users are scored, by their target item
+SCORED = {  # the users a comparison scores (compare.json's "users"), as its heading says it
+    "all": "",
+    "other-users": " on each domain's other users",
+    "new-items": " on the users whose target is a new item",
+    "seen-items": " on the users whose target is a seen item",
+}
 
 
 def scores(run: Path, spec: PartnerSpec, *, other_users: bool = False, targets: str = "all") -> dict[str, Any]:
@@ -186,19 +192,12 @@ def main(argv: list[str] | None = None) -> None:
         )
         for spec in specs
     ]
-    users = (
-        " on each domain's other users"
-        if args.other_users
-        else ""
-        if targets == "all"
-        else f" on the users whose target is a {targets} item"
-    )
-    lines = [f"`{args.run}` against `{args.baseline}`, test NDCG@10{users}, paired user by user:", "", *table(rows)]
+    scored = "other-users" if args.other_users else "all" if targets == "all" else f"{targets}-items"
+    lines = [f"`{args.run}` against `{args.baseline}`, test NDCG@10{SCORED[scored]}, paired user by user:", "", *table(rows)]
     print("\n".join(lines))
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "compare.md").write_text("\n".join(lines) + "\n")
-        scored = "other-users" if args.other_users else f"{targets}-items" if targets != "all" else "all"
         write_json(args.out / "compare.json", {"run": args.run, "baseline": args.baseline, "users": scored, "partners": rows})
 
 

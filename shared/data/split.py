@@ -45,11 +45,8 @@ class DomainSplit:
     def new_item_targets(self, which: str) -> np.ndarray:
         """[len(eval_users(which))] bool: the user's ``which`` target is a new item, one that no training
         sequence holds (only its text says what it is: a model learns nothing else of it)."""
-        seen = np.zeros(self.n_items + 1, dtype=bool)
-        for seq in self.train:
-            seen[seq] = True
         targets = self.valid if which == "valid" else self.test
-        return ~seen[targets[self.eval_users(which)]]
+        return (self.item_popularity() == 0)[targets[self.eval_users(which)]]
 
     def select_users(self, users: slice) -> DomainSplit:
         """These users only (e.g. ``slice(300)``: the first 300); the catalogue is unchanged."""

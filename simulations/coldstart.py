@@ -6,7 +6,9 @@
 
 Each scenario's cold partner is its one partner with the smallest ``max-users`` (its
 domain's first users).
-Both runs are the real ServerApp + ClientApp in Flower's simulation engine, no DP:
+Two training-free baselines come first: ``zero-shot (untrained)`` (text
+similarity to the last item) and ``popularity (untrained)`` (the cold partner's
+most frequent training items). Both runs are the real ServerApp + ClientApp in Flower's simulation engine, no DP:
 ``alone`` is the cold partner in a federation of one, ``in the federation`` the
 whole scenario (plain FedAvg; with ``--personal-mix`` also each partner's own mix of
 the global adapter, ``personal-mix = "valid"``). With the full recipe on (``--recipe-minutes`` > 0), also each
@@ -43,6 +45,7 @@ from simulations.federations import (
     metrics_row,
     one_partner_scenario,
     other_users,
+    popularity,
     recipe_alone,
     test_row,
     zero_shot,
@@ -50,6 +53,7 @@ from simulations.federations import (
 
 METHODS = (
     "zero-shot (untrained)",
+    "popularity (untrained)",
     "alone",
     "in the federation",
     "in the federation, personal mix",
@@ -106,8 +110,12 @@ def cold_start(
     settings = FederationSettings(**_settings(base))
     data = partner.partner_data(spec, max_len=partner.HEAD.max_len)
     untrained = initial_adapter(settings, in_dim=int(data.vectors.shape[1])), None
-    own = {"zero-shot (untrained)": zero_shot(spec, settings)}
-    others = {"zero-shot (untrained)": on_other_users(spec, *untrained)}
+    _, other = other_users(spec)
+    own = {"zero-shot (untrained)": zero_shot(spec, settings), "popularity (untrained)": popularity(spec)}
+    others = {
+        "zero-shot (untrained)": on_other_users(spec, *untrained),
+        "popularity (untrained)": {**popularity(spec, users=other), "users": len(other.users)},
+    }
     together = out / f"{scenario.stem}-federated"
     runs: dict[str, tuple[Path, Path, int, dict[str, object]]] = {  # method: (run folder, its scenario, partners, run config overrides)
         "alone": (out / f"{scenario.stem}-alone", one_partner_scenario(spec, out / "scenarios"), 1, {}),

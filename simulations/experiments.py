@@ -11,7 +11,8 @@ With ``--proximal-mu``, each federation is also run with FedProx's proximal term
 (``proximal-mu``: each partner's local training is pulled towards the global adapter).
 ``zero-shot (untrained)`` ranks by the frozen encoder's text similarity to the
 last item (initial adapter, identity head, no prior): what training adds is
-measured from it. Every federated result and ``local`` run the real ServerApp and ClientApp in
+measured from it. ``popularity (untrained)``, the other training-free baseline,
+gives every user the partner's most frequent training items (exact counts). Every federated result and ``local`` run the real ServerApp and ClientApp in
 Flower's simulation engine with the same training code; ``local`` is each
 partner in a federation of one (DP off). ``local, full recipe`` is what one
 partner gets from ``fedxrec train`` alone (full softmax, popularity prior,
@@ -47,7 +48,7 @@ from simulations import compare_runs
 from simulations.coldstart import check_cold_scenario, cold_start
 from simulations.coldstart import table as cold_table
 from simulations.common import machine, read_scenario, write_report
-from simulations.federations import federate, metrics_row, one_partner_scenario, recipe_alone, test_row, zero_shot
+from simulations.federations import federate, metrics_row, one_partner_scenario, popularity, recipe_alone, test_row, zero_shot
 
 
 def finetune(
@@ -94,6 +95,7 @@ def plot(results: dict[str, dict[str, dict[str, Any]]], epsilons: list[float], p
             )
         for key, style, color in (
             ("zero-shot (untrained)", (0, (1, 3)), "gray"),
+            ("popularity (untrained)", (0, (1, 1)), "black"),
             ("local", ":", "gray"),
             ("local, full recipe", "-", "gray"),
             ("federated, no DP", "-.", "C2"),
@@ -206,7 +208,10 @@ def main() -> None:
     # early stopping on valid within --recipe-epochs; the time cap is a safety net
     recipe = TrainConfig(epochs=args.recipe_epochs, patience=5, lr_patience=2, max_minutes=args.recipe_minutes or None, seed=settings.seed)
     started = time.monotonic()
-    results: dict[str, dict[str, dict[str, Any]]] = {"zero-shot (untrained)": {s.name: zero_shot(s, settings) for s in specs}}
+    results: dict[str, dict[str, dict[str, Any]]] = {
+        "zero-shot (untrained)": {s.name: zero_shot(s, settings) for s in specs},
+        "popularity (untrained)": {s.name: popularity(s) for s in specs},
+    }
     results["local"] = {}
 
     for spec in specs:

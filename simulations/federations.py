@@ -17,6 +17,7 @@ from client import partner
 from client.private_state import PartnerState, read_kept_adapter
 from server.run_folder import RunFolder
 from shared.data.split import DomainSplit
+from shared.evaluation import evaluate, popularity_scorer
 from shared.federation.adapter import initial_adapter
 from shared.federation.scenario import PartnerSpec
 from shared.federation.settings import FederationSettings
@@ -121,6 +122,17 @@ def zero_shot(spec: PartnerSpec, settings: FederationSettings) -> dict[str, Any]
     data = partner.partner_data(spec, max_len=partner.HEAD.max_len)
     arrays = initial_adapter(settings, in_dim=int(data.vectors.shape[1]))
     return test_row(spec, partner.build_model(settings, data, adapter_arrays=arrays, head=None))
+
+
+def popularity(spec: PartnerSpec, *, users: DomainSplit | None = None) -> dict[str, Any]:
+    """The other training-free baseline beside :func:`zero_shot`: every user gets the items the
+    partner's training sequences hold most often (exact counts: not private, like ``local``).
+    Scored on the partner's own test users, or on ``users`` (a split of the same catalogue)."""
+    own = partner.partner_data(spec, max_len=partner.HEAD.max_len).split
+    scored = own if users is None else users
+    if scored.n_items != own.n_items:
+        raise ValueError(f"partner {spec.name!r}: {scored.n_items} items to score against its catalogue of {own.n_items}")
+    return metrics_row(evaluate(popularity_scorer(own), scored, "test", max_len=partner.HEAD.max_len))
 
 
 def recipe_alone(spec: PartnerSpec, settings: FederationSettings, *, config: TrainConfig) -> DomainModel:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import threading
@@ -11,13 +12,14 @@ import flwr.supercore.telemetry as telemetry
 import pytest
 import torch
 
+from client.partner import partner_data
 from server.run_folder import RunFolder
 from shared.cli import main as cli_main
 from shared.federation.scenario import PartnerSpec, scenario_partners
 from shared.flower_run import simulation_env
 from shared.privacy import ledger
 from simulations import compare_runs
-from simulations.federations import federated_model
+from simulations.federations import federated_model, popularity
 from simulations.runner import simulate as run_federation
 from tests.browser import assert_page_shows_every_partner
 from tests.processes import descendants, is_loopback, listening_addresses, niceness, wait_for_exit
@@ -117,6 +119,14 @@ def test_dp_federation_writes_a_complete_run_folder(tmp_path: Path, ray_env: Pat
             compare_runs.compare(spec, run=run, baseline=run, targets="new")
         seen = compare_runs.compare(spec, run=run, baseline=run, targets="seen")  # so every user's target is a seen item
         assert seen["test"] == row["test"]
+        # the experiment tables' second training-free row: the partner's most frequent training items
+        baseline = popularity(spec)
+        assert 0 < baseline["ndcg@10"] <= baseline["recall@10"] <= 1 and baseline["epsilon"] is None
+    books = partner_data(spec_of["books"], max_len=50).split
+    assert popularity(spec_of["books"], users=books) == popularity(spec_of["books"])
+    fewer = dataclasses.replace(books, item_ids=books.item_ids[:-1], item_texts=books.item_texts[:-1])
+    with pytest.raises(ValueError, match=rf"partner 'books': {books.n_items - 1} items to score against its catalogue of {books.n_items}"):
+        popularity(spec_of["books"], users=fewer)
     with pytest.raises(ValueError, match="partner 'books' has no max-users"):
         compare_runs.compare(spec_of["books"], run=run, baseline=run, other_users=True)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,7 @@ from shared.evaluation import metrics_from_ranks, pad_histories, user_ranks
 from shared.model.adapters import MoEAdapter, MoEAdapterConfig
 from shared.model.head import HeadConfig
 from shared.model.recommender import DomainModel, ItemFeatures
-from shared.training import DomainRun, TrainConfig, averaged_scorer, ranking_metrics, train
+from shared.training import PRIOR_SCALES, DomainRun, TrainConfig, averaged_scorer, calibrate_prior, ranking_metrics, train
 
 
 def test_lr_halves_after_stale_epochs_and_training_stops_at_patience(synthetic: list[Path], monkeypatch: pytest.MonkeyPatch) -> None:
@@ -69,3 +70,54 @@ def test_several_models_rank_by_the_mean_of_their_scores(synthetic: list[Path]) 
         averaged_scorer([a, bigger])
     with pytest.raises(ValueError, match="at least one model"):
         averaged_scorer([])
+
+
+def test_calibrate_prior_keeps_the_factor_with_the_best_valid_ndcg(synthetic: list[Path]) -> None:
+    split = split_domain(read_domain(synthetic[0]))
+    model = small_model(split, 0)
+    assert model.popularity is not None
+    with torch.no_grad():
+        model.popularity.weight.fill_(0.3)
+    by_hand = {}
+    for factor in PRIOR_SCALES:  # each factor scored as a model of its own
+        probe = copy.deepcopy(model)
+        assert probe.popularity is not None
+        with torch.no_grad():
+            probe.popularity.weight.mul_(factor)
+        by_hand[factor] = ranking_metrics(probe, split, "valid")["ndcg@10"]
+    factor, by_scale = calibrate_prior(DomainRun(split, model))
+    assert by_scale == pytest.approx(by_hand)
+    assert by_scale[factor] == max(by_scale.values()) and (factor == 1.0 or by_scale[1.0] < by_scale[factor])
+    assert float(model.popularity.weight.detach()) == pytest.approx(0.3 * factor)
+    assert ranking_metrics(model, split, "valid")["ndcg@10"] == pytest.approx(by_scale[factor])  # the model now scores so
+
+
+def test_calibrate_prior_keeps_the_trained_weight_on_a_tie_and_skips_a_model_without_prior(synthetic: list[Path]) -> None:
+    split = split_domain(read_domain(synthetic[0]))
+    even = small_model(split, 0)
+    even.log_counts = torch.ones_like(even.log_counts)  # the same count for every item: no factor changes a rank
+    assert even.popularity is not None
+    with torch.no_grad():
+        even.popularity.weight.fill_(0.3)
+    factor, by_scale = calibrate_prior(DomainRun(split, even))
+    assert factor == 1.0 and len(set(by_scale.values())) == 1 and float(even.popularity.weight.detach()) == pytest.approx(0.3)
+    plain = DomainModel(
+        adapter=MoEAdapter(16, MoEAdapterConfig(n_experts=2, dim=8)),
+        features=ItemFeatures(vectors=torch.randn(split.n_items + 1, 16)),
+        head_config=HeadConfig(n_layers=1, max_len=8),
+    )
+    assert calibrate_prior(DomainRun(split, plain)) == (1.0, {})
+
+
+def test_training_with_calibrate_prior_ends_with_the_factor_it_chose(synthetic: list[Path]) -> None:
+    split = split_domain(read_domain(synthetic[0]))
+    model = small_model(split, 0)
+    lines: list[str] = []
+    history = train([DomainRun(split, model)], TrainConfig(epochs=1, batch_size=64, calibrate_prior=True), log=lines.append)
+    last = history[-1]
+    assert last["epoch"] == "prior" and isinstance(last["prior_scale"], dict)
+    factor = last["prior_scale"][split.name]
+    assert factor in PRIOR_SCALES and lines[-1].startswith(f"{split.name}: popularity prior's weight x{factor:g} (valid NDCG@10 ")
+    assert [
+        h["epoch"] for h in train([DomainRun(split, small_model(split, 0))], TrainConfig(epochs=1, batch_size=64), log=lines.append)
+    ] == [0, 1]

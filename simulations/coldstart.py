@@ -8,7 +8,8 @@ Each scenario's cold partner is its one partner with the smallest ``max-users`` 
 domain's first users).
 Two training-free baselines come first: ``zero-shot (untrained)`` (text
 similarity to the last item) and ``popularity (untrained)`` (the cold partner's
-most frequent training items). Both runs are the real ServerApp + ClientApp in Flower's simulation engine, no DP:
+most frequent training items). Both runs are the real ServerApp + ClientApp in
+Flower's simulation engine, no DP:
 ``alone`` is the cold partner in a federation of one, ``in the federation`` the
 whole scenario (plain FedAvg; with ``--personal-mix`` also each partner's own mix of
 the global adapter, ``personal-mix = "valid"``). With the full recipe on (``--recipe-minutes`` > 0), also each

@@ -12,7 +12,8 @@ With ``--proximal-mu``, each federation is also run with FedProx's proximal term
 ``zero-shot (untrained)`` ranks by the frozen encoder's text similarity to the
 last item (initial adapter, identity head, no prior): what training adds is
 measured from it. ``popularity (untrained)``, the other training-free baseline,
-gives every user the partner's most frequent training items (exact counts). Every federated result and ``local`` run the real ServerApp and ClientApp in
+gives every user the partner's most frequent training items (exact counts).
+Every federated result and ``local`` run the real ServerApp and ClientApp in
 Flower's simulation engine with the same training code; ``local`` is each
 partner in a federation of one (DP off). ``local, full recipe`` is what one
 partner gets from ``fedxrec train`` alone (full softmax, popularity prior,

@@ -2,7 +2,8 @@
 
 The start is the partner's federated model: the last global adapter the
 coordinator sent (kept in the state folder, :func:`client.private_state.keep_global_adapter`)
-with the partner's private head and popularity prior. ``fedxrec train``'s recipe
+with the partner's private head and popularity prior (its weight as the partner was
+scored with it: run setting ``calibrate-prior``). ``fedxrec train``'s recipe
 trains it on the partner's own data: head and adapter, full softmax, exact item
 counts, learning-rate halving and early stopping on valid NDCG@10. This is the
 simplest personalised federated learning ("FedAvg + local fine-tuning", e.g.
@@ -29,7 +30,7 @@ import torch
 
 from client import partner
 from client.local_training import freeze_untrained
-from client.private_state import GLOBAL_ADAPTER, PartnerState, catalogue_fingerprint, read_kept_adapter
+from client.private_state import GLOBAL_ADAPTER, PartnerState, catalogue_fingerprint, read_kept_adapter, scored_head
 from shared.federation.adapter import adapter_config
 from shared.federation.scenario import PartnerSpec
 from shared.federation.settings import FederationSettings
@@ -158,14 +159,16 @@ def finetune(
             f"note: only {n_valid} users' valid items pick the epoch; on so few, early stopping follows noise (in the "
             "README's cold-start runs a fine-tune on 300 users scored below the federated model on the domain's other users)"
         )
-    federated = partner.build_model(settings, own, adapter_arrays=arrays, head=state.head)
+    assert state.head is not None  # federated_start refuses a state without one
+    head = scored_head(state.head, meta)  # as the federation scored it (calibrate-prior)
+    federated = partner.build_model(settings, own, adapter_arrays=arrays, head=head)
     before = {w: evaluate_model(DomainRun(own.split, federated), w) for w in ("valid", "test")}
     modes = ("recipe", "continue") if mode == "best" else (mode,)
     tried: dict[str, tuple[DomainRun, dict[str, dict[str, float]]]] = {}
     for m in modes:
         if len(modes) > 1:
             log(f"mode {m}:")
-        run = _train_mode(m, settings=settings, own=own, arrays=arrays, head=state.head, config=config, log=log)
+        run = _train_mode(m, settings=settings, own=own, arrays=arrays, head=head, config=config, log=log)
         tried[m] = run, {w: evaluate_model(run, w) for w in ("valid", "test")}
     # chosen on the partner's own valid users only (ties: the first, recipe)
     chosen = max(tried, key=lambda m: tried[m][1]["valid"]["ndcg@10"])
@@ -176,7 +179,7 @@ def finetune(
     for seed in range(config.seed + 1, config.seed + seeds):
         log(f"ensemble member {seed - config.seed + 1} of {seeds} (mode {chosen}, seed {seed}):")
         member = _train_mode(
-            chosen, settings=settings, own=own, arrays=arrays, head=state.head, config=dataclasses.replace(config, seed=seed), log=log
+            chosen, settings=settings, own=own, arrays=arrays, head=head, config=dataclasses.replace(config, seed=seed), log=log
         )
         members.append((seed, member, {w: evaluate_model(member, w) for w in ("valid", "test")}))
     kept, after, ensemble, kept_label = keep_ensemble_or_best(members, own.split, log=log)

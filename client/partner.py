@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from client.local_training import freeze_untrained, train_round, user_sequences
-from client.private_state import PartnerState, check_same_run, keep_global_adapter, read_kept_adapter
+from client.private_state import PRIOR_SCALE, PartnerState, check_same_run, keep_global_adapter, read_kept_adapter
 from client.round_privacy import Declined, ledger_entry, ledger_events, plan_round, round_schedule
 from shared.checks import number_from_env
 from shared.data.split import DomainSplit
@@ -39,7 +39,7 @@ from shared.model.recommender import DomainModel, ItemFeatures
 from shared.pipeline import prepare_domain
 from shared.privacy import ledger
 from shared.privacy.accounting import PartnerAccountant
-from shared.training import ranking_metrics
+from shared.training import DomainRun, calibrate_prior, ranking_metrics
 from shared.vector_cache import VectorCache
 
 # --------------------------------------------------------------------------- who am I
@@ -420,8 +420,9 @@ def evaluate_global(
     folder: Path,
 ) -> dict[str, float]:
     """Valid and test NDCG@10 / Recall@10 of the global adapter (with ``personal-mix``, the
-    partner's mix of it: :func:`personal_adapter`) with the private head, and the global
-    adapter's weight in it.
+    partner's mix of it: :func:`personal_adapter`) with the private head (with
+    ``calibrate-prior``, its prior's weight scaled: :func:`shared.training.calibrate_prior`),
+    and the global adapter's weight in it.
 
     The adapter is also kept in the state folder (:func:`client.private_state.keep_global_adapter`)."""
     settings = on_own_device(settings, spec)
@@ -429,8 +430,12 @@ def evaluate_global(
     data = partner_data(spec, max_len=HEAD.max_len)
     checked_adapter(settings, data, arrays)  # before it is kept
     adapter, mix = personal_adapter(settings, data, arrays=arrays, state=state, folder=folder)
-    keep_global_adapter(folder, adapter, settings=settings, server_round=server_round, split=data.split, mix=mix)
     model = build_model(settings, data, adapter_arrays=adapter, head=state.head)
+    if settings.calibrate_prior:  # scoring only: the state's head, which the next round trains, keeps its weight
+        factor, _ = calibrate_prior(DomainRun(data.split, model))
+        # a mix's scores were of the weight as trained
+        mix = {**{k: v for k, v in mix.items() if not k.startswith(("valid-", "test-"))}, PRIOR_SCALE: repr(factor)}
+    keep_global_adapter(folder, adapter, settings=settings, server_round=server_round, split=data.split, mix=mix)
     users = spec.public_users or len(data.split.eval_users("test"))  # the average's weight
     out: dict[str, float] = {"num-examples": users, "global-weight": float(mix["global-weight"])}
     for which in ("valid", "test"):

@@ -111,6 +111,17 @@ def newest_state(in_memory: bytes | None, folder: Path) -> PartnerState:
 
 
 GLOBAL_ADAPTER = "global-adapter.safetensors"
+# The kept adapter's metadata key for the factor on the prior's weight the partner was scored
+# with (run setting calibrate-prior); absent: the weight as trained.
+PRIOR_SCALE = "prior-scale"
+
+
+def scored_head(head: dict[str, torch.Tensor], meta: dict[str, str]) -> dict[str, torch.Tensor]:
+    """The private ``head`` as the partner was scored with it: the popularity prior's weight
+    times the kept adapter's ``prior-scale`` (``meta``), if any."""
+    if PRIOR_SCALE not in meta or "popularity.weight" not in head:
+        return head
+    return {**head, "popularity.weight": head["popularity.weight"] * float(meta[PRIOR_SCALE])}
 
 
 def catalogue_fingerprint(split: DomainSplit) -> str:
@@ -134,7 +145,8 @@ def keep_global_adapter(
     as the start of a local fine-tune after the federation (``fedxrec finetune``).
 
     It is the one the coordinator sent (with ``personal-mix``, the partner's mix of it,
-    which ``mix`` describes: :func:`personal_adapter`); the metadata also names the run, the round,
+    which ``mix`` describes: :func:`personal_adapter`; with ``calibrate-prior``, ``mix`` also
+    holds the factor on the prior's weight, :func:`scored_head`); the metadata also names the run, the round,
     the adapter's config and the catalogue the partner's private head belongs to (it
     never leaves the state folder)."""
     folder.mkdir(parents=True, exist_ok=True)

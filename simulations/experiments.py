@@ -3,12 +3,14 @@
     python -m simulations.experiments [--scenario simulations/scenarios/scientific-office.toml]
         [--rounds 3] [--local-epochs 1] [--epsilons 8 3 1] [--finetune-epsilons 8] [--recipe-epochs 40]
         [--recipe-minutes 12] [--pooled-minutes 15] [--no-personal-mix] [--proximal-mu 1] [--finetune-seeds 4]
-        [--out runs/experiments]
+        [--calibrate-prior] [--out runs/experiments]
 
 ``federated, no DP, personal mix`` is the same federation with ``personal-mix =
 "valid"``: each partner mixes the global adapter with its own by validation NDCG@10.
 With ``--proximal-mu``, each federation is also run with FedProx's proximal term
 (``proximal-mu``: each partner's local training is pulled towards the global adapter).
+With ``--calibrate-prior`` every federated row, ``local`` included, is scored with run
+setting ``calibrate-prior`` on (each partner's prior's weight calibrated on its validation users).
 ``zero-shot (untrained)`` ranks by the frozen encoder's text similarity to the
 last item (initial adapter, identity head, no prior): what training adds is
 measured from it. ``popularity (untrained)``, the other training-free baseline,
@@ -204,6 +206,12 @@ def main() -> None:
         default=0.0,
         help="also run each federation (without DP, and DP at each --epsilons) with FedProx's proximal-mu = this (0: no such rows)",
     )
+    parser.add_argument(
+        "--calibrate-prior",
+        action="store_true",
+        help="every federated row (local included) with calibrate-prior = true: each partner's model scored with its prior's "
+        "weight calibrated on its validation users (the fine-tunes start from it)",
+    )
     parser.add_argument("--out", default="runs/experiments")
     args = parser.parse_args()
     out = Path(args.out)
@@ -212,6 +220,8 @@ def main() -> None:
     if args.coldstart_scenario:  # read now: the cold-start part runs last
         check_cold_scenario(parser, Path(args.coldstart_scenario), flag="--coldstart-scenario")
     base: dict[str, Any] = {"rounds": args.rounds, "local-epochs": args.local_epochs, "batch-size": args.batch_size}
+    if args.calibrate_prior:
+        base["calibrate-prior"] = True
     settings = FederationSettings(rounds=args.rounds, local_epochs=args.local_epochs, batch_size=args.batch_size)
     # early stopping on valid within --recipe-epochs; the time cap is a safety net
     recipe = TrainConfig(epochs=args.recipe_epochs, patience=5, lr_patience=2, max_minutes=args.recipe_minutes or None, seed=settings.seed)

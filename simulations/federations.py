@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from client import partner
-from client.private_state import PartnerState, read_kept_adapter
+from client.private_state import PartnerState, read_kept_adapter, scored_head
 from server.run_folder import RunFolder
 from shared.data.split import DomainSplit
 from shared.evaluation import evaluate, popularity_scorer
@@ -41,8 +41,9 @@ def final_metrics(run: Path) -> dict[str, dict[str, Any]]:
 
 
 def federated_model(run: Path, name: str) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
-    """Partner ``name``'s model after the run: the adapter it kept after the last round (the
-    global adapter, or with personal-mix its mix of it) and its private head."""
+    """Partner ``name``'s model after the run, as it was scored: the adapter it kept after the last
+    round (the global adapter, or with personal-mix its mix of it) and its private head (with
+    calibrate-prior, its prior's weight scaled by the kept factor)."""
     if not (run / "config.json").is_file():
         raise FileNotFoundError(f"{run}: not a run folder (no config.json)")
     folder = run / "partners" / name
@@ -53,7 +54,8 @@ def federated_model(run: Path, name: str) -> tuple[dict[str, torch.Tensor], dict
     last = RunFolder(run).last_round()
     if kept is None or meta.get("round") != str(last):
         raise ValueError(f"{folder}: no adapter kept after the run's last round ({last}); was the run's evaluation cut short?")
-    return kept, PartnerState.load(folder).head
+    head = PartnerState.load(folder).head
+    return kept, None if head is None else scored_head(head, meta)
 
 
 def other_users(spec: PartnerSpec) -> tuple[partner.PartnerData, DomainSplit]:

@@ -1,13 +1,15 @@
 """Federated without DP vs local, over several seeds: is the difference larger than the seeds'?
 
     python -m simulations.seeds [--scenario simulations/scenarios/scientific-office.toml]
-        [--seeds 0 1 2] [--rounds 3] [--local-epochs 2] [--proximal-mu 1] [--out runs/experiments-seeds]
+        [--seeds 0 1 2] [--rounds 3] [--local-epochs 2] [--proximal-mu 1] [--calibrate-prior]
+        [--out runs/experiments-seeds]
 
 The same runs as :mod:`simulations.experiments`' ``local`` and ``federated, no DP``
 rows (the real ServerApp + ClientApp in Flower's simulation engine), once per
 seed. A seed changes the initial adapter, the users' sampling and the negatives.
 With ``--proximal-mu`` each seed also runs the federation with FedProx's
 proximal term (the ``federated-nodp-prox`` row of :mod:`simulations.experiments`).
+``--calibrate-prior`` scores every arm with run setting ``calibrate-prior`` on.
 Writes ``seeds.md`` and ``seeds.json``; a run folder that exists is resumed.
 """
 
@@ -53,11 +55,19 @@ def main() -> None:
         default=0.0,
         help="also run each seed's federation with FedProx's proximal-mu = this (0: no such column)",
     )
+    parser.add_argument(
+        "--calibrate-prior",
+        action="store_true",
+        help="every arm (local and federated) with calibrate-prior = true: each partner's model scored with its prior's "
+        "weight calibrated on its validation users",
+    )
     parser.add_argument("--out", default="runs/experiments-seeds")
     args = parser.parse_args()
     out, scenario = Path(args.out), Path(args.scenario)
     specs = read_scenario(parser, scenario)
     base: dict[str, Any] = {"rounds": args.rounds, "local-epochs": args.local_epochs, "batch-size": args.batch_size}
+    if args.calibrate_prior:
+        base["calibrate-prior"] = True
     by_seed: dict[int, dict[str, dict[str, float]]] = {}
     for seed in args.seeds:
         local = {}
@@ -74,6 +84,7 @@ def main() -> None:
     text = [
         f"Scenario {scenario.name}: {args.rounds} rounds x {args.local_epochs} local epoch(s), batch {args.batch_size}"
         + (f", FedProx mu {args.proximal_mu:g}" if args.proximal_mu else "")
+        + (", prior's weight calibrated (calibrate-prior)" if args.calibrate_prior else "")
         + f"; {machine()}",
         "",
         "test NDCG@10",

@@ -16,7 +16,7 @@ from flwr.supercore.task_identity import TaskIdentity
 from client import partner
 from client.client_app import STATE_KEY, evaluate, train
 from client.finetune import federated_start
-from client.private_state import PartnerState, newest_state
+from client.private_state import PRIOR_SCALE, PartnerState, newest_state, read_kept_adapter, scored_head
 from server.rounds import round_rows
 from server.run_folder import RunFolder
 from server.strategy import PartnerReply, RoundLog
@@ -27,6 +27,7 @@ from shared.federation.settings import FederationSettings, SettingsError, settin
 from shared.model.adapters import MoEAdapter
 from shared.privacy import account, ledger
 from shared.privacy.report import build_report, to_markdown
+from shared.training import PRIOR_SCALES
 
 ENCODER_DIM = 384
 
@@ -508,6 +509,48 @@ def test_a_personal_mix_keeps_the_global_weight_with_the_best_validation_ndcg(tm
     train(message(MessageType.TRAIN, start, plain, 1), context())
     assert PartnerState.load(tmp_path / "plain" / "test" / "partners" / "books").own_adapter is None
     assert dict(evaluate(message(MessageType.EVALUATE, start, plain, 1), context()).content[wire.METRICS])["global-weight"] == 1.0
+
+
+@pytest.mark.slow
+def test_calibrate_prior_scores_the_kept_model_with_the_best_factor_and_trains_on_as_before(tmp_path: Path) -> None:
+    """calibrate-prior: the partner is scored (and keeps its model) with the factor on its prior's weight
+    that its validation users rank best; the next round trains as it would without the setting."""
+    assert settings_from_run_config({"calibrate-prior": True, "dp": True}).calibrate_prior  # scoring only: allowed under DP
+    settings = settings_for(tmp_path, dp=False, calibrate_prior=True)
+    spec = partner.resolve_partner({"partition-id": 0, "num-partitions": 3}, settings)
+    start = initial_adapter(settings, in_dim=ENCODER_DIM)
+
+    def two_rounds(settings: FederationSettings, folder: Path) -> tuple[dict[str, float], partner.TrainReply, PartnerState, PartnerState]:
+        torch.manual_seed(0)  # the private head's untrained start (trains = "adapter") is drawn from torch's global generator
+        reply, first = partner.train(settings=settings, server_round=1, spec=spec, arrays=start, state=PartnerState(), folder=folder)
+        scores = partner.evaluate_global(settings=settings, server_round=1, spec=spec, arrays=reply.arrays, state=first, folder=folder)
+        assert set(scores) == set(wire.EVALUATE_METRICS)  # nothing more is sent
+        _, second = partner.train(settings=settings, server_round=2, spec=spec, arrays=reply.arrays, state=first, folder=folder)
+        return scores, reply, first, second
+
+    scores, reply, first, second = two_rounds(settings, tmp_path / "calibrated")
+    plain_scores, _, _, plain_second = two_rounds(dataclasses.replace(settings, calibrate_prior=False), tmp_path / "plain")
+    # without DP training is deterministic: round 2 trained from the weight as trained, not the scaled one
+    assert first.head is not None and second.head is not None and plain_second.head is not None
+    assert all(torch.equal(second.head[k], plain_second.head[k]) for k in plain_second.head)
+
+    trained = first.head["popularity.weight"]
+    data = partner.partner_data(spec, max_len=partner.HEAD.max_len)
+    by_factor = {}
+    for factor in PRIOR_SCALES:
+        head = {**first.head, "popularity.weight": trained * factor}
+        model = partner.build_model(settings, data, adapter_arrays=reply.arrays, head=head)
+        by_factor[factor] = partner.ranking_metrics(model, data.split, "valid")["ndcg@10"]
+    best = max(by_factor.values())
+    kept, meta = read_kept_adapter(tmp_path / "calibrated")
+    chosen = float(meta[PRIOR_SCALE])
+    assert by_factor[chosen] == best and (chosen == 1.0 or by_factor[1.0] < best)  # a tie keeps the weight as trained
+    assert scores["valid-ndcg@10"] == pytest.approx(best) and plain_scores["valid-ndcg@10"] == pytest.approx(by_factor[1.0])
+    # the kept model (a fine-tune's start, what compare_runs scores) is the one reported
+    assert kept is not None and PRIOR_SCALE not in read_kept_adapter(tmp_path / "plain")[1]
+    model = partner.build_model(settings, data, adapter_arrays=kept, head=scored_head(first.head, meta))
+    assert partner.ranking_metrics(model, data.split, "test")["ndcg@10"] == pytest.approx(scores["test-ndcg@10"])
+    assert scored_head(first.head, {}) is first.head  # a model kept without calibrate-prior: the weight as trained
 
 
 def test_a_run_folder_resumes_only_with_its_own_settings(tmp_path: Path) -> None:

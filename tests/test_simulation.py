@@ -13,11 +13,13 @@ import pytest
 import torch
 
 from client.partner import partner_data
+from client.private_state import PRIOR_SCALE, read_kept_adapter
 from server.run_folder import RunFolder
 from shared.cli import main as cli_main
 from shared.federation.scenario import PartnerSpec, scenario_partners
 from shared.flower_run import simulation_env
 from shared.privacy import ledger
+from shared.training import PRIOR_SCALES
 from simulations import compare_runs
 from simulations.federations import federated_model, popularity
 from simulations.runner import simulate as run_federation
@@ -76,7 +78,15 @@ def test_every_simulation_runs_flower_without_telemetry(tmp_path: Path, monkeypa
 @pytest.mark.slow
 def test_dp_federation_writes_a_complete_run_folder(tmp_path: Path, ray_env: Path) -> None:
     before = descendants()
-    config = {"rounds": 2, "runs-dir": str(tmp_path / "runs"), "run-id": "ci", "batch-size": 128, "target-epsilon": 8.0}
+    # calibrate-prior (scoring only): the comparisons below must score the models as the partners did
+    config = {
+        "rounds": 2,
+        "runs-dir": str(tmp_path / "runs"),
+        "run-id": "ci",
+        "batch-size": 128,
+        "target-epsilon": 8.0,
+        "calibrate-prior": True,
+    }
     addresses, worker_niceness = simulate(config)
     run = tmp_path / "runs" / "ci"
 
@@ -106,6 +116,7 @@ def test_dp_federation_writes_a_complete_run_folder(tmp_path: Path, ray_env: Pat
     for name in ("books", "games", "gear"):
         kept, head = federated_model(run, name)
         assert head and kept.keys() == last.keys() and all(torch.equal(kept[k], last[k]) for k in last)
+        assert float(read_kept_adapter(run / "partners" / name)[1][PRIOR_SCALE]) in PRIOR_SCALES
     # the paired comparison scores the very models the run reported; a run against itself differs by nothing
     reported = {r["partner"]: r for r in rows if r["round"] == 2}
     spec_of = {s.name: s for s in scenario_partners("synthetic", root=tmp_path / "runs" / "_data", n_partners=3)}

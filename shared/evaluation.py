@@ -19,7 +19,7 @@ NDCG@10 says whether a change is more than the users' noise.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -74,9 +74,36 @@ def user_ranks(
 ) -> torch.Tensor:
     """Rank of each evaluated user's ``which`` ("valid"/"test") target [U], in ``split.eval_users``
     order (users without history are left out), so two models' ranks pair user by user."""
+    ranks = [ranks_from_scores(s, t).cpu() for s, t in _scored_batches(scorer, split, which, max_len, batch_size, device)]
+    return torch.cat(ranks) if ranks else torch.zeros(0, dtype=torch.long)
+
+
+def user_ranks_with_offsets(
+    scorer: Scorer,
+    split: DomainSplit,
+    which: str,
+    offsets: torch.Tensor,
+    *,
+    max_len: int = 50,
+    batch_size: int = 512,
+    device: str | torch.device = "cpu",
+) -> torch.Tensor:
+    """:func:`user_ranks` of ``scorer`` plus each row of ``offsets`` [F, N] (a score added to every
+    item), [F, U]: F variants of one model scored in one pass over the users."""
+    offsets = offsets.to(device)
+    ranks = [
+        torch.stack([ranks_from_scores(s + o, t) for o in offsets]).cpu()  # [F, B]
+        for s, t in _scored_batches(scorer, split, which, max_len, batch_size, device)
+    ]
+    return torch.cat(ranks, dim=1) if ranks else torch.zeros(len(offsets), 0, dtype=torch.long)
+
+
+def _scored_batches(
+    scorer: Scorer, split: DomainSplit, which: str, max_len: int, batch_size: int, device: str | torch.device
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(scores [B, N], 0-based targets [B]) of the evaluated users with a history, in order."""
     users = split.eval_users(which)
     targets = split.valid if which == "valid" else split.test
-    ranks = []
     for start in range(0, len(users), batch_size):
         batch = users[start : start + batch_size]
         users_with_history = [u for u in batch if len(split.history(u, which))]
@@ -84,9 +111,7 @@ def user_ranks(
             continue
         seqs, lengths = pad_histories([split.history(u, which) for u in users_with_history], max_len)
         scores = scorer(seqs.to(device), lengths.to(device))  # [B, N]
-        t = torch.as_tensor(targets[users_with_history] - 1, device=scores.device)
-        ranks.append(ranks_from_scores(scores, t).cpu())
-    return torch.cat(ranks) if ranks else torch.zeros(0, dtype=torch.long)
+        yield scores, torch.as_tensor(targets[users_with_history] - 1, device=scores.device)
 
 
 def evaluate(

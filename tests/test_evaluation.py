@@ -9,7 +9,15 @@ import pytest
 import torch
 
 from shared.data.split import DomainSplit
-from shared.evaluation import evaluate, metrics_from_ranks, paired_difference, ranks_from_scores, user_ndcg
+from shared.evaluation import (
+    evaluate,
+    metrics_from_ranks,
+    paired_difference,
+    ranks_from_scores,
+    user_ndcg,
+    user_ranks,
+    user_ranks_with_offsets,
+)
 
 
 def test_ranks_count_ties_against_the_model() -> None:
@@ -135,3 +143,15 @@ def test_batching_does_not_change_the_result() -> None:
         return table[seqs[torch.arange(len(seqs)), lengths - 1]]
 
     assert evaluate(scorer, split, "test", batch_size=5) == evaluate(scorer, split, "test", batch_size=1000)
+
+
+def test_ranks_with_offsets_are_each_offsets_own_ranking() -> None:
+    """One pass over the users for F variants of a scorer (calibrate_prior's factors on the prior)."""
+    split = small_split()
+    offsets = torch.tensor([[0.0, 0.0, 0.0, 0.0], [5.0, 0.0, 0.0, 0.0], [0.0, 0.5, 0.0, -9.0]])  # [F, N]
+    together = user_ranks_with_offsets(next_item_scorer, split, "test", offsets, batch_size=1)
+    assert together.shape == (3, 2)
+    for offset, ranks in zip(offsets, together, strict=True):
+        alone = user_ranks(lambda s, n, o=offset: next_item_scorer(s, n) + o, split, "test")
+        assert ranks.tolist() == alone.tolist()
+    assert together.tolist() == [[1, 1], [2, 2], [4, 1]]  # item 1 lifted above both targets; item 4 pushed last

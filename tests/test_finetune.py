@@ -32,9 +32,9 @@ def _task_identity() -> Iterator[None]:
     yield
 
 
-def federate_one_round(tmp_path: Path) -> tuple[Path, Path, dict[str, float]]:
+def federate_one_round(tmp_path: Path, **settings_overrides: object) -> tuple[Path, Path, dict[str, float]]:
     """One DP round and its evaluation through the ClientApp: (state folder, data folder, evaluate's metrics)."""
-    settings = settings_for(tmp_path)
+    settings = settings_for(tmp_path, **settings_overrides)
     ctx = context()
     reply = train(message(MessageType.TRAIN, initial_adapter(settings, in_dim=ENCODER_DIM), settings, 1), ctx)
     arrays = reply.content[wire.ARRAYS].to_torch_state_dict()
@@ -90,11 +90,13 @@ def test_finetune_errors_name_what_is_missing_or_wrong(tmp_path: Path, capsys: p
 
 @pytest.mark.slow
 def test_finetune_continue_trains_the_adapter_and_prior_and_keeps_the_head(tmp_path: Path) -> None:
-    folder, data, evaluated = federate_one_round(tmp_path)
+    # with calibrate-prior the partner was scored with its prior's weight scaled: the fine-tune starts from that model
+    folder, data, evaluated = federate_one_round(tmp_path, calibrate_prior=True)
     out = tmp_path / "continued"
     assert main(["finetune", "--mode", "continue", "--state-dir", str(folder), "--data", str(data), "--out", str(out), *FAST]) == 0
     result = json.loads((out / "metrics.json").read_text())
     assert result["federated"]["test"]["ndcg@10"] == pytest.approx(evaluated["test-ndcg@10"])
+    assert result["federated"]["valid"]["ndcg@10"] == pytest.approx(evaluated["valid-ndcg@10"])
     loaded = load_domain_model(out / "model").members[0]
     head = PartnerState.load(folder).head
     assert head is not None

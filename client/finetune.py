@@ -159,7 +159,6 @@ def finetune(
             f"note: only {n_valid} users' valid items pick the epoch; on so few, early stopping follows noise (in the "
             "README's cold-start runs a fine-tune on 300 users scored below the federated model on the domain's other users)"
         )
-    assert state.head is not None  # federated_start refuses a state without one
     head = scored_head(state.head, meta)  # as the federation scored it (calibrate-prior)
     federated = partner.build_model(settings, own, adapter_arrays=arrays, head=head)
     before = {w: evaluate_model(DomainRun(own.split, federated), w) for w in ("valid", "test")}

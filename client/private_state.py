@@ -116,10 +116,10 @@ GLOBAL_ADAPTER = "global-adapter.safetensors"
 PRIOR_SCALE = "prior-scale"
 
 
-def scored_head(head: dict[str, torch.Tensor], meta: dict[str, str]) -> dict[str, torch.Tensor]:
+def scored_head(head: dict[str, torch.Tensor] | None, meta: dict[str, str]) -> dict[str, torch.Tensor] | None:
     """The private ``head`` as the partner was scored with it: the popularity prior's weight
     times the kept adapter's ``prior-scale`` (``meta``), if any."""
-    if PRIOR_SCALE not in meta or "popularity.weight" not in head:
+    if head is None or PRIOR_SCALE not in meta or "popularity.weight" not in head:
         return head
     return {**head, "popularity.weight": head["popularity.weight"] * float(meta[PRIOR_SCALE])}
 

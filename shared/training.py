@@ -47,7 +47,7 @@ class TrainConfig(SelfChecking):
     calibrate_prior: bool = field(
         default=False,
         metadata={
-            "help": "after training, scale the popularity prior's weight by the factor (0.5 to 16) with the best valid NDCG@10: "
+            "help": "after training, scale the popularity prior's weight by the factor (0.25 to 16, PRIOR_SCALES) with the best valid NDCG@10: "
             "for catalogues where popularity predicts a user's latest item more than their earlier ones (Steam)"
         },
     )

@@ -54,8 +54,7 @@ def federated_model(run: Path, name: str) -> tuple[dict[str, torch.Tensor], dict
     last = RunFolder(run).last_round()
     if kept is None or meta.get("round") != str(last):
         raise ValueError(f"{folder}: no adapter kept after the run's last round ({last}); was the run's evaluation cut short?")
-    head = PartnerState.load(folder).head
-    return kept, None if head is None else scored_head(head, meta)
+    return kept, scored_head(PartnerState.load(folder).head, meta)
 
 
 def other_users(spec: PartnerSpec) -> tuple[partner.PartnerData, DomainSplit]:

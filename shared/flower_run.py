@@ -40,7 +40,25 @@ def ray_settings(env: Mapping[str, str]) -> dict[str, str]:
     }
 
 
-def simulation_env(flwr_home: Path, ray_tmp: Path) -> dict[str, str]:
+def flower_scripts() -> Path:
+    """The folder holding Flower's commands (``flwr``, ``flower-superlink``, ...): beside this
+    interpreter, where a virtual environment has them, else where ``flwr`` is on PATH (a
+    ``pip install --user`` or ``--target`` puts them apart from the interpreter)."""
+    beside = Path(sys.executable).parent
+    if (beside / "flwr").is_file():
+        return beside
+    found = shutil.which("flwr")
+    if found is None:
+        raise FileNotFoundError(
+            f"Flower's `flwr` command is neither beside this Python ({sys.executable}) nor on PATH: install fedxrec "
+            "into this environment (make install, or pip install -e .), which installs flwr with it, or put the "
+            "folder holding `flwr` on PATH"
+        )
+    return Path(found).parent
+
+
+def simulation_env(flwr_home: Path, ray_tmp: Path, *, scripts: Path | None = None) -> dict[str, str]:
+    """The environment of ``flwr run``; ``scripts``: Flower's commands (default: :func:`flower_scripts`)."""
     env = dict(os.environ)
     env.update(
         {
@@ -52,7 +70,7 @@ def simulation_env(flwr_home: Path, ray_tmp: Path) -> dict[str, str]:
             "RAY_TMPDIR": str(ray_tmp),
             "PYTHONWARNINGS": "ignore",
             # flwr starts `flower-superlink` by name: this environment's scripts come first
-            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
+            "PATH": f"{scripts or flower_scripts()}{os.pathsep}{env.get('PATH', '')}",
         }
     )
     return env
@@ -79,11 +97,12 @@ def _superlink_pids(flwr_home: Path) -> list[int]:
 
 def flwr_run(*, run_config: dict[str, object], partners: int, flwr_home: Path, client_cpus: int = 1, client_gpus: float = 0.0) -> int:
     """``flwr run PROJECT local-sim --stream`` with ``run_config``; returns its exit status."""
+    scripts = flower_scripts()  # before anything starts: a missing flwr is named, not met as a bare ENOENT
     federation = write_federation(flwr_home)
     ray_tmp = Path("/tmp") / f"fedxrec-ray-{os.getpid()}"
-    env = simulation_env(flwr_home, ray_tmp)
+    env = simulation_env(flwr_home, ray_tmp, scripts=scripts)
     pairs = " ".join(f"{k}={_toml(v)}" for k, v in run_config.items())
-    flwr = Path(sys.executable).parent / "flwr"
+    flwr = scripts / "flwr"
     resources = f"num-supernodes={partners} client-resources-num-cpus={client_cpus} client-resources-num-gpus={client_gpus}"
     command = [str(flwr), "run", str(PROJECT), federation, "--stream", "--run-config", pairs, "--federation-config", resources]
     try:

@@ -17,16 +17,15 @@ import signal
 import socket
 import ssl
 import subprocess
-import sys
 import time
 import urllib.request
 from pathlib import Path
 from types import TracebackType
 
-from shared.flower_run import PROJECT, _toml
+from shared.flower_run import PROJECT, _toml, flower_scripts
 from tests.processes import descendants, in_groups, listening_addresses
 
-BIN = Path(sys.executable).parent
+BIN = flower_scripts()  # Flower's commands, as make demo finds them
 
 
 def free_port() -> int:

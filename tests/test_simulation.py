@@ -17,7 +17,7 @@ from client.private_state import PRIOR_SCALE, read_kept_adapter
 from server.run_folder import RunFolder
 from shared.cli import main as cli_main
 from shared.federation.scenario import PartnerSpec, scenario_partners
-from shared.flower_run import simulation_env
+from shared.flower_run import flower_scripts, simulation_env
 from shared.privacy import ledger
 from shared.training import PRIOR_SCALES
 from simulations import compare_runs
@@ -73,6 +73,27 @@ def test_every_simulation_runs_flower_without_telemetry(tmp_path: Path, monkeypa
     assert env["FLWR_TELEMETRY_ENABLED"] == "0" and env["FLWR_HOME"] == str(tmp_path / "home")
     monkeypatch.setenv("FLWR_TELEMETRY_ENABLED", "1")  # a user who chose to send it
     assert simulation_env(tmp_path / "home", tmp_path / "ray")["FLWR_TELEMETRY_ENABLED"] == "1"
+
+
+def test_flowers_commands_are_found_on_path_where_they_are_not_beside_python(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # pip install --user or --target puts flwr apart from the interpreter
+    python, scripts = tmp_path / "venv" / "bin" / "python3", tmp_path / "scripts"
+    python.parent.mkdir(parents=True)
+    scripts.mkdir()
+    (scripts / "flwr").write_text("#!/bin/sh\n")
+    (scripts / "flwr").chmod(0o755)
+    monkeypatch.setattr("sys.executable", str(python))
+    monkeypatch.setenv("PATH", str(scripts))
+    assert flower_scripts() == scripts
+    assert simulation_env(tmp_path / "home", tmp_path / "ray")["PATH"].startswith(f"{scripts}{os.pathsep}")
+
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))  # nowhere: named before anything starts
+    assert cli_main(["demo", "--out", str(tmp_path / "runs"), "--rounds", "1"]) != 0
+    err = capsys.readouterr().err
+    assert f"Flower's `flwr` command is neither beside this Python ({python}) nor on PATH" in err and "make install" in err
+    assert not (tmp_path / "runs").exists()
 
 
 @pytest.mark.slow

@@ -103,15 +103,17 @@ def encoder() -> TextEncoder:
     return _ENCODER
 
 
-def partner_data(spec: PartnerSpec, *, max_len: int) -> PartnerData:
+def partner_data(spec: PartnerSpec, *, max_len: int, device: str | torch.device = "cpu") -> PartnerData:
     """The partner's split, item vectors and training sequences, prepared once and kept while the
-    process's budget allows (``$FEDXREC_PARTNER_DATA_MB``, default 1024; the partner in use is always kept)."""
+    process's budget allows (``$FEDXREC_PARTNER_DATA_MB``, default 1024; the partner in use is always kept).
+    Texts missing from the vector cache are encoded on ``device`` (the partner's training device)."""
     key = (str(spec.data), spec.max_users, spec.data_format)
     if key in _DATA:
         _DATA.move_to_end(key)
         return _DATA[key]
     budget = data_budget()
     enc = encoder()
+    enc.use(device)
     prepared = prepare_domain(spec.data, encoder=enc, cache=VectorCache(), progress=False, name=spec.name, format=spec.data_format)
     split = prepared.split.select_users(slice(spec.max_users)) if spec.max_users else prepared.split  # a cold-start partner
     _DATA[key] = PartnerData(split, torch.as_tensor(prepared.vectors), user_sequences(split, max_len=max_len), enc.fingerprint)
@@ -285,7 +287,7 @@ def train(
             "would see every user through its head and counts, so no guarantee would hold. Give this run a fresh "
             "state folder (node config state-dir, or a new run-id), or run it without dp"
         )
-    data = partner_data(spec, max_len=HEAD.max_len)
+    data = partner_data(spec, max_len=HEAD.max_len, device=training_device(settings.device))
     checked_adapter(settings, data, arrays)  # before anything is planned, reserved or spent
     schedule = round_schedule(settings, spec, n_users=len(data.examples))
     budget, sample_rate = schedule.budget, schedule.sample_rate
@@ -427,7 +429,7 @@ def evaluate_global(
     The adapter is also kept in the state folder (:func:`client.private_state.keep_global_adapter`)."""
     settings = on_own_device(settings, spec)
     check_same_run(state, settings, folder)
-    data = partner_data(spec, max_len=HEAD.max_len)
+    data = partner_data(spec, max_len=HEAD.max_len, device=training_device(settings.device))
     checked_adapter(settings, data, arrays)  # before it is kept
     adapter, mix = personal_adapter(settings, data, arrays=arrays, state=state, folder=folder)
     model = build_model(settings, data, adapter_arrays=adapter, head=state.head)

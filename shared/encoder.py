@@ -94,6 +94,12 @@ class TextEncoder:
         self.texts_encoded = 0
         self._fingerprint: str | None = None
 
+    def use(self, device: str | torch.device) -> None:
+        """Encode on ``device`` from now on (a partner's training device: a GPU encodes a catalogue in
+        seconds where 2 CPU cores take minutes). The model moves there when it next has texts to encode,
+        so a warm cache moves nothing; vectors agree with the CPU's to float rounding."""
+        self.device = str(device)
+
     @property
     def fingerprint(self) -> str:
         if self._fingerprint is None:
@@ -111,6 +117,7 @@ class TextEncoder:
     def encode(self, texts: list[str], *, progress: bool = False) -> np.ndarray:
         if not texts:
             return np.zeros((0, self.dim), dtype=np.float32)
+        self.model.to(self.device)  # where use() asked for; a no-op once there
         order = np.argsort([len(t) for t in texts], kind="stable")
         out = np.empty((len(texts), self.dim), dtype=np.float32)
         batches = range(0, len(texts), self.batch_size)

@@ -197,6 +197,7 @@ def train_and_evaluate(
     (out / "model").mkdir(parents=True, exist_ok=True)
     t0 = time.monotonic()
     encoder = encoder or TextEncoder()
+    encoder.use(on)  # texts the cache lacks are encoded where the model trains
     cache = cache if cache is not None else VectorCache()
     domains = [prepare_domain(p, encoder=encoder, cache=cache) for p in data_paths]
     names = [d.split.name for d in domains]

@@ -54,3 +54,15 @@ def test_real_minilm_is_offline_and_sensible() -> None:
     v = encoder.encode(["A telescope for stargazing", "Astronomy telescope with tripod", "Chocolate chip cookie recipe"])
     assert v[0] @ v[1] > v[0] @ v[2] + 0.2
     assert len(encoder.fingerprint) == 64
+
+
+def test_an_encoder_moved_to_a_device_it_cannot_reach_moves_nothing_while_the_cache_answers(tiny_encoder: Path, tmp_path: Path) -> None:
+    cache = VectorCache(tmp_path / "cache")
+    encode_texts(TEXTS, encoder=TextEncoder(tiny_encoder), cache=cache, progress=False)
+    encoder = TextEncoder(tiny_encoder)
+    encoder.use("meta")  # a device no text can be encoded on: the warm cache must not need it
+    vectors, stats = encode_texts(TEXTS, encoder=encoder, cache=cache, progress=False)
+    assert stats.encoded == 0 and vectors.shape == (len(TEXTS), encoder.dim)
+    assert next(encoder.model.parameters()).device.type == "cpu"
+    encoder.use("cpu")
+    np.testing.assert_allclose(encoder.encode(TEXTS[:1]), vectors[:1], atol=1e-6)

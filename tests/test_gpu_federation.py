@@ -10,6 +10,7 @@ import json
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from flwr.app import MessageType
@@ -19,8 +20,11 @@ from client import partner
 from client.client_app import evaluate, train
 from client.private_state import PartnerState
 from shared.cli import main
+from shared.data.synthetic import SyntheticConfig, generate
+from shared.encoder import TextEncoder
 from shared.federation import wire
 from shared.federation.adapter import initial_adapter
+from shared.federation.scenario import PartnerSpec
 from shared.privacy import ledger
 from shared.training import model_user_ranks
 from simulations.runner import simulate as run_federation
@@ -68,6 +72,18 @@ def test_a_partner_on_the_gpu_keeps_the_wire_contract_and_a_state_any_machine_ca
     assert next(on_gpu.parameters()).device.type == "cuda"
     gpu_ranks, cpu_ranks = model_user_ranks(on_gpu, data.split, "test"), model_user_ranks(on_cpu, data.split, "test")
     assert (gpu_ranks == cpu_ranks).float().mean() > 0.99  # float sums in another order may swap near-ties
+
+
+def test_a_partner_on_the_gpu_encodes_its_catalogue_there(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FEDXREC_CACHE", str(tmp_path / "cache"))  # every text a miss
+    monkeypatch.setattr(partner, "_ENCODER", None)  # a fresh encoder, loaded on the CPU
+    (folder, *_) = generate(tmp_path / "data", SyntheticConfig(users=40, items=30, seed=3))
+    partner.partner_data(PartnerSpec("books", folder), max_len=partner.HEAD.max_len, device="cuda")
+    on_gpu = partner.encoder()
+    assert on_gpu.texts_encoded > 0 and next(on_gpu.model.parameters()).device.type == "cuda"
+    texts = ["Red mug", "Blue lamp with a much longer title than the other one"]
+    np.testing.assert_allclose(on_gpu.encode(texts), TextEncoder().encode(texts), atol=1e-5)
+    assert on_gpu.fingerprint == TextEncoder().fingerprint  # the cache's key does not depend on the device
 
 
 def test_simulated_partners_share_one_gpu_through_flowers_engine(tmp_path: Path, ray_env: Path) -> None:

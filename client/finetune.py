@@ -31,6 +31,7 @@ import torch
 from client import partner
 from client.local_training import freeze_untrained
 from client.private_state import GLOBAL_ADAPTER, PartnerState, catalogue_fingerprint, read_kept_adapter, scored_head
+from shared.device import training_device
 from shared.federation.adapter import adapter_config
 from shared.federation.scenario import PartnerSpec
 from shared.federation.settings import FederationSettings
@@ -146,7 +147,7 @@ def finetune(
         device=device,
     )
     spec = PartnerSpec(domain or data.name, data, max_users=max_users)
-    own = partner.partner_data(spec, max_len=partner.HEAD.max_len)
+    own = partner.partner_data(spec, max_len=partner.HEAD.max_len, device=training_device(device))
     if meta.get("catalogue") != catalogue_fingerprint(own.split):
         raise ValueError(
             f"--data {data}: not the catalogue the model in {state_dir} was trained on ({meta.get('domain')!r}, "

@@ -280,14 +280,14 @@ def train(
     to the partner's privacy ledger."""
     settings = on_own_device(settings, spec)
     check_same_run(state, settings, folder)
-    training_device(settings.device)  # a partner without the GPU asked for fails here, before it plans or spends anything
+    device = training_device(settings.device)  # a partner without the GPU asked for fails here, before it plans or spends anything
     if settings.dp and state.trained_without_dp:
         raise ValueError(
             f"the private state in {folder} was trained without DP (round {state.last_round}); a DP round from it "
             "would see every user through its head and counts, so no guarantee would hold. Give this run a fresh "
             "state folder (node config state-dir, or a new run-id), or run it without dp"
         )
-    data = partner_data(spec, max_len=HEAD.max_len, device=training_device(settings.device))
+    data = partner_data(spec, max_len=HEAD.max_len, device=device)
     checked_adapter(settings, data, arrays)  # before anything is planned, reserved or spent
     schedule = round_schedule(settings, spec, n_users=len(data.examples))
     budget, sample_rate = schedule.budget, schedule.sample_rate

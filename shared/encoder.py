@@ -84,7 +84,7 @@ class TextEncoder:
 
         self.model_path = Path(model_path) if model_path else default_model_path()
         self.tokenizer = AutoTokenizer.from_pretrained(str(self.model_path))
-        self.model = AutoModel.from_pretrained(str(self.model_path)).to(device).eval()
+        self.model = AutoModel.from_pretrained(str(self.model_path)).eval()  # moved to ``device`` when it first encodes
         for p in self.model.parameters():
             p.requires_grad_(False)
         self.batch_size = batch_size

@@ -42,7 +42,6 @@ from pathlib import Path
 from typing import Any
 
 from client.finetune import FINETUNE_MODES
-from client.finetune import finetune as partner_finetune
 from shared.federation.scenario import PartnerSpec
 from shared.federation.settings import FederationSettings
 from shared.pipeline import train_and_evaluate
@@ -51,30 +50,16 @@ from simulations import compare_runs
 from simulations.coldstart import check_cold_scenario, cold_start
 from simulations.coldstart import table as cold_table
 from simulations.common import machine, read_scenario, write_report
-from simulations.federations import federate, metrics_row, one_partner_scenario, popularity, recipe_alone, test_row, zero_shot
-
-
-def finetune(
-    run: Path, specs: list[PartnerSpec], config: TrainConfig, *, mode: str = "recipe", seeds: int = 1
-) -> dict[str, dict[str, Any]]:
-    """``fedxrec finetune`` on each partner's state folder: its final federated model
-    (the global adapter it kept, its private head and prior), then the full recipe
-    (``seeds`` > 1: that many, kept as a seed ensemble when it wins on valid)."""
-    out = {}
-    for spec in specs:
-        tuned = partner_finetune(
-            state_dir=run / "partners" / spec.name,
-            data=spec.data,
-            out=run / "finetuned" / spec.name,
-            config=config,
-            domain=spec.name,
-            max_users=spec.max_users,
-            mode=mode,
-            seeds=seeds,
-            log=lambda _: None,
-        )
-        out[spec.name] = metrics_row(tuned["fine-tuned"]["test"])
-    return out
+from simulations.federations import (
+    federate,
+    finetune_partners,
+    metrics_row,
+    one_partner_scenario,
+    popularity,
+    recipe_alone,
+    test_row,
+    zero_shot,
+)
 
 
 def plot(results: dict[str, dict[str, dict[str, Any]]], epsilons: list[float], path: Path) -> None:
@@ -250,14 +235,14 @@ def main() -> None:
     if args.proximal_mu:
         federation(f"federated, no DP, {prox}", "federated-nodp-prox", dp=False, **{"proximal-mu": args.proximal_mu})
     if args.recipe_minutes:
-        results["federated, no DP + fine-tune"] = finetune(
+        results["federated, no DP + fine-tune"] = finetune_partners(
             out / "federated-nodp", specs, recipe, mode=args.finetune_mode, seeds=args.finetune_seeds
         )
     for eps in args.epsilons:
         key = f"federated DP eps={eps:g}"
         dp_rows = federation(key, f"federated-dp-{eps:g}", dp=True, **{"target-epsilon": eps})
         if args.recipe_minutes and (args.finetune_epsilons is None or eps in args.finetune_epsilons):
-            tuned = finetune(out / f"federated-dp-{eps:g}", specs, recipe, mode=args.finetune_mode, seeds=args.finetune_seeds)
+            tuned = finetune_partners(out / f"federated-dp-{eps:g}", specs, recipe, mode=args.finetune_mode, seeds=args.finetune_seeds)
             results[f"{key} + fine-tune"] = {d: {**tuned[d], "epsilon": dp_rows[d]["epsilon"]} for d in tuned}
         if args.proximal_mu:
             federation(f"{key}, {prox}", f"federated-dp-{eps:g}-prox", dp=True, **{"target-epsilon": eps, "proximal-mu": args.proximal_mu})

@@ -2,7 +2,7 @@
 
     python -m simulations.seeds [--scenario simulations/scenarios/scientific-office.toml]
         [--seeds 0 1 2] [--rounds 3] [--local-epochs 2] [--proximal-mu 1] [--calibrate-prior]
-        [--out runs/experiments-seeds]
+        [--finetune continue] [--out runs/experiments-seeds]
 
 The same runs as :mod:`simulations.experiments`' ``local`` and ``federated, no DP``
 rows (the real ServerApp + ClientApp in Flower's simulation engine), once per
@@ -10,6 +10,9 @@ seed. A seed changes the initial adapter, the users' sampling and the negatives.
 With ``--proximal-mu`` each seed also runs the federation with FedProx's
 proximal term (the ``federated-nodp-prox`` row of :mod:`simulations.experiments`).
 ``--calibrate-prior`` scores every arm with run setting ``calibrate-prior`` on.
+``--finetune MODE`` also gives each partner of ``local`` and of the federation
+``fedxrec finetune --mode MODE`` (the same fine-tune on both sides, early stopping on
+valid): does the federation's start still lead once each side has trained on?
 Writes ``seeds.md`` and ``seeds.json``; a run folder that exists is resumed.
 """
 
@@ -21,24 +24,35 @@ from typing import Any
 
 import numpy as np
 
+from client.finetune import FINETUNE_MODES
+from shared.training import TrainConfig
 from simulations.common import machine, read_scenario, write_report
-from simulations.federations import federate, one_partner_scenario
+from simulations.federations import federate, finetune_partners, one_partner_scenario
+
+# (baseline, arm, the arm's title): each arm is compared with its baseline, seed by seed
+PAIRS = (
+    ("local", "federated", "federated, no DP"),
+    ("local", "federated-prox", "FedProx, no DP"),
+    ("local-finetuned", "federated-finetuned", "federated + fine-tune"),
+)
+TITLES = {"local": "local", "local-finetuned": "local + fine-tune"}
 
 
 def table(by_seed: dict[int, dict[str, dict[str, float]]], domains: list[str]) -> list[str]:
-    """One row per domain and seed, and one with the means over the seeds; a column pair per federated arm."""
-    arms = [a for a in ("federated", "federated-prox") if all(a in r for r in by_seed.values())]
-    titles = {"federated": "federated, no DP", "federated-prox": "FedProx, no DP"}
+    """One row per domain and seed, and one with the means over the seeds; for each arm
+    of :data:`PAIRS` run on every seed, its baseline, its NDCG@10 and the change."""
+    pairs = [(base, arm, title) for base, arm, title in PAIRS if all(arm in r for r in by_seed.values())]
+    arms = sorted({k for base, arm, _ in pairs for k in (base, arm)})
     lines = [
-        "| domain | seed | local NDCG@10 | " + " | ".join(f"{titles[a]} | change" for a in arms) + " |",
-        "|---|---|---|" + "---|---|" * len(arms),
+        "| domain | seed | " + " | ".join(f"{TITLES[base]} | {title} | change" for base, _, title in pairs) + " |",
+        "|---|---|" + "---|---|---|" * len(pairs),
     ]
     for d in domains:
         rows = [(str(seed), {k: v[d] for k, v in r.items()}) for seed, r in by_seed.items()]
-        rows.append(("mean", {k: float(np.mean([r[k][d] for r in by_seed.values()])) for k in ("local", *arms)}))
+        rows.append(("mean", {k: float(np.mean([r[k][d] for r in by_seed.values()])) for k in arms}))
         for label, r in rows:
-            cells = " | ".join(f"{r[a]:.4f} | {r[a] / r['local'] - 1:+.1%}" for a in arms)
-            lines.append(f"| {d} | {label} | {r['local']:.4f} | {cells} |")
+            cells = " | ".join(f"{r[base]:.4f} | {r[arm]:.4f} | {r[arm] / r[base] - 1:+.1%}" for base, arm, _ in pairs)
+            lines.append(f"| {d} | {label} | {cells} |")
     return lines
 
 
@@ -61,6 +75,13 @@ def main() -> None:
         help="every arm (local and federated) with calibrate-prior = true: each partner's model scored with its prior's "
         "weight calibrated on its validation users",
     )
+    parser.add_argument(
+        "--finetune",
+        choices=FINETUNE_MODES,
+        default=None,
+        help="also fine-tune each partner of local and of the federation with fedxrec finetune --mode this, "
+        "seeded as the run (default: no fine-tune columns)",
+    )
     parser.add_argument("--out", default="runs/experiments-seeds")
     args = parser.parse_args()
     out, scenario = Path(args.out), Path(args.scenario)
@@ -76,6 +97,16 @@ def main() -> None:
             local[spec.name] = federate(f"local-{spec.name}-seed{seed}", alone, 1, base, out, dp=False, seed=seed)[spec.name]["ndcg@10"]
         together = federate(f"federated-nodp-seed{seed}", scenario, len(specs), base, out, dp=False, seed=seed)
         by_seed[seed] = {"local": local, "federated": {d: r["ndcg@10"] for d, r in together.items()}}
+        if args.finetune:
+            config = TrainConfig(calibrate_prior=args.calibrate_prior, seed=seed)
+            by_seed[seed]["local-finetuned"] = {
+                spec.name: finetune_partners(out / f"local-{spec.name}-seed{seed}", [spec], config, mode=args.finetune)[spec.name][
+                    "ndcg@10"
+                ]
+                for spec in specs
+            }
+            tuned = finetune_partners(out / f"federated-nodp-seed{seed}", specs, config, mode=args.finetune)
+            by_seed[seed]["federated-finetuned"] = {d: r["ndcg@10"] for d, r in tuned.items()}
         if args.proximal_mu:
             prox = federate(
                 f"federated-nodp-prox-seed{seed}", scenario, len(specs), {**base, "proximal-mu": args.proximal_mu}, out, dp=False, seed=seed
@@ -85,6 +116,7 @@ def main() -> None:
         f"Scenario {scenario.name}: {args.rounds} rounds x {args.local_epochs} local epoch(s), batch {args.batch_size}"
         + (f", FedProx mu {args.proximal_mu:g}" if args.proximal_mu else "")
         + (", prior's weight calibrated (calibrate-prior)" if args.calibrate_prior else "")
+        + (f", fedxrec finetune --mode {args.finetune}" if args.finetune else "")
         + f"; {machine()}",
         "",
         "test NDCG@10",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,7 +21,7 @@ from shared.federation import wire
 from shared.federation.adapter import initial_adapter
 from shared.federation.scenario import PartnerSpec
 from shared.pipeline import load_domain_model
-from shared.training import ranking_metrics
+from shared.training import TrainConfig, ranking_metrics
 from tests.test_federation import ENCODER_DIM, context, message, settings_for
 
 FAST = ["--epochs", "2", "--batch-size", "64"]
@@ -133,3 +134,33 @@ def test_finetune_seeds_keeps_the_ensemble_or_its_best_member_by_valid_and_serve
 
     assert main([*args, "--seeds", "0", "--out", str(tmp_path / "x")]) == 2
     assert "--seeds must be at least 1" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_the_experiments_fine_tune_keeps_each_result_and_reads_it_back_when_asked_the_same(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from simulations import federations
+
+    folder, data, _ = federate_one_round(tmp_path)
+    run, spec = folder.parent.parent, PartnerSpec("books", data)
+    config = TrainConfig(epochs=1, batch_size=64)
+    first = federations.finetune_partners(run, [spec], config, mode="continue")
+    kept = json.loads((run / "finetuned" / "books" / "metrics.json").read_text())
+    assert first == {
+        "books": {"ndcg@10": kept["fine-tuned"]["test"]["ndcg@10"], "recall@10": kept["fine-tuned"]["test"]["recall@10"], "epsilon": None}
+    }
+    assert kept["asked"]["mode"] == "continue" and kept["asked"]["config"]["epochs"] == 1
+
+    calls: list[str] = []
+
+    def recorded(**kwargs: object) -> dict[str, object]:
+        calls.append(str(kwargs["mode"]))
+        return kept
+
+    monkeypatch.setattr(federations, "partner_finetune", recorded)
+    assert federations.finetune_partners(run, [spec], config, mode="continue") == first and calls == []
+    # asked another way (mode, seeds or training config), it trains again
+    federations.finetune_partners(run, [spec], config, mode="recipe")
+    federations.finetune_partners(run, [spec], dataclasses.replace(config, seed=1), mode="recipe")
+    assert calls == ["recipe", "recipe"]

@@ -3,7 +3,8 @@
 ::
 
     config.json                 the resolved run settings
-    manifest.json               package versions, encoder and data fingerprints, seeds, git commit
+    manifest.json               package versions, encoder and data fingerprints, seeds, git commit (as the run
+                                began; each resume adds its time, commit and versions under "resumed")
     metrics.jsonl               one line per round per partner (training and evaluation)
     ledger/<partner>.jsonl      each partner's hash-chained privacy ledger lines as it sent them (shared.privacy.ledger)
     adapter/round-<N>.safetensors   the global adapter after round N
@@ -106,24 +107,49 @@ class RunFolder:
     def write_manifest(
         self, *, settings: FederationSettings, encoder_fingerprint: str, data: dict[str, Path], names: dict[str, Any] | None = None
     ) -> None:
+        """Writes ``manifest.json`` when the run begins. A resume keeps what the run began with and
+        adds itself under ``"resumed"`` (when, which commit, which packages); it is refused where the
+        encoder or a partner's data is not what the run began with, as its rounds would then mix two
+        experiments under one run id."""
         versions: dict[str, str | None] = {}
         for name in PACKAGES:
             try:
                 versions[name] = metadata.version(name)
             except metadata.PackageNotFoundError:
                 versions[name] = None
-        manifest = {
+        fingerprints = {name: folder_fingerprint(path) for name, path in data.items() if path.is_dir()}
+        now: dict[str, Any] = {
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "python": platform.python_version(),
             "platform": platform.platform(),
             "packages": versions,
             "git_commit": git_commit(),
             "encoder_fingerprint": encoder_fingerprint,
-            "data_fingerprints": {name: folder_fingerprint(path) for name, path in data.items() if path.is_dir()},
+            "data_fingerprints": fingerprints,
             "seeds": {"adapter_init": settings.seed, "local_sampling": f"seed * 100003 + round ({settings.seed} * 100003 + r)"},
             "partner_names": names or SELF_DECLARED,  # the coordinator's list as read when the run started or resumed
         }
-        (self.root / "manifest.json").write_text(json.dumps(manifest, indent=2))
+        path = self.root / "manifest.json"
+        if not path.is_file():
+            path.write_text(json.dumps(now, indent=2))
+            return
+        began = read_json_object(path, what="the run's manifest")
+        changed = []
+        if began.get("encoder_fingerprint", encoder_fingerprint) != encoder_fingerprint:
+            changed.append(f"the encoder (fingerprint {began['encoder_fingerprint'][:12]}... then, {encoder_fingerprint[:12]}... now)")
+        for name, fingerprint in fingerprints.items():
+            then = began.get("data_fingerprints", {}).get(name, fingerprint)
+            if then != fingerprint:
+                changed.append(f"the data of partner {name!r} in {data[name]} (fingerprint {then[:12]}... then, {fingerprint[:12]}... now)")
+        if changed:
+            raise ValueError(
+                f"run {self.root} began with other inputs: {'; '.join(changed)}. Resume it with the encoder and data it began "
+                "with, or choose another run-id"
+            )
+        resume = {k: now[k] for k in ("created", "python", "platform", "packages", "git_commit")}
+        path.write_text(
+            json.dumps({**began, "partner_names": now["partner_names"], "resumed": [*began.get("resumed", []), resume]}, indent=2)
+        )
 
     # ------------------------------------------------------------- per round
     def save_adapter(self, server_round: int, state: dict[str, torch.Tensor]) -> None:

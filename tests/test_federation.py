@@ -574,6 +574,32 @@ def test_a_run_folder_resumes_only_with_its_own_settings(tmp_path: Path) -> None
         run.write_config(settings)
 
 
+def test_a_resume_keeps_the_manifest_it_began_with_and_refuses_other_inputs(tmp_path: Path) -> None:
+    settings, data = settings_for(tmp_path / "runs"), {"books": tmp_path / "books", "games": tmp_path / "games"}
+    for name, folder in data.items():
+        folder.mkdir()
+        (folder / "items.csv").write_text(f"item_id,text\n1,{name}\n")
+    run = RunFolder.open(settings)
+    run.write_manifest(settings=settings, encoder_fingerprint="e" * 64, data=data)
+    began = json.loads((run.root / "manifest.json").read_text())
+    assert set(began["data_fingerprints"]) == {"books", "games"} and "resumed" not in began
+
+    run.write_manifest(settings=settings, encoder_fingerprint="e" * 64, data=data)
+    run.write_manifest(settings=settings, encoder_fingerprint="e" * 64, data={"books": data["books"]})  # a partner gone: resumes
+    resumed = json.loads((run.root / "manifest.json").read_text())
+    assert {k: v for k, v in resumed.items() if k != "resumed"} == began  # what the run began with stays
+    assert [set(r) for r in resumed["resumed"]] == [{"created", "python", "platform", "packages", "git_commit"}] * 2
+
+    (data["games"] / "items.csv").write_text("item_id,text\n1,other games\n")
+    with pytest.raises(ValueError) as refused:
+        run.write_manifest(settings=settings, encoder_fingerprint="f" * 64, data=data)
+    said = str(refused.value)
+    assert said.startswith(f"run {run.root} began with other inputs: the encoder (fingerprint eeeeeeeeeeee... then, ffffffffffff... now)")
+    assert f"the data of partner 'games' in {data['games']} (fingerprint {began['data_fingerprints']['games'][:12]}... then" in said
+    assert "'books'" not in said and said.endswith("Resume it with the encoder and data it began with, or choose another run-id")
+    assert json.loads((run.root / "manifest.json").read_text()) == resumed  # nothing written
+
+
 def test_a_damaged_private_state_is_named_with_what_to_do(tmp_path: Path) -> None:
     (tmp_path / "state.pt").write_bytes(b"not a state")
     with pytest.raises(ValueError, match=rf"{tmp_path / 'state.pt'}: this partner's private state cannot be read \(.*restore the file"):

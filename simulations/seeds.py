@@ -99,12 +99,10 @@ def main() -> None:
         by_seed[seed] = {"local": local, "federated": {d: r["ndcg@10"] for d, r in together.items()}}
         if args.finetune:
             config = TrainConfig(calibrate_prior=args.calibrate_prior, seed=seed)
-            by_seed[seed]["local-finetuned"] = {
-                spec.name: finetune_partners(out / f"local-{spec.name}-seed{seed}", [spec], config, mode=args.finetune)[spec.name][
-                    "ndcg@10"
-                ]
-                for spec in specs
-            }
+            alone_tuned: dict[str, dict[str, Any]] = {}
+            for spec in specs:
+                alone_tuned |= finetune_partners(out / f"local-{spec.name}-seed{seed}", [spec], config, mode=args.finetune)
+            by_seed[seed]["local-finetuned"] = {d: r["ndcg@10"] for d, r in alone_tuned.items()}
             tuned = finetune_partners(out / f"federated-nodp-seed{seed}", specs, config, mode=args.finetune)
             by_seed[seed]["federated-finetuned"] = {d: r["ndcg@10"] for d, r in tuned.items()}
         if args.proximal_mu:

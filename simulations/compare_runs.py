@@ -2,7 +2,7 @@
 
     python -m simulations.compare_runs --scenario simulations/scenarios/amazon-steam-4k.toml
         --run runs/experiments/federated-nodp --baseline 'runs/experiments/local-{partner}'
-        [--partners NAME ...] [--other-users | --new-items | --seen-items] [--out runs/compare]
+        [--partners NAME ...] [--other-users | --new-items | --seen-items] [--finetuned] [--out runs/compare]
 
 Each partner's model after ``--run`` (the adapter it kept after the last round and
 its private head) is scored on the partner's validation and test users beside its
@@ -17,7 +17,8 @@ scored on its domain's other users instead, whom it never saw, as
 scored on the users whose target is a new item, one that none of its training
 sequences holds (its text is all a model knows of it; the popularity prior
 counts it 0): where a text-based federation is meant to help most; with
-``--seen-items``, on the others.
+``--seen-items``, on the others. With ``--finetuned`` each side's fine-tuned model
+after its run is compared (``<run>/finetuned/<partner>/model``).
 
 The last columns apply a no-harm rule a partner can use to pick its model: keep
 ``--run``'s only where its validation gain over the baseline is significant
@@ -29,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +42,7 @@ from shared.evaluation import paired_difference, user_ndcg
 from shared.federation.scenario import PartnerSpec
 from shared.federation.settings import settings_from_run_config
 from shared.model.recommender import DomainModel
+from shared.pipeline import load_domain_model
 from shared.training import model_user_ranks
 from simulations import federations
 from simulations.common import read_scenario, write_json
@@ -61,23 +64,35 @@ SCORED = {  # the users a comparison scores (compare.json's "users"), as its hea
 }
 
 
-def scores(run: Path, spec: PartnerSpec, *, other_users: bool = False, targets: str = "all") -> dict[str, Any]:
+def scores(run: Path, spec: PartnerSpec, *, other_users: bool = False, targets: str = "all", finetuned: bool = False) -> dict[str, Any]:
     """Per-user NDCG@10 on the valid and test users of partner ``spec`` under its model after ``run``
-    (with ``other_users``, on its domain's users after its ``max-users``, whom it never saw). ``targets``
-    "new": only the users whose target is a new item (:meth:`DomainSplit.new_item_targets`); "seen":
-    only the others."""
+    (with ``finetuned``, its fine-tune after ``run``: ``run/finetuned/<partner>/model``, which
+    :func:`simulations.federations.finetune_partners` writes). With ``other_users``, on its domain's
+    users after its ``max-users``, whom it never saw. ``targets`` "new": only the users whose target
+    is a new item (:meth:`DomainSplit.new_item_targets`); "seen": only the others."""
     if targets not in TARGETS:
         raise ValueError(f"targets must be one of {TARGETS}, got {targets!r}")
     if other_users and targets != "all":
         raise ValueError("other_users scores all of them: a new item is new to the partner's own training users")
-    arrays, head = federations.federated_model(run, spec.name)  # checks that run is a finished run folder
-    settings = settings_from_run_config(json.loads((run / "config.json").read_text()))
+    tuned = run / "finetuned" / spec.name / "model"
+    if finetuned and not (tuned / "model.json").is_file():
+        raise FileNotFoundError(
+            f"{tuned}: no fine-tuned model of partner {spec.name!r} after {run} (simulations.seeds --finetune and "
+            "simulations.experiments write one there)"
+        )
+    if not finetuned:
+        arrays, head = federations.federated_model(run, spec.name)  # checks that run is a finished run folder
+        settings = settings_from_run_config(json.loads((run / "config.json").read_text()))
     if other_users:
         data, split = federations.other_users(spec)
     else:
         data = partner.partner_data(spec, max_len=partner.HEAD.max_len)
         split = data.split
-    per_user = user_scores(partner.build_model(settings, data, adapter_arrays=arrays, head=head), split)
+    if finetuned:  # its catalogue is the partner's, whichever of the domain's users are scored
+        models = load_domain_model(tuned, spec.name).members
+    else:
+        models = [partner.build_model(settings, data, adapter_arrays=arrays, head=head)]
+    per_user = user_scores(models, split)
     if targets != "all":
         keep = {which: torch.as_tensor(split.new_item_targets(which) == (targets == "new")) for which in per_user}
         per_user = {which: s[keep[which]] for which, s in per_user.items()}
@@ -89,8 +104,8 @@ def scores(run: Path, spec: PartnerSpec, *, other_users: bool = False, targets: 
     return per_user
 
 
-def user_scores(model: DomainModel, split: DomainSplit) -> dict[str, torch.Tensor]:
-    """Each valid and test user's NDCG@10 [U] under ``model``, in ``split.eval_users`` order."""
+def user_scores(model: DomainModel | Sequence[DomainModel], split: DomainSplit) -> dict[str, torch.Tensor]:
+    """Each valid and test user's NDCG@10 [U] under ``model`` (or several models' averaged scores), in ``split.eval_users`` order."""
     return {which: user_ndcg(model_user_ranks(model, split, which)) for which in SPLITS}
 
 
@@ -118,9 +133,11 @@ def paired(ours: dict[str, Any], theirs: dict[str, Any]) -> dict[str, Any]:
     return row
 
 
-def compare(spec: PartnerSpec, *, run: Path, baseline: Path, other_users: bool = False, targets: str = "all") -> dict[str, Any]:
+def compare(
+    spec: PartnerSpec, *, run: Path, baseline: Path, other_users: bool = False, targets: str = "all", finetuned: bool = False
+) -> dict[str, Any]:
     """Partner ``spec``'s row: its models after ``run`` and ``baseline`` (:func:`scores`), :func:`paired`."""
-    users: dict[str, Any] = {"other_users": other_users, "targets": targets}
+    users: dict[str, Any] = {"other_users": other_users, "targets": targets, "finetuned": finetuned}
     return {"partner": spec.name, **paired(scores(run, spec, **users), scores(baseline, spec, **users))}
 
 
@@ -178,6 +195,12 @@ def main(argv: list[str] | None = None) -> None:
         help="score each partner on its users whose target is a new item, one none of its training sequences holds",
     )
     whom.add_argument("--seen-items", action="store_true", help="score each partner on its users whose target is not a new item")
+    parser.add_argument(
+        "--finetuned",
+        action="store_true",
+        help="compare each side's fine-tuned model (<run>/finetuned/<partner>/model, from simulations.seeds --finetune or "
+        "simulations.experiments) instead of its model after the run",
+    )
     parser.add_argument("--out", type=Path, help="folder for compare.md and compare.json")
     args = parser.parse_args(argv)
     specs = scenario_partners(parser, args.scenario, args.partners)
@@ -189,16 +212,21 @@ def main(argv: list[str] | None = None) -> None:
             baseline=run_folder(args.baseline, spec.name),
             other_users=args.other_users,
             targets=targets,
+            finetuned=args.finetuned,
         )
         for spec in specs
     ]
     scored = "other-users" if args.other_users else "all" if targets == "all" else f"{targets}-items"
-    lines = [f"`{args.run}` against `{args.baseline}`, test NDCG@10{SCORED[scored]}, paired user by user:", "", *table(rows)]
+    models = ", each side's fine-tuned model" if args.finetuned else ""
+    lines = [f"`{args.run}` against `{args.baseline}`{models}, test NDCG@10{SCORED[scored]}, paired user by user:", "", *table(rows)]
     print("\n".join(lines))
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "compare.md").write_text("\n".join(lines) + "\n")
-        write_json(args.out / "compare.json", {"run": args.run, "baseline": args.baseline, "users": scored, "partners": rows})
+        write_json(
+            args.out / "compare.json",
+            {"run": args.run, "baseline": args.baseline, "users": scored, "finetuned": args.finetuned, "partners": rows},
+        )
 
 
 if __name__ == "__main__":

@@ -140,7 +140,7 @@ def test_finetune_seeds_keeps_the_ensemble_or_its_best_member_by_valid_and_serve
 def test_the_experiments_fine_tune_keeps_each_result_and_reads_it_back_when_asked_the_same(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from simulations import federations
+    from simulations import compare_runs, federations
 
     folder, data, _ = federate_one_round(tmp_path)
     run, spec = folder.parent.parent, PartnerSpec("books", data)
@@ -151,6 +151,12 @@ def test_the_experiments_fine_tune_keeps_each_result_and_reads_it_back_when_aske
         "books": {"ndcg@10": kept["fine-tuned"]["test"]["ndcg@10"], "recall@10": kept["fine-tuned"]["test"]["recall@10"], "epsilon": None}
     }
     assert kept["asked"]["mode"] == "continue" and kept["asked"]["config"]["epochs"] == 1
+    # compare_runs --finetuned scores that model user by user, as the fine-tune measured it
+    row = compare_runs.compare(spec, run=run, baseline=run, finetuned=True)
+    assert row["test"]["run"] == pytest.approx(kept["fine-tuned"]["test"]["ndcg@10"]) and row["test"]["difference"] == 0
+    assert row["valid"]["run"] == pytest.approx(kept["fine-tuned"]["valid"]["ndcg@10"])
+    with pytest.raises(FileNotFoundError, match=r"finetuned/games/model: no fine-tuned model of partner 'games' after"):
+        compare_runs.compare(PartnerSpec("games", data), run=run, baseline=run, finetuned=True)
 
     calls: list[str] = []
 

@@ -33,7 +33,6 @@ import torch
 from safetensors.torch import load_file
 
 from client import partner
-from client.finetune import finetune as partner_finetune
 from shared.federation.adapter import initial_adapter
 from shared.federation.scenario import PartnerSpec, load_scenario
 from shared.federation.settings import FederationSettings
@@ -43,7 +42,7 @@ from simulations.common import machine, read_scenario, write_report
 from simulations.federations import (
     federate,
     federated_model,
-    metrics_row,
+    finetune_partners,
     one_partner_scenario,
     other_users,
     popularity,
@@ -131,19 +130,9 @@ def cold_start(
         model = recipe_alone(spec, settings, config=recipe)
         own["alone, full recipe"] = test_row(spec, model)
         others["alone, full recipe"] = on_other_users(spec, adapter_state(model.adapter), model.private_state())
-        tuned_dir = together / "finetuned" / spec.name
-        tuned = partner_finetune(
-            state_dir=together / "partners" / spec.name,
-            data=spec.data,
-            out=tuned_dir,
-            config=recipe,
-            domain=spec.name,
-            max_users=spec.max_users,
-            mode="recipe",  # what README's cold-start table measured
-            log=lambda _: None,
-        )
-        own["in the federation + fine-tune"] = metrics_row(tuned["fine-tuned"]["test"])
-        saved = tuned_dir / "model" / spec.name
+        # mode recipe: what README's cold-start table measured
+        own["in the federation + fine-tune"] = finetune_partners(together, [spec], recipe, mode="recipe")[spec.name]
+        saved = together / "finetuned" / spec.name / "model" / spec.name
         arrays, head = load_file(str(saved / "adapter.safetensors")), load_file(str(saved / "head.safetensors"))
         others["in the federation + fine-tune"] = on_other_users(spec, arrays, head)
     return {

@@ -74,13 +74,14 @@ def scores(run: Path, spec: PartnerSpec, *, other_users: bool = False, targets: 
         raise ValueError(f"targets must be one of {TARGETS}, got {targets!r}")
     if other_users and targets != "all":
         raise ValueError("other_users scores all of them: a new item is new to the partner's own training users")
-    tuned = run / "finetuned" / spec.name / "model"
-    if finetuned and not (tuned / "model.json").is_file():
-        raise FileNotFoundError(
-            f"{tuned}: no fine-tuned model of partner {spec.name!r} after {run} (simulations.seeds --finetune and "
-            "simulations.experiments write one there)"
-        )
-    if not finetuned:
+    if finetuned:
+        tuned = run / "finetuned" / spec.name / "model"
+        if not (tuned / "model.json").is_file():
+            raise FileNotFoundError(
+                f"{tuned}: no fine-tuned model of partner {spec.name!r} after {run} (simulations.seeds --finetune and "
+                "simulations.experiments write one there)"
+            )
+    else:
         arrays, head = federations.federated_model(run, spec.name)  # checks that run is a finished run folder
         settings = settings_from_run_config(json.loads((run / "config.json").read_text()))
     if other_users:
@@ -88,10 +89,12 @@ def scores(run: Path, spec: PartnerSpec, *, other_users: bool = False, targets: 
     else:
         data = partner.partner_data(spec, max_len=partner.HEAD.max_len)
         split = data.split
-    if finetuned:  # its catalogue is the partner's, whichever of the domain's users are scored
-        models = load_domain_model(tuned, spec.name).members
-    else:
-        models = [partner.build_model(settings, data, adapter_arrays=arrays, head=head)]
+    # a fine-tuned model's catalogue is the partner's, whichever of the domain's users are scored
+    models = (
+        load_domain_model(tuned, spec.name).members
+        if finetuned
+        else [partner.build_model(settings, data, adapter_arrays=arrays, head=head)]
+    )
     per_user = user_scores(models, split)
     if targets != "all":
         keep = {which: torch.as_tensor(split.new_item_targets(which) == (targets == "new")) for which in per_user}

@@ -2,8 +2,11 @@
 
 The start is the partner's federated model: the last global adapter the
 coordinator sent (kept in the state folder, :func:`client.private_state.keep_global_adapter`)
-with the partner's private head and popularity prior (its weight as the partner was
-scored with it: run setting ``calibrate-prior``). ``fedxrec train``'s recipe
+with the partner's private head and popularity prior. With run setting
+``calibrate-prior`` the partner was scored with its prior's weight scaled: the
+"before" figures are that model's, but training starts from the weight as trained
+and calibrates it again afterwards (no training step uses a calibrated weight,
+:func:`shared.training.calibrate_prior`). ``fedxrec train``'s recipe
 trains it on the partner's own data: head and adapter, full softmax, exact item
 counts, learning-rate halving and early stopping on valid NDCG@10. This is the
 simplest personalised federated learning ("FedAvg + local fine-tuning", e.g.
@@ -30,7 +33,7 @@ import torch
 
 from client import partner
 from client.local_training import freeze_untrained
-from client.private_state import GLOBAL_ADAPTER, PartnerState, catalogue_fingerprint, read_kept_adapter, scored_head
+from client.private_state import GLOBAL_ADAPTER, PRIOR_SCALE, PartnerState, catalogue_fingerprint, read_kept_adapter, scored_head
 from shared.device import training_device
 from shared.federation.adapter import adapter_config
 from shared.federation.scenario import PartnerSpec
@@ -160,9 +163,18 @@ def finetune(
             f"note: only {n_valid} users' valid items pick the epoch; on so few, early stopping follows noise (in the "
             "README's cold-start runs a fine-tune on 300 users scored below the federated model on the domain's other users)"
         )
-    head = scored_head(state.head, meta)  # as the federation scored it (calibrate-prior)
-    federated = partner.build_model(settings, own, adapter_arrays=arrays, head=head)
+    # the start as the federation scored it (calibrate-prior: the prior's weight scaled) ...
+    federated = partner.build_model(settings, own, adapter_arrays=arrays, head=scored_head(state.head, meta))
     before = {w: evaluate_model(DomainRun(own.split, federated), w) for w in ("valid", "test")}
+    # ... but trained from the weight as trained, which the federation's training fitted: trained from the
+    # scaled one (Steam: x8), its first epoch pulled the weight back and valid NDCG@10 halved
+    head = state.head
+    if PRIOR_SCALE in meta and not config.calibrate_prior:
+        log(
+            f"the federation scored this partner with its prior's weight x{float(meta[PRIOR_SCALE]):g} (run setting "
+            "calibrate-prior): the fine-tune calibrates it again after training, as with --calibrate-prior"
+        )
+        config = dataclasses.replace(config, calibrate_prior=True)
     modes = ("recipe", "continue") if mode == "best" else (mode,)
     tried: dict[str, tuple[DomainRun, dict[str, dict[str, float]]]] = {}
     for m in modes:

@@ -6,22 +6,25 @@ import dataclasses
 import json
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 from flwr.app import MessageType
 from flwr.supercore.task_identity import TaskIdentity
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
+from client import finetune as finetune_module
 from client import partner
 from client.client_app import evaluate, train
-from client.private_state import GLOBAL_ADAPTER, PartnerState
+from client.private_state import GLOBAL_ADAPTER, PRIOR_SCALE, PartnerState, read_kept_adapter
+from shared import training
 from shared.cli import main
 from shared.federation import wire
 from shared.federation.adapter import initial_adapter
 from shared.federation.scenario import PartnerSpec
 from shared.pipeline import load_domain_model
-from shared.training import TrainConfig, ranking_metrics
+from shared.training import DomainRun, TrainConfig, ranking_metrics
 from tests.test_federation import ENCODER_DIM, context, message, settings_for
 
 FAST = ["--epochs", "2", "--batch-size", "64"]
@@ -107,6 +110,36 @@ def test_finetune_continue_trains_the_adapter_and_prior_and_keeps_the_head(tmp_p
     kept = load_file(str(folder / GLOBAL_ADAPTER))
     if result["fine-tuned"]["valid"]["ndcg@10"] > result["federated"]["valid"]["ndcg@10"]:  # an epoch beat the start
         assert any(not torch.equal(saved[f"adapter.{k}"], v) for k, v in kept.items())
+
+
+@pytest.mark.slow
+def test_finetune_trains_from_the_prior_weight_as_trained_and_calibrates_it_after(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # the partner was scored with its prior's weight x4: "before" is that model, but no training step uses the factor
+    folder, data, _ = federate_one_round(tmp_path, calibrate_prior=True)
+    arrays, meta = read_kept_adapter(folder)
+    assert arrays is not None
+    save_file(arrays, str(folder / GLOBAL_ADAPTER), metadata={**meta, PRIOR_SCALE: "4.0"})
+    head = PartnerState.load(folder).head
+    assert head is not None
+    starts: list[torch.Tensor] = []
+    calibrated: list[bool] = []
+
+    def watched_train(runs: list[DomainRun], config: TrainConfig, **kwargs: Any) -> list[dict[str, object]]:
+        starts.extend(r.model.state_dict()["popularity.weight"].clone() for r in runs)
+        calibrated.append(config.calibrate_prior)
+        return training.train(runs, config, **kwargs)
+
+    monkeypatch.setattr(finetune_module, "train", watched_train)
+    logged: list[str] = []
+    result = finetune_module.finetune(
+        state_dir=folder, data=data, out=tmp_path / "out", config=TrainConfig(epochs=1, batch_size=64), log=logged.append
+    )
+    own = partner.partner_data(PartnerSpec(data.name, data), max_len=partner.HEAD.max_len)
+    scaled = {**head, "popularity.weight": head["popularity.weight"] * 4}
+    before = partner.build_model(settings_for(tmp_path), own, adapter_arrays=arrays, head=scaled)
+    assert result["federated"]["valid"] == pytest.approx(ranking_metrics(before, own.split, "valid"))
+    assert len(starts) == 2 and all(torch.equal(w, head["popularity.weight"]) for w in starts)  # both modes
+    assert calibrated == [True, True] and any("calibrates it again after training" in line for line in logged)
 
 
 @pytest.mark.slow

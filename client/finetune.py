@@ -107,6 +107,7 @@ def finetune(
     mode: str = "best",
     seeds: int = 1,
     device: str = "auto",
+    calibrate_as_run: bool = True,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Fine-tunes the partner's federated model on ``data`` (its first ``max_users``
@@ -136,7 +137,13 @@ def finetune(
     test (docs/experiments.md). It costs ``seeds`` fine-tunes and as many scorings
     per recommendation, and nothing of the privacy budget.
 
-    ``device``: where the models train and score (:func:`shared.device.training_device`)."""
+    ``device``: where the models train and score (:func:`shared.device.training_device`).
+
+    ``calibrate_as_run``: a partner that the federation scored with its prior's weight
+    calibrated (run setting ``calibrate-prior``) calibrates it after the fine-tune too,
+    whatever ``config.calibrate_prior`` says (``fedxrec finetune`` without either flag);
+    False: only as ``config.calibrate_prior`` says (``--no-calibrate-prior`` keeps the weight
+    as trained)."""
     if mode not in FINETUNE_MODES:
         raise ValueError(f"mode {mode!r}: expected one of {FINETUNE_MODES}")
     if seeds < 1:
@@ -169,7 +176,7 @@ def finetune(
     # ... but trained from the weight as trained, which the federation's training fitted: trained from the
     # scaled one (Steam: x8), its first epoch pulled the weight back and valid NDCG@10 halved
     head = state.head
-    if PRIOR_SCALE in meta and not config.calibrate_prior:
+    if calibrate_as_run and PRIOR_SCALE in meta and not config.calibrate_prior:
         log(
             f"the federation scored this partner with its prior's weight x{float(meta[PRIOR_SCALE]):g} (run setting "
             "calibrate-prior): the fine-tune calibrates it again after training, as with --calibrate-prior"

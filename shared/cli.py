@@ -304,6 +304,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         mode=args.mode,
         seeds=args.seeds,
         device=args.device,
+        calibrate_as_run=args.calibrate_prior is None,  # --no-calibrate-prior: the weight as trained
     )
     (out / "metrics.json").write_text(json.dumps(result, indent=2))
     print(

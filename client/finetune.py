@@ -5,8 +5,8 @@ coordinator sent (kept in the state folder, :func:`client.private_state.keep_glo
 with the partner's private head and popularity prior. With run setting
 ``calibrate-prior`` the partner was scored with its prior's weight scaled: the
 "before" figures are that model's, but training starts from the weight as trained
-and calibrates it again afterwards (no training step uses a calibrated weight,
-:func:`shared.training.calibrate_prior`). ``fedxrec train``'s recipe
+and calibrates it again, judging each epoch by its calibrated score (no training
+step uses a calibrated weight, :func:`shared.training.calibrate_prior`). ``fedxrec train``'s recipe
 trains it on the partner's own data: head and adapter, full softmax, exact item
 counts, learning-rate halving and early stopping on valid NDCG@10. This is the
 simplest personalised federated learning ("FedAvg + local fine-tuning", e.g.

@@ -5,8 +5,9 @@ same architecture (one shared adapter, a private head per domain) trained on all
 domains' raw data in one place. Batches of each domain are interleaved, each
 scored against its own catalogue.
 
-Early stopping on the mean valid NDCG@10 over domains; the best epoch's weights
-are restored. ``max_minutes`` bounds the training wall time.
+Early stopping on the mean valid NDCG@10 over domains (with ``calibrate_prior``,
+of each epoch's model with its prior's weight calibrated, as it would be kept); the
+best epoch's weights are restored. ``max_minutes`` bounds the training wall time.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import partial
+from typing import Any
 
 import numpy as np
 import torch
@@ -47,8 +49,9 @@ class TrainConfig(SelfChecking):
     calibrate_prior: bool = field(
         default=False,
         metadata={
-            "help": "after training, scale the popularity prior's weight by the factor (0.25 to 16, PRIOR_SCALES) with the best valid NDCG@10: "
-            "for catalogues where popularity predicts a user's latest item more than their earlier ones (Steam)"
+            "help": "scale the popularity prior's weight by the factor (0.25 to 16, PRIOR_SCALES) with the best valid NDCG@10, and "
+            "pick the epoch by that calibrated score: for catalogues where popularity predicts a user's latest item more than "
+            "their earlier ones (Steam)"
         },
     )
 
@@ -178,6 +181,37 @@ PRIOR_SCALES = (0.25, 0.35, 0.5, 0.6, 0.7, 0.85, 1.0, 1.2, 1.5, 2.0, 3.0, 4.0, 6
 
 
 @torch.no_grad()
+def valid_ndcg_by_prior_scale(run: DomainRun, *, scales: Sequence[float] = PRIOR_SCALES) -> dict[float, float]:
+    """Valid NDCG@10 of ``run``'s model with its popularity prior's trained weight scaled by each
+    factor of ``scales`` and by 1 ({} for a model without the prior); the model is left as it was.
+
+    One pass over the valid users: the text scores are the same under every factor."""
+    model = run.model
+    if model.popularity is None or model.log_counts is None:
+        return {}
+    model.eval()
+    weight = model.popularity.weight  # [1, 1]
+    trained = weight.detach().clone()
+    prior = trained.reshape(()) * model.log_counts[1:]  # [N], the prior as trained
+    factors = sorted({*scales, 1.0})
+    weight.zero_()  # score_all then gives the text scores alone
+    try:
+        catalogue = model.catalogue()  # [N, d]
+        scorer = partial(model.score_all, catalogue=catalogue)
+        offsets = torch.tensor(factors, device=prior.device).unsqueeze(1) * prior  # [F, N]
+        ranks = user_ranks_with_offsets(scorer, run.split, "valid", offsets, max_len=model.max_len, device=model_device(model))
+    finally:
+        weight.copy_(trained)
+    return {f: metrics_from_ranks(r)["ndcg@10"] for f, r in zip(factors, ranks, strict=True)}
+
+
+def best_prior_scale(by_scale: dict[float, float]) -> float:
+    """The factor of :func:`valid_ndcg_by_prior_scale`'s result with the best valid NDCG@10;
+    ties go to 1, the weight as trained."""
+    return max(by_scale, key=lambda f: (by_scale[f], f == 1.0))
+
+
+@torch.no_grad()
 def calibrate_prior(run: DomainRun, *, scales: Sequence[float] = PRIOR_SCALES) -> tuple[float, dict[float, float]]:
     """Scales the trained weight of the popularity prior by the factor among ``scales`` with the
     best valid NDCG@10 (1, the weight as trained, unless another is strictly better); returns
@@ -193,34 +227,24 @@ def calibrate_prior(run: DomainRun, *, scales: Sequence[float] = PRIOR_SCALES) -
     that stays with its partner (``fedxrec train``, ``fedxrec finetune``, and a partner's
     kept model in a federation with ``calibrate-prior``).
     """
-    model = run.model
-    if model.popularity is None or model.log_counts is None:
+    by_scale = valid_ndcg_by_prior_scale(run, scales=scales)
+    if not by_scale:
         return 1.0, {}
-    model.eval()
-    weight = model.popularity.weight  # [1, 1]
-    trained = weight.detach().clone()
-    prior = trained.reshape(()) * model.log_counts[1:]  # [N], the prior as trained
-    factors = sorted({*scales, 1.0})
-    weight.zero_()  # score_all then gives the text scores alone
-    try:
-        catalogue = model.catalogue()  # [N, d]
-        scorer = partial(model.score_all, catalogue=catalogue)
-        offsets = torch.tensor(factors, device=prior.device).unsqueeze(1) * prior  # [F, N]
-        # one pass over the users for every factor: the text scores are the same
-        ranks = user_ranks_with_offsets(scorer, run.split, "valid", offsets, max_len=model.max_len, device=model_device(model))
-    finally:
-        weight.copy_(trained)
-    by_scale = {f: metrics_from_ranks(r)["ndcg@10"] for f, r in zip(factors, ranks, strict=True)}
-    best = max(by_scale, key=lambda f: (by_scale[f], f == 1.0))  # ties: the weight as trained
-    weight.mul_(best)
+    best = best_prior_scale(by_scale)
+    assert run.model.popularity is not None
+    run.model.popularity.weight.mul_(best)
     return best, by_scale
 
 
 def train(runs: list[DomainRun], config: TrainConfig, *, log: Callable[[str], None] = print) -> list[dict[str, object]]:
     """Trains all ``runs`` together; returns one history record per epoch (epoch 0 = untrained).
 
-    With ``config.calibrate_prior``, each model's prior weight is then scaled on valid users
-    (:func:`calibrate_prior`); the last record (``"epoch": "prior"``) says by what factor."""
+    With ``config.calibrate_prior``, each epoch is judged by its models' valid NDCG@10 with
+    their prior's weight calibrated on valid users (:func:`calibrate_prior`; each record also
+    holds the weight as trained's), so the epoch kept is the best model as it is kept, not the
+    best before calibrating; the kept epoch's weight is then scaled by its factor, and the last
+    record (``"epoch": "prior"``) says by what. One pass over the valid users ranks every
+    factor, in place of the epoch's plain valid scoring."""
     keep_freed_memory()
     rng = np.random.default_rng(config.seed)
     params = list({id(p): p for r in runs for p in r.model.parameters() if p.requires_grad}.values())
@@ -230,20 +254,29 @@ def train(runs: list[DomainRun], config: TrainConfig, *, log: Callable[[str], No
     deadline = started + 60 * config.max_minutes if config.max_minutes else float("inf")
 
     def record(epoch: int, loss: float | None) -> float:
-        valid = {r.split.name: evaluate_model(r, "valid")["ndcg@10"] for r in runs}
-        score = float(np.mean(list(valid.values())))
-        history.append(
-            {
-                "epoch": epoch,
-                "loss": loss,
-                "valid_ndcg@10": valid,
-                "mean_valid_ndcg@10": score,
-                "seconds": round(time.monotonic() - started, 1),
-            }
-        )
+        # with calibrate_prior, an epoch is judged as it would be kept: its prior's weight calibrated
+        valid, judged, factors = {}, {}, {}
+        for r in runs:
+            name = r.split.name
+            by_scale = valid_ndcg_by_prior_scale(r) if config.calibrate_prior else {}
+            if by_scale:
+                factors[name] = best_prior_scale(by_scale)
+                valid[name], judged[name] = by_scale[1.0], by_scale[factors[name]]
+            else:
+                valid[name] = judged[name] = evaluate_model(r, "valid")["ndcg@10"]
+        score = float(np.mean(list(judged.values())))
+        entry: dict[str, object] = {
+            "epoch": epoch,
+            "loss": loss,
+            "valid_ndcg@10": valid,
+            "mean_valid_ndcg@10": float(np.mean(list(valid.values()))),
+        }
+        if config.calibrate_prior:
+            entry |= {"prior_scale": factors, "calibrated_valid_ndcg@10": judged, "mean_calibrated_valid_ndcg@10": score}
+        history.append({**entry, "seconds": round(time.monotonic() - started, 1)})
         log(
             f"epoch {epoch:3d}  loss {'-' if loss is None else f'{loss:.4f}'}  valid NDCG@10 "
-            + "  ".join(f"{k} {v:.4f}" for k, v in valid.items())
+            + "  ".join(f"{k} {v:.4f}" + (f" (x{factors[k]:g}: {judged[k]:.4f})" if k in factors else "") for k, v in valid.items())
             + f"  ({history[-1]['seconds']}s)"
         )
         return score
@@ -292,13 +325,18 @@ def train(runs: list[DomainRun], config: TrainConfig, *, log: Callable[[str], No
             break
     for r, state in zip(runs, best_state, strict=True):
         r.model.load_state_dict(state)
-    log(f"best epoch {best_epoch} (mean valid NDCG@10 {best_score:.4f})")
-    if config.calibrate_prior:
-        factors = {}
+    log(f"best epoch {best_epoch} (mean {'calibrated ' if config.calibrate_prior else ''}valid NDCG@10 {best_score:.4f})")
+    if config.calibrate_prior:  # the factors the kept epoch was judged by
+        kept: dict[str, Any] = next(h for h in history if h["epoch"] == best_epoch)
         for r in runs:
-            factor, by_scale = calibrate_prior(r)
-            if by_scale:
-                factors[r.split.name] = factor
-                log(f"{r.split.name}: popularity prior's weight x{factor:g} (valid NDCG@10 {by_scale[1.0]:.4f} -> {by_scale[factor]:.4f})")
-        history.append({"epoch": "prior", "prior_scale": factors, "seconds": round(time.monotonic() - started, 1)})
+            name = r.split.name
+            if name in kept["prior_scale"] and r.model.popularity is not None:
+                factor = kept["prior_scale"][name]
+                with torch.no_grad():
+                    r.model.popularity.weight.mul_(factor)
+                log(
+                    f"{name}: popularity prior's weight x{factor:g} (valid NDCG@10 "
+                    f"{kept['valid_ndcg@10'][name]:.4f} -> {kept['calibrated_valid_ndcg@10'][name]:.4f})"
+                )
+        history.append({"epoch": "prior", "prior_scale": kept["prior_scale"], "seconds": round(time.monotonic() - started, 1)})
     return history

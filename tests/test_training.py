@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -112,12 +113,43 @@ def test_calibrate_prior_keeps_the_trained_weight_on_a_tie_and_skips_a_model_wit
 def test_training_with_calibrate_prior_ends_with_the_factor_it_chose(synthetic: list[Path]) -> None:
     split = split_domain(read_domain(synthetic[0]))
     model = small_model(split, 0)
+    untrained = ranking_metrics(model, split, "valid")["ndcg@10"]
     lines: list[str] = []
-    history = train([DomainRun(split, model)], TrainConfig(epochs=1, batch_size=64, calibrate_prior=True), log=lines.append)
+    history = train([DomainRun(split, model)], TrainConfig(epochs=3, batch_size=64, calibrate_prior=True), log=lines.append)
     last = history[-1]
     assert last["epoch"] == "prior" and isinstance(last["prior_scale"], dict)
     factor = last["prior_scale"][split.name]
     assert factor in PRIOR_SCALES and lines[-1].startswith(f"{split.name}: popularity prior's weight x{factor:g} (valid NDCG@10 ")
+    epochs: list[dict[str, Any]] = history[:-1]
+    assert epochs[0]["valid_ndcg@10"][split.name] == pytest.approx(untrained)  # each record keeps the weight as trained's score
+    # the epoch kept is the best as kept: calibrated; the model scores what that epoch's record says
+    kept = max(epochs, key=lambda h: h["mean_calibrated_valid_ndcg@10"])
+    assert kept["prior_scale"][split.name] == factor
+    assert ranking_metrics(model, split, "valid")["ndcg@10"] == pytest.approx(kept["calibrated_valid_ndcg@10"][split.name])
+    assert lines[-2] == f"best epoch {kept['epoch']} (mean calibrated valid NDCG@10 {kept['mean_calibrated_valid_ndcg@10']:.4f})"
     assert [
         h["epoch"] for h in train([DomainRun(split, small_model(split, 0))], TrainConfig(epochs=1, batch_size=64), log=lines.append)
     ] == [0, 1]
+
+
+def test_with_calibrate_prior_the_epoch_is_picked_by_its_calibrated_score(synthetic: list[Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Epoch 1 is best as trained, epoch 0 once calibrated: epoch 0 is kept, its weight scaled by its own factor."""
+    split = split_domain(read_domain(synthetic[0]))
+    model = small_model(split, 0)
+    start = copy.deepcopy(model.state_dict())
+    scores = iter([{1.0: 0.10, 2.0: 0.30}, {1.0: 0.20, 0.5: 0.21}, {1.0: 0.15, 4.0: 0.16}, {1.0: 0.15}])
+    monkeypatch.setattr("shared.training.valid_ndcg_by_prior_scale", lambda run: next(scores))
+    lines: list[str] = []
+    config = TrainConfig(epochs=10, batch_size=64, patience=3, calibrate_prior=True)
+    history = train([DomainRun(split, model)], config, log=lines.append)
+    assert [h["epoch"] for h in history] == [0, 1, 2, 3, "prior"]
+    assert [h["prior_scale"] for h in history] == [{split.name: f} for f in (2.0, 0.5, 4.0, 1.0, 2.0)]
+    assert lines[-2:] == [
+        "best epoch 0 (mean calibrated valid NDCG@10 0.3000)",
+        f"{split.name}: popularity prior's weight x2 (valid NDCG@10 0.1000 -> 0.3000)",
+    ]
+    kept = model.state_dict()
+    assert model.popularity is not None and "popularity.weight" in kept
+    for name, value in start.items():
+        expected = value * 2 if name == "popularity.weight" else value
+        assert torch.equal(kept[name], expected), name

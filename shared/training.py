@@ -205,6 +205,13 @@ def valid_ndcg_by_prior_scale(run: DomainRun, *, scales: Sequence[float] = PRIOR
     return {f: metrics_from_ranks(r)["ndcg@10"] for f, r in zip(factors, ranks, strict=True)}
 
 
+@torch.no_grad()
+def scale_prior_weight(model: DomainModel, factor: float) -> None:
+    """Multiplies the trained weight of ``model``'s popularity prior by ``factor`` (a calibration's choice)."""
+    assert model.popularity is not None, "a model without the popularity prior has no weight to scale"
+    model.popularity.weight.mul_(factor)
+
+
 def best_prior_scale(by_scale: dict[float, float]) -> float:
     """The factor of :func:`valid_ndcg_by_prior_scale`'s result with the best valid NDCG@10;
     ties go to 1, the weight as trained."""
@@ -231,8 +238,7 @@ def calibrate_prior(run: DomainRun, *, scales: Sequence[float] = PRIOR_SCALES) -
     if not by_scale:
         return 1.0, {}
     best = best_prior_scale(by_scale)
-    assert run.model.popularity is not None
-    run.model.popularity.weight.mul_(best)
+    scale_prior_weight(run.model, best)
     return best, by_scale
 
 
@@ -273,7 +279,8 @@ def train(runs: list[DomainRun], config: TrainConfig, *, log: Callable[[str], No
         }
         if config.calibrate_prior:
             entry |= {"prior_scale": factors, "calibrated_valid_ndcg@10": judged, "mean_calibrated_valid_ndcg@10": score}
-        history.append({**entry, "seconds": round(time.monotonic() - started, 1)})
+        entry["seconds"] = round(time.monotonic() - started, 1)
+        history.append(entry)
         log(
             f"epoch {epoch:3d}  loss {'-' if loss is None else f'{loss:.4f}'}  valid NDCG@10 "
             + "  ".join(f"{k} {v:.4f}" + (f" (x{factors[k]:g}: {judged[k]:.4f})" if k in factors else "") for k, v in valid.items())
@@ -330,10 +337,9 @@ def train(runs: list[DomainRun], config: TrainConfig, *, log: Callable[[str], No
         kept: dict[str, Any] = next(h for h in history if h["epoch"] == best_epoch)
         for r in runs:
             name = r.split.name
-            if name in kept["prior_scale"] and r.model.popularity is not None:
+            if name in kept["prior_scale"]:  # only a model with the prior has a factor
                 factor = kept["prior_scale"][name]
-                with torch.no_grad():
-                    r.model.popularity.weight.mul_(factor)
+                scale_prior_weight(r.model, factor)
                 log(
                     f"{name}: popularity prior's weight x{factor:g} (valid NDCG@10 "
                     f"{kept['valid_ndcg@10'][name]:.4f} -> {kept['calibrated_valid_ndcg@10'][name]:.4f})"

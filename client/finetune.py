@@ -179,7 +179,7 @@ def finetune(
     if calibrate_as_run and PRIOR_SCALE in meta and not config.calibrate_prior:
         log(
             f"the federation scored this partner with its prior's weight x{float(meta[PRIOR_SCALE]):g} (run setting "
-            "calibrate-prior): the fine-tune calibrates it again after training, as with --calibrate-prior"
+            "calibrate-prior): the fine-tune judges each epoch with the weight calibrated again, as with --calibrate-prior"
         )
         config = dataclasses.replace(config, calibrate_prior=True)
     modes = ("recipe", "continue") if mode == "best" else (mode,)

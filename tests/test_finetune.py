@@ -139,7 +139,7 @@ def test_finetune_trains_from_the_prior_weight_as_trained_and_calibrates_it_afte
     before = partner.build_model(settings_for(tmp_path), own, adapter_arrays=arrays, head=scaled)
     assert result["federated"]["valid"] == pytest.approx(ranking_metrics(before, own.split, "valid"))
     assert len(starts) == 2 and all(torch.equal(w, head["popularity.weight"]) for w in starts)  # both modes
-    assert calibrated == [True, True] and any("calibrates it again after training" in line for line in logged)
+    assert calibrated == [True, True] and any("judges each epoch with the weight calibrated again" in line for line in logged)
     # asked not to, it keeps the weight as trained
     calibrated.clear()
     args = ["finetune", "--mode", "continue", "--no-calibrate-prior", "--state-dir", str(folder), "--data", str(data)]

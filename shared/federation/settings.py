@@ -96,7 +96,7 @@ class FederationSettings:
             "help": "when a partner scores the global adapter, it scales its popularity prior's weight by the factor in "
             "shared.training.PRIOR_SCALES with the best validation NDCG@10 (1 on a tie), reports that model's NDCG and "
             "Recall, and keeps the factor with the kept adapter (compare_runs and cold start score, and fedxrec finetune "
-            "starts from, that model; the fine-tune trains the weight as trained and calibrates it again after). "
+            "starts from, that model; the fine-tune trains the weight as trained and judges each epoch with it calibrated again). "
             "The weight is fitted beside the partner's own adapter under a sampled softmax; beside the "
             "averaged adapter and in a full ranking it is often too large (beauty, 4,000 users: x0.5). Scoring only: "
             "no round trains with the factor and nothing more is sent, so under DP it spends nothing, but like the "

@@ -1,0 +1,88 @@
+"""Every relative link in the Markdown docs points at a file that exists and, with ``#anchor``, at one of its headings.
+
+The docs link across files by section (README → docs/federation.md#report, ...); a renamed heading or a moved
+section would otherwise leave a dead link that nothing notices.
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+DOCS = sorted([ROOT / "README.md", *(ROOT / "docs").glob("*.md")])
+
+FENCE = re.compile(r"^\s*(```|~~~)")
+CODE_SPAN = re.compile(r"`(?:[^`\n]|\n(?!\s*\n))*`")  # may wrap, not across a blank line
+LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
+HEADING = re.compile(r"^(#{1,6})\s+(.*?)\s*#*\s*$")
+
+
+def github_slug(heading: str) -> str:
+    """The anchor GitHub gives a heading: lower case, punctuation and symbols dropped, spaces as hyphens."""
+    text = CODE_SPAN.sub(lambda m: m.group(0)[1:-1], heading)
+    text = re.sub(r"\[([^\]]*)\]\([^)]*\)", r"\1", text)  # a link in a heading keeps its text
+    kept = (c for c in text.lower() if c in " -_" or unicodedata.category(c)[0] in "LNM")
+    return "".join(kept).replace(" ", "-")
+
+
+def prose_lines(path: Path) -> list[tuple[int, str]]:
+    """(line number, text) of the lines outside fenced code blocks."""
+    lines, fenced = [], False
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if FENCE.match(line):
+            fenced = not fenced
+        elif not fenced:
+            lines.append((number, line))
+    return lines
+
+
+def anchors(path: Path) -> set[str]:
+    """The heading anchors of a Markdown file, with GitHub's -1, -2, ... for repeated headings."""
+    seen: dict[str, int] = {}
+    for _, line in prose_lines(path):
+        match = HEADING.match(line)
+        if match:
+            slug = github_slug(match.group(2))
+            count = seen.get(slug, 0)
+            seen[slug] = count + 1
+            if count:
+                seen.setdefault(f"{slug}-{count}", 1)
+    return set(seen)
+
+
+def test_github_slug_matches_githubs_anchors() -> None:
+    assert github_slug("Choices, and why") == "choices-and-why"
+    assert github_slug("After the federation: a local fine-tune") == "after-the-federation-a-local-fine-tune"
+    assert github_slug("Beside the averaged adapter (`calibrate-prior`)") == "beside-the-averaged-adapter-calibrate-prior"
+    assert github_slug("(a) Scientific, `local`, vs published results") == "a-scientific-local-vs-published-results"
+    assert github_slug("DP at ε = 8") == "dp-at-ε--8"
+
+
+def prose(path: Path) -> str:
+    """The file's text with fenced code blocks blanked (line numbers kept) and code spans removed."""
+    numbered = dict(prose_lines(path))
+    count = len(path.read_text(encoding="utf-8").splitlines())
+    text = "\n".join(numbered.get(n, "") for n in range(1, count + 1))
+    return CODE_SPAN.sub(lambda m: "\n" * m.group(0).count("\n"), text)
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=lambda p: str(p.relative_to(ROOT)))
+def test_relative_links_resolve(doc: Path) -> None:
+    broken = []
+    text = prose(doc)
+    for match in LINK.finditer(text):  # link text may wrap onto the next line
+        target = match.group(1)
+        if re.match(r"[a-z]+:", target):  # http(s), mailto: not checked here (no internet)
+            continue
+        file_part, _, anchor = target.partition("#")
+        linked = (doc.parent / file_part).resolve() if file_part else doc
+        where = f"{doc.relative_to(ROOT)}:{text.count(chr(10), 0, match.start(1)) + 1}: {target}"
+        if not linked.exists():
+            broken.append(f"{where} (no file {file_part})")
+        elif anchor and linked.suffix == ".md" and anchor not in anchors(linked):
+            broken.append(f"{where} (no heading with anchor #{anchor} in {linked.relative_to(ROOT)})")
+    assert not broken, "dead links:\n" + "\n".join(broken)

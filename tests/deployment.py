@@ -1,5 +1,5 @@
 """A coordinator and its partners as real processes on 127.0.0.1: a SuperLink over TLS that admits only
-the SuperNodes it registered, one SuperNode per partner, and ``flwr run`` (README, "Deploying a partner").
+the SuperNodes it registered, one SuperNode per partner, and ``flwr run`` (docs/deployment.md).
 
 Each process starts in a process group of its own, so that a test can crash a partner the way a machine
 or container goes down (its SuperNode, SuperExec and ClientApp at once), and ``close`` ends every

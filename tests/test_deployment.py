@@ -1,7 +1,7 @@
 """A deployment: a real SuperLink and one SuperNode per partner, on 127.0.0.1, over TLS, with SuperNode
 authentication; runs started by ``flwr run`` (the processes: :mod:`tests.deployment`).
 
-What a partner organisation runs (README, "Deploying a partner"): its SuperNode
+What a partner organisation runs (docs/deployment.md): its SuperNode
 serves run after run from one ``state-dir``, and its privacy account caps them
 together; a partner whose machine goes down in the middle of a round rejoins, and
 its account still counts the round it lost.
@@ -173,7 +173,7 @@ def test_a_partner_whose_machine_goes_down_while_training_rejoins_and_its_accoun
 
 
 def test_the_docker_files_hold_what_the_deployment_test_runs() -> None:
-    """What CI can check of docker/ without a Docker daemon (README says how the image was built and run)."""
+    """What CI can check of docker/ without a Docker daemon (docs/deployment.md says how the image was built and run)."""
     import yaml
     from flwr.common.config import parse_config_args
 

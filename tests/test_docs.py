@@ -17,7 +17,7 @@ DOCS = sorted([ROOT / "README.md", *(ROOT / "docs").glob("*.md")])
 
 FENCE = re.compile(r"^\s*(```|~~~)")
 CODE_SPAN = re.compile(r"`(?:[^`\n]|\n(?!\s*\n))*`")  # may wrap, not across a blank line
-LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
+LINK = re.compile(r"\[[^\]]*\]\(([^)\s]*)\)")
 HEADING = re.compile(r"^(#{1,6})\s+(.*?)\s*#*\s*$")
 
 
@@ -76,13 +76,15 @@ def test_relative_links_resolve(doc: Path) -> None:
     text = prose(doc)
     for match in LINK.finditer(text):  # link text may wrap onto the next line
         target = match.group(1)
+        where = f"{doc.relative_to(ROOT)}:{text.count(chr(10), 0, match.start(1)) + 1}: ({target})"
         if re.match(r"[a-z]+:", target):  # http(s), mailto: not checked here (no internet)
             continue
         file_part, _, anchor = target.partition("#")
         linked = (doc.parent / file_part).resolve() if file_part else doc
-        where = f"{doc.relative_to(ROOT)}:{text.count(chr(10), 0, match.start(1)) + 1}: {target}"
-        if not linked.exists():
-            broken.append(f"{where} (no file {file_part})")
+        if not target:
+            broken.append(f"{where} empty link target")
+        elif not linked.exists():
+            broken.append(f"{where} no file {file_part}")
         elif anchor and linked.suffix == ".md" and anchor not in anchors(linked):
-            broken.append(f"{where} (no heading with anchor #{anchor} in {linked.relative_to(ROOT)})")
+            broken.append(f"{where} no heading with anchor #{anchor} in {linked.relative_to(ROOT)}")
     assert not broken, "dead links:\n" + "\n".join(broken)

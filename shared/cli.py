@@ -121,6 +121,13 @@ def cmd_partners_check(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_settings(args: argparse.Namespace) -> int:
+    from shared.federation import reference
+
+    print(reference.as_markdown() if args.markdown else reference.as_text())
+    return 0
+
+
 # ---------------------------------------------------------------- data
 def cmd_data_check(args: argparse.Namespace) -> int:
     from shared.data.readers import read_domain
@@ -468,6 +475,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     check_list.add_argument("file", help="the TOML list: [partners] then name = \"node id\" as 'flwr supernode register' printed it")
     check_list.set_defaults(handler=cmd_partners_check)
+
+    settings = sub.add_parser(
+        "settings", help="every run setting ([tool.flwr.app.config]) and partner setting (--node-config), its default and use"
+    )
+    settings.add_argument("--markdown", action="store_true", help="as two Markdown tables (docs/federation.md holds them)")
+    settings.set_defaults(handler=cmd_settings)
 
     from shared.privacy.cli import add_privacy_commands
 

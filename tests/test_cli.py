@@ -55,6 +55,20 @@ def test_data_check_lists_problems_and_fails(synthetic: list[Path], tmp_path: Pa
     assert "problem(s) found" in err and "items.tsv:2: field 'Title'" in err and "Traceback" not in err
 
 
+def test_settings_lists_every_run_and_partner_setting(capsys: pytest.CaptureFixture[str]) -> None:
+    from shared.federation.scenario import NODE_CONFIG
+    from shared.federation.settings import FederationSettings
+
+    assert main(["settings"]) == 0
+    out = capsys.readouterr().out
+    assert all(f"\n  {key} = " in out for key in FederationSettings().to_run_config())
+    assert "\n  target-epsilon = 8.0\n      epsilon each partner may spend over the whole run\n" in out
+    assert all(f"\n  {key}\n" in out for key in NODE_CONFIG)
+    assert main(["settings", "--markdown"]) == 0
+    table = capsys.readouterr().out
+    assert '| `scenario` | `"synthetic"` |' in table and "| `state-dir` |" in table and "runs/&lt;run-id&gt;/" in table
+
+
 def test_data_generate(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["data", "generate", str(tmp_path), "--domains", "2", "--users", "30", "--items", "20"]) == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["books", "games"]

@@ -395,6 +395,17 @@ def test_run_config_errors_name_every_key() -> None:
     ]
 
 
+def test_pyproject_run_config_lists_every_setting_with_the_code_default() -> None:
+    """`flwr run .` reads [tool.flwr.app.config], fedxrec's own commands the dataclass: the two must not drift."""
+    import tomllib
+
+    pyproject = tomllib.loads((Path(__file__).resolve().parent.parent / "pyproject.toml").read_text(encoding="utf-8"))
+    listed = pyproject["tool"]["flwr"]["app"]["config"]
+    defaults = FederationSettings().to_run_config()
+    assert list(listed) == list(defaults)  # same keys, in the same order as `fedxrec settings` prints them
+    assert {k: v for k, v in listed.items() if v != defaults[k] or type(v) is not type(defaults[k])} == {}
+
+
 def test_default_adapter_bytes_per_round_are_under_one_percent_of_the_encoder() -> None:
     arrays = initial_adapter(FederationSettings(), in_dim=ENCODER_DIM)
     sent = sum(v.numel() * v.element_size() for v in arrays.values())

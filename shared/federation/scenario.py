@@ -53,10 +53,11 @@ NODE_CONFIG = {
     "data-path": "the partner's data folder (required)",
     "data-format": f"one of {', '.join(FORMATS)} (default: detected from the files)",
     "domain": "the domain's public name (default: the data folder's name)",
-    "max-epsilon": "the partner's own cap on epsilon; it binds even if the server asks for more, and the partner declines rounds without DP",
+    "max-epsilon": "the partner's own cap on epsilon, over every run on its data; it binds even if the server asks for more, "
+    "and the partner declines rounds without DP (default: none, the run's target-epsilon alone)",
     "max-delta": "the largest delta the partner accepts (default: 1 / its users; a delta near that lets a mechanism "
     "reveal about one user in the clear)",
-    "max-users": "train on the first N users only",
+    "max-users": "train on the first N users only (default: all)",
     "public-users": "the number of users the partner declares public (say, rounded): its sample rate, steps, default "
     "delta and max-delta, and the example counts it reports follow from it instead of its data, so that DP covers its "
     "real count (default: none; they then reveal its approximate number of users)",

@@ -187,7 +187,7 @@ class FederationSettings:
     def validate(self) -> list[str]:
         problems = []
         positive = ["rounds", "local_epochs", "min_partners", "moe_n_experts", "moe_dim", "batch_size", "negatives"]
-        problems += [f"{_key(k)} must be >= 1, got {getattr(self, k)}" for k in positive if getattr(self, k) < 1]
+        problems += [f"{run_config_key(k)} must be >= 1, got {getattr(self, k)}" for k in positive if getattr(self, k) < 1]
         if self.moe_dim >= 1 and self.moe_dim % PARTNER_HEAD_HEADS:
             problems.append(
                 f"moe-dim must be a multiple of {PARTNER_HEAD_HEADS} (each partner's head attends over the adapter's output "
@@ -237,11 +237,11 @@ class FederationSettings:
         if self.proximal_mu < 0:
             problems.append(f"proximal-mu must be >= 0 (0: plain FedAvg), got {self.proximal_mu}")
         positive_numbers = ("lr", "max_grad_norm", "round_timeout", "partners_timeout")
-        problems += [f"{_key(k)} must be > 0, got {getattr(self, k)}" for k in positive_numbers if getattr(self, k) <= 0]
+        problems += [f"{run_config_key(k)} must be > 0, got {getattr(self, k)}" for k in positive_numbers if getattr(self, k) <= 0]
         return problems
 
     def to_run_config(self) -> dict[str, Any]:
-        return {_key(k): v for k, v in asdict(self).items()}
+        return {run_config_key(k): v for k, v in asdict(self).items()}
 
 
 class SettingsError(ValueError):
@@ -255,13 +255,14 @@ def _either(choices: tuple[str, ...]) -> str:
     return " or ".join(repr(c) for c in choices)
 
 
-def _key(name: str) -> str:
+def run_config_key(name: str) -> str:
+    """A field's run-config key: ``local_epochs`` -> ``local-epochs``."""
     return name.replace("_", "-")
 
 
 def settings_from_run_config(run_config: dict[str, Any], *, ignore: tuple[str, ...] = ()) -> FederationSettings:
     """Reads and checks the run config; raises SettingsError listing every problem."""
-    known = {_key(f.name): f for f in fields(FederationSettings)}
+    known = {run_config_key(f.name): f for f in fields(FederationSettings)}
     problems: list[str] = []
     values: dict[str, Any] = {}
     for key, value in run_config.items():
@@ -294,7 +295,3 @@ def settings_from_run_config(run_config: dict[str, Any], *, ignore: tuple[str, .
     if problems:
         raise SettingsError("invalid run config:\n  " + "\n  ".join(problems))
     return settings
-
-
-def settings_help() -> str:
-    return "\n".join(f"  {_key(f.name)} = {f.default!r}: {f.metadata['help']}" for f in fields(FederationSettings))

@@ -35,7 +35,7 @@ from shared.federation.scenario import PartnerSpec
 from shared.federation.settings import TRAINS, FederationSettings
 from shared.model.recommender import DomainModel
 from shared.privacy.accounting import Budget, PartnerAccountant
-from simulations.common import machine, real_domain, write_json
+from simulations.common import add_out_flag, machine, real_domain, write_json
 
 STEPS = {
     "plain": "step without DP",
@@ -50,12 +50,12 @@ def model_for(data: PartnerData, settings: FederationSettings) -> DomainModel:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[1])
-    parser.add_argument("--domain", default="amazon2018-scientific")
-    parser.add_argument("--steps", type=int, default=30)
-    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--domain", default="amazon2018-scientific", help="a folder of ../shared/data (default: amazon2018-scientific)")
+    parser.add_argument("--steps", type=int, default=30, help="timed steps of each kind, taken in turn (default: 30)")
+    parser.add_argument("--batch-size", type=int, default=64, help="users per step (default: 64)")
     parser.add_argument("--trains", choices=TRAINS, default=FederationSettings.trains, help="what every step trains")
     parser.add_argument("--device", choices=DEVICES, default="cpu", help="where every step runs (the run setting 'device')")
-    parser.add_argument("--out", default="runs/bench-dp-step")
+    add_out_flag(parser, "runs/bench-dp-step")
     args = parser.parse_args()
     settings = FederationSettings(batch_size=args.batch_size, trains=args.trains, device=args.device)
     device = training_device(args.device)

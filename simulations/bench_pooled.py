@@ -16,7 +16,7 @@ from pathlib import Path
 
 from shared.pipeline import train_and_evaluate
 from shared.training import TrainConfig
-from simulations.common import machine, real_domain, write_json
+from simulations.common import add_out_flag, machine, real_domain, write_json
 
 DOMAINS = ["amazon2014-beauty", "amazon2014-toy", "amazon2014-health"]
 
@@ -24,7 +24,7 @@ DOMAINS = ["amazon2014-beauty", "amazon2014-toy", "amazon2014-health"]
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[1])
     parser.add_argument("--minutes", type=float, default=8.0, help="training cap per local run; pooled gets 3x (default: 8)")
-    parser.add_argument("--out", default="runs/bench-pooled")
+    add_out_flag(parser, "runs/bench-pooled")
     args = parser.parse_args()
     out = Path(args.out)
     folders = [real_domain(d) for d in DOMAINS]

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from shared.pipeline import ModelConfig, train_and_evaluate
 from shared.training import TrainConfig
-from simulations.common import machine, real_domain, write_json
+from simulations.common import add_out_flag, machine, real_domain, write_json
 
 PUBLISHED = {
     "SASRec (ids)": (0.0553, 0.1080),
@@ -31,7 +31,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[1])
     parser.add_argument("--minutes", type=float, default=10.0, help="training wall-time cap (default: 10)")
     parser.add_argument("--no-popularity-prior", action="store_true", help="score by text alone")
-    parser.add_argument("--out", default="runs/bench-scientific")
+    add_out_flag(parser, "runs/bench-scientific")
     args = parser.parse_args()
     out = Path(args.out)
     train = TrainConfig(epochs=200, patience=8, max_minutes=args.minutes)  # lr halves after 2 stale epochs

@@ -38,7 +38,7 @@ from shared.federation.scenario import PartnerSpec, load_scenario
 from shared.federation.settings import FederationSettings
 from shared.model.adapters import adapter_state
 from shared.training import DomainRun, TrainConfig, evaluate_model
-from simulations.common import machine, read_scenario, write_report
+from simulations.common import add_federation_flags, add_out_flag, machine, read_scenario, write_report
 from simulations.federations import (
     federate,
     federated_model,
@@ -184,10 +184,13 @@ def _gain(rows: dict[str, dict[str, Any]], new: str, old: str) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[1])
-    parser.add_argument("--scenarios", nargs="+", default=["simulations/scenarios/scientific-office-coldstart.toml"])
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--local-epochs", type=int, default=2)
-    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument(
+        "--scenarios",
+        nargs="+",
+        default=["simulations/scenarios/scientific-office-coldstart.toml"],
+        help="cold-start scenario files, each a small partner and the federation it joins",
+    )
+    add_federation_flags(parser, local_epochs=2)
     parser.add_argument("--seed", type=int, default=0, help="the federations' seed (initial adapter, sampling, negatives)")
     parser.add_argument(
         "--recipe-epochs", type=int, default=40, help="most epochs of the full recipe alone and of the fine-tune (early stopping on valid)"
@@ -200,7 +203,7 @@ def main() -> None:
         help="also the federation with personal-mix = 'valid' (each partner mixes the global adapter with its own; "
         "docs/experiments.md: it gave the cold partner less than FedAvg)",
     )
-    parser.add_argument("--out", default="runs/coldstart")
+    add_out_flag(parser, "runs/coldstart")
     args = parser.parse_args()
     for scenario in args.scenarios:
         check_cold_scenario(parser, Path(scenario), flag="--scenarios")

@@ -1,4 +1,4 @@
-"""Helpers shared by the benchmark scripts: where the real data is, table printing."""
+"""Helpers shared by the benchmark scripts: where the real data is, their common flags, table printing."""
 
 from __future__ import annotations
 
@@ -36,6 +36,26 @@ def read_scenario(parser: argparse.ArgumentParser, path: Path, *, flag: str = "-
             "script compares; leave the key out of the scenario for experiments"
         )
     return specs
+
+
+def add_federation_flags(parser: argparse.ArgumentParser, *, local_epochs: int) -> None:
+    """--rounds, --local-epochs and --batch-size: the run settings every experiment's federations share."""
+    parser.add_argument("--rounds", type=int, default=3, help="federated rounds of each federation (run setting rounds; default: 3)")
+    parser.add_argument(
+        "--local-epochs",
+        type=int,
+        default=local_epochs,
+        help=f"passes over a partner's users per round (run setting local-epochs; default: {local_epochs})",
+    )
+    parser.add_argument(
+        "--batch-size", type=int, default=64, help="expected users per step (run setting batch-size; Poisson under DP; default: 64)"
+    )
+
+
+def add_out_flag(parser: argparse.ArgumentParser, default: str) -> None:
+    parser.add_argument(
+        "--out", default=default, help=f"folder for the script's report (.md, .json) and its run folders (default: {default})"
+    )
 
 
 def machine() -> str:

@@ -49,7 +49,7 @@ from shared.training import TrainConfig
 from simulations import compare_runs
 from simulations.coldstart import check_cold_scenario, cold_start
 from simulations.coldstart import table as cold_table
-from simulations.common import machine, read_scenario, write_report
+from simulations.common import add_federation_flags, add_out_flag, machine, read_scenario, write_report
 from simulations.federations import (
     federate,
     finetune_partners,
@@ -150,14 +150,18 @@ def table(results: dict[str, dict[str, dict[str, Any]]]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[1])
-    parser.add_argument("--scenario", default="simulations/scenarios/scientific-office.toml")
+    parser.add_argument(
+        "--scenario",
+        default="simulations/scenarios/scientific-office.toml",
+        help="scenario file: each partner's data (default: simulations/scenarios/scientific-office.toml)",
+    )
     parser.add_argument(
         "--coldstart-scenario", default="simulations/scenarios/scientific-office-coldstart.toml", help="'' for no cold-start part"
     )
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--local-epochs", type=int, default=1)
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--epsilons", type=float, nargs="+", default=[8.0, 3.0, 1.0])
+    add_federation_flags(parser, local_epochs=1)
+    parser.add_argument(
+        "--epsilons", type=float, nargs="+", default=[8.0, 3.0, 1.0], help="one DP federation per target epsilon (default: 8 3 1)"
+    )
     parser.add_argument(
         "--recipe-minutes", type=float, default=12.0, help="time cap of each full-recipe local run and fine-tune (0: no such rows)"
     )
@@ -197,7 +201,7 @@ def main() -> None:
         help="every federated row (local included) with calibrate-prior = true: each partner's model scored with its prior's "
         "weight calibrated on its validation users (the fine-tunes start from it)",
     )
-    parser.add_argument("--out", default="runs/experiments")
+    add_out_flag(parser, "runs/experiments")
     args = parser.parse_args()
     out = Path(args.out)
     scenario = Path(args.scenario)

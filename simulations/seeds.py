@@ -26,7 +26,7 @@ import numpy as np
 
 from client.finetune import FINETUNE_MODES
 from shared.training import TrainConfig
-from simulations.common import machine, read_scenario, write_report
+from simulations.common import add_federation_flags, add_out_flag, machine, read_scenario, write_report
 from simulations.federations import federate, finetune_partners, one_partner_scenario
 
 # (baseline, arm, the arm's title): each arm is compared with its baseline, seed by seed
@@ -58,11 +58,15 @@ def table(by_seed: dict[int, dict[str, dict[str, float]]], domains: list[str]) -
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[1])
-    parser.add_argument("--scenario", default="simulations/scenarios/scientific-office.toml")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--local-epochs", type=int, default=2)
-    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument(
+        "--scenario",
+        default="simulations/scenarios/scientific-office.toml",
+        help="scenario file: each partner's data (default: simulations/scenarios/scientific-office.toml)",
+    )
+    parser.add_argument(
+        "--seeds", type=int, nargs="+", default=[0, 1, 2], help="the seeds, each a local and a federated run per partner (default: 0 1 2)"
+    )
+    add_federation_flags(parser, local_epochs=2)
     parser.add_argument(
         "--proximal-mu",
         type=float,
@@ -82,7 +86,7 @@ def main() -> None:
         help="also fine-tune each partner of local and of the federation with fedxrec finetune --mode this, "
         "seeded as the run (default: no fine-tune columns)",
     )
-    parser.add_argument("--out", default="runs/experiments-seeds")
+    add_out_flag(parser, "runs/experiments-seeds")
     args = parser.parse_args()
     out, scenario = Path(args.out), Path(args.scenario)
     specs = read_scenario(parser, scenario)

@@ -28,7 +28,7 @@ from itertools import combinations
 from pathlib import Path
 from typing import Any
 
-from simulations.common import machine, write_report
+from simulations.common import add_federation_flags, add_out_flag, machine, write_report
 from simulations.compare_runs import paired, run_folder, scenario_partners, scores
 from simulations.federations import federate, one_partner_scenario, scenario_file
 
@@ -75,16 +75,14 @@ def matrix(names: list[str], pairs: dict[str, dict[str, Any]], together: dict[st
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--scenario", type=Path, required=True, help="scenario file: each partner's data")
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--local-epochs", type=int, default=2)
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--seed", type=int, default=0)
+    add_federation_flags(parser, local_epochs=2)
+    parser.add_argument("--seed", type=int, default=0, help="the federations' seed (initial adapter, sampling, negatives; default: 0)")
     parser.add_argument("--partners", nargs="+", help="only the pairs among these partners (default: every partner of the scenario)")
     parser.add_argument(
         "--local", help="existing run folders of each partner trained alone, a pattern with {partner} (default: run them here)"
     )
     parser.add_argument("--together", type=Path, help="a run folder of all the partners together, for the last column")
-    parser.add_argument("--out", type=Path, default=Path("runs/transfer"))
+    add_out_flag(parser, "runs/transfer")
     args = parser.parse_args(argv)
     specs = scenario_partners(parser, args.scenario, args.partners, two_for="a pair")
     base: dict[str, Any] = {
@@ -97,7 +95,7 @@ def main(argv: list[str] | None = None) -> None:
         "personal-mix": "off",
     }
     started = time.monotonic()
-    out: Path = args.out
+    out = Path(args.out)
     by_name = {s.name: s for s in specs}
     if args.local:
         local = {name: run_folder(args.local, name) for name in by_name}

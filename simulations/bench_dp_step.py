@@ -35,7 +35,7 @@ from shared.federation.scenario import PartnerSpec
 from shared.federation.settings import TRAINS, FederationSettings
 from shared.model.recommender import DomainModel
 from shared.privacy.accounting import Budget, PartnerAccountant
-from simulations.common import add_out_flag, machine, real_domain, write_json
+from simulations.common import add_domain_flag, add_out_flag, machine, real_domain, write_json
 
 STEPS = {
     "plain": "step without DP",
@@ -50,7 +50,7 @@ def model_for(data: PartnerData, settings: FederationSettings) -> DomainModel:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[1])
-    parser.add_argument("--domain", default="amazon2018-scientific", help="a folder of ../shared/data (default: amazon2018-scientific)")
+    add_domain_flag(parser, "amazon2018-scientific")
     parser.add_argument("--steps", type=int, default=30, help="timed steps of each kind, taken in turn (default: 30)")
     parser.add_argument("--batch-size", type=int, default=64, help="users per step (default: 64)")
     parser.add_argument("--trains", choices=TRAINS, default=FederationSettings.trains, help="what every step trains")

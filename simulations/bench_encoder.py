@@ -20,7 +20,7 @@ import torch
 from shared.data.readers import read_domain
 from shared.encoder import TextEncoder
 from shared.vector_cache import VectorCache, encode_texts
-from simulations.common import add_out_flag, machine, real_domain, write_json
+from simulations.common import add_domain_flag, add_out_flag, machine, real_domain, write_json
 
 
 class FixedPaddingEncoder(TextEncoder):
@@ -32,7 +32,7 @@ class FixedPaddingEncoder(TextEncoder):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[1])
-    parser.add_argument("--domain", default="amazon2014-office", help="a folder of ../shared/data (default: amazon2014-office)")
+    add_domain_flag(parser, "amazon2014-office")
     parser.add_argument("--limit", type=int, default=3000, help="texts to encode (default: 3000)")
     add_out_flag(parser, "runs/bench-encoder")
     args = parser.parse_args()

@@ -53,9 +53,17 @@ def add_federation_flags(parser: argparse.ArgumentParser, *, local_epochs: int) 
 
 
 def add_out_flag(parser: argparse.ArgumentParser, default: str) -> None:
-    parser.add_argument(
-        "--out", default=default, help=f"folder for the script's report (.md, .json) and its run folders (default: {default})"
-    )
+    parser.add_argument("--out", default=default, help=f"folder for what the script writes (default: {default})")
+
+
+def add_domain_flag(parser: argparse.ArgumentParser, default: str) -> None:
+    """--domain: one folder of the real data (:func:`real_domain`)."""
+    parser.add_argument("--domain", default=default, help=f"a folder of ../shared/data (default: {default})")
+
+
+def add_scenario_flag(parser: argparse.ArgumentParser, default: str) -> None:
+    """--scenario: the scenario file a script's federations run (:func:`read_scenario` checks it)."""
+    parser.add_argument("--scenario", default=default, help=f"scenario file: each partner's data (default: {default})")
 
 
 def machine() -> str:

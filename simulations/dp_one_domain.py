@@ -23,17 +23,17 @@ from shared.federation.settings import OPTIMIZERS, FederationSettings
 from shared.privacy.accounting import Budget, PartnerAccountant, calibrate_noise, poisson_schedule
 from shared.training import ranking_metrics
 from simulations.bench_dp_step import model_for
-from simulations.common import add_out_flag, machine, real_domain, write_json
+from simulations.common import add_domain_flag, add_out_flag, machine, real_domain, write_json
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--domain", default="amazon2018-scientific", help="a folder of ../shared/data (default: amazon2018-scientific)")
+    add_domain_flag(parser, "amazon2018-scientific")
     parser.add_argument("--epsilon", type=float, default=8.0, help="the privacy budget of the whole training (default: 8)")
     parser.add_argument("--batch-size", type=int, default=64, help="expected users per Poisson batch")
     parser.add_argument("--lr", type=float, default=1e-3, help="learning rate (default: 0.001)")
     parser.add_argument("--epochs", type=int, default=6, help="passes over the users, planned in advance as DP needs (default: 6)")
-    parser.add_argument("--optimizer", default="adamw", choices=OPTIMIZERS, help="(default: adamw)")
+    parser.add_argument("--optimizer", default="adamw", choices=OPTIMIZERS, help="the optimizer DP-SGD wraps (default: adamw)")
     parser.add_argument("--max-grad-norm", type=float, default=1.0, help="per-user gradient clipping norm (default: 1)")
     add_out_flag(parser, "runs/dp-one-domain")
     args = parser.parse_args()

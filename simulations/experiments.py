@@ -49,7 +49,7 @@ from shared.training import TrainConfig
 from simulations import compare_runs
 from simulations.coldstart import check_cold_scenario, cold_start
 from simulations.coldstart import table as cold_table
-from simulations.common import add_federation_flags, add_out_flag, machine, read_scenario, write_report
+from simulations.common import add_federation_flags, add_out_flag, add_scenario_flag, machine, read_scenario, write_report
 from simulations.federations import (
     federate,
     finetune_partners,
@@ -150,11 +150,7 @@ def table(results: dict[str, dict[str, dict[str, Any]]]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[1])
-    parser.add_argument(
-        "--scenario",
-        default="simulations/scenarios/scientific-office.toml",
-        help="scenario file: each partner's data (default: simulations/scenarios/scientific-office.toml)",
-    )
+    add_scenario_flag(parser, "simulations/scenarios/scientific-office.toml")
     parser.add_argument(
         "--coldstart-scenario", default="simulations/scenarios/scientific-office-coldstart.toml", help="'' for no cold-start part"
     )

@@ -26,7 +26,7 @@ import numpy as np
 
 from client.finetune import FINETUNE_MODES
 from shared.training import TrainConfig
-from simulations.common import add_federation_flags, add_out_flag, machine, read_scenario, write_report
+from simulations.common import add_federation_flags, add_out_flag, add_scenario_flag, machine, read_scenario, write_report
 from simulations.federations import federate, finetune_partners, one_partner_scenario
 
 # (baseline, arm, the arm's title): each arm is compared with its baseline, seed by seed
@@ -58,11 +58,7 @@ def table(by_seed: dict[int, dict[str, dict[str, float]]], domains: list[str]) -
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[1])
-    parser.add_argument(
-        "--scenario",
-        default="simulations/scenarios/scientific-office.toml",
-        help="scenario file: each partner's data (default: simulations/scenarios/scientific-office.toml)",
-    )
+    add_scenario_flag(parser, "simulations/scenarios/scientific-office.toml")
     parser.add_argument(
         "--seeds", type=int, nargs="+", default=[0, 1, 2], help="the seeds, each a local and a federated run per partner (default: 0 1 2)"
     )

@@ -6,6 +6,7 @@ section would otherwise leave a dead link that nothing notices.
 
 from __future__ import annotations
 
+import functools
 import re
 import unicodedata
 from pathlib import Path
@@ -29,21 +30,23 @@ def github_slug(heading: str) -> str:
     return "".join(kept).replace(" ", "-")
 
 
-def prose_lines(path: Path) -> list[tuple[int, str]]:
-    """(line number, text) of the lines outside fenced code blocks."""
+@functools.cache
+def prose_lines(path: Path) -> tuple[str, ...]:
+    """The file's lines with those of fenced code blocks blanked, so that line numbers stay as they are."""
     lines, fenced = [], False
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for line in path.read_text(encoding="utf-8").splitlines():
         if FENCE.match(line):
             fenced = not fenced
-        elif not fenced:
-            lines.append((number, line))
-    return lines
+            line = ""
+        lines.append("" if fenced else line)
+    return tuple(lines)
 
 
-def anchors(path: Path) -> set[str]:
+@functools.cache
+def anchors(path: Path) -> frozenset[str]:
     """The heading anchors of a Markdown file, with GitHub's -1, -2, ... for repeated headings."""
     seen: dict[str, int] = {}
-    for _, line in prose_lines(path):
+    for line in prose_lines(path):
         match = HEADING.match(line)
         if match:
             slug = github_slug(match.group(2))
@@ -51,7 +54,7 @@ def anchors(path: Path) -> set[str]:
             seen[slug] = count + 1
             if count:
                 seen.setdefault(f"{slug}-{count}", 1)
-    return set(seen)
+    return frozenset(seen)
 
 
 def test_github_slug_matches_githubs_anchors() -> None:
@@ -63,11 +66,8 @@ def test_github_slug_matches_githubs_anchors() -> None:
 
 
 def prose(path: Path) -> str:
-    """The file's text with fenced code blocks blanked (line numbers kept) and code spans removed."""
-    numbered = dict(prose_lines(path))
-    count = len(path.read_text(encoding="utf-8").splitlines())
-    text = "\n".join(numbered.get(n, "") for n in range(1, count + 1))
-    return CODE_SPAN.sub(lambda m: "\n" * m.group(0).count("\n"), text)
+    """The file's text outside fenced code blocks, code spans removed (their line breaks kept)."""
+    return CODE_SPAN.sub(lambda m: "\n" * m.group(0).count("\n"), "\n".join(prose_lines(path)))
 
 
 @pytest.mark.parametrize("doc", DOCS, ids=lambda p: str(p.relative_to(ROOT)))

@@ -1,7 +1,7 @@
 """Every run setting and every partner (node) setting, with its default and what it does.
 
 Written from the definitions the code checks against (the help of each ``FederationSettings`` field and
-``scenario.NODE_CONFIG``), so that ``fedxrec settings`` and the reference tables in docs/federation.md say what a
+``scenario.NODE_CONFIG``, whose help names each key's default), so that ``fedxrec settings`` and the reference tables in docs/federation.md say what a
 run accepts, and a test keeps the docs' copy equal to this output.
 """
 
@@ -32,17 +32,12 @@ def run_settings() -> list[tuple[str, str, str]]:
     return [(run_config_key(f.name), toml_literal(f.default), str(f.metadata["help"])) for f in dataclasses.fields(FederationSettings)]
 
 
-def node_settings() -> list[tuple[str, str]]:
-    """(key, help) of every key a deployed partner's ``--node-config`` takes; each help names its default."""
-    return list(NODE_CONFIG.items())
-
-
 def as_text() -> str:
     """Both groups for a terminal: one key per line, its help after it."""
     lines = ['run settings ([tool.flwr.app.config]; flwr run . --run-config "key=value ..."):']
     lines += [f"  {key} = {default}\n{_wrapped(text)}" for key, default, text in run_settings()]
     lines += ["", 'partner settings (a SuperNode\'s --node-config "key=value ..."):']
-    lines += [f"  {key}\n{_wrapped(text)}" for key, text in node_settings()]
+    lines += [f"  {key}\n{_wrapped(text)}" for key, text in NODE_CONFIG.items()]
     return "\n".join(lines)
 
 
@@ -60,5 +55,5 @@ def as_markdown() -> str:
     lines = ["**Run settings** (`[tool.flwr.app.config]`):", "", "| key | default | what it does |", "|---|---|---|"]
     lines += [f"| `{key}` | `{default}` | {_cell(text)} |" for key, default, text in run_settings()]
     lines += ["", "**Partner settings** (a SuperNode's `--node-config`):", "", "| key | what it does |", "|---|---|"]
-    lines += [f"| `{key}` | {_cell(text)} |" for key, text in node_settings()]
+    lines += [f"| `{key}` | {_cell(text)} |" for key, text in NODE_CONFIG.items()]
     return "\n".join(lines)

@@ -1,6 +1,7 @@
 # make demo : install into .venv, then run the federated demo on generated data
 # make test : install into .venv, then run the test suite (what CI runs)
 # make test-gpu : the tests that need a CUDA GPU (tests/test_gpu_*.py), on a machine with one
+# make docs : write the settings tables in docs/federation.md from the code's help strings
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
@@ -10,7 +11,7 @@ STAMP  := $(VENV)/.installed
 WHEELS := $(wildcard /opt/wheels)
 PIP_FLAGS := $(if $(WHEELS),--find-links $(WHEELS),)
 
-.PHONY: install demo test test-gpu lint typecheck clean
+.PHONY: install demo test test-gpu docs lint typecheck clean
 
 install: $(STAMP)
 
@@ -28,6 +29,9 @@ test: $(STAMP)
 
 test-gpu: $(STAMP)
 	$(BIN)/python -m pytest -m gpu
+
+docs: $(STAMP)
+	$(BIN)/fedxrec settings --write docs/federation.md
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -124,6 +124,16 @@ def cmd_partners_check(args: argparse.Namespace) -> int:
 def cmd_settings(args: argparse.Namespace) -> int:
     from shared.federation import reference
 
+    if args.write:
+        page = Path(args.write)
+        text = page.read_text(encoding="utf-8")
+        updated = reference.with_tables(text, where=str(page))  # a ValueError names the file; nothing is written
+        if updated == text:
+            print(f"{page}: settings tables already up to date")
+        else:
+            page.write_text(updated, encoding="utf-8")
+            print(f"{page}: settings tables written")
+        return 0
     print(reference.as_markdown() if args.markdown else reference.as_text())
     return 0
 
@@ -479,7 +489,13 @@ def build_parser() -> argparse.ArgumentParser:
     settings = sub.add_parser(
         "settings", help="every run setting ([tool.flwr.app.config]) and partner setting (--node-config), its default and use"
     )
-    settings.add_argument("--markdown", action="store_true", help="as two Markdown tables (docs/federation.md holds them)")
+    shown = settings.add_mutually_exclusive_group()
+    shown.add_argument("--markdown", action="store_true", help="as two Markdown tables (docs/federation.md holds them)")
+    shown.add_argument(
+        "--write",
+        metavar="PAGE",
+        help="write the two tables into this Markdown page, between its settings reference markers, and nothing else (make docs)",
+    )
     settings.set_defaults(handler=cmd_settings)
 
     from shared.privacy.cli import add_privacy_commands

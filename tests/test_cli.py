@@ -69,6 +69,28 @@ def test_settings_lists_every_run_and_partner_setting(capsys: pytest.CaptureFixt
     assert '| `scenario` | `"synthetic"` |' in table and "| `state-dir` |" in table and "runs/&lt;run-id&gt;/" in table
 
 
+def test_settings_write_replaces_only_the_tables_and_refuses_a_page_without_markers(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from shared.federation import reference
+
+    page = tmp_path / "page.md"
+    page.write_text(f"# Title\n\nbefore\n{reference.DOCS_START}\nstale table\n{reference.DOCS_END}\nafter\n", encoding="utf-8")
+    assert main(["settings", "--write", str(page)]) == 0
+    assert capsys.readouterr().out == f"{page}: settings tables written\n"
+    written = page.read_text(encoding="utf-8")
+    assert written == f"# Title\n\nbefore\n{reference.DOCS_START}\n{reference.as_markdown()}\n{reference.DOCS_END}\nafter\n"
+    assert main(["settings", "--write", str(page)]) == 0
+    assert "already up to date" in capsys.readouterr().out and page.read_text(encoding="utf-8") == written
+
+    bare = tmp_path / "bare.md"
+    bare.write_text("# No markers here\n", encoding="utf-8")
+    assert main(["settings", "--write", str(bare)]) == 2
+    err = capsys.readouterr().err
+    assert str(bare) in err and reference.DOCS_START in err and "(found 0)" in err
+    assert bare.read_text(encoding="utf-8") == "# No markers here\n"
+
+
 def test_data_generate(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["data", "generate", str(tmp_path), "--domains", "2", "--users", "30", "--items", "20"]) == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["books", "games"]

@@ -93,10 +93,8 @@ def test_relative_links_resolve(doc: Path) -> None:
 def test_the_settings_reference_in_the_docs_is_what_fedxrec_settings_prints() -> None:
     from shared.federation import reference
 
-    text = (ROOT / "docs" / "federation.md").read_text(encoding="utf-8")
-    assert reference.DOCS_START in text and reference.DOCS_END in text, "docs/federation.md lost its settings reference markers"
-    copy = text.split(reference.DOCS_START, 1)[1].split(reference.DOCS_END, 1)[0].strip()
-    assert copy == reference.as_markdown(), (
-        "docs/federation.md's settings tables differ from the code's: paste the output of `fedxrec settings --markdown` "
-        "between its two reference markers"
+    page = ROOT / "docs" / "federation.md"
+    text = page.read_text(encoding="utf-8")
+    assert reference.with_tables(text, where=str(page)) == text, (
+        "docs/federation.md's settings tables differ from the code's help strings: run `make docs` to write them"
     )

@@ -2,7 +2,7 @@
 
 Written from the definitions the code checks against (the help of each ``FederationSettings`` field and
 ``scenario.NODE_CONFIG``, whose help names each key's default), so that ``fedxrec settings`` and the reference tables in docs/federation.md say what a
-run accepts, and a test keeps the docs' copy equal to this output.
+run accepts. ``make docs`` writes the docs' copy (:func:`with_tables`) and a test keeps it equal to this output.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from shared.federation.scenario import NODE_CONFIG
 from shared.federation.settings import FederationSettings, run_config_key
 
 # The docs' copy of the tables sits between these two lines of docs/federation.md.
-DOCS_START = "<!-- settings reference: written by `fedxrec settings --markdown`; tests/test_docs.py checks it -->"
+DOCS_START = "<!-- settings reference: written by `make docs` (fedxrec settings --write); tests/test_docs.py checks it -->"
 DOCS_END = "<!-- end of settings reference -->"
 
 
@@ -57,3 +57,21 @@ def as_markdown() -> str:
     lines += ["", "**Partner settings** (a SuperNode's `--node-config`):", "", "| key | what it does |", "|---|---|"]
     lines += [f"| `{key}` | {_cell(text)} |" for key, text in NODE_CONFIG.items()]
     return "\n".join(lines)
+
+
+def with_tables(text: str, *, where: str) -> str:
+    """``text`` (a Markdown page, ``where`` names it in errors) with the lines between ``DOCS_START`` and
+    ``DOCS_END`` replaced by :func:`as_markdown`; everything else is kept byte for byte."""
+    missing = [marker for marker in (DOCS_START, DOCS_END) if text.count(marker) != 1]
+    if missing:
+        raise ValueError(
+            f"{where}: expected each of these lines exactly once, around the settings tables: "
+            + "; ".join(f"{marker} (found {text.count(marker)})" for marker in missing)
+        )
+    head, rest = text.split(DOCS_START)
+    if DOCS_END not in rest:
+        raise ValueError(f"{where}: the line {DOCS_END} comes before {DOCS_START}; it must follow it")
+    _, tail = rest.split(DOCS_END)
+    if not (head == "" or head.endswith("\n")) or not (tail == "" or tail.startswith("\n")):
+        raise ValueError(f"{where}: the settings reference markers must each be on a line of their own")
+    return f"{head}{DOCS_START}\n{as_markdown()}\n{DOCS_END}{tail}"

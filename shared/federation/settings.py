@@ -56,7 +56,12 @@ class FederationSettings:
     )
     adapter: str = field(default="moe", metadata={"help": "shared adapter kind: 'moe'"})
     moe_n_experts: int = field(default=4, metadata={"help": "moe adapter: experts"})
-    moe_dim: int = field(default=128, metadata={"help": "moe adapter: output width"})
+    moe_dim: int = field(
+        default=128,
+        metadata={
+            "help": f"moe adapter: output width, a multiple of {PARTNER_HEAD_HEADS} (each partner's head attends over it with {PARTNER_HEAD_HEADS} heads)"
+        },
+    )
     lr: float = field(default=1e-3, metadata={"help": "local learning rate"})
     optimizer: str = field(default="adamw", metadata={"help": "local optimizer: 'adamw', or 'sgd' (momentum 0.9)"})
     batch_size: int = field(default=64, metadata={"help": "expected users per step (Poisson sampling under DP)"})

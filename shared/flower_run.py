@@ -28,8 +28,8 @@ def _free_port() -> int:
 
 
 def ray_settings(env: Mapping[str, str]) -> dict[str, str]:
-    """The environment every simulation here runs Ray and Flower with (``make demo`` and the
-    experiment scripts, :mod:`simulations.runner`)."""
+    """The Ray and Flower settings of every simulation here (``make demo``, the experiment scripts and the
+    CI simulation test all run :func:`flwr_run`)."""
     return {
         "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",  # keeps every Ray socket on loopback
         "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",

@@ -1,4 +1,4 @@
-"""Researchers' simulations and experiments: many partners in one process through Flower's simulation engine."""
+"""Researchers' simulations and experiments: many partners on one machine through Flower's simulation engine (``flwr run``)."""
 
 # Before any script here imports flwr: shared/__init__.py turns Flower's usage telemetry off.
 import shared  # noqa: F401

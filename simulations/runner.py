@@ -1,38 +1,22 @@
-"""Run the real ServerApp and ClientApp in Flower's simulation engine, in this process.
+"""Run the real ServerApp and ClientApp with ``flwr run`` in Flower's simulation engine, as a user would.
 
-``flwr.simulation.run_simulation`` gives the ServerApp an empty run config; here
-the ServerApp's ``main`` receives the run config that ``flwr run`` would give it.
-Used by the experiments and by the CI simulation test.
+Each federation gets its own local SuperLink (simulation mode, Ray) on 127.0.0.1 and its own Flower
+home, both gone when it ends (:func:`shared.flower_run.flwr_run`, what ``make demo`` runs). Used by the
+experiment scripts and by the CI simulation test. Flower 1.41 deprecates the in-process
+``flwr.simulation.run_simulation`` these runs used before.
 """
 
 from __future__ import annotations
 
-import os
 import shutil
 import tempfile
 from pathlib import Path
 
-from flwr.app import Context
-from flwr.serverapp import Grid, ServerApp
-from flwr.simulation import run_simulation
-
-from client.client_app import app as client_app
-from server.server_app import main as server_main
+from server.run_folder import RunFolder
 from shared.checks import number_from_env
 from shared.device import why_no_gpu
-from shared.flower_run import ray_settings
-
-
-def server_with_config(run_config: dict[str, object]) -> ServerApp:
-    app = ServerApp()
-
-    @app.main()
-    def _main(grid: Grid, context: Context) -> None:
-        context.run_config = run_config  # type: ignore[assignment]
-        server_main(grid, context)
-
-    return app
-
+from shared.federation.settings import settings_from_run_config
+from shared.flower_run import flwr_run
 
 GPU_SHARE_ENV = "FEDXREC_GPUS_PER_PARTNER"
 
@@ -46,33 +30,31 @@ def gpu_share() -> float:
     return share or 0.0
 
 
-def simulate(run_config: dict[str, object], *, partners: int, client_cpus: float = 1.0, client_gpus: float | None = None) -> Path:
-    """Runs one federation; returns its run folder. ``client_gpus``: each partner's share of a GPU
-    (default: :func:`gpu_share`)."""
+def simulate(run_config: dict[str, object], *, partners: int, client_cpus: int = 1, client_gpus: float | None = None) -> Path:
+    """Runs one federation of ``partners`` simulated partners to its last round; returns its run folder.
+
+    ``run_config`` overrides ``[tool.flwr.app.config]`` and must name ``runs-dir`` and ``run-id`` (an
+    existing run resumes); relative paths in it are taken from this process's working folder.
+    ``client_gpus``: each partner's share of a GPU (default: :func:`gpu_share`). A run that stops
+    before its last round raises: ``flwr run`` itself can exit 0 when the ServerApp failed."""
     client_gpus = gpu_share() if client_gpus is None else client_gpus
-    ours = "RAY_TMPDIR" not in os.environ  # a folder the caller chose is the caller's to remove
-    ray_tmp = Path(os.environ.setdefault("RAY_TMPDIR", f"/tmp/fedxrec-ray-{os.getpid()}"))
-    # Flower keeps an id file in its home (~/.flwr), even with telemetry off: not in the user's home
-    flwr_home = None if "FLWR_HOME" in os.environ else tempfile.mkdtemp(prefix="fedxrec-flwr-")
-    if flwr_home:
-        os.environ["FLWR_HOME"] = flwr_home
-    for key, value in ray_settings(os.environ).items():
-        os.environ.setdefault(key, value)
+    missing = [key for key in ("runs-dir", "run-id") if not run_config.get(key)]
+    if missing:
+        raise ValueError(f"simulate: the run config needs {' and '.join(missing)}, so that the run folder is known")
+    config = dict(run_config)
+    rounds = settings_from_run_config(config).rounds  # every bad key or value named before a SuperLink starts
+    for key in ("runs-dir", "scenario", "partners-file"):  # the ServerApp runs in a process of Flower's, elsewhere
+        value = config.get(key)
+        if isinstance(value, str) and value and not (key == "scenario" and value == "synthetic"):
+            config[key] = str(Path(value).resolve())
+    run = Path(str(config["runs-dir"])) / str(config["run-id"])
+    # a Flower home of its own: the local SuperLink's database and connection file, never the user's ~/.flwr
+    flwr_home = Path(tempfile.mkdtemp(prefix="fedxrec-flwr-"))
     try:
-        run_simulation(
-            server_app=server_with_config(run_config),
-            client_app=client_app,
-            num_supernodes=partners,
-            backend_config={
-                "client_resources": {"num_cpus": client_cpus, "num_gpus": client_gpus},
-                "init_args": {"num_cpus": os.cpu_count() or 2, "include_dashboard": False},
-            },
-        )
+        status = flwr_run(run_config=config, partners=partners, flwr_home=flwr_home, client_cpus=client_cpus, client_gpus=client_gpus)
     finally:
-        if ours:  # Ray's session files (Flower has shut Ray down); the next run starts a new session
-            shutil.rmtree(ray_tmp, ignore_errors=True)
-            del os.environ["RAY_TMPDIR"]
-        if flwr_home:
-            shutil.rmtree(flwr_home, ignore_errors=True)
-            del os.environ["FLWR_HOME"]
-    return Path(str(run_config["runs-dir"])) / str(run_config["run-id"])
+        shutil.rmtree(flwr_home, ignore_errors=True)
+    done = RunFolder(run).last_round() if run.is_dir() else 0
+    if status != 0 or done < rounds:
+        raise RuntimeError(f"the federation {run} stopped after round {done} of {rounds} (flwr run exit status {status}); its log is above")
+    return run

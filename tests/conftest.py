@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import os
-import shutil
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from shared.data.synthetic import SyntheticConfig, generate
 from shared.encoder import make_tiny_encoder
+from tests.processes import adopt_orphans
 
 REAL_DATA = Path(os.environ.get("FEDXREC_REAL_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data"))
 
@@ -48,16 +47,12 @@ def synthetic(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
 
 
 @pytest.fixture
-def ray_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
-    ray_tmp = Path("/tmp") / f"fedxrec-ray-{tmp_path.name[-20:]}"  # Ray's socket paths must stay short
-    monkeypatch.setenv("RAY_TMPDIR", str(ray_tmp))
-    monkeypatch.setenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+def simulation_processes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """For a test that runs federations through ``flwr run`` (``simulations.runner.simulate``): every
+    process they start stays this process's descendant, even one whose parent exits first, so the
+    test's leak check sees it; Ray's log lines are not merged."""
+    adopt_orphans()
     monkeypatch.setenv("RAY_DEDUP_LOGS", "0")
-    monkeypatch.setenv("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
-    monkeypatch.setenv("FLWR_DISABLE_UPDATE_CHECK", "1")
-    monkeypatch.setenv("FLWR_HOME", str(tmp_path / "flwr"))  # Flower keeps files there, not in the user's home
-    yield ray_tmp
-    shutil.rmtree(ray_tmp, ignore_errors=True)  # Ray's session files, outside tmp_path for its short socket paths
 
 
 @pytest.fixture

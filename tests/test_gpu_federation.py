@@ -87,7 +87,8 @@ def test_a_partner_on_the_gpu_encodes_its_catalogue_there(tmp_path: Path, monkey
     assert on_gpu.fingerprint == on_cpu.fingerprint  # the cache's key does not depend on the device
 
 
-def test_simulated_partners_share_one_gpu_through_flowers_engine(tmp_path: Path, ray_env: Path) -> None:
+@pytest.mark.usefixtures("simulation_processes")
+def test_simulated_partners_share_one_gpu_through_flowers_engine(tmp_path: Path) -> None:
     """Two partners with half a GPU each (client-resources-num-gpus = 0.5) train a DP round on it."""
     config = {"rounds": 1, "runs-dir": str(tmp_path / "runs"), "run-id": "gpu", "batch-size": 128, "device": "cuda"}
     run = run_federation(config, partners=2, client_gpus=0.5)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import signal
+import subprocess
 import threading
 from pathlib import Path
 
@@ -24,7 +26,7 @@ from simulations import compare_runs
 from simulations.federations import federated_model, popularity
 from simulations.runner import simulate as run_federation
 from tests.browser import assert_page_shows_every_partner
-from tests.processes import descendants, is_loopback, listening_addresses, niceness, wait_for_exit
+from tests.processes import adopt_orphans, descendants, is_loopback, listening_addresses, niceness, wait_for_exit
 
 
 def simulate(run_config: dict[str, object], *, partners: int = 3) -> tuple[set[str], set[int]]:
@@ -75,6 +77,27 @@ def test_every_simulation_runs_flower_without_telemetry(tmp_path: Path, monkeypa
     assert simulation_env(tmp_path / "home", tmp_path / "ray")["FLWR_TELEMETRY_ENABLED"] == "1"
 
 
+def test_an_experiment_run_config_is_checked_before_flower_starts(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"unknown run-config key 'rouns'; did you mean 'rounds'\?"):
+        run_federation({"runs-dir": str(tmp_path), "run-id": "r", "rouns": 2}, partners=2)
+    with pytest.raises(ValueError, match="the run config needs run-id, so that the run folder is known"):
+        run_federation({"runs-dir": str(tmp_path)}, partners=2)
+    assert not any(tmp_path.iterdir())
+
+
+def test_a_leak_check_sees_a_process_whose_parent_has_exited() -> None:
+    # flwr run starts its local SuperLink detached; what outlives its parent must still count as ours
+    adopt_orphans()
+    before = descendants()
+    shell = subprocess.run(["sh", "-c", "sleep 30 > /dev/null 2>&1 & echo $!"], check=True, capture_output=True, text=True)
+    try:  # sh has exited; its sleep lives on
+        assert descendants() - before == {int(shell.stdout)}
+    finally:
+        for pid in descendants() - before:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)  # now our child: reap it
+
+
 def test_flowers_commands_are_found_on_path_where_they_are_not_beside_python(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -97,7 +120,8 @@ def test_flowers_commands_are_found_on_path_where_they_are_not_beside_python(
 
 
 @pytest.mark.slow
-def test_dp_federation_writes_a_complete_run_folder(tmp_path: Path, ray_env: Path) -> None:
+@pytest.mark.usefixtures("simulation_processes")
+def test_dp_federation_writes_a_complete_run_folder(tmp_path: Path) -> None:
     before = descendants()
     # calibrate-prior (scoring only): the comparisons below must score the models as the partners did
     config = {
@@ -201,12 +225,11 @@ def test_dp_federation_writes_a_complete_run_folder(tmp_path: Path, ray_env: Pat
 
 
 @pytest.mark.slow
-def test_many_partners_on_generated_data_and_a_sample_of_them_each_round(
-    tmp_path: Path, ray_env: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+@pytest.mark.usefixtures("simulation_processes")
+def test_many_partners_on_generated_data_and_a_sample_of_them_each_round(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Six partners (the five kinds of generated catalogue, then books-2), half of them trained in the round."""
     before = descendants()
-    monkeypatch.delenv("FLWR_HOME")  # as an experiment script runs: Flower's home is the runner's to choose
+    monkeypatch.delenv("FLWR_HOME", raising=False)  # Flower's default home would be ~/.flwr: the runner keeps its own
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     flower_homes = set(Path("/tmp").glob("fedxrec-flwr-*"))
     config = {"rounds": 1, "fraction-train": 0.5, "runs-dir": str(tmp_path / "runs"), "run-id": "six", "batch-size": 128}

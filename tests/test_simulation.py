@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -75,6 +76,16 @@ def test_every_simulation_runs_flower_without_telemetry(tmp_path: Path, monkeypa
     assert env["FLWR_TELEMETRY_ENABLED"] == "0" and env["FLWR_HOME"] == str(tmp_path / "home")
     monkeypatch.setenv("FLWR_TELEMETRY_ENABLED", "1")  # a user who chose to send it
     assert simulation_env(tmp_path / "home", tmp_path / "ray")["FLWR_TELEMETRY_ENABLED"] == "1"
+
+
+def test_flowers_log_lines_are_printed_once_though_opacus_configures_the_root_logger() -> None:
+    # importing opacus gives the root logger a handler (logging.basicConfig); Flower's lines must not reach it
+    code = "import {first}; import opacus; from flwr.common.logger import log; log(20, 'one line')"
+    counts = []
+    for first in ("shared", "sys"):  # sys: without fedxrec's package, Flower's logger propagates
+        done = subprocess.run([sys.executable, "-c", code.format(first=first)], capture_output=True, text=True, check=True, timeout=120)
+        counts.append((done.stdout + done.stderr).count("one line"))
+    assert counts == [1, 2]
 
 
 def test_an_experiment_run_config_is_checked_before_flower_starts(tmp_path: Path) -> None:

@@ -81,10 +81,18 @@ class TextEncoder:
         device: str = "cpu",
     ) -> None:
         from transformers import AutoModel, AutoTokenizer
+        from transformers.utils import logging as transformers_logging
 
         self.model_path = Path(model_path) if model_path else default_model_path()
         self.tokenizer = AutoTokenizer.from_pretrained(str(self.model_path))
-        self.model = AutoModel.from_pretrained(str(self.model_path)).eval()  # moved to ``device`` when it first encodes
+        # a progress bar for reading a local folder is noise in every partner's log (twice per process)
+        bars = transformers_logging.is_progress_bar_enabled()
+        transformers_logging.disable_progress_bar()
+        try:
+            self.model = AutoModel.from_pretrained(str(self.model_path)).eval()  # moved to ``device`` when it first encodes
+        finally:
+            if bars:
+                transformers_logging.enable_progress_bar()
         for p in self.model.parameters():
             p.requires_grad_(False)
         self.batch_size = batch_size

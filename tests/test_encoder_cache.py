@@ -66,3 +66,14 @@ def test_an_encoder_moved_to_a_device_it_cannot_reach_moves_nothing_while_the_ca
     assert next(encoder.model.parameters()).device.type == "cpu"
     encoder.use("cpu")
     np.testing.assert_allclose(encoder.encode(TEXTS[:1]), vectors[:1], atol=1e-6)
+
+
+def test_loading_the_encoder_draws_no_progress_bar_and_keeps_the_users_setting(
+    tiny_encoder: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    from transformers.utils import logging as transformers_logging
+
+    assert transformers_logging.is_progress_bar_enabled()  # transformers' default
+    TextEncoder(tiny_encoder)
+    assert "Loading weights" not in "".join(capfd.readouterr())
+    assert transformers_logging.is_progress_bar_enabled()  # on again for anything else the user loads

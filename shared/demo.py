@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from shared.flower_run import PROJECT, flwr_run
+from shared.flower_run import PROJECT, run_federation
 
 
 def run_demo(*, out: Path, rounds: int = 3, epsilon: float = 8.0, partners: int = 3, gpus_per_partner: float = 0.0) -> int:
@@ -24,13 +24,12 @@ def run_demo(*, out: Path, rounds: int = 3, epsilon: float = 8.0, partners: int 
     config = {"rounds": rounds, "target-epsilon": epsilon, "runs-dir": str(runs), "run-id": run_id, "scenario": "synthetic"}
     where = f"{gpus_per_partner:g} of a GPU each" if gpus_per_partner else "on the CPU"
     print(f"fedxrec demo: {partners} partners ({where}), {rounds} rounds, DP at epsilon {epsilon:g}; run folder {runs / run_id}")
-    status = flwr_run(run_config=config, partners=partners, flwr_home=PROJECT / ".flwr", client_gpus=gpus_per_partner)
-    summary_path = runs / run_id / "summary.json"
-    if status != 0 or not summary_path.is_file():
-        # flwr run can exit 0 when the ServerApp failed: the missing summary is what tells
-        print(f"fedxrec demo: the Flower run did not finish (flwr run exit status {status}, no {summary_path}); see the log above")
-        return status or 1
-    print("\n" + partner_table(json.loads(summary_path.read_text()), epsilon=epsilon))
+    try:
+        run = run_federation(run_config=config, partners=partners, flwr_home=PROJECT / ".flwr", client_gpus=gpus_per_partner)
+    except RuntimeError as err:  # a round missing from the run folder, whatever flwr run's exit status
+        print(f"fedxrec demo: {err}")
+        return 1
+    print("\n" + partner_table(json.loads((run / "summary.json").read_text()), epsilon=epsilon))
     print(f"\nrun folder: {runs / run_id} (config.json, manifest.json, metrics.jsonl, ledger/, adapter/, summary.md)")
     print(f"privacy report: fedxrec privacy report {runs / run_id}")
     return 0

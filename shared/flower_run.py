@@ -116,6 +116,37 @@ def flwr_run(*, run_config: dict[str, object], partners: int, flwr_home: Path, c
         shutil.rmtree(ray_tmp, ignore_errors=True)  # Ray's session files; the run's log was streamed above
 
 
+def run_federation(
+    *, run_config: dict[str, object], partners: int, flwr_home: Path, client_cpus: int = 1, client_gpus: float = 0.0
+) -> Path:
+    """:func:`flwr_run` of one federation to its last round; returns its run folder (``make demo`` and the
+    experiment scripts).
+
+    ``run_config`` overrides ``[tool.flwr.app.config]`` and must name ``runs-dir`` and ``run-id`` (an existing
+    run resumes); it is checked before anything starts, and its relative paths are taken from this process's
+    working folder, as the ServerApp runs in a process of Flower's, elsewhere. Raises ``RuntimeError`` when
+    the run folder lacks one of the rounds asked for: ``flwr run`` can exit 0 when the ServerApp failed, and
+    a run that stops early still writes its summary."""
+    from server.run_folder import RunFolder
+    from shared.federation.settings import settings_from_run_config
+
+    missing = [key for key in ("runs-dir", "run-id") if not run_config.get(key)]
+    if missing:
+        raise ValueError(f"the run config needs {' and '.join(missing)}, so that the run folder is known")
+    config = dict(run_config)
+    rounds = settings_from_run_config(config).rounds  # every bad key or value named before a SuperLink starts
+    for key in ("runs-dir", "scenario", "partners-file"):
+        value = config.get(key)
+        if isinstance(value, str) and value and not (key == "scenario" and value == "synthetic"):
+            config[key] = str(Path(value).resolve())
+    run = Path(str(config["runs-dir"])) / str(config["run-id"])
+    status = flwr_run(run_config=config, partners=partners, flwr_home=flwr_home, client_cpus=client_cpus, client_gpus=client_gpus)
+    done = RunFolder(run).last_round() if run.is_dir() else 0
+    if status != 0 or done < rounds:
+        raise RuntimeError(f"the federation {run} stopped after round {done} of {rounds} (flwr run exit status {status}); its log is above")
+    return run
+
+
 def _toml(value: object) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"

@@ -1,7 +1,9 @@
-"""Every relative link in the Markdown docs points at a file that exists and, with ``#anchor``, at one of its headings.
+"""The Markdown docs: every relative link points at a file that exists and, with ``#anchor``, at one of its
+headings; every table renders as written; the settings reference is what the code's help strings say.
 
 The docs link across files by section (README → docs/federation.md#report, ...); a renamed heading or a moved
-section would otherwise leave a dead link that nothing notices.
+section would otherwise leave a dead link that nothing notices. A table row that loses its closing ``|`` or a
+paragraph written right under a table renders as a broken table, which reads fine in the source.
 """
 
 from __future__ import annotations
@@ -98,3 +100,51 @@ def test_the_settings_reference_in_the_docs_is_what_fedxrec_settings_prints() ->
     assert reference.with_tables(text, where=str(page)) == text, (
         "docs/federation.md's settings tables differ from the code's help strings: run `make docs` to write them"
     )
+
+
+UNESCAPED_PIPE = re.compile(r"(?<!\\)\|")
+
+
+def table_problems(lines: tuple[str, ...]) -> list[tuple[int, str]]:
+    """Where a Markdown table would not render as meant: (line number, what is wrong).
+
+    GitHub's renderer counts a cell at every unescaped ``|`` (inside code spans too), and
+    a table goes on until a blank line: a paragraph that follows a table directly is read
+    as one more row.
+    """
+    problems: list[tuple[int, str]] = []
+    index = 0
+    while index < len(lines):
+        if not lines[index].lstrip().startswith("|"):  # a table in a list item is indented
+            index += 1
+            continue
+        start = index
+        while index < len(lines) and lines[index].lstrip().startswith("|"):
+            index += 1
+        width = len(UNESCAPED_PIPE.findall(lines[start]))
+        for number in range(start, index):
+            row = lines[number].rstrip()
+            if not row.endswith("|"):
+                problems.append((number + 1, "the row does not end with '|'"))
+            elif len(UNESCAPED_PIPE.findall(row)) != width:
+                cells = len(UNESCAPED_PIPE.findall(row)) - 1
+                problems.append((number + 1, f"{cells} cells where the header has {width - 1} (write a '|' in a cell as '\\|')"))
+        if start + 1 < index and not re.fullmatch(r"\|(\s*:?-+:?\s*\|)+", lines[start + 1].strip()):
+            problems.append((start + 2, "the table's second line is not its |---| separator"))
+        following = lines[index] if index < len(lines) else ""
+        if following.strip() and not following.lstrip().startswith("<!--"):
+            problems.append((index + 1, "no blank line after the table: this line would render as one more row"))
+    return problems
+
+
+def test_table_problems_are_found() -> None:
+    whole = ("| a | b |", "|---|:-:|", "| `x \\| y` | 2 |", "", "  | in | a list |", "  |---|---|", "")
+    assert table_problems(whole) == []
+    broken = ("| a | b |", "|---|---|", "| 1 | 2 | 3 |", "| 1 | 2 | text that", "goes on")
+    assert [number for number, _ in table_problems(broken)] == [3, 4, 5]
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=lambda p: str(p.relative_to(ROOT)))
+def test_tables_render_as_written(doc: Path) -> None:
+    found = [f"{doc.relative_to(ROOT)}:{number}: {why}" for number, why in table_problems(prose_lines(doc))]
+    assert not found, "tables that would not render as written:\n" + "\n".join(found)

@@ -19,7 +19,7 @@ from shared.flower_run import PROJECT, run_federation
 
 def run_demo(*, out: Path, rounds: int = 3, epsilon: float = 8.0, partners: int = 3, gpus_per_partner: float = 0.0) -> int:
     """``gpus_per_partner`` > 0: each partner trains on that share of a GPU (run setting ``device = "auto"``)."""
-    runs = (out if out.is_absolute() else Path.cwd() / out).resolve()
+    runs = out.resolve()
     run_id = time.strftime("demo-%Y%m%d-%H%M%S")
     config = {"rounds": rounds, "target-epsilon": epsilon, "runs-dir": str(runs), "run-id": run_id, "scenario": "synthetic"}
     where = f"{gpus_per_partner:g} of a GPU each" if gpus_per_partner else "on the CPU"
@@ -30,8 +30,8 @@ def run_demo(*, out: Path, rounds: int = 3, epsilon: float = 8.0, partners: int 
         print(f"fedxrec demo: {err}")
         return 1
     print("\n" + partner_table(json.loads((run / "summary.json").read_text()), epsilon=epsilon))
-    print(f"\nrun folder: {runs / run_id} (config.json, manifest.json, metrics.jsonl, ledger/, adapter/, summary.md)")
-    print(f"privacy report: fedxrec privacy report {runs / run_id}")
+    print(f"\nrun folder: {run} (config.json, manifest.json, metrics.jsonl, ledger/, adapter/, summary.md)")
+    print(f"privacy report: fedxrec privacy report {run}")
     return 0
 
 

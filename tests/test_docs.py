@@ -121,14 +121,14 @@ def table_problems(lines: tuple[str, ...]) -> list[tuple[int, str]]:
         start = index
         while index < len(lines) and lines[index].lstrip().startswith("|"):
             index += 1
-        width = len(UNESCAPED_PIPE.findall(lines[start]))
+        header_cells = len(UNESCAPED_PIPE.findall(lines[start])) - 1
         for number in range(start, index):
             row = lines[number].rstrip()
+            cells = len(UNESCAPED_PIPE.findall(row)) - 1
             if not row.endswith("|"):
                 problems.append((number + 1, "the row does not end with '|'"))
-            elif len(UNESCAPED_PIPE.findall(row)) != width:
-                cells = len(UNESCAPED_PIPE.findall(row)) - 1
-                problems.append((number + 1, f"{cells} cells where the header has {width - 1} (write a '|' in a cell as '\\|')"))
+            elif cells != header_cells:
+                problems.append((number + 1, f"{cells} cells where the header has {header_cells} (write a '|' in a cell as '\\|')"))
         if start + 1 < index and not re.fullmatch(r"\|(\s*:?-+:?\s*\|)+", lines[start + 1].strip()):
             problems.append((start + 2, "the table's second line is not its |---| separator"))
         following = lines[index] if index < len(lines) else ""

@@ -31,8 +31,10 @@ learnt from every catalogue's histories would be worth sending.
 
 Each partner is scored after every ``local-epochs`` passes (a round's worth),
 and its final models user by user against each other
-(:func:`simulations.compare_runs.paired`). Writes ``centralised.md`` and
-``centralised.json``.
+(:func:`simulations.compare_runs.paired`): as trained, and again with each
+model's prior weight calibrated on its own valid users
+(:func:`shared.training.calibrate_prior`, the model a partner keeps with run
+setting ``calibrate-prior``). Writes ``centralised.md`` and ``centralised.json``.
 """
 
 from __future__ import annotations
@@ -54,6 +56,7 @@ from shared.federation.adapter import initial_adapter
 from shared.federation.settings import FederationSettings
 from shared.model.recommender import DomainModel
 from shared.privacy.item_counts import user_weighted_counts
+from shared.training import DomainRun, calibrate_prior
 from simulations.common import machine, write_report
 from simulations.compare_runs import paired, scenario_partners, user_scores
 
@@ -140,36 +143,52 @@ def run_arm(
     *,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
-    """Trains one arm's models (:func:`arm_models`) from the start: each partner's history and
-    per-user scores at the end. Pooled, all partners train together; alone, each by itself."""
+    """Trains one arm's models (:func:`arm_models`) from the start: each partner's history, its
+    per-user scores at the end, and (``calibrated``) the factor on its prior's weight that its
+    valid users rank best and its per-user scores with it; the models are left so calibrated.
+    Pooled, all partners train together; alone, each by itself."""
     groups = [list(models)] if arm == "pooled" else [[name] for name in models]
     arm_scores: dict[str, Any] = {}
     for group in groups:
         history, final = train_together({n: models[n] for n in group}, data, settings, log=log)
         arm_scores.update({n: {"history": history[n], "scores": final[n]} for n in group})
+    for name, model in models.items():  # after training: the prior's weight is private, one per partner
+        factor, _ = calibrate_prior(DomainRun(data[name].split, model))
+        arm_scores[name]["calibrated"] = {"factor": factor, "scores": user_scores(model, data[name].split)}
+        log(f"{arm}: {name}'s prior weight calibrated x{factor:g}")
     return arm_scores
 
 
+def change_cells(row: dict[str, Any]) -> str:
+    """A paired comparison's test change with its 95 % interval (bold when it excludes 0), and its z."""
+    test = row["test"]
+    if test["change-interval"] is None:  # the baseline hit no test item: no change to state as a fraction of it
+        return f"{test['difference']:+.4f} (NDCG@10, not a fraction) | {test['z']:+.2f}"
+    low, high = test["change-interval"]
+    bold = "**" if low > 0 or high < 0 else ""
+    return f"{bold}{test['change']:+.1%}{bold} ({low:+.1%} to {high:+.1%}) | {test['z']:+.2f}"
+
+
 def table(names: list[str], arms: dict[str, dict[str, Any]], rows: dict[str, dict[str, Any]]) -> list[str]:
-    """One line per partner: its test NDCG@10 alone and pooled after each round, and the final change."""
+    """One line per partner: its test NDCG@10 alone and pooled after each round, the final change
+    as trained, and the change with each side's prior weight calibrated (``rows[name]["calibrated"]``)."""
     rounds = len(arms["alone"][names[0]]["history"])
     lines = [
         "| partner | "
         + " | ".join(f"alone / pooled, round {r + 1}" for r in range(rounds))
-        + " | change in test NDCG@10 (95 % interval) | z | change in valid NDCG@10 |",
-        "|---|" + "---|" * (rounds + 3),
+        + " | change in test NDCG@10 (95 % interval) | z | change in valid NDCG@10 "
+        + "| prior's factor, alone / pooled | calibrated: change in test NDCG@10 (95 % interval) | z |",
+        "|---|" + "---|" * (rounds + 6),
     ]
     for name in names:
         steps = [
             f"{a['test']:.4f} / {p['test']:.4f}"
             for a, p in zip(arms["alone"][name]["history"], arms["pooled"][name]["history"], strict=True)
         ]
-        test, valid = rows[name]["test"], rows[name]["valid"]
-        low, high = test["change-interval"]
-        bold = "**" if low > 0 or high < 0 else ""
+        factors = " / ".join(f"{arms[arm][name]['calibrated']['factor']:g}" for arm in ARMS)
         lines.append(
-            f"| {name} | {' | '.join(steps)} | {bold}{test['change']:+.1%}{bold} ({low:+.1%} to {high:+.1%}) "
-            f"| {test['z']:+.2f} | {valid['change']:+.1%} |"
+            f"| {name} | {' | '.join(steps)} | {change_cells(rows[name])} | {rows[name]['valid']['change']:+.1%} "
+            f"| {factors} | {change_cells(rows[name]['calibrated'])} |"
         )
     return lines
 
@@ -202,13 +221,20 @@ def main(argv: list[str] | None = None) -> None:
     data = {s.name: partner.partner_data(s, max_len=partner.HEAD.max_len) for s in specs}  # read once, for both arms
     arms = {arm: run_arm(arm, arm_models(arm, data, settings), data, settings) for arm in ARMS}
     names = [s.name for s in specs]
-    rows = {name: paired(arms["pooled"][name]["scores"], arms["alone"][name]["scores"]) for name in names}
+    rows = {
+        name: {
+            **paired(arms["pooled"][name]["scores"], arms["alone"][name]["scores"]),
+            "calibrated": paired(arms["pooled"][name]["calibrated"]["scores"], arms["alone"][name]["calibrated"]["scores"]),
+        }
+        for name in names
+    }
     minutes = (time.monotonic() - started) / 60
     lines = [
         f"`{args.scenario}`, {args.rounds} rounds x {args.local_epochs} local epochs, seed {args.seed}, without DP, "
         f"{'the head trained too (shared when pooled)' if args.share_head else 'the head at identity'}; "
         f"test NDCG@10 of each partner's model trained alone / pooled with the others' data after each round, "
-        f"and the final change, paired user by user (bold: the interval excludes 0). {machine()}, {minutes:.0f} min.",
+        f"and the final change, paired user by user (bold: the interval excludes 0), as trained and with each model's "
+        f"prior weight calibrated on its valid users. {machine()}, {minutes:.0f} min.",
         "",
         *table(names, arms, rows),
     ]
@@ -225,7 +251,14 @@ def main(argv: list[str] | None = None) -> None:
                 "seed": args.seed,
                 "share-head": args.share_head,
             },
-            "partners": {n: {"history": {arm: arms[arm][n]["history"] for arm in ARMS}, **rows[n]} for n in names},
+            "partners": {
+                n: {
+                    "history": {arm: arms[arm][n]["history"] for arm in ARMS},
+                    "prior-factor": {arm: arms[arm][n]["calibrated"]["factor"] for arm in ARMS},
+                    **rows[n],
+                }
+                for n in names
+            },
             "minutes": minutes,
         },
     )

@@ -11,6 +11,7 @@ import torch
 from client import partner
 from shared.federation.scenario import PartnerSpec, synthetic_scenario
 from shared.federation.settings import FederationSettings
+from shared.training import PRIOR_SCALES
 from simulations import centralised
 from simulations.federations import scenario_file
 
@@ -55,12 +56,16 @@ def test_the_command_writes_a_row_per_partner_with_each_rounds_scores(tmp_path: 
     centralised.main(["--scenario", str(scenario), "--rounds", "2", "--local-epochs", "1", "--batch-size", "32", "--out", str(out)])
     lines = (out / "centralised.md").read_text().splitlines()
     assert lines[2].startswith("| partner | alone / pooled, round 1 | alone / pooled, round 2 | change in test NDCG@10")
+    assert "| prior's factor, alone / pooled | calibrated: change in test NDCG@10" in lines[2]
     assert [line.split(" | ")[0] for line in lines[4:]] == [f"| {s.name}" for s in specs]
+    assert all(line.count("|") == lines[2].count("|") for line in lines[3:])
     result = json.loads((out / "centralised.json").read_text())
     for s in specs:
         row = result["partners"][s.name]
         assert [h["round"] for h in row["history"]["pooled"]] == [1, 2]
         assert row["test"]["users"] > 0 and "z" in row["test"]
+        assert set(row["prior-factor"]) == {"alone", "pooled"} and all(f in PRIOR_SCALES for f in row["prior-factor"].values())
+        assert row["calibrated"]["test"]["users"] == row["test"]["users"]
 
 
 def test_pooling_needs_two_partners(books_and_games: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -58,7 +58,7 @@ from shared.model.recommender import DomainModel
 from shared.privacy.item_counts import user_weighted_counts
 from shared.training import DomainRun, calibrate_prior
 from simulations.common import machine, write_report
-from simulations.compare_runs import paired, scenario_partners, user_scores
+from simulations.compare_runs import change_with_interval, paired, scenario_partners, user_scores
 
 ARMS = ("alone", "pooled")
 
@@ -159,16 +159,6 @@ def run_arm(
     return arm_scores
 
 
-def change_cells(row: dict[str, Any]) -> str:
-    """A paired comparison's test change with its 95 % interval (bold when it excludes 0), and its z."""
-    test = row["test"]
-    if test["change-interval"] is None:  # the baseline hit no test item: no change to state as a fraction of it
-        return f"{test['difference']:+.4f} (NDCG@10, not a fraction) | {test['z']:+.2f}"
-    low, high = test["change-interval"]
-    bold = "**" if low > 0 or high < 0 else ""
-    return f"{bold}{test['change']:+.1%}{bold} ({low:+.1%} to {high:+.1%}) | {test['z']:+.2f}"
-
-
 def table(names: list[str], arms: dict[str, dict[str, Any]], rows: dict[str, dict[str, Any]]) -> list[str]:
     """One line per partner: its test NDCG@10 alone and pooled after each round, the final change
     as trained, and the change with each side's prior weight calibrated (``rows[name]["calibrated"]``)."""
@@ -185,10 +175,11 @@ def table(names: list[str], arms: dict[str, dict[str, Any]], rows: dict[str, dic
             f"{a['test']:.4f} / {p['test']:.4f}"
             for a, p in zip(arms["alone"][name]["history"], arms["pooled"][name]["history"], strict=True)
         ]
+        test, valid, calibrated = rows[name]["test"], rows[name]["valid"], rows[name]["calibrated"]["test"]
         factors = " / ".join(f"{arms[arm][name]['calibrated']['factor']:g}" for arm in ARMS)
         lines.append(
-            f"| {name} | {' | '.join(steps)} | {change_cells(rows[name])} | {rows[name]['valid']['change']:+.1%} "
-            f"| {factors} | {change_cells(rows[name]['calibrated'])} |"
+            f"| {name} | {' | '.join(steps)} | {change_with_interval(test)} | {test['z']:+.2f} | {valid['change']:+.1%} "
+            f"| {factors} | {change_with_interval(calibrated)} | {calibrated['z']:+.2f} |"
         )
     return lines
 

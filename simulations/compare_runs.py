@@ -144,6 +144,18 @@ def compare(
     return {"partner": spec.name, **paired(scores(run, spec, **users), scores(baseline, spec, **users))}
 
 
+def change_with_interval(comparison: dict[str, Any]) -> str:
+    """One split of :func:`paired` as a table cell: the change as a fraction of the baseline's NDCG@10
+    with its 95 % interval, bold where the interval excludes no change; where the baseline scores 0,
+    the difference itself."""
+    if comparison["change"] is None:
+        low, high = comparison["interval"]
+        return f"{comparison['difference']:+.4f} ({low:+.4f} to {high:+.4f}); baseline 0"
+    low, high = comparison["change-interval"]
+    mark = "**" if low > 0 or high < 0 else ""
+    return f"{mark}{comparison['change']:+.1%}{mark} ({low:+.1%} to {high:+.1%})"
+
+
 def table(rows: list[dict[str, Any]]) -> list[str]:
     lines = [
         "| partner | test users | baseline NDCG@10 | run NDCG@10 | change (95 % interval) | z | valid z | kept (no-harm rule) | its change |",

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from simulations.common import add_federation_flags, add_out_flag, machine, write_report
-from simulations.compare_runs import paired, run_folder, scenario_partners, scores
+from simulations.compare_runs import change_with_interval, paired, run_folder, scenario_partners, scores
 from simulations.federations import federate, one_partner_scenario, scenario_file
 
 # the settings a baseline run must share with the pairs for the comparison to be like for like
@@ -53,21 +53,14 @@ def pair_name(a: str, b: str) -> str:
     return f"pair-{first}__{second}"
 
 
-def cell(row: dict[str, Any]) -> str:
-    t = row["test"]
-    low, high = t["change-interval"]
-    mark = "**" if low > 0 or high < 0 else ""  # the interval excludes no change
-    return f"{mark}{t['change']:+.1%}{mark} ({low:+.1%} to {high:+.1%})"
-
-
 def matrix(names: list[str], pairs: dict[str, dict[str, Any]], together: dict[str, Any] | None) -> list[str]:
     """Rows: the partner scored; columns: the partner it was federated with (and all together)."""
     columns = names + (["all together"] if together else [])
     lines = ["| scored \\ federated with | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
     for scored in names:
-        cells = [cell(pairs[pair_name(scored, other)][scored]) if other != scored else "—" for other in names]
+        cells = [change_with_interval(pairs[pair_name(scored, other)][scored]["test"]) if other != scored else "—" for other in names]
         if together:
-            cells.append(cell(together[scored]))
+            cells.append(change_with_interval(together[scored]["test"]))
         lines.append(f"| {scored} | " + " | ".join(cells) + " |")
     return lines
 

@@ -124,6 +124,36 @@ def test_train_then_recommend(synthetic: list[Path], tiny_encoder: Path, tmp_pat
     assert all(r["text"] for r in rows)
 
 
+def test_train_with_the_lora_adapter_pooled_then_recommend(
+    synthetic: list[Path], tiny_encoder: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """LoRA inside the encoder: both losses train, and the saved model recommends."""
+    data = [a for p in synthetic[:2] for a in ("--data", str(p))]
+    lora = [
+        "--adapter",
+        "lora",
+        "--lora-r",
+        "4",
+        "--mode",
+        "pooled",
+        "--encoder",
+        str(tiny_encoder),
+        "--epochs",
+        "1",
+        "--head-n-layers",
+        "1",
+    ]
+    for loss in ("sampled", "full"):
+        out = tmp_path / loss
+        assert main(["train", *data, "--out", str(out), *lora, "--loss", loss]) == 0
+        metrics = json.loads((out / "metrics.json").read_text())
+        assert set(metrics) == {"books", "games"} and all(0 <= m["test"]["ndcg@10"] <= 1 for m in metrics.values())
+    capsys.readouterr()
+    item_ids = [line.split("\t")[1] for line in (out / "model" / "books" / "items.tsv").read_text().splitlines()[1:4]]
+    assert main(["recommend", "--model", str(out / "model"), "--domain", "books", "--history", *item_ids, "-k", "5", "--json"]) == 0
+    assert [r["rank"] for r in json.loads(capsys.readouterr().out)] == [1, 2, 3, 4, 5]
+
+
 def test_train_local_writes_one_model_per_domain(synthetic: list[Path], tiny_encoder: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
     assert (

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 from torch.nn import functional as F
 
-from shared.model.adapters import MoEAdapter, MoEAdapterConfig
+from shared.encoder import TextEncoder
+from shared.model import recommender
+from shared.model.adapters import LoraAdapterConfig, MoEAdapter, MoEAdapterConfig, build_adapter
 from shared.model.head import HeadConfig
 from shared.model.recommender import DomainModel, ItemFeatures
 from shared.privacy.item_counts import user_weighted_counts
@@ -171,3 +175,49 @@ def test_a_model_saved_with_the_old_scalar_prior_weight_loads() -> None:
     fresh.load_state_dict(old)
     assert fresh.popularity is not None and float(fresh.popularity.weight.detach()) == pytest.approx(0.7)
     assert fresh.counts_noise is not None and float(fresh.counts_noise) == 0.0
+
+
+def lora_model(encoder_path: Path) -> DomainModel:
+    torch.manual_seed(0)
+    encoder = TextEncoder(encoder_path)
+    texts = ["", *(f"item {i}: a {'long ' * (i % 5)}text" for i in range(1, 9))]
+    adapter = build_adapter(LoraAdapterConfig(r=4, dropout=0.0), in_dim=encoder.dim, encoder_model=encoder.model)
+    with torch.no_grad():  # LoRA's B starts at 0; give both factors a gradient
+        for name, p in adapter.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.1)
+    return DomainModel(adapter=adapter, features=ItemFeatures(tokens=encoder.tokenize(texts)), head_config=HeadConfig(max_len=8))
+
+
+@pytest.mark.parametrize(("chunk", "calls"), [(256, [5]), (2, [2, 2, 1])])
+def test_lora_encodes_each_distinct_item_once_with_every_rows_value_and_gradient(
+    tiny_encoder: Path, monkeypatch: pytest.MonkeyPatch, chunk: int, calls: list[int]
+) -> None:
+    """Items encoded once each, in chunks sorted by length, give every row what encoding every row gives."""
+    monkeypatch.setattr(recommender, "LORA_CHUNK", chunk)
+    model = lora_model(tiny_encoder)
+    index = torch.tensor([[1, 2, 2, 0], [3, 1, 0, 0], [8, 8, 8, 8]])  # [B, R]: padding, repeats
+    encoded: list[int] = []
+    hook = model.adapter.register_forward_pre_hook(lambda _m, args: encoded.append(int(args[0].shape[0])))
+    weights = torch.randn(*index.shape, model.dim)
+    trainable = [p for p in model.adapter.parameters() if p.requires_grad]
+
+    out = model.item_vectors(index)  # [B, R, d]
+    grads = torch.autograd.grad((out * weights).sum(), trainable)
+    assert encoded == calls  # items 0, 1, 2, 3, 8 once each, not 12 rows
+
+    # the reference: the adapter on every row, as before items were encoded once
+    features = model.features
+    assert features.input_ids is not None and features.attention_mask is not None
+    ids, mask = features.input_ids[index.reshape(-1)], features.attention_mask[index.reshape(-1)]
+    width = int(mask.sum(1).max())
+    every_row = model.adapter(ids[:, :width], mask[:, :width]).reshape(*index.shape, -1)
+    hook.remove()
+    torch.testing.assert_close(out, every_row)
+    for got, want in zip(grads, torch.autograd.grad((every_row * weights).sum(), trainable), strict=True):
+        torch.testing.assert_close(got, want)
+
+
+def test_a_lora_model_is_refused_under_dp(tiny_encoder: Path) -> None:
+    with pytest.raises(ValueError, match=r"lora adapter cannot train under DP.*not be per user.*use the moe adapter"):
+        lora_model(tiny_encoder).check_dp_safe()

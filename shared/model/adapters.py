@@ -20,6 +20,7 @@ buffers, no catalogue, no Opacus ``_module.`` prefix), saved with safetensors.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -127,7 +128,9 @@ class LoraAdapter(nn.Module):
 
         self.config = config
         lora = LoraConfig(r=config.r, lora_alpha=config.alpha, lora_dropout=config.dropout, target_modules=list(config.target_modules))
-        self.model = get_peft_model(encoder_model, lora)
+        with warnings.catch_warnings():  # peft asks transformers a deprecated question; not the user's to act on
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
+            self.model = get_peft_model(encoder_model, lora)
         self.in_dim = self.out_dim = int(encoder_model.config.hidden_size)  # type: ignore[arg-type,union-attr]
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

@@ -16,7 +16,9 @@ is the batch, or its per-sample gradients are silently wrong. So the DP-safe
 loss, :meth:`DomainModel.sampled_loss`, applies the adapter to candidates
 gathered per user ([B, K, d_enc] and [B, L, d_enc]); :meth:`DomainModel.full_loss`
 applies it to the whole catalogue (no batch dimension) and is for training
-without DP only. Evaluation ranks the full catalogue without gradients.
+without DP only. The lora adapter runs each distinct item of a call through the
+encoder once, for rows of many users, so it trains without DP only. Evaluation
+ranks the full catalogue without gradients.
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ from torch.nn import functional as F
 
 from shared.model.adapters import Adapter, LoraAdapter
 from shared.model.head import HeadConfig, SequenceHead
+
+LORA_CHUNK = 256  # items per encoder call of the lora adapter, sorted by length
 
 
 class ItemFeatures(nn.Module):
@@ -122,6 +126,12 @@ class DomainModel(nn.Module):
 
     def check_dp_safe(self) -> None:
         """Raises if training this model under DP-SGD would void the guarantee."""
+        if isinstance(self.adapter, LoraAdapter):
+            raise ValueError(
+                "the lora adapter cannot train under DP: it encodes each distinct item of a batch once, so one "
+                "encoder row serves many users and Opacus' per-sample gradients would not be per user; "
+                "use the moe adapter (adapter = 'moe'), whose rows are each one user's"
+            )
         if self.popularity is not None and not (self.counts_noise is not None and float(self.counts_noise) > 0):
             raise ValueError(
                 "the popularity prior's exact item counts cannot be used under DP: they mix every user's data, so "
@@ -134,11 +144,7 @@ class DomainModel(nn.Module):
     def item_vectors(self, index: torch.Tensor) -> torch.Tensor:
         """Adapted item vectors for item indices [...] -> [..., d]."""
         if isinstance(self.adapter, LoraAdapter):
-            assert self.features.input_ids is not None and self.features.attention_mask is not None
-            flat = index.reshape(-1)
-            ids, mask = self.features.input_ids[flat], self.features.attention_mask[flat]
-            width = int(mask.sum(1).max().clamp(min=1))
-            out = self.adapter(ids[:, :width], mask[:, :width]).reshape(*index.shape, -1)
+            out = self._encoded_items(self.adapter, index)
         else:
             assert self.features.vectors is not None
             text = self.features.vectors[index]  # [..., d_enc]
@@ -148,6 +154,26 @@ class DomainModel(nn.Module):
         if self.item_ids is not None:
             out = out + self.item_ids(index)
         return out
+
+    def _encoded_items(self, adapter: LoraAdapter, index: torch.Tensor) -> torch.Tensor:
+        """The lora adapter's vectors of item indices [...] -> [..., hidden].
+
+        Each distinct item runs through the encoder once: a batch's rows repeat items 8-16x
+        (padding, popular items, K negatives per user), and the encoder is the whole cost; the
+        gather routes each row's gradient back to its item. The items go in order of length,
+        ``LORA_CHUNK`` at a time, each chunk padded only to its own longest text (catalogues'
+        texts run from a few tokens to 256)."""
+        features = self.features
+        assert features.input_ids is not None and features.attention_mask is not None
+        distinct, row_of = torch.unique(index.reshape(-1), return_inverse=True)
+        order = torch.argsort(features.attention_mask[distinct].sum(1))
+        parts = []
+        for chunk in distinct[order].split(LORA_CHUNK):
+            mask = features.attention_mask[chunk]
+            width = int(mask.sum(1).max().clamp(min=1))
+            parts.append(adapter(features.input_ids[chunk, :width], mask[:, :width]))  # [chunk, hidden]
+        by_length = torch.cat(parts)  # [distinct, hidden], in ``order``
+        return by_length[torch.argsort(order)][row_of].reshape(*index.shape, -1)
 
     def catalogue(self, *, chunk: int = 4096) -> torch.Tensor:
         """All items, normalised, [N, d] (index 1..N). No per-sample gradients: not for DP."""

@@ -15,6 +15,7 @@ from shared.model.adapters import LoraAdapterConfig, MoEAdapter, MoEAdapterConfi
 from shared.model.head import HeadConfig
 from shared.model.recommender import DomainModel, ItemFeatures
 from shared.privacy.item_counts import user_weighted_counts
+from simulations.bench_lora_step import every_row_item_vectors
 
 
 def small_model(item_ids: bool = False, counts: torch.Tensor | None = None, residual: bool = False) -> DomainModel:
@@ -206,12 +207,8 @@ def test_lora_encodes_each_distinct_item_once_with_every_rows_value_and_gradient
     grads = torch.autograd.grad((out * weights).sum(), trainable)
     assert encoded == calls  # items 0, 1, 2, 3, 8 once each, not 12 rows
 
-    # the reference: the adapter on every row, as before items were encoded once
-    features = model.features
-    assert features.input_ids is not None and features.attention_mask is not None
-    ids, mask = features.input_ids[index.reshape(-1)], features.attention_mask[index.reshape(-1)]
-    width = int(mask.sum(1).max())
-    every_row = model.adapter(ids[:, :width], mask[:, :width]).reshape(*index.shape, -1)
+    # the reference: the adapter on every row, as before items were encoded once (the benchmark's)
+    every_row = every_row_item_vectors(model, index)
     hook.remove()
     torch.testing.assert_close(out, every_row)
     for got, want in zip(grads, torch.autograd.grad((every_row * weights).sum(), trainable), strict=True):

@@ -166,12 +166,12 @@ class DomainModel(nn.Module):
         features = self.features
         assert features.input_ids is not None and features.attention_mask is not None
         distinct, row_of = torch.unique(index.reshape(-1), return_inverse=True)
-        order = torch.argsort(features.attention_mask[distinct].sum(1))
+        lengths = features.attention_mask[distinct].sum(1)  # [distinct]
+        order = torch.argsort(lengths)
         parts = []
-        for chunk in distinct[order].split(LORA_CHUNK):
-            mask = features.attention_mask[chunk]
-            width = int(mask.sum(1).max().clamp(min=1))
-            parts.append(adapter(features.input_ids[chunk, :width], mask[:, :width]))  # [chunk, hidden]
+        for positions in order.split(LORA_CHUNK):
+            chunk, width = distinct[positions], max(int(lengths[positions[-1]]), 1)  # sorted: the last is the longest
+            parts.append(adapter(features.input_ids[chunk, :width], features.attention_mask[chunk, :width]))  # [chunk, hidden]
         by_length = torch.cat(parts)  # [distinct, hidden], in ``order``
         return by_length[torch.argsort(order)][row_of].reshape(*index.shape, -1)
 
